@@ -10,17 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+# name -> (help text, add_arguments(parser), run(args) -> exit code); filled in below the command functions.
 _COMMANDS: dict[str, tuple] = {}
-
-
-def _command(name: str, help: str):
-    """Register ``fn(args) -> int`` as sub-command ``name``; ``fn.add_arguments(parser)`` declares its flags."""
-
-    def wrap(fn):
-        _COMMANDS[name] = (fn, help)
-        return fn
-
-    return wrap
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Heteroscedastic reconstruction likelihoods for image autoencoders.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (fn, help_text) in _COMMANDS.items():
+    for name, (help_text, add_arguments, run) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        fn.add_arguments(p)
-        p.set_defaults(_run=fn)
+        add_arguments(p)
+        p.set_defaults(_run=run)
     return parser
 
 
