@@ -1,0 +1,321 @@
+"""Negative log-likelihoods of reconstructions, as plain functions of tensors.
+
+Everything here is stateless; modules in :mod:`hetvae.heads` and :mod:`hetvae.loss` own the
+parameters and call these functions.
+
+Parameterisation
+----------------
+Both families are written in terms of a **log-scale** ``s``:
+
+* Laplace, ``s = log b``::
+
+      p(x | mu, b) = exp(-|x - mu| / b) / (2 b)
+      -log p       = |x - mu| * exp(-s) + s + log 2
+
+* Gaussian, ``s = log sigma``::
+
+      p(x | mu, sigma) = exp(-(x - mu)^2 / (2 sigma^2)) / (sigma sqrt(2 pi))
+      -log p           = 0.5 (x - mu)^2 * exp(-2 s) + s + 0.5 log(2 pi)
+
+Stable Diffusion's VAE loss ``rec / exp(logvar) + logvar`` is exactly the Laplace form without the
+constant: its ``logvar`` is ``s = log b``, a log-*scale*.
+
+Shapes
+------
+``target`` and ``mean`` have the same shape ``(B, C, *spatial)``; the channel dimension is 1.
+``log_scale`` may be
+
+* a scalar ``()`` (one scale for everything),
+* a vector ``(C,)``, one per channel, broadcast along dimension 1 (not the last dimension),
+* a tensor with ``target.ndim`` dimensions, each equal to the target's or 1, e.g. a per-pixel map
+  ``(B, C, H, W)``, a shared map ``(B, 1, H, W)`` or a channel view ``(1, C, 1, 1)``.
+
+Anything else is a :class:`ValueError` naming both shapes.
+
+Precision
+---------
+Inputs in float16/bfloat16 are computed in float32 (float64 stays float64), so residuals of 1e4
+with log-scales anywhere inside the heads' bounds give finite values and gradients. These
+functions do not bound ``log_scale`` themselves (:mod:`hetvae.heads` does): ``exp(-s)`` of an
+unbounded ``s = -100`` overflows float32. One limit no upcast removes: a gradient is returned in
+its input's dtype, and float16 holds at most 65504. The Gaussian at ``s = -7`` with a residual of
+1e4 has ``d/dmu = r e^{14} ~ 1e10``; that is finite in float32 and bfloat16 but ``inf`` in a
+float16 tensor, which is what AMP's ``GradScaler`` detects and backs off from.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Family = Literal["laplace", "gaussian"]
+FAMILIES: tuple[str, ...] = ("laplace", "gaussian")
+
+LOG2 = math.log(2.0)
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+# 8-bit data on the [-1, 1] scale: 256 values -1 + 2k/255, bins of width 2/255 around each.
+NUM_BINS = 256
+BIN_WIDTH = 2.0 / (NUM_BINS - 1)
+
+
+def check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return family
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs, float64 if any input is float64."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def broadcast_log_scale(log_scale: Tensor, target: Tensor) -> Tensor:
+    """Return a view of ``log_scale`` that broadcasts against ``target`` (B, C, *spatial).
+
+    ``()`` stays as is, ``(C,)`` becomes ``(1, C, 1, ...)``, and a tensor of ``target.ndim``
+    dimensions must match each target dimension or be 1. Anything else raises ``ValueError``.
+    """
+    shape, tshape = tuple(log_scale.shape), tuple(target.shape)
+    if log_scale.ndim == 0:
+        return log_scale
+    if target.ndim < 2:
+        raise ValueError(f"target must have a batch and a channel dimension (B, C, ...), got shape {tshape}")
+    if log_scale.ndim == 1 and shape[0] == tshape[1]:
+        return log_scale.view((1, -1) + (1,) * (target.ndim - 2))
+    if log_scale.ndim == target.ndim and all(s in (1, t) for s, t in zip(shape, tshape)):
+        return log_scale
+    raise ValueError(
+        f"log_scale of shape {shape} does not fit target of shape {tshape}: expected () for one scale, "
+        f"({tshape[1]},) for one per channel, or a {target.ndim}-d tensor whose every dimension equals the "
+        f"target's or 1, such as a per-pixel map {(tshape[0], tshape[1]) + tshape[2:]} or {(tshape[0], 1) + tshape[2:]}"
+    )
+
+
+def _prepare(target: Tensor, mean: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if target.shape != mean.shape:
+        raise ValueError(f"mean of shape {tuple(mean.shape)} must have the shape of target {tuple(target.shape)}")
+    log_scale = torch.as_tensor(log_scale, device=target.device)
+    log_scale = broadcast_log_scale(log_scale, target)
+    dtype = compute_dtype(target, mean, log_scale)
+    return target.to(dtype), mean.to(dtype), log_scale.to(dtype)
+
+
+def nll_from_distance(distance: Tensor, log_scale: Tensor, family: Family) -> Tensor:
+    """The NLL without its constant, from a precomputed non-negative data term.
+
+    Laplace: ``distance * exp(-s) + s`` with ``distance = |x - mu|`` (SD adds LPIPS to it);
+    Gaussian: ``distance * exp(-2 s) + s`` with ``distance = 0.5 (x - mu)^2``.
+    ``distance`` and ``log_scale`` must already broadcast and share a float dtype.
+    """
+    if family == "laplace":
+        return distance * torch.exp(-log_scale) + log_scale
+    if family == "gaussian":
+        return distance * torch.exp(-2.0 * log_scale) + log_scale
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def distance(target: Tensor, mean: Tensor, family: Family) -> Tensor:
+    """The data term of the NLL: ``|x - mu|`` (Laplace) or ``0.5 (x - mu)^2`` (Gaussian)."""
+    r = target - mean
+    if family == "laplace":
+        return r.abs()
+    if family == "gaussian":
+        return 0.5 * r * r
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def log_normalizer(family: Family) -> float:
+    """The constant of the density: ``log 2`` (Laplace) or ``0.5 log(2 pi)`` (Gaussian)."""
+    return LOG2 if check_family(family) == "laplace" else HALF_LOG_2PI
+
+
+def nll(
+    target: Tensor, mean: Tensor, log_scale: Tensor, family: Family, include_constant: bool = True
+) -> Tensor:
+    """Per-element negative log-likelihood of ``target`` under ``family(mean, exp(log_scale))``.
+
+    Returns a tensor of ``target``'s shape in float32 (float64 for float64 inputs).
+    """
+    check_family(family)
+    target, mean, log_scale = _prepare(target, mean, log_scale)
+    out = nll_from_distance(distance(target, mean, family), log_scale, family)
+    if include_constant:
+        out = out + log_normalizer(family)
+    return out
+
+
+def laplace_nll(target: Tensor, mean: Tensor, log_scale: Tensor, include_constant: bool = True) -> Tensor:
+    """Laplace NLL per element, ``s = log b``: ``|x - mu| exp(-s) + s (+ log 2)``.
+
+    ``log_scale`` broadcasts from ``()``, ``(C,)`` or a map (see the module docstring).
+    """
+    return nll(target, mean, log_scale, "laplace", include_constant)
+
+
+def gaussian_nll(target: Tensor, mean: Tensor, log_scale: Tensor, include_constant: bool = True) -> Tensor:
+    """Gaussian NLL per element, ``s = log sigma``: ``0.5 (x - mu)^2 exp(-2s) + s (+ 0.5 log 2 pi)``.
+
+    ``log_scale`` broadcasts from ``()``, ``(C,)`` or a map (see the module docstring).
+    """
+    return nll(target, mean, log_scale, "gaussian", include_constant)
+
+
+def beta_weight(log_scale: Tensor, beta: float, family: Family) -> Tensor:
+    """Stop-gradient weights of beta-NLL (Seitzer et al., ICLR 2022).
+
+    Each element's NLL is multiplied by ``sg(b^beta)`` (Laplace) or ``sg(sigma^(2 beta))``
+    (Gaussian), i.e. ``exp(beta * s)`` / ``exp(2 beta * s)`` with no gradient. Consequences:
+
+    * ``beta = 0``: weight 1, the plain NLL;
+    * ``beta = 1``: the gradient with respect to the mean is exactly that of ``|x - mu|`` (Laplace)
+      or ``0.5 (x - mu)^2`` (Gaussian), so pixels with a large predicted scale are still fitted.
+
+    Returns a detached tensor with ``log_scale``'s shape.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    power = beta if check_family(family) == "laplace" else 2.0 * beta
+    return torch.exp(power * log_scale.detach())
+
+
+def soft_clamp(x: Tensor, low: float, high: float, margin: float = 1.0) -> Tensor:
+    """Bound ``x`` to the open interval ``(low, high)``, exactly the identity on ``[low + m, high - m]``.
+
+    Outside the identity band the value approaches the bound exponentially::
+
+        x < low + m :  low  + m * exp((x - low - m) / m)
+        x > high - m:  high - m * exp((high - m - x) / m)
+
+    The function is continuous with a continuous first derivative (slope 1 at the joins), strictly
+    increasing, and its gradient never becomes exactly zero. Because it is the identity in the
+    interior, a log-scale initialised inside the band (such as SD's 0) is reproduced exactly.
+    """
+    if not high - low > 2.0 * margin > 0.0:
+        raise ValueError(f"soft_clamp needs high - low > 2 * margin > 0, got low={low}, high={high}, margin={margin}")
+    a, b = low + margin, high - margin
+    # clamp the exponents to <= 0 so the branch not taken never overflows (inf * 0 grad = NaN)
+    below = low + margin * torch.exp(torch.clamp(x - a, max=0.0) / margin)
+    above = high - margin * torch.exp(torch.clamp(b - x, max=0.0) / margin)
+    return torch.where(x < a, below, torch.where(x > b, above, x))
+
+
+def reduction_dims(granularity: str, ndim: int) -> tuple[int, ...]:
+    """Dimensions a log-scale of this granularity is shared over: all (global) or all but 1 (channel)."""
+    if granularity == "global":
+        return tuple(range(ndim))
+    if granularity == "channel":
+        return (0,) + tuple(range(2, ndim))
+    raise ValueError(f"a closed-form scale exists for 'global' and 'channel' granularity, got {granularity!r}")
+
+
+def optimal_log_scale(
+    target: Tensor,
+    mean: Tensor,
+    granularity: Literal["global", "channel"],
+    family: Family,
+    weights: Tensor | None = None,
+    eps: float = 1e-12,
+) -> Tensor:
+    """Closed-form maximum-likelihood log-scale for a shared scale (Rybkin et al. 2021, sigma-VAE).
+
+    With ``r = x - mu`` over the granularity's reduction axes (all elements for ``global``; all but
+    the channel dimension for ``channel``), the NLL is minimised by
+
+    * Laplace:  ``b* = mean |r|``        -> ``s* = log mean |r|``
+    * Gaussian: ``sigma*^2 = mean r^2``  -> ``s* = 0.5 log mean r^2``
+
+    With ``weights`` the means are weighted means. Returned detached (at the optimum the NLL is
+    stationary in ``s``, so no gradient would flow through it anyway): shape ``()`` for global,
+    ``(C,)`` for channel. ``eps`` keeps a perfect reconstruction from giving ``-inf``.
+    """
+    check_family(family)
+    dims = reduction_dims(granularity, target.ndim)
+    dtype = compute_dtype(target, mean)
+    with torch.no_grad():
+        d = distance(target.to(dtype), mean.to(dtype), family) * (2.0 if family == "gaussian" else 1.0)
+        if weights is None:
+            m = d.mean(dim=dims)
+        else:
+            w = torch.broadcast_to(weights.to(dtype), d.shape)
+            m = (w * d).sum(dim=dims) / w.sum(dim=dims).clamp_min(eps)
+        m = m.clamp_min(eps)
+        return torch.log(m) if family == "laplace" else 0.5 * torch.log(m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Discretized likelihood of 8-bit data
+
+
+def _log_diff_exp(a: Tensor, b: Tensor) -> Tensor:
+    """log(exp(a) - exp(b)) for a >= b, stable; -inf-free down to the float's tiny."""
+    one_minus = -torch.expm1(torch.clamp(b - a, max=0.0))
+    return a + torch.log(one_minus.clamp_min(torch.finfo(a.dtype).tiny))
+
+
+def _laplace_log_cdf(z: Tensor) -> Tensor:
+    """log P(Z <= z) for a standard Laplace variable."""
+    # z < 0: 0.5 exp(z); z >= 0: 1 - 0.5 exp(-z)
+    neg = LOG2 * -1.0 + torch.clamp(z, max=0.0)
+    pos = torch.log1p(-0.5 * torch.exp(-torch.clamp(z, min=0.0)))
+    return torch.where(z < 0, neg, pos)
+
+
+def _log_cdf(z: Tensor, family: Family) -> Tensor:
+    return _laplace_log_cdf(z) if family == "laplace" else torch.special.log_ndtr(z)
+
+
+def _log_bin_mass(lo: Tensor, hi: Tensor, family: Family) -> Tensor:
+    """log(F(hi) - F(lo)) for a standard, symmetric distribution, with lo <= hi (may be +-inf).
+
+    Uses the symmetry F(hi) - F(lo) = F(-lo) - F(-hi) to stay in the lower tail, where log-CDFs
+    are accurate.
+    """
+    flip = (lo + hi) > 0
+    lo2 = torch.where(flip, -hi, lo)
+    hi2 = torch.where(flip, -lo, hi)
+    return _log_diff_exp(_log_cdf(hi2, family), _log_cdf(lo2, family))
+
+
+def discretized_log_likelihood(target: Tensor, mean: Tensor, log_scale: Tensor, family: Family) -> Tensor:
+    """Per-element log-probability of 8-bit data under a discretized Laplace or Gaussian.
+
+    ``target`` holds 8-bit values on the [-1, 1] scale (``-1 + 2k/255``; other values are rounded to
+    the nearest). Each value owns the bin ``[x - 1/255, x + 1/255]``; the two edge bins are open,
+    ``(-inf, -1 + 1/255]`` and ``[1 - 1/255, inf)``, so the 256 probabilities sum to 1 for any mean
+    and scale. Computed in log space (at least float32). Returns ``target``'s shape.
+    """
+    check_family(family)
+    target, mean, log_scale = _prepare(target, mean, log_scale)
+    k = torch.round((target.clamp(-1.0, 1.0) + 1.0) / BIN_WIDTH)
+    inv_scale = torch.exp(-log_scale)
+    inf = torch.tensor(float("inf"), dtype=k.dtype, device=k.device)
+    # edges from the same expression for both neighbours, so adjacent bins share identical floats
+    lo = torch.where(k <= 0, -inf, (-1.0 + (k - 0.5) * BIN_WIDTH - mean) * inv_scale)
+    hi = torch.where(k >= NUM_BINS - 1, inf, (-1.0 + (k + 0.5) * BIN_WIDTH - mean) * inv_scale)
+    return _log_bin_mass(lo, hi, family)
+
+
+def discretized_nll(target: Tensor, mean: Tensor, log_scale: Tensor, family: Family) -> Tensor:
+    """``-discretized_log_likelihood``: per-element NLL in nats of 8-bit data (see there)."""
+    return -discretized_log_likelihood(target, mean, log_scale, family)
+
+
+def bits_per_dim(nll_nats: Tensor) -> Tensor:
+    """Mean of a per-element NLL in nats, converted to bits per dimension.
+
+    Use it on :func:`discretized_nll` for a number comparable across models and with the 8 bits of
+    raw 8-bit data. (A continuous NLL on the [-1, 1] scale converts approximately by adding
+    ``log(2/255)`` nats per dimension, valid only when the scale is much larger than a bin.)
+    """
+    return nll_nats.mean() / LOG2
+
+
+def quantize_8bit(x: Tensor) -> Tensor:
+    """Round values on the [-1, 1] scale to the nearest of the 256 8-bit levels ``-1 + 2k/255``."""
+    return torch.round((x.clamp(-1.0, 1.0) + 1.0) / BIN_WIDTH) * BIN_WIDTH - 1.0
