@@ -1,0 +1,421 @@
+"""Image data: folders of photographs, and scikit-image's bundled sample photographs.
+
+Everything yields float tensors ``(3, R, R)`` in ``[-1, 1]`` (``x / 127.5 - 1`` of 8-bit RGB),
+the range Stable Diffusion's VAE is trained on.
+
+Images are *cropped*, never resized: a resize low-pass filters the picture and would change the
+very pixel statistics (noise, texture, edges) the per-pixel log-scale is meant to model.
+
+With no data path the library trains on :func:`sample_images`, photographs that ship inside the
+scikit-image wheel, so a fresh install has real images and needs no download.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    from hetvae.config import DataConfig
+
+logger = logging.getLogger("hetvae.data")
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+# ---------------------------------------------------------------------------------------------
+# folders
+# ---------------------------------------------------------------------------------------------
+
+
+def list_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files under ``paths`` (a folder, a file, or a list of either).
+
+    Folders are searched recursively; a file is kept when its extension, compared
+    case-insensitively, is one of :data:`IMAGE_EXTENSIONS` (png, jpg/jpeg, webp, bmp, tif/tiff).
+    Hidden files and folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` forks) are
+    skipped. Each folder's files are sorted by path; the result keeps the order of ``paths`` and
+    drops duplicates. Nothing is opened here: readability is checked by :class:`ImageDataset`.
+
+    Raises:
+        FileNotFoundError: a path does not exist (the message names it).
+        ValueError: a folder holds no image file, or a file given by name is not an image
+            (the message names it and the accepted extensions).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: dict[Path, None] = {}  # an ordered set
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"image path does not exist: {str(path)!r}")
+        if path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise ValueError(
+                    f"{str(path)!r} is not an image file; accepted extensions: {', '.join(IMAGE_EXTENSIONS)}"
+                )
+            found[path] = None
+            continue
+        files = []
+        # os.walk does not follow symlinked folders, so a link cycle cannot loop forever.
+        for root, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            files.extend(
+                Path(root, n)
+                for n in names
+                if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+            )
+        if not files:
+            raise ValueError(
+                f"no image files in {str(path)!r} (searched recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive)"
+            )
+        found.update((f, None) for f in sorted(files))
+    return list(found)
+
+
+def _to_rgb_uint8(array: np.ndarray, name: str) -> np.ndarray:
+    """``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 -> ``(H, W, 3)`` uint8."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"image {name!r}: expected uint8 pixels, got {array.dtype}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image {name!r}: expected (H, W), (H, W, 1|3|4), got shape {array.shape}")
+    if array.shape[2] == 1:
+        return np.repeat(array, 3, axis=2)
+    return array[:, :, :3]  # alpha dropped, as PIL's convert("RGB") does
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode ``path`` into an ``(H, W, 3)`` uint8 RGB array.
+
+    The EXIF orientation is applied (phone photographs are stored sideways). Grayscale,
+    palette, CMYK and RGBA images are converted to RGB (alpha is dropped, not composited);
+    16-bit grayscale is scaled to 8 bits. Only the first frame of a multi-frame file is read.
+    Raises whatever the decoder raises for an unreadable file (``OSError`` for a truncated one).
+    """
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+            # PIL's convert("RGB") clips 16-bit values at 255 instead of scaling them.
+            wide = np.asarray(im, dtype=np.float64)
+            return _to_rgb_uint8(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), str(path))
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-image sample photographs
+# ---------------------------------------------------------------------------------------------
+
+# name -> split. Every name is a skimage.data function whose file ships inside the wheel (no
+# pooch download), except "motorcycle", the left view of skimage.data.stereo_motorcycle(); the
+# right view is left out because it is a near-duplicate that would leak across the split.
+_SAMPLE_SPLIT: dict[str, Literal["train", "test"]] = {
+    "astronaut": "train",             # 512x512 RGB, portrait with flag and suit
+    "rocket": "train",                # 427x640 RGB, launch pad, sky
+    "hubble_deep_field": "train",     # 872x1000 RGB, galaxies on black
+    "immunohistochemistry": "train",  # 512x512 RGB, stained tissue micrograph
+    "retina": "train",                # 1411x1411 RGB, fundus photograph
+    "camera": "train",                # 512x512 gray, cameraman
+    "moon": "train",                  # 512x512 gray, lunar surface
+    "clock": "train",                 # 300x400 gray, motion-blurred clock
+    "grass": "train",                 # 512x512 gray, texture
+    "gravel": "train",                # 512x512 gray, texture
+    "cell": "train",                  # 660x550 gray, cell in saline (microscope)
+    "chelsea": "test",                # 300x451 RGB, cat (fur, whiskers)
+    "coffee": "test",                 # 400x600 RGB, cup on a table
+    "motorcycle": "test",             # 500x741 RGB, motorcycle in a workshop
+    "coins": "test",                  # 303x384 gray, coins on a flat background
+    "brick": "test",                  # 512x512 gray, brick wall texture
+}
+
+SAMPLE_NAMES: tuple[str, ...] = tuple(_SAMPLE_SPLIT)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_sample(name: str) -> np.ndarray:
+    import skimage.data  # imported here: ~0.3 s, and only the embedded default needs it
+
+    array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    array = _to_rgb_uint8(np.asarray(array), name)
+    array.flags.writeable = False  # the cached copy is shared
+    return array
+
+
+def sample_images(split: Literal["all", "train", "test"] = "all") -> list[tuple[str, np.ndarray]]:
+    """scikit-image's bundled sample photographs, as ``[(name, (H, W, 3) uint8 RGB), ...]``.
+
+    Sixteen natural photographs (no synthetic images such as checkerboard or binary blobs),
+    all stored inside the scikit-image package, so nothing is downloaded. Grayscale ones are
+    repeated to three channels. Every image is at least 300 pixels on its short side.
+
+    The split is fixed by name (11 train, 5 test); the test photographs are never in the
+    training split, so a model trained on ``"train"`` can be evaluated on held-out images:
+
+    - ``train``: astronaut, rocket, hubble_deep_field, immunohistochemistry, retina, camera,
+      moon, clock, grass, gravel, cell
+    - ``test``: chelsea, coffee, motorcycle (left view of ``stereo_motorcycle``), coins, brick
+
+    Both splits mix colour and grayscale, smooth and textured content. ``"all"`` returns the
+    sixteen in the order above. Each call returns fresh (writable) copies.
+    """
+    if split not in ("all", "train", "test"):
+        raise ValueError(f"split must be one of 'all', 'train', 'test', got {split!r}")
+    return [
+        (name, _load_sample(name).copy())
+        for name, where in _SAMPLE_SPLIT.items()
+        if split == "all" or where == split
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Item:
+    name: str
+    height: int
+    width: int
+    path: Path | None = None  # decoded on every access (keeps memory flat for big folders)
+    pixels: np.ndarray | None = None  # in-memory image
+
+
+ImageSource = str | os.PathLike | np.ndarray | Image.Image | tuple[str, np.ndarray]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Square crops of images as ``(3, R, R)`` float32 tensors in ``[-1, 1]``.
+
+    Args:
+        sources: a folder or image file, or a list of folders / files / in-memory images. An
+            in-memory image is a ``(name, array)`` pair (what :func:`sample_images` returns), a
+            bare uint8 array ``(H, W)`` / ``(H, W, 1|3|4)``, or a PIL image.
+        resolution: crop side ``R`` in pixels.
+        random_crop: a uniformly random ``R x R`` window; ``False``: the centre window.
+        random_flip: a horizontal flip with probability 1/2.
+        seed: with ``set_epoch`` and the index, fixes every random choice (see below).
+        tiles: evaluation mode (needs ``random_crop=False``): every image yields all its
+            non-overlapping ``R x R`` tiles, row by row, the grid centred in the image, instead of
+            one centre crop; ``len()`` is the total tile count.
+        num_samples: length of an epoch; index ``i`` shows image ``i % n_images``. Default: one
+            sample per image. Useful when a few images must fill many batches.
+
+    Images are checked once, here: every file is fully decoded, because a truncated file only
+    fails when its pixel data is read and a training run should not die on it hours in. An
+    unreadable file is skipped and logged by name (logger ``"hetvae.data"``); an image with a side
+    shorter than ``R`` is skipped with one ``UserWarning`` that counts them. Their names are kept
+    in ``skipped_unreadable`` and ``skipped_small``. If no image is left, ``ValueError`` says why.
+    Folders are then decoded again lazily on each access; in-memory images are kept as given.
+
+    Determinism: the random crop and flip of sample ``index`` are drawn from
+    ``numpy.random.default_rng((seed, epoch, index))``, a pure function of those three numbers.
+    They do not depend on the process, the worker, the global RNG state or the access order, so
+    the same seed gives the same crops in one process and across ``DataLoader`` workers. Call
+    ``set_epoch(epoch)`` before each epoch (like ``DistributedSampler``) to get fresh crops;
+    workers receive the epoch when the ``DataLoader`` iterator is created, so do not combine it
+    with ``persistent_workers=True``.
+    """
+
+    def __init__(
+        self,
+        sources: ImageSource | Sequence[ImageSource],
+        *,
+        resolution: int,
+        random_crop: bool = True,
+        random_flip: bool = True,
+        seed: int = 0,
+        tiles: bool = False,
+        num_samples: int | None = None,
+    ) -> None:
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        if tiles and random_crop:
+            raise ValueError("tiles=True is an evaluation mode and needs random_crop=False")
+        if num_samples is not None and (num_samples < 1 or tiles):
+            raise ValueError("num_samples must be positive and cannot be combined with tiles=True")
+        self.resolution = resolution
+        self.random_crop = random_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.tiles = tiles
+        self.epoch = 0
+        self.skipped_unreadable: list[str] = []
+        self.skipped_small: list[str] = []
+        self._items = self._check(self._collect(sources))
+        self._num_samples = num_samples
+        # tile index -> (item, top, left), built once: len() and lookups stay O(1).
+        self._tiles: list[tuple[int, int, int]] = []
+        if tiles:
+            for i, item in enumerate(self._items):
+                ny, nx = item.height // resolution, item.width // resolution
+                top0 = (item.height - ny * resolution) // 2
+                left0 = (item.width - nx * resolution) // 2
+                self._tiles.extend(
+                    (i, top0 + y * resolution, left0 + x * resolution) for y in range(ny) for x in range(nx)
+                )
+
+    @staticmethod
+    def _collect(sources) -> list:
+        single_pair = isinstance(sources, tuple) and len(sources) == 2 and isinstance(sources[1], np.ndarray)
+        if isinstance(sources, (str, os.PathLike, np.ndarray, Image.Image)) or single_pair:
+            sources = [sources]
+        collected: list = []
+        pending_paths: list = []  # consecutive paths go through list_images together
+        for source in sources:
+            if isinstance(source, (str, os.PathLike)):
+                pending_paths.append(source)
+                continue
+            if pending_paths:
+                collected.extend(list_images(pending_paths))
+                pending_paths = []
+            if isinstance(source, tuple):
+                name, array = source
+                collected.append((str(name), array))
+            elif isinstance(source, Image.Image):
+                collected.append((f"image{len(collected)}", np.asarray(source.convert("RGB"))))
+            elif isinstance(source, np.ndarray):
+                collected.append((f"image{len(collected)}", source))
+            else:
+                raise TypeError(f"unsupported image source of type {type(source).__name__}")
+        if pending_paths:
+            collected.extend(list_images(pending_paths))
+        if not collected:
+            raise ValueError("no images given")
+        return collected
+
+    def _check(self, collected: list) -> list[_Item]:
+        items = []
+        for entry in collected:
+            if isinstance(entry, Path):
+                try:
+                    height, width = read_image(entry).shape[:2]
+                except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, ...)
+                    logger.warning("skipping unreadable image %s: %s: %s", entry, type(exc).__name__, exc)
+                    self.skipped_unreadable.append(str(entry))
+                    continue
+                item = _Item(name=str(entry), height=height, width=width, path=entry)
+            else:
+                name, array = entry
+                pixels = _to_rgb_uint8(np.asarray(array), name)
+                item = _Item(name=name, height=pixels.shape[0], width=pixels.shape[1], pixels=pixels)
+            if min(item.height, item.width) < self.resolution:
+                logger.info("skipping %s: %dx%d is smaller than the crop", item.name, item.width, item.height)
+                self.skipped_small.append(item.name)
+                continue
+            items.append(item)
+        if self.skipped_small:
+            shown = ", ".join(self.skipped_small[:5]) + (", ..." if len(self.skipped_small) > 5 else "")
+            warnings.warn(
+                f"skipped {len(self.skipped_small)} image(s) smaller than "
+                f"{self.resolution}x{self.resolution}: {shown}",
+                UserWarning,
+                stacklevel=3,
+            )
+        if not items:
+            raise ValueError(
+                f"no usable image among {len(collected)}: {len(self.skipped_unreadable)} unreadable, "
+                f"{len(self.skipped_small)} smaller than {self.resolution}x{self.resolution}"
+            )
+        return items
+
+    @property
+    def names(self) -> list[str]:
+        """Names (file paths or given names) of the images in use, in order."""
+        return [item.name for item in self._items]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the random crops and flips of epoch ``epoch`` (see the class docstring)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.tiles:
+            return len(self._tiles)
+        return self._num_samples if self._num_samples is not None else len(self._items)
+
+    def _pixels(self, item: _Item) -> np.ndarray:
+        if item.pixels is not None:
+            return item.pixels
+        pixels = read_image(item.path)
+        if pixels.shape[:2] != (item.height, item.width):
+            raise RuntimeError(f"{item.path} changed on disk since the dataset was built")
+        return pixels
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        r = self.resolution
+        flip = False
+        if self.tiles:
+            i, top, left = self._tiles[index]
+            item = self._items[i]
+        else:
+            item = self._items[index % len(self._items)]
+            top, left = (item.height - r) // 2, (item.width - r) // 2
+            if self.random_crop or self.random_flip:
+                rng = np.random.default_rng((self.seed, self.epoch, index))
+                if self.random_crop:
+                    top = int(rng.integers(0, item.height - r + 1))
+                    left = int(rng.integers(0, item.width - r + 1))
+                if self.random_flip:
+                    flip = bool(rng.random() < 0.5)
+        crop = self._pixels(item)[top : top + r, left : left + r]
+        if flip:
+            crop = crop[:, ::-1]
+        # a copy: the crop may be a view of a shared, read-only cached image
+        x = torch.from_numpy(crop.copy()).permute(2, 0, 1)
+        return x.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+def build_dataset(
+    data: DataConfig,
+    *,
+    train: bool,
+    seed: int = 0,
+    split: Literal["all", "train", "test"] | None = None,
+) -> ImageDataset:
+    """The dataset described by the ``data`` section of a config.
+
+    ``data.path`` (a folder, file or list of them) is read when set; when it is ``None`` the
+    embedded :func:`sample_images` of ``split`` are used, ``split`` defaulting to ``data.split``
+    for training and to ``"test"`` for evaluation (held-out photographs).
+
+    ``train=True``: random crops / flips as configured, ``data.samples_per_epoch`` samples per
+    epoch, randomness fixed by ``seed`` (pass ``train.seed``). ``train=False``: deterministic,
+    no flip; one centre crop per image, or every tile when ``data.eval_crop == "tiles"``.
+    """
+    if data.path is not None:
+        sources = data.path
+    else:
+        sources = sample_images(split or (data.split if train else "test"))
+    if train:
+        return ImageDataset(
+            sources,
+            resolution=data.resolution,
+            random_crop=data.random_crop,
+            random_flip=data.random_flip,
+            seed=seed,
+            num_samples=data.samples_per_epoch,
+        )
+    return ImageDataset(
+        sources,
+        resolution=data.resolution,
+        random_crop=False,
+        random_flip=False,
+        seed=seed,
+        tiles=data.eval_crop == "tiles",
+    )

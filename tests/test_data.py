@@ -1,0 +1,193 @@
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hetvae.config import DataConfig
+from hetvae.data import (
+    IMAGE_EXTENSIONS,
+    ImageDataset,
+    build_dataset,
+    list_images,
+    read_image,
+    sample_images,
+)
+
+R = 16
+
+
+def _photo(h, w, seed):
+    # smooth gradients plus noise: every crop position gives a different tensor
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([yy * 255 // h, xx * 255 // w, (yy + xx) * 255 // (h + w)], axis=-1)
+    return np.clip(base + rng.integers(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "c").mkdir()
+    Image.fromarray(_photo(40, 48, 0)).save(tmp_path / "one.png")
+    Image.fromarray(_photo(40, 40, 1)).save(tmp_path / "a" / "two.jpg", quality=95)
+    Image.fromarray(_photo(32, 50, 2)).save(tmp_path / "a" / "b" / "three.JPG", quality=95)
+    Image.fromarray(_photo(36, 36, 3)).save(tmp_path / "c" / "four.webp")
+    Image.fromarray(_photo(33, 34, 4)).save(tmp_path / "c" / "five.bmp")
+    Image.fromarray(_photo(30, 31, 5)).save(tmp_path / "c" / "six.tiff")
+    Image.fromarray(_photo(24, 24, 6)[:, :, 0]).save(tmp_path / "a" / "gray.png")  # mode L
+    rgba = np.concatenate([_photo(20, 20, 7), np.full((20, 20, 1), 128, np.uint8)], axis=-1)
+    Image.fromarray(rgba).save(tmp_path / "a" / "b" / "rgba.png")  # mode RGBA
+    Image.fromarray(_photo(8, 30, 8)).save(tmp_path / "c" / "small.png")  # 8 px < R
+    good = (tmp_path / "one.png").read_bytes()
+    (tmp_path / "c" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "c" / "text.jpg").write_text("not an image")
+    (tmp_path / "notes.txt").write_text("ignored")
+    return tmp_path
+
+
+def test_list_images_recursive_sorted_case_insensitive(folder):
+    names = [p.relative_to(folder).as_posix() for p in list_images(folder)]
+    assert names == sorted(names)
+    assert "a/b/three.JPG" in names and "c/six.tiff" in names and "c/four.webp" in names
+    assert not any(n.endswith(".txt") for n in names)
+    assert len(names) == 11
+    # a list of paths keeps its order and drops duplicates
+    both = list_images([folder / "c", folder / "one.png", folder / "c"])
+    assert both[-1] == folder / "one.png" and len(both) == 7
+
+
+def test_list_images_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        list_images(tmp_path / "nowhere")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "x.txt").write_text("")
+    with pytest.raises(ValueError, match="empty") as info:
+        list_images(tmp_path / "empty")
+    assert ".png" in str(info.value) and ".webp" in str(info.value)
+    with pytest.raises(ValueError, match="not an image"):
+        list_images(tmp_path / "empty" / "sub" / "x.txt")
+
+
+def test_dataset_skips_and_converts(folder, caplog):
+    with caplog.at_level(logging.WARNING, logger="hetvae.data"):
+        with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) smaller than 16x16: .*small\.png"):
+            ds = ImageDataset(folder, resolution=R, seed=0)
+    assert sorted(p.rsplit("/", 1)[-1] for p in ds.skipped_unreadable) == ["text.jpg", "truncated.png"]
+    assert "truncated.png" in caplog.text and "text.jpg" in caplog.text
+    assert len(ds) == 8
+    for i in range(len(ds)):
+        x = ds[i]
+        assert x.shape == (3, R, R) and x.dtype == torch.float32
+        assert x.min() >= -1.0 and x.max() <= 1.0
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_grayscale_and_rgba_become_rgb(folder):
+    gray = read_image(folder / "a" / "gray.png")
+    assert gray.shape == (24, 24, 3) and gray.dtype == np.uint8
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    rgba = read_image(folder / "a" / "b" / "rgba.png")
+    assert rgba.shape == (20, 20, 3)
+    np.testing.assert_array_equal(rgba, _photo(20, 20, 7))
+
+
+def test_value_range_is_exact():
+    black_white = np.zeros((R, R, 3), np.uint8)
+    black_white[:, R // 2 :] = 255
+    x = ImageDataset([("bw", black_white)], resolution=R, random_crop=False, random_flip=False)[0]
+    assert x[:, :, : R // 2].eq(-1.0).all() and x[:, :, R // 2 :].eq(1.0).all()
+
+
+def test_same_seed_same_crops_different_seed_different(folder):
+    def crops(seed, epoch=0):
+        ds = ImageDataset(folder, resolution=R, seed=seed)
+        ds.set_epoch(epoch)
+        return torch.stack([ds[i] for i in range(len(ds))])
+
+    with pytest.warns(UserWarning):
+        a, b, c, d = crops(0), crops(0), crops(1), crops(0, epoch=1)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, d)
+
+
+def test_crops_do_not_depend_on_access_order_or_workers():
+    images = [(f"im{i}", _photo(40, 60, i)) for i in range(6)]
+    ds = ImageDataset(images, resolution=R, seed=3, num_samples=12)
+    ds.set_epoch(2)
+    forward = torch.stack([ds[i] for i in range(12)])
+    backward = torch.stack([ds[i] for i in reversed(range(12))]).flip(0)
+    assert torch.equal(forward, backward)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    assert torch.equal(torch.cat(list(loader)), forward)
+
+
+def test_center_crop_in_eval_mode():
+    img = _photo(30, 40, 0)
+    ds = ImageDataset([("x", img)], resolution=R, random_crop=False, random_flip=False, seed=5)
+    top, left = (30 - R) // 2, (40 - R) // 2
+    expected = torch.from_numpy(img[top : top + R, left : left + R].copy()).permute(2, 0, 1) / 127.5 - 1
+    assert torch.allclose(ds[0], expected)
+
+
+def test_random_flip_mirrors_the_crop():
+    img = _photo(R, R, 0)  # crop == whole image, only the flip varies
+    ds = ImageDataset([("x", img)], resolution=R, random_crop=True, random_flip=True, num_samples=32)
+    plain = ImageDataset([("x", img)], resolution=R, random_crop=False, random_flip=False)[0]
+    outs = [ds[i] for i in range(32)]
+    assert all(torch.equal(o, plain) or torch.equal(o, plain.flip(-1)) for o in outs)
+    assert any(torch.equal(o, plain.flip(-1)) for o in outs) and any(torch.equal(o, plain) for o in outs)
+
+
+def test_tiles_cover_the_image_without_overlap():
+    img = _photo(2 * R + 3, 3 * R + 1, 0)
+    ds = ImageDataset([("x", img)], resolution=R, random_crop=False, random_flip=False, tiles=True)
+    assert len(ds) == 6
+    top, left = 1, 0  # the grid is centred
+    expected = torch.from_numpy(img[top : top + R, left + R : left + 2 * R].copy()).permute(2, 0, 1) / 127.5 - 1
+    assert torch.allclose(ds[1], expected)
+    with pytest.raises(ValueError, match="random_crop=False"):
+        ImageDataset([("x", img)], resolution=R, tiles=True)
+
+
+def test_all_unusable_is_an_error(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    Image.fromarray(_photo(8, 8, 0)).save(tmp_path / "tiny.png")
+    with pytest.warns(UserWarning, match="smaller"):
+        with pytest.raises(ValueError, match=r"no usable image among 2: 1 unreadable, 1 smaller than 16x16"):
+            ImageDataset(tmp_path, resolution=R)
+
+
+def test_sample_images_split():
+    train, test, everything = sample_images("train"), sample_images("test"), sample_images("all")
+    train_names, test_names = {n for n, _ in train}, {n for n, _ in test}
+    assert len(train) >= 2 * len(test) - 1 and len(test) >= 3
+    assert train_names.isdisjoint(test_names)
+    assert train_names | test_names == {n for n, _ in everything}
+    for _, img in everything:
+        assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
+        assert min(img.shape[:2]) >= 64
+    with pytest.raises(ValueError, match="split"):
+        sample_images("validation")
+
+
+def test_build_dataset_embedded_default():
+    ds = build_dataset(DataConfig(resolution=64), train=True, seed=0)
+    assert len(ds) == len(sample_images("train"))
+    assert ds[0].shape == (3, 64, 64)
+    held_out = build_dataset(DataConfig(resolution=64, eval_crop="tiles"), train=False)
+    assert set(held_out.names) == {n for n, _ in sample_images("test")}
+    assert len(held_out) > len(held_out.names)
+
+
+def test_build_dataset_from_path(folder):
+    with pytest.warns(UserWarning):
+        ds = build_dataset(DataConfig(path=str(folder), resolution=R), train=False)
+    assert len(ds) == 8 and not ds.random_crop
+
+
+def test_extension_set():
+    assert {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"} == set(IMAGE_EXTENSIONS)
