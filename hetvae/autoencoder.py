@@ -1,0 +1,452 @@
+"""SD-compatible ``AutoencoderKL`` with an optional per-pixel log-scale head.
+
+The architecture is the Stable Diffusion VAE (ldm ``AutoencoderKL``; diffusers ``AutoencoderKL``
+with ``DownEncoderBlock2D`` / ``UpDecoderBlock2D``), parameter names as in the original SD
+checkpoints. The decoder can carry ``decoder.log_scale_head``: a 3x3 convolution on the same
+activated features ``conv_out`` sees, with zero weights and bias ``log_scale_init``, so grafting it
+onto a pretrained VAE leaves the mean output bit-identical and predicts ``log_scale_init``
+everywhere until trained.
+
+Shapes: images ``(B, in_channels, H, W)`` with ``H, W`` multiples of ``downsample_factor``
+(``2 ** (len(block_out_channels) - 1)``, 8 for SD); latents ``(B, latent_channels, H/f, W/f)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hetvae.distributions import DiagonalGaussian
+from hetvae.layers import Level, MidBlock, group_norm, run_maybe_checkpointed
+
+LOG_SCALE_KINDS = (None, "pixel")
+
+
+@dataclass
+class AutoencoderConfig:
+    """Architecture and latent statistics; the defaults are the SD 1.x VAE (kl-f8, 4 latent channels).
+
+    ``log_scale``: None (no head) or ``"pixel"`` (``decoder.log_scale_head``).
+    ``log_scale_channels``: None means ``out_channels`` maps, 1 means one map shared by all channels.
+    ``log_scale_init``: the head's bias at creation, i.e. the log-scale predicted everywhere at step 0.
+    ``log_scale_detach``: feed the head detached features, so the variance branch cannot move the
+    mean's parameters ("faithful" heteroscedastic training, Stirn et al. 2023).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_num_groups: int = 32
+    latent_channels: int = 4
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_attention: bool = True
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    log_scale: str | None = None
+    log_scale_channels: int | None = None
+    log_scale_init: float = 0.0
+    log_scale_detach: bool = False
+
+    def __post_init__(self) -> None:
+        # JSON and YAML hand back lists; the config compares and hashes as a tuple.
+        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        if not self.block_out_channels:
+            raise ValueError("block_out_channels must name at least one level")
+        if self.log_scale not in LOG_SCALE_KINDS:
+            raise ValueError(f"log_scale must be one of {LOG_SCALE_KINDS}, got {self.log_scale!r}")
+        if self.log_scale_channels not in (None, 1, self.out_channels):
+            raise ValueError(
+                f"log_scale_channels must be None, 1 or out_channels={self.out_channels}, "
+                f"got {self.log_scale_channels!r}"
+            )
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def head_channels(self) -> int:
+        return self.log_scale_channels or self.out_channels
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists once serialised; ``from_dict`` restores them)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AutoencoderConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AutoencoderConfig key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class Reconstruction:
+    """Decoder output. ``mean``: ``(B, out_channels, H, W)``. ``log_scale``: the raw head output
+    ``(B, out_channels or 1, H, W)`` (no bounding applied), or None when the model has no head."""
+
+    mean: Tensor
+    log_scale: Tensor | None = None
+
+
+class Encoder(nn.Module):
+    """``(B, in_channels, H, W) -> (B, 2 * latent_channels, H/f, W/f)`` moments (mean, log-variance)."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        latent_channels: int,
+        mid_block_attention: bool,
+    ) -> None:
+        super().__init__()
+        channels, groups, last = block_out_channels, norm_num_groups, len(block_out_channels) - 1
+        self.conv_in = nn.Conv2d(in_channels, channels[0], kernel_size=3, padding=1)
+        self.down = nn.ModuleList(
+            Level(
+                in_channels=channels[max(i - 1, 0)],
+                out_channels=channels[i],
+                num_blocks=layers_per_block,
+                groups=groups,
+                resample="down" if i < last else None,
+            )
+            for i in range(len(channels))
+        )
+        self.mid = MidBlock(channels=channels[-1], groups=groups, attention=mid_block_attention)
+        self.norm_out = group_norm(channels=channels[-1], groups=groups)
+        self.conv_out = nn.Conv2d(channels[-1], 2 * latent_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = run_maybe_checkpointed(level, h, self.gradient_checkpointing)
+        h = run_maybe_checkpointed(self.mid, h, self.gradient_checkpointing)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """``(B, latent_channels, h, w) -> (mean (B, out_channels, fh, fw), log_scale or None)``.
+
+    ``up[i]`` is resolution level ``i`` (0 = full resolution), run from the last to the first, as
+    in the ldm layout.
+    """
+
+    def __init__(
+        self,
+        *,
+        out_channels: int,
+        block_out_channels: tuple[int, ...],
+        layers_per_block: int,
+        norm_num_groups: int,
+        latent_channels: int,
+        mid_block_attention: bool,
+    ) -> None:
+        super().__init__()
+        channels, groups, last = block_out_channels, norm_num_groups, len(block_out_channels) - 1
+        self.conv_in = nn.Conv2d(latent_channels, channels[-1], kernel_size=3, padding=1)
+        self.mid = MidBlock(channels=channels[-1], groups=groups, attention=mid_block_attention)
+        self.up = nn.ModuleList(
+            Level(
+                in_channels=channels[min(i + 1, last)],
+                out_channels=channels[i],
+                num_blocks=layers_per_block + 1,
+                groups=groups,
+                resample="up" if i > 0 else None,
+            )
+            for i in range(len(channels))
+        )
+        self.norm_out = group_norm(channels=channels[0], groups=groups)
+        self.conv_out = nn.Conv2d(channels[0], out_channels, kernel_size=3, padding=1)
+        self.log_scale_head: nn.Conv2d | None = None
+        self.log_scale_detach = False
+        self.gradient_checkpointing = False
+
+    def add_log_scale_head(self, *, channels: int, init: float, detach: bool) -> None:
+        """Create ``log_scale_head``: zero weights, bias ``init``, on ``conv_out``'s device and dtype."""
+        if self.log_scale_head is not None:
+            raise ValueError("the decoder already has a log_scale_head")
+        ref = self.conv_out.weight
+        head = nn.Conv2d(self.conv_out.in_channels, channels, kernel_size=3, padding=1)
+        head.to(device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.fill_(init)
+        self.log_scale_head = head
+        self.log_scale_detach = detach
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        h = self.conv_in(z)
+        h = run_maybe_checkpointed(self.mid, h, self.gradient_checkpointing)
+        for level in reversed(self.up):
+            h = run_maybe_checkpointed(level, h, self.gradient_checkpointing)
+        features = F.silu(self.norm_out(h))
+        mean = self.conv_out(features)
+        if self.log_scale_head is None:
+            return mean, None
+        return mean, self.log_scale_head(features.detach() if self.log_scale_detach else features)
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    # Every tile is full-sized: the last one is moved back to end at the border instead of being cut.
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def _blend_window(length: int, ramp: int, *, rise: bool, fall: bool, like: Tensor) -> Tensor:
+    """``(length,)`` weights: 1 inside, linear ramps ``(k + 0.5) / ramp`` over ``ramp`` samples at
+    the sides that overlap a neighbour. Strictly positive, so every output pixel has weight."""
+    w = torch.ones(length, device=like.device, dtype=like.dtype)
+    ramp = min(ramp, length)
+    if ramp > 0:
+        up = (torch.arange(ramp, device=like.device, dtype=like.dtype) + 0.5) / ramp
+        if rise:
+            w[:ramp] = torch.minimum(w[:ramp], up)
+        if fall:
+            w[-ramp:] = torch.minimum(w[-ramp:], up.flip(0))
+    return w
+
+
+def tiled_apply(
+    fn: Callable[[Tensor], tuple[Tensor | None, ...]],
+    x: Tensor,
+    *,
+    tile: int,
+    overlap: int,
+    scale: tuple[int, int],
+) -> tuple[Tensor | None, ...]:
+    """Apply ``fn`` to overlapping ``tile x tile`` crops of ``x`` ``(B, C, H, W)`` and blend.
+
+    ``fn`` maps a crop ``(B, C, t, t)`` to tensors ``(B, C_k, t*n/d, t*n/d)`` (``scale = (n, d)``)
+    or None. Crops start every ``tile - overlap`` pixels; each output is the weighted average of
+    the tiles covering it, weights ramping linearly across the ``overlap`` band, so the result is
+    continuous across tile borders and equals the tile's own output away from the bands.
+    """
+    num, den = scale
+    height, width = x.shape[-2:]
+    th, tw = min(tile, height), min(tile, width)
+    rows = _tile_starts(height, th, tile - overlap)
+    cols = _tile_starts(width, tw, tile - overlap)
+    ramp, oh, ow = overlap * num // den, th * num // den, tw * num // den
+    acc: list[Tensor | None] | None = None
+    weight_sum: Tensor | None = None
+    for i in rows:
+        for j in cols:
+            outs = fn(x[..., i : i + th, j : j + tw])
+            ref = next(o for o in outs if o is not None)
+            wy = _blend_window(oh, ramp, rise=i > 0, fall=i + th < height, like=ref)
+            wx = _blend_window(ow, ramp, rise=j > 0, fall=j + tw < width, like=ref)
+            w = wy[:, None] * wx[None, :]
+            if acc is None:
+                out_hw = (height * num // den, width * num // den)
+                acc = [None if o is None else o.new_zeros(*o.shape[:2], *out_hw) for o in outs]
+                weight_sum = ref.new_zeros(out_hw)
+            oi, oj = i * num // den, j * num // den
+            for a, o in zip(acc, outs):
+                if a is not None:
+                    a[..., oi : oi + oh, oj : oj + ow] += o * w
+            weight_sum[oi : oi + oh, oj : oj + ow] += w
+    return tuple(None if a is None else a / weight_sum for a in acc)
+
+
+class AutoencoderKL(nn.Module):
+    """The SD VAE: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> Reconstruction``.
+
+    Large inputs: ``enable_tiling()`` (overlapping tiles, linearly blended; the log-scale map too),
+    ``enable_slicing()`` (one sample at a time), ``enable_gradient_checkpointing()``; channels_last
+    works through ``model.to(memory_format=torch.channels_last)``.
+    """
+
+    def __init__(self, config: AutoencoderConfig | None = None) -> None:
+        super().__init__()
+        config = dataclasses.replace(config) if config is not None else AutoencoderConfig()
+        self.config = config
+        common = dict(
+            block_out_channels=config.block_out_channels,
+            layers_per_block=config.layers_per_block,
+            norm_num_groups=config.norm_num_groups,
+            latent_channels=config.latent_channels,
+            mid_block_attention=config.mid_block_attention,
+        )
+        self.encoder = Encoder(in_channels=config.in_channels, **common)
+        self.decoder = Decoder(out_channels=config.out_channels, **common)
+        moments = 2 * config.latent_channels
+        self.quant_conv = nn.Conv2d(moments, moments, kernel_size=1) if config.use_quant_conv else None
+        self.post_quant_conv = (
+            nn.Conv2d(config.latent_channels, config.latent_channels, kernel_size=1)
+            if config.use_post_quant_conv
+            else None
+        )
+        if config.log_scale == "pixel":
+            self.decoder.add_log_scale_head(
+                channels=config.head_channels, init=config.log_scale_init, detach=config.log_scale_detach
+            )
+        self.use_slicing = False
+        self.use_tiling = False
+        self.tile_sample_size = 512
+        self.tile_overlap = 0.25
+
+    # --- head ------------------------------------------------------------------------------
+
+    def add_log_scale_head(self, channels: int | None = None, init: float = 0.0, detach: bool = False) -> None:
+        """Graft a per-pixel log-scale head (zero weights, bias ``init``): the mean output is
+        unchanged bit for bit and ``log_scale == init`` everywhere until the head is trained.
+        ``channels``: None for ``out_channels`` maps, 1 for one shared map."""
+        config = dataclasses.replace(
+            self.config, log_scale="pixel", log_scale_channels=channels, log_scale_init=float(init),
+            log_scale_detach=bool(detach),
+        )
+        self.decoder.add_log_scale_head(channels=config.head_channels, init=float(init), detach=bool(detach))
+        self.config = config
+
+    @property
+    def has_log_scale_head(self) -> bool:
+        return self.decoder.log_scale_head is not None
+
+    @property
+    def last_layer(self) -> Tensor:
+        """``decoder.conv_out.weight``: the layer the adaptive GAN weight differentiates (never the head)."""
+        return self.decoder.conv_out.weight
+
+    # --- switches --------------------------------------------------------------------------
+
+    def enable_tiling(self, tile_sample_size: int = 512, overlap: float = 0.25) -> None:
+        """Encode/decode inputs larger than ``tile_sample_size`` pixels in overlapping tiles.
+
+        ``overlap``: fraction of a tile shared with its neighbour, in ``[0, 0.5)``. Tiles are
+        normalised separately (GroupNorm statistics are per tile), so the result differs slightly
+        from the untiled one; see ``tests/test_autoencoder.py`` for the bound we test.
+        """
+        f = self.config.downsample_factor
+        if tile_sample_size <= 0 or tile_sample_size % f:
+            raise ValueError(f"tile_sample_size must be a positive multiple of {f}, got {tile_sample_size}")
+        if not 0.0 <= overlap < 0.5:
+            raise ValueError(f"overlap must be in [0, 0.5), got {overlap}")
+        self.use_tiling, self.tile_sample_size, self.tile_overlap = True, tile_sample_size, overlap
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        """Run encode/decode one sample at a time (lower peak memory, same result)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute level activations in the backward pass instead of storing them."""
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = False
+
+    # --- encode / decode -------------------------------------------------------------------
+
+    def _check_size(self, height: int, width: int) -> None:
+        f = self.config.downsample_factor
+        if height % f or width % f:
+            raise ValueError(
+                f"encode: height and width must be multiples of {f}, got {height}x{width}: the encoder "
+                f"halves the resolution {len(self.config.block_out_channels) - 1} times, and a remainder "
+                f"would be dropped, making the decoded image smaller than the input. Pad the image, or "
+                f"call the model itself (forward), which pads to a multiple of {f} and crops back."
+            )
+
+    def _encode_tile(self, x: Tensor) -> tuple[Tensor]:
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return (moments,)
+
+    def _encode_moments(self, x: Tensor) -> Tensor:
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_size:
+            f = self.config.downsample_factor
+            overlap = int(self.tile_sample_size * self.tile_overlap) // f * f
+            (moments,) = tiled_apply(
+                self._encode_tile, x, tile=self.tile_sample_size, overlap=overlap, scale=(1, f)
+            )
+            return moments
+        return self._encode_tile(x)[0]
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        """``(B, in_channels, H, W)`` with ``H, W`` multiples of ``downsample_factor`` ->
+        posterior over ``(B, latent_channels, H/f, W/f)``."""
+        self._check_size(*x.shape[-2:])
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self._encode_moments(s) for s in x.split(1)])
+        else:
+            moments = self._encode_moments(x)
+        return DiagonalGaussian(moments)
+
+    def _decode_tile(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def _decode_one(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
+        f = self.config.downsample_factor
+        tile = self.tile_sample_size // f
+        if self.use_tiling and max(z.shape[-2:]) > tile:
+            return tiled_apply(self._decode_tile, z, tile=tile, overlap=int(tile * self.tile_overlap), scale=(f, 1))
+        return self._decode_tile(z)
+
+    def decode(self, z: Tensor) -> Reconstruction:
+        """``(B, latent_channels, h, w) -> Reconstruction`` at ``(fh, fw)``. Pass unscaled latents
+        (divide diffusion latents by ``scaling_factor`` and add ``shift_factor`` first)."""
+        if self.use_slicing and z.shape[0] > 1:
+            parts = [self._decode_one(s) for s in z.split(1)]
+            mean = torch.cat([p[0] for p in parts])
+            log_scale = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+        else:
+            mean, log_scale = self._decode_one(z)
+        return Reconstruction(mean=mean, log_scale=log_scale)
+
+    def forward(
+        self, x: Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None
+    ) -> tuple[Reconstruction, DiagonalGaussian]:
+        """Reconstruct ``x`` ``(B, C, H, W)``. Any ``H, W`` is accepted: the image is padded
+        (edge replication, bottom/right) to a multiple of ``downsample_factor`` and the
+        reconstruction cropped back to ``H x W``; the posterior is that of the padded image."""
+        height, width = x.shape[-2:]
+        f = self.config.downsample_factor
+        pad_h, pad_w = -height % f, -width % f
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        posterior = self.encode(x)
+        z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
+        rec = self.decode(z)
+        if pad_h or pad_w:
+            rec = Reconstruction(
+                mean=rec.mean[..., :height, :width],
+                log_scale=None if rec.log_scale is None else rec.log_scale[..., :height, :width],
+            )
+        return rec, posterior
+
+    # --- files -----------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, format: str = "hetvae") -> Path:
+        """Write the model in ``format`` ("hetvae", "diffusers" or "ldm"); see ``hetvae.convert``."""
+        from hetvae.convert import save_autoencoder  # convert imports this module
+
+        return save_autoencoder(self, path, format=format)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, log_scale: str | None = None, **overrides: Any) -> "AutoencoderKL":
+        """Same as ``hetvae.convert.load_autoencoder``."""
+        from hetvae.convert import load_autoencoder
+
+        return load_autoencoder(path, log_scale=log_scale, **overrides)
