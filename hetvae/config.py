@@ -1,0 +1,721 @@
+"""Run configuration: YAML mapped onto typed dataclasses.
+
+A config is a :class:`Config` with five sections (``model``, ``log_scale``, ``objective``,
+``data``, ``train``) and ``out_dir``. The rules:
+
+- A YAML file may set any subset of keys, at any depth; every key it leaves out keeps its
+  default. A fine-tuning config is therefore a few lines on top of the defaults.
+- Every value is checked against the field's annotation and coerced where that is lossless
+  (``1`` -> ``1.0`` for a float, ``"1e-5"`` -> ``1e-05``, a list -> a tuple). Anything else is a
+  :class:`ConfigError` naming the full dotted key (``train.lr``), what was expected and what was
+  found. Range checks (``lr > 0``, ``beta`` in [0, 1], ...) name the key the same way.
+- An unknown key is an error that names it, suggests the closest valid key and lists them all.
+- ``--set section.key=value`` overrides (:func:`apply_overrides`) parse ``value`` as YAML and go
+  through the same checks.
+- Files are read with ``yaml.safe_load`` only: tags such as ``!!python/object`` are refused.
+- :func:`save_config` writes the resolved config (every key) so a run folder is self-describing.
+
+Paths (``data.path``, ``model.init_from``) are not checked for existence here: a config may be
+written on one machine and run on another; the builders check them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ModelConfig",
+    "LogScaleConfig",
+    "ObjectiveConfig",
+    "DataConfig",
+    "TrainConfig",
+    "from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "load_config",
+    "save_config",
+    "model_architecture_kwargs",
+]
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong.
+
+    ``key`` is the full dotted key (``"train.lr"``, ``"model.block_out_channels[1]"``; ``""`` for
+    the file as a whole) and ``detail`` says what is wrong; ``str(error)`` is ``"key: detail"``.
+    """
+
+    def __init__(self, key: str, detail: str) -> None:
+        self.key = key
+        self.detail = detail
+        super().__init__(f"{key}: {detail}" if key else detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# generic machinery: mappings <-> dataclasses
+# ---------------------------------------------------------------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _union_members(tp: Any) -> tuple[Any, ...]:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _describe(tp: Any) -> str:
+    """A reader's name for an annotation: ``float``, ``list of int``, ``one of 'a', 'b'``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of keys"
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_describe(args[0])}"
+        return "list [" + ", ".join(_describe(a) for a in args) + "]"
+    if origin is list:
+        return f"list of {_describe(args[0])}"
+    if origin is dict:
+        return f"mapping of {_describe(args[0])} to {_describe(args[1])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown_key(key: str, path: str, valid: Iterable[str]) -> ConfigError:
+    valid = list(valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {_join(path, close[0])!r}?" if close else ""
+    return ConfigError(_join(path, key), f"unknown key{hint} (valid keys: {', '.join(valid)})")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against annotation ``tp`` and converted where lossless."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, key)
+    if origin in (Union, types.UnionType):
+        return _coerce_union(value, tp, key)
+    if origin is Literal:
+        if value in args and any(type(value) is type(a) for a in args):
+            return value
+        detail = f"expected {_describe(tp)}, got {_show(value)}"
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        raise ConfigError(key, detail + (f"; did you mean {close[0]!r}?" if close else ""))
+    fail = ConfigError(key, f"expected {_describe(tp)}, got {_show(value)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise fail
+    if tp is bool:
+        # no 0/1 or "yes" here: a typo must not silently flip a switch
+        if isinstance(value, bool):
+            return value
+        raise fail
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e4 as a string; accept it when it is an integer
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise fail from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise fail from None
+        raise fail
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(key, f"expected {_describe(tp)}, got {len(value)} values: {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise fail
+        return {
+            _coerce(k, args[0], f"{key}.{k}"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()
+        }
+    raise TypeError(f"{key}: unsupported annotation {tp!r} in the config schema")
+
+
+def _coerce_union(value: Any, tp: Any, key: str) -> Any:
+    members = typing.get_args(tp)
+    optional = type(None) in members
+    others = [m for m in members if m is not type(None)]
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(key, f"expected {_describe(tp)}, got None")
+    if (
+        optional
+        and isinstance(value, str)
+        and value.strip().lower() in ("none", "null")
+        and not any(_accepts_text(m) for m in others)
+    ):
+        return None
+    if len(others) == 1:
+        try:
+            return _coerce(value, others[0], key)
+        except ConfigError as exc:
+            if exc.key != key:  # an element's error is the more precise one
+                raise
+            raise ConfigError(key, f"expected {_describe(tp)}, got {_show(value)}") from None
+    for member in others:
+        try:
+            return _coerce(value, member, key)
+        except ConfigError:
+            continue
+    raise ConfigError(key, f"expected {_describe(tp)}, got {_show(value)}")
+
+
+def _accepts_text(tp: Any) -> bool:
+    """Whether ``tp`` (or a member of it) takes free text or text choices."""
+    for member in _union_members(tp):
+        if member is str:
+            return True
+        if typing.get_origin(member) is Literal and any(isinstance(a, str) for a in typing.get_args(member)):
+            return True
+    return False
+
+
+def _accepts_scalar_non_text(tp: Any) -> bool:
+    return any(m in (bool, int, float) for m in _union_members(tp))
+
+
+def from_dict(cls: type[T], mapping: Mapping[str, Any] | None, path: str = "") -> T:
+    """Build dataclass ``cls`` from ``mapping`` (nested mappings for nested dataclasses).
+
+    Keys left out keep their defaults (``None`` counts as an empty mapping); a dataclass field
+    without a default must be present. Values are checked and coerced from the annotations: int,
+    float, bool, str, ``X | None``, ``Literal[...]`` choices, ``tuple[T, ...]`` and fixed
+    tuples (from YAML lists), ``list[T]``, ``dict[K, V]`` and nested dataclasses. ``path`` is the
+    dotted prefix used in error messages.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid key and the list of valid ones), missing
+            required key, wrong type or invalid value, naming the full dotted key.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(path, f"expected a mapping of keys, got {_show(mapping)}")
+    fields = _init_fields(cls)
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in mapping.items():
+        if key not in fields:
+            raise _unknown_key(str(key), path, fields)
+        kwargs[key] = _coerce(value, hints[key], _join(path, key))
+    for name, f in fields.items():
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if name not in kwargs and not has_default:
+            raise ConfigError(_join(path, name), "required key is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # raised by __post_init__ with a key relative to cls
+        raise ConfigError(_join(path, exc.key), exc.detail) from None
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """``cfg`` (a dataclass) as nested plain dicts and lists, ready for ``yaml.safe_dump``.
+
+    Tuples become lists; :func:`from_dict` turns them back, so
+    ``from_dict(type(cfg), config_to_dict(cfg)) == cfg``.
+    """
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise TypeError(f"config_to_dict needs a dataclass instance, got {cfg!r}")
+    return _plain(cfg)
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of dotted key ``dotted`` under dataclass ``cls``; unknown keys raise."""
+    parts = dotted.split(".")
+    tp: Any = cls
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(prefix, f"is a value, not a section; cannot set {dotted!r}")
+        fields = _init_fields(tp)
+        if part not in fields:
+            raise _unknown_key(part, prefix, fields)
+        tp = _hints(tp)[part]
+    return tp
+
+
+def _parse_override_value(text: str, tp: Any) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text  # not YAML (a Windows path, say); the type check below judges the text
+    # YAML 1.1 turns `yes`, `off`, `2024-01-01`, `1.0` into bool/date/float; a text field wants
+    # what was typed.
+    if (
+        _accepts_text(tp)
+        and not _accepts_scalar_non_text(tp)
+        and not isinstance(value, (str, list, dict, type(None)))
+    ):
+        value = text.strip()
+    return value
+
+
+def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
+    """A new config: ``cfg`` with ``section.key=value`` overrides applied in order.
+
+    ``value`` is parsed with ``yaml.safe_load`` (``1e-5``, ``true``, ``null``, ``[32, 64]``) and
+    then checked like a file value; a text field keeps the typed text (``out_dir=yes`` stays the
+    string ``"yes"``). Any field at any depth can be set, including a whole section from a YAML
+    mapping (``data={resolution: 32}``, which resets that section's other keys to defaults).
+    ``cfg`` itself is not modified.
+
+    Raises:
+        ConfigError: malformed override, unknown key (with the closest valid one), a value of the
+            wrong type or out of range.
+    """
+    overrides = list(overrides)
+    if not overrides:
+        return cfg
+    tree = config_to_dict(cfg)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError("", f"override {item!r} is not of the form section.key=value")
+        value = _parse_override_value(text, _field_type(type(cfg), key))
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return from_dict(type(cfg), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# the schema
+# ---------------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, key: str, detail: str) -> None:
+    if not ok:
+        raise ConfigError(key, detail)
+
+
+Granularity = Literal["global", "channel", "pixel"]
+Family = Literal["laplace", "gaussian"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The autoencoder: where it starts from and, for a fresh one, its architecture.
+
+    Attributes:
+        init_from: ``"scratch"``: a new model built from the fields below. Otherwise a path that
+            ``load_autoencoder`` accepts (diffusers folder, SD/ldm single file, hetvae folder);
+            the architecture is then the checkpoint's, and the fields below are not used.
+        in_channels, out_channels: image channels.
+        block_out_channels: channels per resolution level; the image is down-sampled by
+            ``2 ** (len(block_out_channels) - 1)`` (SD: ``(128, 256, 512, 512)``, 8x).
+        layers_per_block: ResNet blocks per level (the decoder has one more, as in SD).
+        norm_num_groups: GroupNorm groups; must divide every entry of ``block_out_channels``.
+        latent_channels: channels of the latent ``z``.
+        use_quant_conv, use_post_quant_conv: the 1x1 convs around the latent (SD: both).
+        mid_block_attention: self-attention in the middle blocks.
+        scaling_factor, shift_factor: ``z_diffusion = (z - shift) * scale``; metadata for
+            diffusion models, unused by the autoencoder itself.
+    """
+
+    init_from: str = "scratch"
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    latent_channels: int = 4
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_attention: bool = True
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.init_from.strip()), "init_from", "must be 'scratch' or a checkpoint path, got ''")
+        for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(len(self.block_out_channels) >= 1, "block_out_channels", "must list at least one level")
+        for i, c in enumerate(self.block_out_channels):
+            _require(
+                c >= 1 and c % self.norm_num_groups == 0,
+                f"block_out_channels[{i}]",
+                f"must be a positive multiple of norm_num_groups={self.norm_num_groups}, got {c}",
+            )
+        _require(self.scaling_factor > 0, "scaling_factor", f"must be > 0, got {self.scaling_factor}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Side of the image divided by the side of the latent."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(kw_only=True)
+class LogScaleConfig:
+    """The reconstruction likelihood's log-scale (``log b`` for Laplace, ``log sigma`` for Gaussian).
+
+    Attributes:
+        granularity: ``"global"`` one scalar (SD's ``logvar``), ``"channel"`` one per channel,
+            ``"pixel"`` a map predicted by the decoder's log-scale head.
+        family: ``"laplace"`` (L1, SD's choice) or ``"gaussian"`` (L2).
+        init: initial log-scale; must lie strictly inside ``bounds``.
+        bounds: ``(lo, hi)`` of the soft clamp on the log-scale.
+        beta: beta-NLL exponent (Seitzer et al. 2022); 0 = plain NLL, 1 = the mean gets the
+            plain L1/L2 gradient.
+        fit: ``"learned"`` by gradient descent, or ``"optimal"``: the closed-form maximum-likelihood
+            scale of the current batch (global / channel only; per pixel it would be the error
+            itself).
+        shared: pixel only: one map for all channels instead of one per channel.
+        detach_features: pixel only: the head sees detached decoder features, so the NLL cannot
+            shape the decoder through it.
+        include_constant: add the density's constant (``log 2`` / ``0.5 log 2 pi``) so the loss is
+            a true NLL (needed for bits/dim; irrelevant to the gradients).
+    """
+
+    granularity: Granularity = "global"
+    family: Family = "laplace"
+    init: float = 0.0
+    bounds: tuple[float, float] = (-7.0, 3.0)
+    beta: float = 0.0
+    fit: Literal["learned", "optimal"] = "learned"
+    shared: bool = False
+    detach_features: bool = False
+    include_constant: bool = False
+
+    def __post_init__(self) -> None:
+        lo, hi = self.bounds
+        _require(
+            math.isfinite(lo) and math.isfinite(hi) and lo < hi, "bounds", f"needs finite lo < hi, got {self.bounds}"
+        )
+        _require(
+            lo < self.init < hi, "init", f"must lie strictly inside bounds {self.bounds}, got {self.init}"
+        )
+        _require(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
+        _require(
+            not (self.fit == "optimal" and self.granularity == "pixel"),
+            "fit",
+            "'optimal' is for granularity 'global' or 'channel' (per pixel it is the error itself)",
+        )
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    """Weights of the terms besides the NLL: KL, LPIPS and the PatchGAN.
+
+    Attributes:
+        kl_weight: weight of the posterior KL (SD: 1e-6).
+        perceptual_weight: weight of LPIPS (SD: 1.0); 0 skips it (the CPU demo default).
+        perceptual_mode: ``"sd"`` LPIPS added to the L1 inside the NLL (SD's recipe),
+            ``"spatial"`` the per-pixel LPIPS map added there, ``"separate"`` LPIPS as its own term.
+        perceptual_weights: ``"auto"`` (released LPIPS weights, downloaded once), ``"random"``
+            (for tests) or a local path.
+        disc_start: step at which the discriminator starts; ``None``: no discriminator.
+        disc_weight: the adaptive GAN weight's multiplier (SD: 0.5).
+        disc_factor: GAN term factor once started (SD: 1.0).
+        disc_loss: ``"hinge"`` or ``"vanilla"`` (softplus).
+        disc_layers: PatchGAN depth (SD: 3).
+        disc_norm: ``"batch"`` (SD's default) or ``"actnorm"``.
+    """
+
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0
+    perceptual_mode: Literal["sd", "spatial", "separate"] = "sd"
+    perceptual_weights: str = "auto"
+    disc_start: int | None = None
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    disc_layers: int = 3
+    disc_norm: Literal["batch", "actnorm"] = "batch"
+
+    def __post_init__(self) -> None:
+        for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value >= 0, name, f"must be finite and >= 0, got {value}")
+        _require(
+            bool(self.perceptual_weights.strip()), "perceptual_weights", "must be 'auto', 'random' or a path"
+        )
+        _require(
+            self.disc_start is None or self.disc_start >= 0,
+            "disc_start",
+            f"must be >= 0 or null, got {self.disc_start}",
+        )
+        _require(self.disc_layers >= 1, "disc_layers", f"must be >= 1, got {self.disc_layers}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Training images (see ``hetvae.data.build_dataset``).
+
+    Attributes:
+        path: a folder, an image file, or a list of them; ``None``: scikit-image's bundled
+            sample photographs (``hetvae.data.sample_images``).
+        resolution: square crop side in pixels; a multiple of 8 and of the model's
+            down-sampling factor.
+        random_crop, random_flip: training augmentation (evaluation always centre-crops).
+        num_workers: ``DataLoader`` worker processes.
+        split: which sample photographs train the model when ``path`` is ``None``
+            (``"train"`` keeps the ``"test"`` ones held out).
+        samples_per_epoch: crops per epoch (cycling through the images); ``None``: one per image.
+        eval_crop: evaluation crops: ``"center"`` one per image, ``"tiles"`` every
+            non-overlapping tile (many more pixels, steadier metrics).
+    """
+
+    path: str | list[str] | None = None
+    resolution: int = 64
+    random_crop: bool = True
+    random_flip: bool = True
+    num_workers: int = 0
+    split: Literal["all", "train", "test"] = "train"
+    samples_per_epoch: int | None = None
+    eval_crop: Literal["center", "tiles"] = "center"
+
+    def __post_init__(self) -> None:
+        paths = self.path if isinstance(self.path, list) else [self.path] if self.path is not None else []
+        _require(self.path != [], "path", "an empty list; use null for the bundled sample photographs")
+        _require(all(p.strip() for p in paths), "path", "contains an empty path")
+        _require(
+            self.resolution >= 8 and self.resolution % 8 == 0,
+            "resolution",
+            f"must be a positive multiple of 8, got {self.resolution}",
+        )
+        _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(
+            self.samples_per_epoch is None or self.samples_per_epoch >= 1,
+            "samples_per_epoch",
+            f"must be >= 1 or null, got {self.samples_per_epoch}",
+        )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation loop.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: images per micro-batch; the effective batch is ``batch_size * grad_accum``.
+        lr, betas, weight_decay: AdamW (SD used betas ``(0.5, 0.9)`` with its GAN).
+        warmup_steps: linear learning-rate warm-up from 0.
+        grad_accum: micro-batches per optimizer step.
+        ema_decay: decay of an exponential moving average of the weights; ``None``: no EMA.
+        precision: ``"fp32"``, or autocast to ``"bf16"`` / ``"fp16"`` (fp16 with a grad scaler).
+        grad_clip: max global gradient norm; ``None``: no clipping.
+        decoder_only: train only the decoder (and log-scale), keeping the latent space fixed.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        seed: seeds the model init and the data crops.
+        checkpoint_every, sample_every, log_every: intervals in steps; 0 disables.
+        keep_checkpoints: how many recent checkpoints to keep; 0 keeps all.
+        max_nonfinite: consecutive non-finite steps skipped before training stops with an error.
+        resume: ``"auto"`` continues from the latest checkpoint in ``out_dir`` if there is one;
+            ``"never"`` always starts fresh.
+        disc_lr: discriminator learning rate; ``None``: ``lr``.
+    """
+
+    steps: int = 800
+    batch_size: int = 8
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    ema_decay: float | None = None
+    precision: Precision = "fp32"
+    grad_clip: float | None = 1.0
+    decoder_only: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    checkpoint_every: int = 200
+    sample_every: int = 200
+    log_every: int = 20
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 10
+    resume: Literal["never", "auto"] = "auto"
+    disc_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "seed", "checkpoint_every", "sample_every", "log_every",
+                     "keep_checkpoints", "max_nonfinite"):
+            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "disc_lr"):
+            value = getattr(self, name)
+            ok = value is None or (math.isfinite(value) and value > 0)
+            _require(ok, name, f"must be finite and > 0, got {value}")
+        for i, b in enumerate(self.betas):
+            _require(0.0 <= b < 1.0, f"betas[{i}]", f"must be in [0, 1), got {b}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(
+            self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+            "ema_decay",
+            f"must be in (0, 1) or null, got {self.ema_decay}",
+        )
+        _require(
+            self.grad_clip is None or self.grad_clip > 0,
+            "grad_clip",
+            f"must be > 0 or null, got {self.grad_clip}",
+        )
+
+
+@dataclass(kw_only=True)
+class Config:
+    """A whole run: the five sections plus ``out_dir``, the run folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    log_scale: LogScaleConfig = field(default_factory=LogScaleConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs/default"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.out_dir.strip()), "out_dir", "must not be empty")
+        if self.model.init_from == "scratch":
+            factor = self.model.downsample_factor
+            _require(
+                self.data.resolution % factor == 0,
+                "data.resolution",
+                f"must be a multiple of the model's down-sampling factor {factor} "
+                f"(2 ** (len(model.block_out_channels) - 1)), got {self.data.resolution}",
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML file into a :class:`Config`, then apply ``overrides`` (see :func:`apply_overrides`).
+
+    The file may set any subset of keys; the rest keep their defaults (an empty file is the
+    default config). It is parsed with ``yaml.safe_load``: tags such as ``!!python/object`` are
+    refused. Errors are :class:`ConfigError` naming the dotted key and the file.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path}: not a plain YAML file (tags are not accepted): {exc}") from None
+    try:
+        cfg = from_dict(Config, data)
+    except ConfigError as exc:
+        raise ConfigError(exc.key, f"{exc.detail} (in {path})") from None
+    return apply_overrides(cfg, overrides)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Sections as indented blocks, lists on one line: ``block_out_channels: [32, 64, 128]``."""
+
+
+_Dumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True)
+)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved ``cfg`` (every key, defaults included) to ``path`` as YAML.
+
+    ``load_config(path) == cfg``. Parent folders are created; the file is written to a temporary
+    name first and then renamed, so a crash never leaves half a config in a run folder.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# hetvae resolved config: every key, defaults included\n" + yaml.dump(
+        config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False
+    )
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def model_architecture_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """The architecture fields of ``model`` (everything but ``init_from``) as a plain dict."""
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "init_from"}
