@@ -1,0 +1,628 @@
+"""Every checkpoint format in one place: detection, key renaming, config inference, safe I/O.
+
+Formats read by ``load_autoencoder``:
+
+* ``"hetvae"``: ``model.safetensors`` (a directory holding it, or the file itself) in the internal
+  key layout, its ``AutoencoderConfig`` as JSON in the safetensors metadata (``hetvae_config``).
+* ``"diffusers"``: a folder with ``config.json`` and ``diffusion_pytorch_model[.fp16].safetensors``
+  or ``.bin`` (also a pipeline folder, whose ``vae/`` sub-folder is used).
+* ``"ldm"``: one file in the original Stable Diffusion layout (``encoder.down.0.block.0...``),
+  ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin``, possibly nested under
+  ``"state_dict"`` and prefixed ``first_stage_model.`` or ``vae.`` (the rest of a full SD
+  checkpoint is ignored); attention weights as 1x1 convolutions or linear matrices.
+* ``"diffusers-file"``: one file in the diffusers key layout (``encoder.down_blocks.0...``),
+  including the old attention names ``query/key/value/proj_attn``.
+
+Single files carry no config: the architecture is inferred from tensor shapes and the latent
+scaling from the detected family (see ``FAMILIES``); any field can be overridden.
+
+A per-pixel log-scale head is stored inside hetvae files and beside exported ones
+(``log_scale_head.safetensors`` in a diffusers folder, ``<stem>.log_scale_head.safetensors`` next
+to an ldm file), so stock loaders still read the VAE and nothing is lost.
+
+Internal names are the ldm ones; all renaming lives here. Pickled files are read only through
+``torch.load(weights_only=True)``; every failure raises ``CheckpointError`` naming the file, the
+detected format and the offending keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pickle
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
+
+FORMATS = ("hetvae", "diffusers", "ldm")
+CONFIG_KEY = "hetvae_config"
+FORMAT_KEY = "hetvae_format"
+HEAD_KEY = "hetvae_log_scale_head"
+HEAD_PREFIX = "decoder.log_scale_head."
+HETVAE_FILE = "model.safetensors"
+LDM_FILE = "vae.safetensors"
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_HEAD_FILE = "log_scale_head.safetensors"
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Where the VAE sits inside a full checkpoint; everything else in such a file is ignored.
+MODEL_PREFIXES = ("first_stage_model.", "vae.")
+# Training leftovers in ldm VAE checkpoints (LPIPS/discriminator/logvar of the loss, EMA counters).
+IGNORED_PREFIXES = ("loss.", "model_ema.")
+
+# family -> (scaling_factor, shift_factor), used when the file has no config.
+FAMILIES = {
+    "sd": (0.18215, 0.0),  # 4 latent channels: SD 1.x/2.x (SDXL 0.13025 looks identical: override)
+    "sd3": (1.5305, 0.0609),  # 16 latent channels, no quant convs (FLUX 0.3611/0.1159 looks identical)
+    "unknown": (1.0, 0.0),
+}
+
+_SHOWN_KEYS = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file,
+    the detected format and the keys involved."""
+
+
+def _keys_text(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    shown = ", ".join(repr(k) for k in keys[:_SHOWN_KEYS])
+    more = f", ... ({len(keys)} keys in all)" if len(keys) > _SHOWN_KEYS else f" ({len(keys)} key{'s' * (len(keys) != 1)})"
+    return shown + more
+
+
+def _error(file: Path, fmt: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{file}: {problem} [detected format: {fmt}]")
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def _read_safetensors(
+    file: Path, fmt: str, select: Callable[[list[str]], list[str]] | None = None
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            keys = list(f.keys())
+            wanted = select(keys) if select else keys
+            return {k: f.get_tensor(k) for k in wanted}, metadata
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise _error(file, fmt, f"cannot read the safetensors file, it is truncated or corrupt ({e})") from e
+
+
+def _read_pickle(file: Path, fmt: str) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise _error(
+                file, fmt,
+                "refused to unpickle: the file holds objects other than tensors and plain containers, "
+                "and unpickling them could run code. Pickles are only read with "
+                "torch.load(weights_only=True); convert the file to safetensors where you trust it",
+            ) from e
+        raise _error(file, fmt, f"cannot unpickle the file, it is truncated or corrupt ({e})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise _error(file, fmt, f"cannot read the file, it is truncated or corrupt ({str(e).splitlines()[0]})") from e
+    # Lightning checkpoints nest the weights beside optimizer state and counters.
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise _error(file, fmt, f"expected a state dict, found a {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+
+
+def _select_vae(keys: list[str]) -> list[str]:
+    """The keys of the VAE: those under the first model prefix present, else all but training leftovers."""
+    for prefix in MODEL_PREFIXES:
+        found = [k for k in keys if k.startswith(prefix)]
+        if found:
+            return found
+    return [k for k in keys if not k.startswith(IGNORED_PREFIXES)]
+
+
+def _strip_prefix(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    for prefix in MODEL_PREFIXES:
+        if any(k.startswith(prefix) for k in tensors):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k: v for k, v in tensors.items() if not k.startswith(IGNORED_PREFIXES)}
+
+
+def _key_layout(keys: Iterable[str]) -> str | None:
+    """"ldm", "diffusers", or None for neither or a mix of both."""
+    keys = list(keys)
+    diffusers = any(re.match(r"(encoder|decoder)\.(down_blocks|up_blocks|mid_block|conv_norm_out)\.", k) for k in keys)
+    ldm = any(re.match(r"(encoder\.down|decoder\.up|encoder\.mid|decoder\.mid|encoder\.norm_out|decoder\.norm_out)\.", k) for k in keys)
+    if diffusers == ldm:
+        return None
+    return "diffusers" if diffusers else "ldm"
+
+
+# --- key maps ------------------------------------------------------------------------------
+
+_Rule = tuple[str, Callable[[re.Match, int], str]]
+
+_DIFFUSERS_TO_LDM: list[_Rule] = [
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}."),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m, n: f"encoder.down.{m[1]}.downsample."),
+    # diffusers lists decoder levels from the lowest resolution, ldm from the highest.
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}."),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample."),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m, n: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.", lambda m, n: f"{m[1]}.mid.attn_1."),
+    (r"(encoder|decoder)\.conv_norm_out\.", lambda m, n: f"{m[1]}.norm_out."),
+]
+_DIFFUSERS_TO_LDM_LEAF = {
+    "conv_shortcut": "nin_shortcut",
+    "group_norm": "norm",
+    "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+    # diffusers < 0.14 attention names
+    "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+}
+_LDM_TO_DIFFUSERS: list[_Rule] = [
+    (r"encoder\.down\.(\d+)\.block\.(\d+)\.", lambda m, n: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}."),
+    (r"encoder\.down\.(\d+)\.downsample\.", lambda m, n: f"encoder.down_blocks.{m[1]}.downsamplers.0."),
+    (r"decoder\.up\.(\d+)\.block\.(\d+)\.", lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.resnets.{m[2]}."),
+    (r"decoder\.up\.(\d+)\.upsample\.", lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.upsamplers.0."),
+    (r"(encoder|decoder)\.mid\.block_(\d+)\.", lambda m, n: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
+    (r"(encoder|decoder)\.mid\.attn_1\.", lambda m, n: f"{m[1]}.mid_block.attentions.0."),
+    (r"(encoder|decoder)\.norm_out\.", lambda m, n: f"{m[1]}.conv_norm_out."),
+]
+_LDM_TO_DIFFUSERS_LEAF = {
+    "nin_shortcut": "conv_shortcut",
+    "norm": "group_norm",
+    "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",
+}
+_LDM_ATTN_WEIGHT = re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight")
+_DIFFUSERS_ATTN_WEIGHT = re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight")
+
+
+def _rename(key: str, rules: list[_Rule], leaf: dict[str, str], num_levels: int) -> str:
+    for pattern, replace in rules:
+        m = re.match(pattern, key)
+        if m:
+            rest = key[m.end():]
+            for old, new in leaf.items():
+                if rest.startswith(old + "."):
+                    rest = new + rest[len(old):]
+                    break
+            return replace(m, num_levels) + rest
+    return key  # unmapped keys surface as "unexpected" in the strict check
+
+
+def _num_levels(keys: Iterable[str], pattern: str) -> int:
+    found = {int(m[1]) for k in keys if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def diffusers_to_ldm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Diffusers key layout -> internal (ldm) layout; linear attention weights become 1x1 convs."""
+    levels = _num_levels(state_dict, r"decoder\.up_blocks\.(\d+)\.")
+    out = {_rename(k, _DIFFUSERS_TO_LDM, _DIFFUSERS_TO_LDM_LEAF, levels): v for k, v in state_dict.items()}
+    return _attention_as_conv(out)
+
+
+def ldm_to_diffusers(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Internal (ldm) layout -> diffusers layout; attention weights become linear ``(C, C)``."""
+    levels = _num_levels(state_dict, r"decoder\.up\.(\d+)\.")
+    out = {}
+    for k, v in state_dict.items():
+        k = _rename(k, _LDM_TO_DIFFUSERS, _LDM_TO_DIFFUSERS_LEAF, levels)
+        out[k] = v[:, :, 0, 0] if _DIFFUSERS_ATTN_WEIGHT.fullmatch(k) and v.ndim == 4 else v
+    return out
+
+
+def _attention_as_conv(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {
+        k: v[:, :, None, None] if _LDM_ATTN_WEIGHT.fullmatch(k) and v.ndim == 2 else v
+        for k, v in state_dict.items()
+    }
+
+
+# --- configs -------------------------------------------------------------------------------
+
+
+def family_of(latent_channels: int, use_quant_conv: bool) -> str:
+    """``"sd"`` for 4 latent channels, ``"sd3"`` for 16 without quant convs, else ``"unknown"``."""
+    if latent_channels == 4:
+        return "sd"
+    if latent_channels == 16 and not use_quant_conv:
+        return "sd3"
+    return "unknown"
+
+
+def infer_config(state_dict: dict[str, Tensor]) -> AutoencoderConfig:
+    """Architecture from the shapes of an internal-layout state dict.
+
+    GroupNorm leaves no trace of its group count in the weights: 32 (every SD-family VAE) is
+    assumed when it divides all widths, else the largest common divisor. Scaling and shift come
+    from ``FAMILIES``. Raises ``KeyError`` naming a tensor the inference needs.
+    """
+    sd = state_dict
+    levels = _num_levels(sd, r"encoder\.down\.(\d+)\.")
+    if not levels:
+        raise KeyError("encoder.down.0.block.0.conv1.weight")
+    channels = tuple(int(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]) for i in range(levels))
+    layers = _num_levels(sd, r"encoder\.down\.0\.block\.(\d+)\.")
+    latent = int(sd["decoder.conv_in.weight"].shape[1])
+    out_channels = int(sd["decoder.conv_out.weight"].shape[0])
+    use_quant = "quant_conv.weight" in sd
+    head = sd.get(HEAD_PREFIX + "weight")
+    groups = 32 if all(c % 32 == 0 for c in channels) else math.gcd(32, *channels)
+    scaling, shift = FAMILIES[family_of(latent, use_quant)]
+    return AutoencoderConfig(
+        in_channels=int(sd["encoder.conv_in.weight"].shape[1]),
+        out_channels=out_channels,
+        block_out_channels=channels,
+        layers_per_block=layers,
+        norm_num_groups=groups,
+        latent_channels=latent,
+        use_quant_conv=use_quant,
+        use_post_quant_conv="post_quant_conv.weight" in sd,
+        mid_block_attention=any(k.startswith("encoder.mid.attn_1.") for k in sd),
+        scaling_factor=scaling,
+        shift_factor=shift,
+        log_scale=None if head is None else "pixel",
+        log_scale_channels=None if head is None or head.shape[0] == out_channels else int(head.shape[0]),
+    )
+
+
+# diffusers' own defaults, for config.json files written before a key existed.
+_DIFFUSERS_DEFAULTS = dict(
+    in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=4,
+    norm_num_groups=32, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
+    use_post_quant_conv=True, mid_block_add_attention=True, act_fn="silu",
+)
+
+
+def config_from_diffusers(data: dict[str, Any], file: Path) -> AutoencoderConfig:
+    """``AutoencoderConfig`` from a diffusers ``AutoencoderKL`` ``config.json`` dict."""
+    d = {**_DIFFUSERS_DEFAULTS, **data}
+    problems = []
+    if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        problems.append(f"_class_name is {d['_class_name']!r}, only 'AutoencoderKL' is supported")
+    if d["act_fn"] != "silu":
+        problems.append(f"act_fn is {d['act_fn']!r}, only 'silu' is supported")
+    levels = len(d["block_out_channels"])
+    for name, kind in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        types = list(d.get(name, [kind] * levels))
+        if types != [kind] * levels:
+            problems.append(f"{name} is {types}, expected {levels} x {kind!r}")
+    if problems:
+        raise _error(file, "diffusers", "unsupported config: " + "; ".join(problems))
+    return AutoencoderConfig(
+        in_channels=d["in_channels"],
+        out_channels=d["out_channels"],
+        block_out_channels=tuple(d["block_out_channels"]),
+        layers_per_block=d["layers_per_block"],
+        norm_num_groups=d["norm_num_groups"],
+        latent_channels=d["latent_channels"],
+        use_quant_conv=d["use_quant_conv"],
+        use_post_quant_conv=d["use_post_quant_conv"],
+        mid_block_attention=d["mid_block_add_attention"],
+        scaling_factor=float(d["scaling_factor"]),
+        shift_factor=float(d["shift_factor"] or 0.0),
+    )
+
+
+def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
+    """The ``config.json`` diffusers writes for this architecture (the head is not part of it)."""
+    levels = len(config.block_out_channels)
+    return {
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": "0.30.0",
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": list(config.block_out_channels),
+        "layers_per_block": config.layers_per_block,
+        "act_fn": "silu",
+        "latent_channels": config.latent_channels,
+        "norm_num_groups": config.norm_num_groups,
+        "sample_size": 512,  # diffusers' tile size for its own tiling; SD's training resolution
+        "scaling_factor": config.scaling_factor,
+        "shift_factor": config.shift_factor or None,
+        "latents_mean": None,
+        "latents_std": None,
+        "force_upcast": True,
+        "use_quant_conv": config.use_quant_conv,
+        "use_post_quant_conv": config.use_post_quant_conv,
+        "mid_block_add_attention": config.mid_block_attention,
+    }
+
+
+def _config_from_metadata(text: str, file: Path, fmt: str) -> AutoencoderConfig:
+    try:
+        return AutoencoderConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as e:
+        raise _error(file, fmt, f"the embedded {CONFIG_KEY} metadata is not a valid config ({e})") from e
+
+
+# --- detection -----------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointInfo:
+    """What ``inspect_checkpoint`` found. ``format``: "hetvae", "diffusers", "ldm" or
+    "diffusers-file"; ``config_source``: "config.json", "file metadata" or "inferred from tensor
+    shapes"; ``head_file``: the sidecar the head was read from (None when inside or absent)."""
+
+    path: Path
+    format: str
+    weights_file: Path
+    config: AutoencoderConfig
+    config_source: str
+    family: str
+    head_file: Path | None
+    num_parameters: int
+
+    @property
+    def has_log_scale_head(self) -> bool:
+        return self.config.log_scale == "pixel"
+
+
+def head_sidecar_path(weights_file: Path, fmt: str) -> Path:
+    """Where an exported model's log-scale head lives, beside its weights file."""
+    if fmt == "diffusers":
+        return weights_file.parent / DIFFUSERS_HEAD_FILE
+    return weights_file.with_name(weights_file.stem + ".log_scale_head.safetensors")
+
+
+def _locate(path: Path) -> tuple[Path, Path | None]:
+    """``(weights file, diffusers config.json or None)``."""
+    if path.is_dir():
+        if (path / HETVAE_FILE).is_file():
+            return path / HETVAE_FILE, None
+        for folder in (path, path / "vae"):
+            if (folder / DIFFUSERS_CONFIG).is_file():
+                for name in DIFFUSERS_WEIGHTS:
+                    if (folder / name).is_file():
+                        return folder / name, folder / DIFFUSERS_CONFIG
+                raise _error(
+                    folder, "diffusers",
+                    f"{DIFFUSERS_CONFIG} but no weights: expected one of {list(DIFFUSERS_WEIGHTS)}; "
+                    f"files present: {_keys_text(sorted(p.name for p in folder.iterdir()))}",
+                )
+        raise _error(
+            path, "unknown",
+            f"a directory with neither {HETVAE_FILE} (hetvae) nor {DIFFUSERS_CONFIG} (diffusers); "
+            f"files present: {_keys_text(sorted(p.name for p in path.iterdir()))}",
+        )
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    return path, None
+
+
+def _read_diffusers_folder(file: Path, config_file: Path) -> tuple[dict[str, Tensor], AutoencoderConfig]:
+    try:
+        data = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise _error(config_file, "diffusers", f"cannot read the config ({e})") from e
+    config = config_from_diffusers(data, config_file)
+    if file.suffix == ".safetensors":
+        tensors, _ = _read_safetensors(file, "diffusers")
+    else:
+        tensors = _read_pickle(file, "diffusers")
+    if _key_layout(tensors) != "diffusers":
+        raise _error(file, "diffusers", f"the weights are not in the diffusers AutoencoderKL layout; keys: {_keys_text(tensors)}")
+    return diffusers_to_ldm(tensors), config
+
+
+def _read_single_file(file: Path) -> tuple[dict[str, Tensor], str, AutoencoderConfig, str]:
+    suffix = file.suffix.lower()
+    if suffix == ".safetensors":
+        # Reads only the VAE's tensors out of a full SD checkpoint.
+        tensors, metadata = _read_safetensors(file, "single file", select=_select_vae)
+    elif suffix in PICKLE_SUFFIXES:
+        tensors, metadata = _read_pickle(file, "single file (pickle)"), {}
+    else:
+        raise _error(file, "unknown", f"unknown file type {suffix!r}: expected .safetensors or one of {list(PICKLE_SUFFIXES)}")
+    tensors = _strip_prefix(tensors)
+    layout = _key_layout(tensors)
+    fmt = metadata.get(FORMAT_KEY) or {"ldm": "ldm", "diffusers": "diffusers-file"}.get(layout, "unknown")
+    if layout is None:
+        raise _error(
+            file, fmt,
+            "unknown key layout: neither the original SD names (encoder.down.N.block.M...) nor the diffusers "
+            f"names (encoder.down_blocks.N.resnets.M...) of an AutoencoderKL; keys: {_keys_text(tensors)}",
+        )
+    sd = diffusers_to_ldm(tensors) if layout == "diffusers" else _attention_as_conv(tensors)
+    if CONFIG_KEY in metadata:
+        return sd, fmt, _config_from_metadata(metadata[CONFIG_KEY], file, fmt), "file metadata"
+    if fmt == "hetvae":
+        raise _error(file, fmt, f"the {CONFIG_KEY} metadata is missing")
+    try:
+        config = infer_config(sd)
+    except KeyError as e:
+        raise _error(
+            file, fmt, f"cannot infer the architecture: tensor {e} is missing; keys: {_keys_text(sd)}"
+        ) from e
+    except ValueError as e:
+        raise _error(file, fmt, f"cannot infer the architecture ({e})") from e
+    return sd, fmt, config, "inferred from tensor shapes"
+
+
+def _read_head(file: Path, config: AutoencoderConfig) -> tuple[dict[str, Tensor], AutoencoderConfig]:
+    tensors, metadata = _read_safetensors(file, "log-scale head")
+    expected = {HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"}
+    if set(tensors) != expected:
+        raise _error(
+            file, "log-scale head",
+            f"expected exactly {sorted(expected)}; keys: {_keys_text(sorted(tensors))}",
+        )
+    try:
+        settings = json.loads(metadata.get(HEAD_KEY, "{}"))
+        channels = int(tensors[HEAD_PREFIX + "weight"].shape[0])
+        config = dataclasses.replace(
+            config,
+            log_scale="pixel",
+            log_scale_channels=None if channels == config.out_channels else channels,
+            log_scale_init=float(settings.get("init", 0.0)),
+            log_scale_detach=bool(settings.get("detach", False)),
+        )
+    except (ValueError, TypeError) as e:
+        raise _error(file, "log-scale head", f"invalid head ({e})") from e
+    return tensors, config
+
+
+def _read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor]]:
+    path = Path(path)
+    file, config_file = _locate(path)
+    if config_file is not None:
+        sd, config = _read_diffusers_folder(file, config_file)
+        fmt, source = "diffusers", "config.json"
+    else:
+        sd, fmt, config, source = _read_single_file(file)
+    head_file = None
+    if fmt != "hetvae":
+        sidecar = head_sidecar_path(file, fmt)
+        if sidecar.is_file():
+            head, config = _read_head(sidecar, config)
+            sd.update(head)
+            head_file = sidecar
+    info = CheckpointInfo(
+        path=path,
+        format=fmt,
+        weights_file=file,
+        config=config,
+        config_source=source,
+        family=family_of(config.latent_channels, config.use_quant_conv),
+        head_file=head_file,
+        num_parameters=sum(v.numel() for v in sd.values()),
+    )
+    return info, sd
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Detect the format of ``path`` and read (or infer) its config, without building a model."""
+    return _read_checkpoint(path)[0]
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_HEAD_FIELDS = ("log_scale_channels", "log_scale_init", "log_scale_detach")
+
+
+def _load_strict(model: AutoencoderKL, sd: dict[str, Tensor], info: CheckpointInfo) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    where = f"config {info.config_source}"
+    if missing or unexpected:
+        parts = [f"missing keys: {_keys_text(missing)}"] if missing else []
+        parts += [f"unexpected keys: {_keys_text(unexpected)}"] if unexpected else []
+        raise _error(info.weights_file, info.format, f"the weights do not fit the architecture ({where}); " + "; ".join(parts))
+    wrong = [f"{k} file {tuple(sd[k].shape)} != model {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
+    if wrong:
+        raise _error(info.weights_file, info.format, f"shape mismatch ({where}); keys: {_keys_text(wrong)}")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides: Any) -> AutoencoderKL:
+    """Load an ``AutoencoderKL`` from any supported format (see the module docstring).
+
+    ``log_scale``: None keeps what the checkpoint has (a head stored inside or beside it is loaded);
+    ``"pixel"`` also grafts a fresh head (zero weights, bias ``log_scale_init``) when there is
+    none, so the mean output is unchanged.
+    ``overrides``: ``AutoencoderConfig`` fields replacing the stored or inferred ones, e.g.
+    ``scaling_factor``, ``shift_factor``, ``norm_num_groups``; ``log_scale_channels`` and
+    ``log_scale_init`` shape a grafted head, ``log_scale_detach`` applies to any head.
+    The model comes back in float32, eval mode, on the CPU.
+    """
+    if log_scale not in (None, "pixel"):
+        raise ValueError(f"log_scale must be None or 'pixel', got {log_scale!r}")
+    valid = {f.name for f in dataclasses.fields(AutoencoderConfig)} - {"log_scale"}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown}; valid: {sorted(valid)}")
+    info, sd = _read_checkpoint(path)
+    head_overrides = {k: overrides.pop(k) for k in _HEAD_FIELDS if k in overrides}
+    config = dataclasses.replace(info.config, **overrides)
+    has_head = config.log_scale == "pixel"
+    if has_head:
+        asked = head_overrides.get("log_scale_channels", config.log_scale_channels) or config.out_channels
+        if asked != config.head_channels or "log_scale_init" in head_overrides:
+            raise ValueError(
+                f"{info.weights_file} already has a trained log-scale head ({config.head_channels} maps); "
+                "log_scale_channels / log_scale_init only shape a newly grafted head"
+            )
+        if "log_scale_detach" in head_overrides:
+            config = dataclasses.replace(config, log_scale_detach=bool(head_overrides["log_scale_detach"]))
+    elif head_overrides and log_scale != "pixel":
+        raise ValueError(f"{sorted(head_overrides)} given but no head is loaded or grafted: pass log_scale='pixel'")
+    model = AutoencoderKL(config)
+    _load_strict(model, sd, info)
+    if log_scale == "pixel" and not has_head:
+        model.add_log_scale_head(
+            channels=head_overrides.get("log_scale_channels"),
+            init=head_overrides.get("log_scale_init", 0.0),
+            detach=head_overrides.get("log_scale_detach", False),
+        )
+    return model.eval()
+
+
+# --- saving --------------------------------------------------------------------------------
+
+
+def save_autoencoder(model: AutoencoderKL, path: str | Path, format: str = "hetvae") -> Path:
+    """Write ``model`` and return the weights file (the folder for diffusers).
+
+    ``"hetvae"``: ``path/model.safetensors`` (or ``path`` itself if it ends in ``.safetensors``),
+    config and head inside. ``"diffusers"``: the folder ``path`` with ``config.json`` and
+    ``diffusion_pytorch_model.safetensors`` as diffusers writes them, loadable by
+    ``diffusers.AutoencoderKL.from_pretrained``. ``"ldm"``: ``path/vae.safetensors`` (or ``path``)
+    in the original SD layout, usable by SD tools; its config rides in the metadata. With a head,
+    diffusers and ldm exports put it in its own file beside the weights (``head_sidecar_path``).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    path = Path(path)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    head = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
+    body = {k: v for k, v in sd.items() if k not in head}
+    config = model.config
+    if format == "hetvae":
+        file = path if path.suffix == ".safetensors" else path / HETVAE_FILE
+        file.parent.mkdir(parents=True, exist_ok=True)
+        save_file(sd, str(file), metadata={CONFIG_KEY: json.dumps(config.to_dict()), FORMAT_KEY: "hetvae"})
+        return file
+    if format == "diffusers":
+        path.mkdir(parents=True, exist_ok=True)
+        (path / DIFFUSERS_CONFIG).write_text(json.dumps(config_to_diffusers(config), indent=2) + "\n")
+        weights = path / DIFFUSERS_WEIGHTS[0]
+        save_file({k: v.contiguous() for k, v in ldm_to_diffusers(body).items()}, str(weights), metadata={"format": "pt"})
+        result = path
+    else:
+        weights = path if path.suffix == ".safetensors" else path / LDM_FILE
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        body_config = dataclasses.replace(
+            config, log_scale=None, log_scale_channels=None, log_scale_init=0.0, log_scale_detach=False
+        )
+        metadata = {"format": "pt", CONFIG_KEY: json.dumps(body_config.to_dict()), FORMAT_KEY: "ldm"}
+        save_file(body, str(weights), metadata=metadata)
+        result = weights
+    sidecar = head_sidecar_path(weights, format)
+    if head:
+        settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach}
+        save_file(head, str(sidecar), metadata={HEAD_KEY: json.dumps(settings)})
+    elif sidecar.exists():
+        sidecar.unlink()  # a head left by an earlier export would be loaded with these weights
+    return result
