@@ -1,0 +1,264 @@
+"""The autoencoder training objective: NLL + KL + LPIPS + adaptively weighted PatchGAN.
+
+Stable Diffusion's ``LPIPSWithDiscriminator`` (CompVis latent-diffusion) rebuilt around
+:class:`hetvae.loss.HeteroscedasticNLL`, with the generator and the discriminator objectives as two
+plain methods instead of one ``forward(optimizer_idx, global_step, split)``.
+
+Generator loss, with ``B`` the batch size::
+
+    nll    = HeteroscedasticNLL(x, mu, log_scale, weights, extra_distance)   # its .loss
+    kl     = sum_b KL(q(z|x_b) || N(0, I)) / B
+    g      = -mean(D(mu))                                                     # once step >= disc_start
+    lambda = clamp(|grad_w nll_plain| / (|grad_w g| + 1e-4), 0, 1e4) * disc_weight   # w = decoder.conv_out
+    loss   = nll + kl_weight * kl + lambda * disc_factor * g                 (+ separate LPIPS, below)
+
+``nll_plain`` is the NLL without ``weights`` and beta weighting, as SD computes it for the adaptive
+weight. ``perceptual_mode`` says where LPIPS goes:
+
+* ``"sd"``: ``perceptual_weight * LPIPS(x, mu)`` (one number per image) is added to the per-pixel
+  data term inside the NLL, exactly as SD: the scale divides it.
+* ``"spatial"``: LPIPS's per-pixel map is added there instead, so a per-pixel scale discounts the
+  perceptual error locally, where it also discounts the pixel error.
+* ``"separate"``: LPIPS is added outside the NLL, ``perceptual_weight * LPIPS`` per image broadcast
+  over its elements and reduced like the NLL, i.e. the same size as the ``"sd"`` term at log-scale
+  0 but never divided by any scale, so no scale can buy it down.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from hetvae.discriminator import create_d_loss
+from hetvae.functional import bits_per_dim, compute_dtype, discretized_nll, log_normalizer, quantize_8bit
+from hetvae.loss import HeteroscedasticNLL
+
+PerceptualMode = Literal["sd", "spatial", "separate"]
+PERCEPTUAL_MODES: tuple[str, ...] = ("sd", "spatial", "separate")
+
+Logs = dict[str, float]
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """Half precision to float32; float32 and float64 stay as they are."""
+    return t.to(compute_dtype(t))
+
+
+class AutoencoderObjective(nn.Module):
+    """Generator and discriminator objectives of a KL autoencoder around a :class:`HeteroscedasticNLL`.
+
+    Args:
+        nll: the reconstruction likelihood (its log-scale parameters are trained with the generator).
+        perceptual: an LPIPS module (:class:`hetvae.perceptual.LPIPS`) or None.
+        perceptual_weight: LPIPS's weight; > 0 needs ``perceptual``.
+        perceptual_mode: ``"sd"``, ``"spatial"`` or ``"separate"`` (module docstring).
+        kl_weight: weight of the KL term (SD: 1e-6).
+        discriminator: a PatchGAN (:class:`hetvae.discriminator.NLayerDiscriminator`) or None.
+        disc_start: first step at which the GAN terms are switched on.
+        disc_factor: the GAN terms' gate value once on (SD: 1.0).
+        disc_weight: multiplies the adaptive weight (SD: 0.5).
+        disc_loss: ``"hinge"`` or ``"vanilla"``.
+    """
+
+    def __init__(
+        self,
+        *,
+        nll: HeteroscedasticNLL,
+        perceptual: nn.Module | None = None,
+        perceptual_weight: float = 0.0,
+        perceptual_mode: PerceptualMode = "sd",
+        kl_weight: float = 1e-6,
+        discriminator: nn.Module | None = None,
+        disc_start: int = 0,
+        disc_factor: float = 1.0,
+        disc_weight: float = 0.5,
+        disc_loss: str = "hinge",
+    ) -> None:
+        super().__init__()
+        if perceptual_mode not in PERCEPTUAL_MODES:
+            raise ValueError(f"perceptual_mode must be one of {PERCEPTUAL_MODES}, got {perceptual_mode!r}")
+        if perceptual_weight > 0 and perceptual is None:
+            raise ValueError(
+                f"perceptual_weight={perceptual_weight} needs an LPIPS module: pass perceptual=LPIPS(...) "
+                "or set perceptual_weight=0"
+            )
+        self._d_loss = create_d_loss(disc_loss)
+        if min(perceptual_weight, kl_weight, disc_factor, disc_weight) < 0:
+            raise ValueError("perceptual_weight, kl_weight, disc_factor and disc_weight must be >= 0")
+        self.nll = nll
+        self.perceptual = perceptual
+        self.perceptual_weight = float(perceptual_weight)
+        self.perceptual_mode = perceptual_mode
+        self.kl_weight = float(kl_weight)
+        self.discriminator = discriminator
+        self.disc_start = int(disc_start)
+        self.disc_factor = float(disc_factor)
+        self.disc_weight = float(disc_weight)
+        self.disc_loss = disc_loss
+
+    # -- parameters --------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the *generator* optimiser must include besides the autoencoder's: the learned
+        log-scales of the NLL (SD's reference left its ``logvar`` out of the optimiser, so it never
+        moved). LPIPS is frozen; the discriminator has its own optimiser."""
+        return [p for p in self.nll.parameters() if p.requires_grad]
+
+    def discriminator_parameters(self) -> list[nn.Parameter]:
+        return [] if self.discriminator is None else list(self.discriminator.parameters())
+
+    def gan_factor(self, step: int) -> float:
+        """``disc_factor`` once ``step >= disc_start`` and a discriminator exists, else 0."""
+        if self.discriminator is None or step < self.disc_start:
+            return 0.0
+        return self.disc_factor
+
+    # -- generator ---------------------------------------------------------------------------
+
+    def _reduce(self, per_element: Tensor) -> Tensor:
+        if self.nll.reduction == "batch":
+            return per_element.sum() / per_element.shape[0]
+        return per_element.mean()
+
+    def _perceptual(self, inputs: Tensor, mean: Tensor) -> Tensor | None:
+        if self.perceptual is None or self.perceptual_weight == 0:
+            return None
+        spatial = self.perceptual_mode == "spatial"
+        return self.perceptual_weight * _upcast(self.perceptual(mean, inputs, spatial=spatial))
+
+    def _frozen_discriminator(self, images: Tensor) -> Tensor:
+        """D(images) with D's parameters detached: the generator's gradient reaches the images only.
+
+        (SD lets it flow into D too and zeroes it later; this keeps the two objectives' gradients
+        disjoint, also under DistributedDataParallel, whose wrapper is bypassed here.)
+        """
+        disc = getattr(self.discriminator, "module", self.discriminator)
+        params = {name: p.detach() for name, p in disc.named_parameters()}
+        return functional_call(disc, params, (images,))
+
+    def adaptive_weight(self, nll_loss: Tensor, g_loss: Tensor, last_layer: Tensor) -> Tensor:
+        """``clamp(|grad nll| / (|grad g| + 1e-4), 0, 1e4) * disc_weight`` on ``last_layer``, detached.
+
+        Gradient norms are taken in float32. Under half-precision autocast a gradient can overflow
+        to inf; the weight is then 0 for this step rather than NaN.
+        """
+        nll_grad = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        weight = torch.linalg.vector_norm(_upcast(nll_grad)) / (torch.linalg.vector_norm(_upcast(g_grad)) + 1e-4)
+        weight = torch.clamp(weight, 0.0, 1e4).detach() * self.disc_weight
+        return torch.where(torch.isfinite(weight), weight, torch.zeros_like(weight))
+
+    def generator_loss(
+        self,
+        inputs: Tensor,
+        reconstruction,
+        posterior,
+        step: int,
+        last_layer: Tensor | None = None,
+        weights: Tensor | None = None,
+    ) -> tuple[Tensor, Logs]:
+        """The autoencoder's loss for one batch.
+
+        Args:
+            inputs: images ``(B, C, H, W)`` in [-1, 1].
+            reconstruction: the decoder output (``.mean``; ``.log_scale`` used for ``"pixel"``).
+            posterior: the encoder's posterior (``.kl()`` -> ``(B,)``).
+            step: global step, for the discriminator gate.
+            last_layer: the decoder's mean output weight (``model.last_layer``), needed once the
+                GAN term is on (never the log-scale head: the adaptive weight balances the mean).
+            weights: optional per-element weights of the NLL (SD's ``weights``).
+
+        Returns ``(loss, logs)``: a scalar tensor and a dict of floats.
+        """
+        mean = reconstruction.mean
+        p = self._perceptual(inputs, mean)
+        extra = p if self.perceptual_mode in ("sd", "spatial") else None
+        log_scale = reconstruction.log_scale if self.nll.granularity == "pixel" else None
+        out = self.nll(inputs, mean, log_scale=log_scale, weights=weights, extra_distance=extra)
+        nll_loss = out.loss
+        loss = nll_loss
+
+        p_loss = None
+        if p is not None:
+            p_loss = self._reduce(torch.broadcast_to(p, inputs.shape))
+            if self.perceptual_mode == "separate":
+                loss = loss + p_loss
+
+        kl = _upcast(posterior.kl())
+        kl_loss = kl.sum() / kl.shape[0]
+        loss = loss + self.kl_weight * kl_loss
+
+        factor = self.gan_factor(step)
+        g_loss = d_weight = torch.zeros((), device=inputs.device)
+        if factor > 0:
+            logits_fake = self._frozen_discriminator(mean)
+            g_loss = -torch.mean(_upcast(logits_fake))
+            if last_layer is None:
+                raise ValueError(
+                    f"step {step} >= disc_start {self.disc_start}: the adaptive GAN weight needs "
+                    "last_layer=model.last_layer (the decoder's conv_out weight)"
+                )
+            if torch.is_grad_enabled() and last_layer.requires_grad:
+                # SD balances the plain NLL (no weights, no beta) against the GAN term
+                nll_plain = self._reduce(out.nll)
+                if self.perceptual_mode == "separate" and p_loss is not None:
+                    nll_plain = nll_plain + p_loss
+                d_weight = self.adaptive_weight(nll_plain, g_loss, last_layer)
+            loss = loss + d_weight * factor * g_loss
+
+        logs = {
+            "total": loss.item(),
+            "nll": nll_loss.item(),
+            "rec": (_upcast(inputs) - _upcast(mean)).abs().mean().item(),
+            "kl": kl_loss.item(),
+            "g_loss": g_loss.item(),
+            "d_weight": float(d_weight),
+            "disc_factor": factor,
+        }
+        logs.update(self._likelihood_logs(inputs, mean, out))
+        if p_loss is not None:
+            logs["perceptual"] = p_loss.item()
+        return loss, logs
+
+    @torch.no_grad()
+    def _likelihood_logs(self, inputs: Tensor, mean: Tensor, out) -> Logs:
+        const = 0.0 if self.nll.include_constant else log_normalizer(self.nll.family)
+        s = torch.broadcast_to(out.log_scale, inputs.shape)
+        disc = discretized_nll(quantize_8bit(_upcast(inputs)), _upcast(mean), s, self.nll.family)
+        logs = {
+            "nll_per_dim": (out.nll.mean() + const).item(),
+            "bpd": bits_per_dim(disc).item(),
+            "log_scale_mean": s.mean().item(),
+            "log_scale_std": s.std().item() if s.numel() > 1 else 0.0,
+            "log_scale_min": s.min().item(),
+            "log_scale_max": s.max().item(),
+        }
+        if self.nll.granularity == "channel":
+            for c, value in enumerate(out.log_scale.flatten().tolist()):
+                logs[f"log_scale_c{c}"] = value
+        return logs
+
+    # -- discriminator -----------------------------------------------------------------------
+
+    def discriminator_loss(self, inputs: Tensor, reconstruction, step: int) -> tuple[Tensor, Logs]:
+        """The discriminator's loss: ``disc_factor * (hinge | vanilla)(D(x), D(mu))`` on detached inputs.
+
+        Before ``disc_start`` (or without a discriminator) the loss is a zero with no graph: the
+        training loop skips the discriminator step (``gan_factor(step) == 0``).
+        """
+        factor = self.gan_factor(step)
+        if factor == 0:
+            zero = torch.zeros((), device=inputs.device)
+            return zero, {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0, "disc_factor": 0.0}
+        logits_real = _upcast(self.discriminator(inputs.detach()))
+        logits_fake = _upcast(self.discriminator(reconstruction.mean.detach()))
+        d_loss = factor * self._d_loss(logits_real, logits_fake)
+        return d_loss, {
+            "d_loss": d_loss.item(),
+            "logits_real": logits_real.mean().item(),
+            "logits_fake": logits_fake.mean().item(),
+            "disc_factor": factor,
+        }
