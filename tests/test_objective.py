@@ -163,7 +163,7 @@ def test_perceptual_modes_differ_as_documented(lpips):
     lpips64 = copy.deepcopy(lpips).double()
     x = _images().double()
     mean = x + 0.2 * torch.randn_like(x)
-    s = torch.full((2, 3, 32, 32), 2.5, dtype=torch.float64)
+    s = torch.full((2, 3, 32, 32), 2.0, dtype=torch.float64)  # top of the identity band
     post = _model().double().encode(x)
     rec = Reconstruction(mean, s)
     p = lpips64(mean, x).double()
@@ -179,13 +179,13 @@ def test_perceptual_modes_differ_as_documented(lpips):
             without, _ = obj.generator_loss(x, rec, post, 0)
         return (with_p - without).item()
 
-    b = math.exp(2.5)
+    b = math.exp(2.0)
     per_image = p.flatten() * 3 * 32 * 32  # broadcast over the image's elements, summed
     assert share("separate") == pytest.approx(per_image.sum().item() / 2, rel=1e-6)
     assert share("sd") == pytest.approx(per_image.sum().item() / 2 / b, rel=1e-6)
     assert share("spatial") == pytest.approx((p_map.sum() * 3).item() / 2 / b, rel=1e-6)
-    # the huge scale discounts LPIPS by e^2.5 ~ 12 inside the NLL; outside it does not
-    assert share("separate") > 10 * share("sd")
+    # the large scale discounts LPIPS by e^2 ~ 7.4 inside the NLL; outside it does not
+    assert share("separate") > 7 * share("sd")
 
 
 def test_adaptive_weight_finite_under_bf16_autocast(lpips):
