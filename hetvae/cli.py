@@ -14,6 +14,81 @@ from collections.abc import Sequence
 _COMMANDS: dict[str, tuple] = {}
 
 
+# --- checkpoints: info, convert -------------------------------------------------------------
+
+
+def _add_info(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="diffusers folder, SD/ldm single file, or hetvae checkpoint")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    import json
+
+    from hetvae.convert import CheckpointError, inspect_checkpoint
+
+    try:
+        info = inspect_checkpoint(args.path)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cfg = info.config
+    if args.json:
+        print(json.dumps({
+            "path": str(info.path), "format": info.format, "weights_file": str(info.weights_file),
+            "config_source": info.config_source, "family": info.family, "config": cfg.to_dict(),
+            "num_parameters": info.num_parameters, "log_scale_head": info.has_log_scale_head,
+            "head_file": None if info.head_file is None else str(info.head_file),
+        }))
+        return 0
+    head = "no"
+    if info.has_log_scale_head:
+        head = f"yes, {cfg.head_channels} map(s), " + (f"from {info.head_file}" if info.head_file else "inside the file")
+    print(f"path:        {info.path}")
+    print(f"format:      {info.format} (config {info.config_source})")
+    print(f"weights:     {info.weights_file}")
+    print(f"family:      {info.family} (scaling_factor {cfg.scaling_factor}, shift_factor {cfg.shift_factor})")
+    print(f"parameters:  {info.num_parameters:,}")
+    print(f"log-scale head: {head}")
+    print("config:")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key}: {value}")
+    return 0
+
+
+def _add_convert(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="diffusers folder, SD/ldm single file, or hetvae checkpoint")
+    parser.add_argument("dst", help="output folder (or a .safetensors file for --to ldm / hetvae)")
+    parser.add_argument("--to", required=True, choices=("hetvae", "diffusers", "ldm"), help="output format")
+    parser.add_argument("--log-scale", choices=("pixel",), default=None,
+                        help="graft a per-pixel log-scale head (zero weights) if the source has none")
+    parser.add_argument("--log-scale-init", type=float, default=None, help="bias of a grafted head")
+    parser.add_argument("--log-scale-channels", type=int, default=None, help="1 for one shared map")
+    parser.add_argument("--scaling-factor", type=float, default=None, help="override the latent scaling factor")
+    parser.add_argument("--shift-factor", type=float, default=None, help="override the latent shift factor")
+    parser.add_argument("--norm-num-groups", type=int, default=None,
+                        help="GroupNorm groups (not visible in single files; 32 assumed)")
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from hetvae.convert import CheckpointError, load_autoencoder, save_autoencoder
+
+    names = ("log_scale_init", "log_scale_channels", "scaling_factor", "shift_factor", "norm_num_groups")
+    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    try:
+        model = load_autoencoder(args.src, log_scale=args.log_scale, **overrides)
+        written = save_autoencoder(model, args.dst, format=args.to)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {written} ({args.to}{', with log-scale head' if model.has_log_scale_head else ''})")
+    return 0
+
+
+_COMMANDS["info"] = ("Show a checkpoint's format, config, parameter count and log-scale head.", _add_info, _run_info)
+_COMMANDS["convert"] = ("Convert an autoencoder checkpoint between hetvae, diffusers and ldm formats.", _add_convert, _run_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetvae",
