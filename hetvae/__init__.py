@@ -1,5 +1,9 @@
 """hetvae: heteroscedastic (spatially varying) reconstruction likelihoods for image autoencoders."""
 
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Reconstruction
+from hetvae.convert import CheckpointError, CheckpointInfo, inspect_checkpoint, load_autoencoder, save_autoencoder
+from hetvae.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
+from hetvae.distributions import DiagonalGaussian
 from hetvae.functional import (
     bits_per_dim,
     discretized_log_likelihood,
@@ -10,20 +14,36 @@ from hetvae.functional import (
 )
 from hetvae.heads import ChannelLogScale, GlobalLogScale, PixelLogScale, create_head
 from hetvae.loss import HeteroscedasticNLL, NLLOutput
+from hetvae.objective import AutoencoderObjective
+from hetvae.perceptual import LPIPS
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LPIPS",
+    "AutoencoderConfig",
+    "AutoencoderKL",
+    "AutoencoderObjective",
     "ChannelLogScale",
+    "CheckpointError",
+    "CheckpointInfo",
+    "DiagonalGaussian",
     "GlobalLogScale",
     "HeteroscedasticNLL",
     "NLLOutput",
+    "NLayerDiscriminator",
     "PixelLogScale",
+    "Reconstruction",
     "bits_per_dim",
     "create_head",
     "discretized_log_likelihood",
     "discretized_nll",
     "gaussian_nll",
+    "hinge_d_loss",
+    "inspect_checkpoint",
     "laplace_nll",
+    "load_autoencoder",
     "optimal_log_scale",
+    "save_autoencoder",
+    "vanilla_d_loss",
 ]
