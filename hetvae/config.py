@@ -35,6 +35,10 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+if typing.TYPE_CHECKING:  # torch-heavy modules; config.py itself is imported without them
+    from hetvae.autoencoder import AutoencoderKL
+    from hetvae.objective import AutoencoderObjective
+
 T = TypeVar("T")
 
 __all__ = [
@@ -51,6 +55,8 @@ __all__ = [
     "load_config",
     "save_config",
     "model_architecture_kwargs",
+    "build_model",
+    "build_objective",
 ]
 
 
@@ -670,19 +676,65 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 
 
+BASE_KEY = "base"
+"""Top-level YAML key naming a parent config file (see :func:`load_config`)."""
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping in ``path`` merged over its ``base:`` chain (parents first)."""
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise ConfigError(BASE_KEY, f"circular base chain: {chain}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{path}: not a plain YAML file (tags are not accepted): {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError("", f"{path}: expected a mapping of keys at the top level, got {_show(data)}")
+    data = dict(data)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(BASE_KEY, f"expected a file path, got {_show(base)} (in {path})")
+    base_path = Path(base)
+    if not base_path.is_absolute():
+        base_path = path.parent / base_path  # relative to the file that names it, not the cwd
+    if not base_path.is_file():
+        raise ConfigError(BASE_KEY, f"base config {base_path} does not exist (named in {path})")
+    return _deep_merge(_read_yaml_tree(base_path, (*seen, resolved)), data)
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML file into a :class:`Config`, then apply ``overrides`` (see :func:`apply_overrides`).
 
     The file may set any subset of keys; the rest keep their defaults (an empty file is the
     default config). It is parsed with ``yaml.safe_load``: tags such as ``!!python/object`` are
     refused. Errors are :class:`ConfigError` naming the dotted key and the file.
+
+    Inheritance: a top-level ``base: other.yaml`` (a path relative to this file) loads that file
+    first and lays this one over it, section by section: a key set here replaces the base's, a
+    list replaces the whole list, keys left out keep the base's value (or the default). Bases may
+    chain; a cycle is an error. This is how a fine-tuning config stays a short override of a
+    training config. The resolved config that :func:`save_config` writes has no ``base`` key.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError("", f"{path}: not a plain YAML file (tags are not accepted): {exc}") from None
+    data = _read_yaml_tree(path)
     try:
         cfg = from_dict(Config, data)
     except ConfigError as exc:
@@ -719,3 +771,134 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 def model_architecture_kwargs(model: ModelConfig) -> dict[str, Any]:
     """The architecture fields of ``model`` (everything but ``init_from``) as a plain dict."""
     return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "init_from"}
+
+
+# ---------------------------------------------------------------------------------------------
+# builders
+# ---------------------------------------------------------------------------------------------
+
+
+def _head_kwargs(log_scale: LogScaleConfig) -> dict[str, Any]:
+    """``AutoencoderConfig`` fields of the per-pixel head described by ``log_scale``."""
+    return {
+        "log_scale_channels": 1 if log_scale.shared else None,
+        "log_scale_init": log_scale.init,
+        "log_scale_detach": log_scale.detach_features,
+    }
+
+
+def build_model(cfg: Config) -> AutoencoderKL:
+    """The autoencoder of ``cfg``, in float32 on the CPU, train mode.
+
+    ``model.init_from == "scratch"``: a new ``AutoencoderKL`` from the architecture fields, with
+    a per-pixel log-scale head when ``log_scale.granularity == "pixel"`` (``shared`` -> one map,
+    bias ``init``, ``detach_features``). Parameters come from torch's global RNG: seed it first.
+
+    Otherwise ``init_from`` is a checkpoint path for ``hetvae.convert.load_autoencoder``. For
+    ``"pixel"`` a head stored with the checkpoint is kept (``detach_features`` still applies) and
+    a fresh one (zero weights, bias ``init``) is grafted when there is none, so step 0 reproduces
+    the pretrained output exactly. For ``"global"`` / ``"channel"`` a stored head is dropped: it
+    would receive no gradient.
+
+    Raises:
+        FileNotFoundError: ``init_from`` does not exist.
+        ConfigError: ``data.resolution`` is not a multiple of a loaded model's down-sampling factor.
+    """
+    from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL  # torch stays out of config-only use
+
+    pixel = cfg.log_scale.granularity == "pixel"
+    if cfg.model.init_from == "scratch":
+        config = AutoencoderConfig(
+            **model_architecture_kwargs(cfg.model),
+            log_scale="pixel" if pixel else None,
+            **(_head_kwargs(cfg.log_scale) if pixel else {}),
+        )
+        return AutoencoderKL(config).train()
+
+    from hetvae.convert import inspect_checkpoint, load_autoencoder
+
+    path = Path(cfg.model.init_from).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model.init_from: {path} does not exist")
+    info = inspect_checkpoint(path)
+    if pixel and info.has_log_scale_head:
+        # its trained head is kept: only the detach switch can change
+        model = load_autoencoder(path, log_scale_detach=cfg.log_scale.detach_features)
+    elif pixel:
+        model = load_autoencoder(path, log_scale="pixel", **_head_kwargs(cfg.log_scale))
+    else:
+        model = load_autoencoder(path)
+        if model.has_log_scale_head:
+            model.decoder.log_scale_head = None
+            model.config = dataclasses.replace(
+                model.config, log_scale=None, log_scale_channels=None, log_scale_init=0.0, log_scale_detach=False
+            )
+    factor = model.config.downsample_factor
+    _require(
+        cfg.data.resolution % factor == 0,
+        "data.resolution",
+        f"must be a multiple of the down-sampling factor {factor} of {path}, got {cfg.data.resolution}",
+    )
+    return model.train()
+
+
+def build_objective(cfg: Config, model: AutoencoderKL) -> AutoencoderObjective:
+    """The training objective of ``cfg`` for ``model`` (from :func:`build_model`).
+
+    - ``HeteroscedasticNLL`` from the ``log_scale`` section (``channels`` = the model's output
+      channels; for ``"pixel"`` its ``init`` is the model head's bias, which a loaded head may
+      have changed).
+    - ``LPIPS`` when ``objective.perceptual_weight > 0``: ``perceptual_weights`` ``"auto"`` or
+      ``"random"`` as in :class:`hetvae.perceptual.LPIPS`; any other value is a local VGG16
+      weights file (the calibration then comes from the ``lpips`` package).
+    - ``NLayerDiscriminator`` (``disc_layers``, ``disc_norm``) when ``objective.disc_start`` is set.
+
+    Raises:
+        ValueError: ``"pixel"`` granularity but ``model`` has no log-scale head.
+    """
+    from hetvae.discriminator import NLayerDiscriminator
+    from hetvae.loss import HeteroscedasticNLL
+    from hetvae.objective import AutoencoderObjective
+    from hetvae.perceptual import LPIPS
+
+    ls, obj = cfg.log_scale, cfg.objective
+    init = ls.init
+    if ls.granularity == "pixel":
+        if not model.has_log_scale_head:
+            raise ValueError(
+                "log_scale.granularity is 'pixel' but the model has no log-scale head; build it with build_model(cfg)"
+            )
+        init = model.config.log_scale_init
+    nll = HeteroscedasticNLL(
+        ls.granularity,
+        channels=model.config.out_channels,
+        family=ls.family,
+        init=init,
+        include_constant=ls.include_constant,
+        beta=ls.beta,
+        bounds=ls.bounds,
+        fit=ls.fit,
+    )
+    perceptual = None
+    if obj.perceptual_weight > 0:
+        if obj.perceptual_weights in ("auto", "random"):
+            perceptual = LPIPS(weights=obj.perceptual_weights)
+        else:
+            perceptual = LPIPS(weights="auto", vgg_path=obj.perceptual_weights)
+    discriminator = None
+    if obj.disc_start is not None:
+        discriminator = NLayerDiscriminator(
+            in_channels=model.config.out_channels, n_layers=obj.disc_layers, norm=obj.disc_norm
+        )
+    return AutoencoderObjective(
+        nll=nll,
+        perceptual=perceptual,
+        perceptual_weight=obj.perceptual_weight,
+        perceptual_mode=obj.perceptual_mode,
+        kl_weight=obj.kl_weight,
+        discriminator=discriminator,
+        disc_start=obj.disc_start if obj.disc_start is not None else 0,
+        disc_factor=obj.disc_factor,
+        disc_weight=obj.disc_weight,
+        disc_loss=obj.disc_loss,
+    )
