@@ -89,6 +89,42 @@ _COMMANDS["info"] = ("Show a checkpoint's format, config, parameter count and lo
 _COMMANDS["convert"] = ("Convert an autoencoder checkpoint between hetvae, diffusers and ldm formats.", _add_convert, _run_convert)
 
 
+# --- training: train ------------------------------------------------------------------------
+
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config (see configs/; a `base:` key inherits another file)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in the run folder (error if there is none)")
+    parser.add_argument("--out-dir", default=None, help="run folder (overrides out_dir in the config)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import logging
+
+    from hetvae.config import ConfigError, load_config
+    from hetvae.train import NonFiniteLossError, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, out_dir=args.out_dir, resume=True if args.resume else None, progress=not args.no_progress)
+    except (ConfigError, FileNotFoundError, FileExistsError, NonFiniteLossError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.model_file is not None:  # rank 0
+        state = "interrupted" if result.interrupted else "done"
+        print(f"{state} at step {result.step}: model {result.model_file}, "
+              f"uncertainty panels {result.run_dir / 'samples'} (latest.png)")
+    return 0
+
+
+_COMMANDS["train"] = ("Train or fine-tune an autoencoder from a YAML config.", _add_train, _run_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetvae",

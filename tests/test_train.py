@@ -1,0 +1,331 @@
+"""Training loop: exact resume, frozen encoder, learned log-scales, non-finite handling, run folder,
+crash safety (kill -9), signals, DDP equivalence and the CLI. Tiny models on 16 px crops."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hetvae.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
+from hetvae.cli import main as cli_main
+from hetvae.config import Config, apply_overrides, from_dict, load_config, save_config
+from hetvae.convert import load_autoencoder
+from hetvae.train import NonFiniteLossError, Trainer, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Four 40x40 images with edges and texture (seeded), as PNG files."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :40]
+    for i in range(4):
+        base = ((xx + 3 * i) // 8 + yy // 8) % 2 * 160 + 40  # checker edges
+        noise = rng.integers(0, 40, size=(40, 40))
+        rgb = np.stack([base + noise, base[::-1] + noise, np.full_like(base, 90 + 20 * i)], axis=-1)
+        Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def make_cfg(images: Path, out_dir: Path, *overrides: str) -> Config:
+    base = [
+        "model.block_out_channels=[16, 32]",
+        "model.norm_num_groups=8",
+        "model.layers_per_block=1",
+        "model.mid_block_attention=false",
+        f"data.path={images}",
+        "data.resolution=16",
+        "data.samples_per_epoch=12",
+        "train.steps=4",
+        "train.batch_size=4",
+        "train.log_every=1",
+        "train.sample_every=0",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=0",
+        "train.seed=3",
+        f"out_dir={out_dir}",
+    ]
+    return apply_overrides(Config(), base + list(overrides))
+
+
+def all_tensors(trainer: Trainer) -> dict:
+    return {k: v.clone() for k, v in trainer._tensors().items()}
+
+
+# --- exactness ----------------------------------------------------------------------------------
+
+# global/channel exercise the loss's own parameters, pixel the head; the discriminator and EMA,
+# accumulation and warm-up all carry state a sloppy resume would lose.
+RESUME_SETTINGS = [
+    ["log_scale.granularity=channel", "objective.disc_start=1", "objective.disc_layers=1"],
+    ["log_scale.granularity=pixel", "train.ema_decay=0.9", "train.grad_accum=2", "train.warmup_steps=3",
+     "data.samples_per_epoch=20"],
+]
+
+
+@pytest.mark.parametrize("overrides", RESUME_SETTINGS, ids=["channel-disc", "pixel-ema-accum"])
+def test_resume_is_bit_exact(images, tmp_path, overrides):
+    straight = train(make_cfg(images, tmp_path / "a", *overrides), progress=False)
+    assert straight.step == 4
+
+    half = make_cfg(images, tmp_path / "b", *overrides, "train.steps=2")
+    assert train(half, progress=False).step == 2
+    resumed = Trainer(make_cfg(images, tmp_path / "b", *overrides), resume=True, progress=False)
+    assert resumed.step == 2
+    resumed.run()
+
+    a = load_checkpoint(latest_checkpoint(tmp_path / "a" / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(tmp_path / "b" / "checkpoints"))
+    assert a.step == b.step == 4
+    assert a.tensors.keys() == b.tensors.keys()
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+    # the optimiser moments too: the next step would diverge otherwise
+    for sa, sb in zip(a.state["generator_optimizer"]["state"].values(), b.state["generator_optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    # and something did train
+    first = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000002")
+    assert not torch.equal(first.tensors["autoencoder.decoder.conv_out.weight"], a.tensors["autoencoder.decoder.conv_out.weight"])
+
+
+def test_decoder_only_freezes_encoder_and_quant_conv(images, tmp_path):
+    trainer = Trainer(make_cfg(images, tmp_path / "run", "train.decoder_only=true", "train.steps=3"), progress=False)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.run()
+    after = trainer.model.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained
+    for k in frozen:
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+
+@pytest.mark.parametrize("granularity", ["global", "channel", "pixel"])
+def test_log_scale_is_trained(images, tmp_path, granularity):
+    trainer = Trainer(make_cfg(images, tmp_path / "run", f"log_scale.granularity={granularity}", "train.lr=1e-2"), progress=False)
+    if granularity == "pixel":
+        param = trainer.model.decoder.log_scale_head.bias
+    else:
+        (param,) = trainer.objective.trainable_parameters()
+        assert any(param is p for group in trainer.g_opt.param_groups for p in group["params"])
+    before = param.detach().clone()
+    trainer.run()
+    assert not torch.allclose(param.detach(), before)
+
+
+# --- non-finite losses --------------------------------------------------------------------------
+
+
+def _poison(trainer: Trainer, bad_steps) -> None:
+    real = trainer.objective.generator_loss
+
+    def generator_loss(inputs, reconstruction, posterior, step, **kwargs):
+        loss, logs = real(inputs, reconstruction, posterior, step, **kwargs)
+        if step in bad_steps:
+            loss = loss * float("nan")
+            logs["total"] = float("nan")
+        return loss, logs
+
+    trainer.objective.generator_loss = generator_loss
+
+
+def test_nonfinite_step_is_skipped_and_counted(images, tmp_path):
+    trainer = Trainer(make_cfg(images, tmp_path / "run", "train.checkpoint_every=1"), progress=False)
+    _poison(trainer, bad_steps={1})  # the second step (0-based step index 1)
+    real_step, seen = trainer._train_step, []
+
+    def watched(batches):
+        before = {k: v.clone() for k, v in trainer._tensors().items()}
+        applied, logs = real_step(batches)
+        changed = any(not torch.equal(v, trainer._tensors()[k]) for k, v in before.items())
+        seen.append((applied, changed))
+        return applied, logs
+
+    trainer._train_step = watched
+    trainer.run()
+    assert seen == [(True, True), (False, False), (True, True), (True, True)]  # the bad step changed nothing
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["nonfinite_total"] for r in records] == [0, 1, 1, 1]
+    assert all(np.isfinite(r["total"]) for r in records if "total" in r)
+    # no checkpoint of the bad step: the newest stays the last good one until training recovers
+    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [1, 3, 4]
+
+
+def test_consecutive_nonfinite_steps_stop_training(images, tmp_path):
+    trainer = Trainer(make_cfg(images, tmp_path / "run", "train.steps=10", "train.max_nonfinite=3"), progress=False)
+    _poison(trainer, bad_steps=set(range(2, 10)))
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive.*last finite step was step 2.*learning rate"):
+        trainer.run()
+    # the last good checkpoint is intact and resumable
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step_00000002"  # none during the streak
+
+
+# --- run folder -----------------------------------------------------------------------------------
+
+
+def test_run_folder_layout_and_exports(images, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_cfg(images, run, "log_scale.granularity=pixel", "train.ema_decay=0.5", "train.steps=5",
+                   "train.keep_checkpoints=2", "train.checkpoint_every=1", "train.sample_every=2", "train.log_every=2")
+    trainer = Trainer(cfg, progress=False)
+    result = trainer.run()
+    assert result.model_file == run / "model.safetensors"
+    assert load_config(run / "config.yaml") == cfg
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [4, 5]  # keep last 2
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "latest.png", "step_0000002.png", "step_0000004.png", "step_0000005.png"
+    ]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 5]
+
+    # the exported model is the EMA, loadable with no other file
+    model = load_autoencoder(run)
+    assert model.has_log_scale_head
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, trainer.ema.module.state_dict()[k]), k
+    # the checkpoint embeds its config, and its state is plain data
+    ckpt = load_checkpoint(run / "checkpoints" / "step_00000005")
+    assert from_dict(Config, json.loads(ckpt.metadata["hetvae_train_config"])) == cfg
+    torch.load(run / "checkpoints" / "step_00000005" / STATE_FILE, weights_only=True)
+
+
+def test_resume_flags(images, tmp_path):
+    cfg = make_cfg(images, tmp_path / "run", "train.steps=2")
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(cfg, resume=True, progress=False)
+    train(cfg, progress=False)
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        Trainer(apply_overrides(cfg, ["train.resume=never"]), progress=False)
+    assert Trainer(cfg, progress=False).step == 2  # resume: auto
+
+
+# --- processes: kill -9, signals, DDP, CLI -------------------------------------------------------
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _wait_for(predicate, proc, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("timed out waiting for the training process")
+
+
+def _start(cfg_path: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "hetvae.cli", "train", str(cfg_path), "--no-progress"],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def test_kill_9_leaves_a_loadable_checkpoint(images, tmp_path):
+    run = tmp_path / "run"
+    cfg = make_cfg(images, run, "train.steps=100000", "train.checkpoint_every=1", "train.keep_checkpoints=2",
+                   "train.log_every=1")
+    cfg_path = save_config(cfg, tmp_path / "cfg.yaml")
+    proc = _start(cfg_path)
+    ckpts = run / "checkpoints"
+    _wait_for(lambda: len(list_checkpoints(ckpts)) >= 2, proc)
+    time.sleep(0.137)  # land somewhere inside a later step or save
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    newest = latest_checkpoint(ckpts)
+    ckpt = load_checkpoint(newest)
+    assert ckpt.step >= 2 and "autoencoder.decoder.conv_out.weight" in ckpt.tensors
+    # resume from it for two more steps
+    result = train(apply_overrides(cfg, [f"train.steps={ckpt.step + 2}"]), resume=True, progress=False)
+    assert result.step == ckpt.step + 2
+    assert not list(ckpts.glob(".tmp-*"))  # the next save cleaned up a half-written folder, if any
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, ckpt.step + 3))  # log lines past the checkpoint were dropped
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_checkpoints_and_exits_cleanly(images, tmp_path, signum):
+    run = tmp_path / "run"
+    cfg = make_cfg(images, run, "train.steps=100000", "train.checkpoint_every=0", "train.log_every=1")
+    proc = _start(save_config(cfg, tmp_path / "cfg.yaml"))
+    _wait_for(lambda: (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2, proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    newest = latest_checkpoint(run / "checkpoints")
+    assert newest is not None and load_checkpoint(newest).step >= 2
+    assert (run / "model.safetensors").is_file()
+    assert b"interrupted at step" in out
+
+
+def test_ddp_two_processes_match_one(images, tmp_path):
+    """gloo, 2 CPU processes x 2 images = 1 process x 4 images. No discriminator: its BatchNorm
+    statistics are per rank by design (see hetvae.train), so they would differ."""
+    common = ["log_scale.granularity=channel", "train.ema_decay=0.8", "train.grad_accum=2",
+              "data.samples_per_epoch=20", "train.steps=3", "train.checkpoint_every=0"]
+    single = train(make_cfg(images, tmp_path / "one", *common), progress=False)
+    cfg_path = save_config(make_cfg(images, tmp_path / "two", *common), tmp_path / "cfg.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "hetvae.cli", "train", str(cfg_path), "--no-progress"],
+        env=_env(), capture_output=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints")).tensors
+    b = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints")).tensors
+    assert a.keys() == b.keys()
+    # Summation order differs, and Adam divides by sqrt(v): an element whose gradient is ~0 can move
+    # by up to lr from rounding alone. So: every element within half an lr step, and nearly all
+    # within 1e-6 (a wrong split or missing gradient average moves most elements by ~lr).
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4, msg=key)
+    diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (diff > 1e-6).float().mean() < 1e-3
+    first = load_autoencoder(tmp_path / "one")
+    assert single.step == 3 and first is not None
+    # the two runs trained (compare to a fresh init with the same seed)
+    torch.manual_seed(3)
+    from hetvae.config import build_model
+
+    init = build_model(make_cfg(images, tmp_path / "x", *common)).state_dict()
+    moved = sum(not torch.allclose(init[k], a[f"autoencoder.{k}"]) for k in init)
+    assert moved > 10
+
+
+def test_cli_train(images, tmp_path):
+    cfg_path = save_config(make_cfg(images, tmp_path / "ignored", "train.steps=2"), tmp_path / "cfg.yaml")
+    out = tmp_path / "cli_run"
+    assert cli_main(["train", str(cfg_path), "--set", "train.steps=1", "--out-dir", str(out), "--no-progress"]) == 0
+    assert load_config(out / "config.yaml").train.steps == 1
+    assert (out / "model.safetensors").is_file()
+    assert cli_main(["train", str(cfg_path), "--set", "train.steps=3", "--out-dir", str(out), "--resume",
+                     "--no-progress"]) == 0
+    assert load_checkpoint(latest_checkpoint(out / "checkpoints")).step == 3
+    assert cli_main(["train", str(cfg_path), "--set", "train.stepz=3"]) == 1  # a config error is exit 1
+
+
+@pytest.mark.slow
+def test_tiny_demo_config(tmp_path):
+    """configs/tiny.yaml, the README's first command, end to end (about 3 minutes on 2 cores)."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    result = train(cfg, out_dir=tmp_path / "tiny", progress=False)
+    assert result.step == cfg.train.steps and not result.interrupted
+    assert (tmp_path / "tiny" / "samples" / "latest.png").is_file()
+    assert result.logs["log_scale_std"] > 0.1  # the map varies across the image
