@@ -124,6 +124,24 @@ def test_log_scale_is_trained(images, tmp_path, granularity):
     assert not torch.allclose(param.detach(), before)
 
 
+@pytest.mark.parametrize("precision", [pytest.param("bf16", marks=pytest.mark.slow), "fp16"])  # CPU bf16 is slow
+def test_mixed_precision_trains(images, tmp_path, precision):
+    """Autocast on the CPU (bf16 / fp16 with a grad scaler): finite losses, the model moves."""
+    trainer = Trainer(make_cfg(images, tmp_path / "run", f"train.precision={precision}", "train.steps=2",
+                               "log_scale.granularity=pixel"), progress=False)
+    before = trainer.model.decoder.conv_out.weight.detach().clone()
+    result = trainer.run()
+    # fp16 overflow at the scaler's initial scale is normal: the scaler skips and backs off, and
+    # those steps are not counted as non-finite
+    assert trainer.nonfinite_total == 0 and np.isfinite(result.logs["total"])
+    assert trainer.model.decoder.conv_out.weight.dtype == torch.float32  # master weights stay fp32
+    moved = not torch.equal(before, trainer.model.decoder.conv_out.weight)
+    if precision == "fp16":
+        assert trainer.scaler.is_enabled() and (moved or trainer.scaler.get_scale() < 2.0**16)
+    else:
+        assert moved and not trainer.scaler.is_enabled()
+
+
 # --- non-finite losses --------------------------------------------------------------------------
 
 
