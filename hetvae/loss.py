@@ -8,17 +8,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from hetvae.functional import (
-    Family,
-    beta_weight,
-    broadcast_log_scale,
-    check_family,
-    compute_dtype,
-    distance,
-    log_normalizer,
-    nll_from_distance,
-)
-from hetvae.heads import DEFAULT_BOUNDS, DEFAULT_MARGIN, Fit, create_head
+from hetvae import fused
+from hetvae.functional import Family, broadcast_log_scale, check_family, compute_dtype
+from hetvae.heads import DEFAULT_BOUNDS, DEFAULT_MARGIN, Fit, PixelLogScale, create_head
 
 Reduction = Literal["batch", "mean"]
 
@@ -87,6 +79,7 @@ class HeteroscedasticNLL(nn.Module):
         self.include_constant = include_constant
         self.beta = float(beta)
         self.reduction = reduction
+        self._checked_shapes: set[tuple] = set()
 
     def log_scale(self, target: Tensor, mean: Tensor, log_scale: Tensor | None = None) -> Tensor:
         """The bounded log-scale this loss would use, broadcastable to ``target`` (for maps and metrics)."""
@@ -112,27 +105,38 @@ class HeteroscedasticNLL(nn.Module):
             raise ValueError(f"mean of shape {tuple(mean.shape)} must have the shape of target {tuple(target.shape)}")
         dtype = compute_dtype(target, mean)
         target, mean = target.to(dtype), mean.to(dtype)
-        s = self.head(target, mean, None if log_scale is None else log_scale.to(dtype), weights)
+        s = self._bounded_log_scale(target, mean, None if log_scale is None else log_scale.to(dtype), weights)
         s = broadcast_log_scale(s.to(dtype), target)
+        spec = fused.NLLSpec(self.family, self.beta, self.include_constant, self.reduction)
+        weights = None if weights is None else weights.to(dtype)
+        extra_distance = None if extra_distance is None else extra_distance.to(dtype)
+        # Same values either way: the fused path computes the loss, the map and both gradients in
+        # a few passes (hetvae.fused); HETVAE_FUSED=0 runs the eager reference, e.g. for double backward.
+        compute = fused.fused_nll if fused.enabled() else fused.reference
+        loss, nll = compute(target, mean, s, weights, extra_distance, spec)
+        return NLLOutput(loss=loss, nll=nll, log_scale=s)
 
-        d = distance(target, mean, self.family)
-        if extra_distance is not None:
-            d = d + extra_distance.to(dtype)
-        nll = nll_from_distance(d, s, self.family)
-        if self.include_constant:
-            nll = nll + log_normalizer(self.family)
+    def _bounded_log_scale(
+        self, target: Tensor, mean: Tensor, log_scale: Tensor | None, weights: Tensor | None
+    ) -> Tensor:
+        """The head's log-scale. A predicted map that lies inside the soft clamp's identity band
+        (the usual case) is its own bounded value, so the full-size eager clamp, a dozen passes
+        forward and backward, is skipped; the head still checks the map's shape."""
+        head = self.head
+        if isinstance(head, PixelLogScale) and log_scale is not None and fused.enabled():
+            if fused.in_identity_band(log_scale, head.bounds, head.margin):
+                self._check_shapes(target, log_scale)
+                return log_scale
+        return head(target, mean, log_scale, weights)
 
-        weighted = nll
-        if self.beta > 0.0:
-            weighted = weighted * beta_weight(s, self.beta, self.family)
-        if weights is not None:
-            weighted = weighted * weights.to(dtype)
-        weighted = torch.broadcast_to(weighted, target.shape)
-        if self.reduction == "batch":
-            loss = weighted.sum() / target.shape[0]
-        else:
-            loss = weighted.mean()
-        return NLLOutput(loss=loss, nll=torch.broadcast_to(nll, target.shape), log_scale=s)
+    def _check_shapes(self, target: Tensor, log_scale: Tensor) -> None:
+        # The head's checks depend on shapes only: run them on data-free meta tensors, once per
+        # pair of shapes (a meta call costs milliseconds, more than the fused loss itself).
+        key = (tuple(target.shape), tuple(log_scale.shape), self.head.channels)
+        if key not in self._checked_shapes:
+            meta = target.to("meta")
+            self.head(meta, meta, log_scale.to("meta"))
+            self._checked_shapes.add(key)
 
     def extra_repr(self) -> str:
         return (
