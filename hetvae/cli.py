@@ -125,6 +125,118 @@ def _run_train(args: argparse.Namespace) -> int:
 _COMMANDS["train"] = ("Train or fine-tune an autoencoder from a YAML config.", _add_train, _run_train)
 
 
+# --- uncertainty maps and evaluation: uncertainty, eval, compare ---------------------------
+
+_CHECKPOINT_HELP = "a run folder written by `hetvae train`, or any model checkpoint `hetvae info` reads"
+
+
+def _fail(error: Exception) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
+def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="image files or folders (recursive)")
+    parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--tile", type=int, default=0, metavar="PX",
+                        help="decode in tiles of PX pixels (large images on little memory); 0: whole images")
+
+
+def _run_uncertainty(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from hetvae.evaluate import load_images, load_predictor
+    from hetvae.viz import save_scale_map, save_uncertainty_panel
+
+    try:
+        predictor = load_predictor(args.checkpoint)
+        images = load_images(args.images)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(error)
+    if args.tile:
+        predictor.model.enable_tiling(tile_sample_size=args.tile)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, image in tqdm(images, desc="uncertainty", unit="img"):
+        p = predictor.predict(image)
+        title = f"{name} ({predictor.granularity} scale, {predictor.family})"
+        save_uncertainty_panel(out / f"{name}_panel.png", p.target, p.mean, p.log_scale, title=title, standardized=True)
+        save_scale_map(out / f"{name}_scale.png", p.log_scale[0])
+        maps = {"input": p.target[0], "mean": p.mean[0], "log_scale": p.log_scale[0], "error": p.error[0]}
+        save_file({k: v.contiguous().cpu() for k, v in maps.items()}, str(out / f"{name}_maps.safetensors"),
+                  metadata={"family": predictor.family, "granularity": predictor.granularity})
+    print(f"wrote {len(images)} panel(s), scale maps and raw maps to {out}")
+    return 0
+
+
+def _add_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    parser.add_argument("--images", default=None,
+                        help="folder of images (default: scikit-image's held-out sample photographs)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from hetvae.evaluate import evaluate, load_images, load_predictor, write_json
+
+    try:
+        predictor = load_predictor(args.checkpoint)
+        images = [img for _, img in load_images(args.images)]
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(error)
+    result = evaluate(predictor, images, progress=True)
+    width = max(map(len, result))
+    for key, value in result.items():
+        shown = "n/a (constant scale)" if value is None else f"{value:.4f}" if isinstance(value, float) else value
+        print(f"{key:<{width}}  {shown}")
+    if args.json:
+        print(f"wrote {write_json(result, args.json)}")
+    return 0
+
+
+def _add_compare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="run folders or model checkpoints to compare")
+    parser.add_argument("--images", default=None,
+                        help="folder of images (default: scikit-image's held-out sample photographs)")
+    parser.add_argument("--out", required=True, help="folder for comparison.md, reliability.png, sparsification.png")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hetvae.evaluate import compare, load_images, load_predictor, write_json
+    from hetvae.viz import save_reliability_diagram, save_sparsification_plot
+
+    names = [Path(r).name or str(r) for r in args.runs]
+    if len(set(names)) != len(names):
+        names = [str(r) for r in args.runs]
+    try:
+        predictors = {name: load_predictor(run) for name, run in zip(names, args.runs)}
+        images = [img for _, img in load_images(args.images)]
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(error)
+    comparison = compare(predictors, images, progress=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison.markdown()
+    (out / "comparison.md").write_text(table)
+    write_json(comparison.results, out / "comparison.json")
+    save_reliability_diagram(out / "reliability.png", comparison.reliability)
+    save_sparsification_plot(out / "sparsification.png", comparison.sparsification)
+    print(table)
+    print(f"wrote comparison.md, comparison.json, reliability.png, sparsification.png to {out}")
+    return 0
+
+
+_COMMANDS["uncertainty"] = ("Write uncertainty panels and maps for images.", _add_uncertainty, _run_uncertainty)
+_COMMANDS["eval"] = ("Measure reconstruction, bits/dim and calibration on images.", _add_eval, _run_eval)
+_COMMANDS["compare"] = ("Compare several runs or models on the same images.", _add_compare, _run_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetvae",

@@ -38,6 +38,7 @@ import yaml
 if typing.TYPE_CHECKING:  # torch-heavy modules; config.py itself is imported without them
     from hetvae.autoencoder import AutoencoderKL
     from hetvae.objective import AutoencoderObjective
+    from hetvae.loss import HeteroscedasticNLL
 
 T = TypeVar("T")
 
@@ -842,6 +843,35 @@ def build_model(cfg: Config) -> AutoencoderKL:
     return model.train()
 
 
+def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
+    """The ``HeteroscedasticNLL`` of ``cfg.log_scale`` for ``model``: ``channels`` = the model's output
+    channels; for ``"pixel"`` its ``init`` is the model head's bias, which a loaded head may have changed.
+
+    Raises:
+        ValueError: ``"pixel"`` granularity but ``model`` has no log-scale head.
+    """
+    from hetvae.loss import HeteroscedasticNLL
+
+    ls = cfg.log_scale
+    init = ls.init
+    if ls.granularity == "pixel":
+        if not model.has_log_scale_head:
+            raise ValueError(
+                "log_scale.granularity is 'pixel' but the model has no log-scale head; build it with build_model(cfg)"
+            )
+        init = model.config.log_scale_init
+    return HeteroscedasticNLL(
+        ls.granularity,
+        channels=model.config.out_channels,
+        family=ls.family,
+        init=init,
+        include_constant=ls.include_constant,
+        beta=ls.beta,
+        bounds=ls.bounds,
+        fit=ls.fit,
+    )
+
+
 def build_objective(cfg: Config, model: AutoencoderKL) -> AutoencoderObjective:
     """The training objective of ``cfg`` for ``model`` (from :func:`build_model`).
 
@@ -857,28 +887,11 @@ def build_objective(cfg: Config, model: AutoencoderKL) -> AutoencoderObjective:
         ValueError: ``"pixel"`` granularity but ``model`` has no log-scale head.
     """
     from hetvae.discriminator import NLayerDiscriminator
-    from hetvae.loss import HeteroscedasticNLL
     from hetvae.objective import AutoencoderObjective
     from hetvae.perceptual import LPIPS
 
-    ls, obj = cfg.log_scale, cfg.objective
-    init = ls.init
-    if ls.granularity == "pixel":
-        if not model.has_log_scale_head:
-            raise ValueError(
-                "log_scale.granularity is 'pixel' but the model has no log-scale head; build it with build_model(cfg)"
-            )
-        init = model.config.log_scale_init
-    nll = HeteroscedasticNLL(
-        ls.granularity,
-        channels=model.config.out_channels,
-        family=ls.family,
-        init=init,
-        include_constant=ls.include_constant,
-        beta=ls.beta,
-        bounds=ls.bounds,
-        fit=ls.fit,
-    )
+    obj = cfg.objective
+    nll = build_nll(cfg, model)
     perceptual = None
     if obj.perceptual_weight > 0:
         if obj.perceptual_weights in ("auto", "random"):

@@ -1,8 +1,8 @@
 """Uncertainty panels: what the model reconstructs and where it says it is unsure.
 
-One row per image, four columns::
+One row per image, four columns (five with ``standardized=True``)::
 
-    input | reconstruction | |error| | predicted scale exp(log_scale)
+    input | reconstruction | |error| | predicted scale exp(log_scale) [| |error| / scale]
 
 The error and the scale share one colour range per row: for a Laplace likelihood the scale ``b``
 *is* the expected absolute error (for a Gaussian, ``sigma`` is the error's standard deviation),
@@ -25,9 +25,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-__all__ = ["uncertainty_panel", "save_uncertainty_panel"]
+__all__ = [
+    "save_reliability_diagram",
+    "save_scale_map",
+    "save_sparsification_plot",
+    "save_uncertainty_panel",
+    "uncertainty_panel",
+]
 
-_COLUMNS = ("input", "reconstruction", "|error|", "predicted scale")
+_COLUMNS = ("input", "reconstruction", "|error|", "predicted scale", "|error| / scale")
 
 
 def _to_image(x: Tensor) -> np.ndarray:
@@ -45,8 +51,11 @@ def uncertainty_panel(
     *,
     title: str | None = None,
     cmap: str = "magma",
+    standardized: bool = False,
 ) -> Figure:
-    """A figure of ``B`` rows: input, reconstruction, |error| and ``exp(log_scale)``.
+    """A figure of ``B`` rows: input, reconstruction, |error| and ``exp(log_scale)`` (and, with
+    ``standardized``, ``|error| / scale``: about 1 where the scale is right, large where the model
+    is over-confident; drawn on a fixed 0..4 range).
 
     Args:
         inputs, mean: images ``(B, C, H, W)`` in [-1, 1].
@@ -63,10 +72,11 @@ def uncertainty_panel(
     scale = torch.broadcast_to(log_scale.detach().float().cpu(), inputs.shape).exp().mean(dim=1)  # (B, H, W)
     error = (inputs - mean).abs().mean(dim=1)  # (B, H, W), same units as the Laplace scale
 
+    columns = 5 if standardized else 4
     rows = inputs.shape[0]
-    fig = Figure(figsize=(4 * 2.6, rows * 2.4 + (0.4 if title else 0.0)), layout="constrained")
+    fig = Figure(figsize=(columns * 2.6, rows * 2.4 + (0.4 if title else 0.0)), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 4, squeeze=False)
+    axes = fig.subplots(rows, columns, squeeze=False)
     for r in range(rows):
         err, sc = error[r].numpy(), scale[r].numpy()
         # one range for error and scale; the 99th percentile keeps a few outliers from washing it out
@@ -75,7 +85,11 @@ def uncertainty_panel(
         axes[r, 1].imshow(_to_image(mean[r]))
         for c, values in ((2, err), (3, sc)):
             im = axes[r, c].imshow(values, cmap=cmap, vmin=0.0, vmax=vmax)
-            fig.colorbar(im, ax=axes[r, c], fraction=0.046, pad=0.02)
+            bar = fig.colorbar(im, ax=axes[r, c], fraction=0.046, pad=0.02)
+            bar.set_label("error" if c == 2 else "scale", fontsize=8)
+        if standardized:
+            im = axes[r, 4].imshow(err / np.maximum(sc, 1e-12), cmap="viridis", vmin=0.0, vmax=4.0)
+            fig.colorbar(im, ax=axes[r, 4], fraction=0.046, pad=0.02).set_label("|error| / scale", fontsize=8)
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([])
             ax.set_yticks([])
@@ -94,15 +108,73 @@ def save_uncertainty_panel(
     *,
     title: str | None = None,
     dpi: int = 100,
+    standardized: bool = False,
 ) -> Path:
-    """Draw :func:`uncertainty_panel` and write it to ``path`` (PNG); returns the path.
+    """Draw :func:`uncertainty_panel` and write it to ``path`` (PNG); returns the path."""
+    return _save(uncertainty_panel(inputs, mean, log_scale, title=title, standardized=standardized), path, dpi)
 
-    Written to a temporary name and renamed, so a viewer never sees half a file.
-    """
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write ``fig`` to a temporary name and rename it, so a viewer never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = uncertainty_panel(inputs, mean, log_scale, title=title)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+    return path
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_reliability_diagram(
+    path: str | os.PathLike, curves: dict[str, list[float]], levels: tuple[float, ...] | None = None
+) -> Path:
+    """Observed vs nominal coverage of central intervals, one line per model (the diagonal is calibrated)."""
+    from hetvae.metrics import CALIBRATION_LEVELS
+
+    levels = levels or CALIBRATION_LEVELS
+    fig = _figure(4.2, 4.0)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", label="calibrated")
+    for name, observed in curves.items():
+        ax.plot(levels, observed, marker="o", label=name)
+    ax.set(xlabel="nominal coverage p", ylabel="observed coverage", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title("Reliability of central intervals", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def save_sparsification_plot(path: str | os.PathLike, curves: dict[str, tuple[Tensor, Tensor, Tensor]]) -> Path:
+    """Mean remaining |error| (relative) as the most-uncertain fraction is removed; dashed: oracles."""
+    fig = _figure(4.6, 4.0)
+    ax = fig.add_subplot()
+    for name, (fractions, by_scale, oracle) in curves.items():
+        (line,) = ax.plot(fractions.numpy(), by_scale.numpy(), label=name)
+        ax.plot(fractions.numpy(), oracle.numpy(), linestyle="--", color=line.get_color(), alpha=0.6)
+    ax.set(xlabel="fraction removed (largest predicted scale first)", ylabel="mean |error| of the rest / overall")
+    ax.set_title("Sparsification (dashed: removing by true error)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def save_scale_map(path: str | os.PathLike, log_scale: Tensor, cmap: str = "magma") -> Path:
+    """The predicted scale ``exp(log_scale)`` of one image ``(1|C, H, W)`` or ``(1, C|1, H, W)``,
+    averaged over channels, as a plain colormapped PNG at the image's own size (range: 0 to the
+    99th percentile)."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    scale = log_scale.detach().float().cpu().exp()
+    scale = scale.reshape(-1, *scale.shape[-2:]).mean(dim=0).numpy()
+    vmax = max(float(np.percentile(scale, 99)), 1e-12)
+    rgba = colormaps[cmap](np.clip(scale / vmax, 0.0, 1.0), bytes=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    Image.fromarray(rgba[..., :3]).save(tmp, format="PNG")
     os.replace(tmp, path)
     return path

@@ -1,0 +1,103 @@
+"""`hetvae uncertainty`, `eval` and `compare` on tiny runs trained inside the test."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from hetvae.cli import main
+from hetvae.config import load_config
+from hetvae.evaluate import METRIC_KEYS, load_predictor
+from hetvae.train import train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TINY_RUN = [
+    "model.block_out_channels=[16, 32]",
+    "model.latent_channels=4",
+    "model.norm_num_groups=8",
+    "data.resolution=32",
+    "data.samples_per_epoch=8",
+    "train.steps=3",
+    "train.batch_size=2",
+    "train.warmup_steps=0",
+    "train.log_every=1",
+    "train.sample_every=0",
+    "train.checkpoint_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for granularity in ("pixel", "global"):
+        cfg = load_config(CONFIGS / "tiny.yaml", TINY_RUN + [f"log_scale.granularity={granularity}",
+                                                            f"out_dir={root / granularity}"])
+        train(cfg, progress=False)
+        out[granularity] = root / granularity
+    return out
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    # 44 x 60: not a multiple of the model's factor, so padding and cropping back are exercised
+    for i in range(2):
+        img = (np.clip(rng.normal(128, 40, (44, 60, 3)), 0, 255)).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_uncertainty_writes_panels_maps_and_raw_maps(runs, image_dir, tmp_path):
+    assert main(["uncertainty", str(image_dir), "--checkpoint", str(runs["pixel"]), "--out", str(tmp_path)]) == 0
+    for name in ("img0", "img1"):
+        panel = Image.open(tmp_path / f"{name}_panel.png")
+        assert panel.size == (1300, 280)  # 5 columns x 2.6 in, 2.4 in + title, at 100 dpi
+        assert Image.open(tmp_path / f"{name}_scale.png").size == (60, 44)
+        maps = load_file(str(tmp_path / f"{name}_maps.safetensors"))
+        assert set(maps) == {"input", "mean", "log_scale", "error"}
+        assert all(tuple(m.shape) == (3, 44, 60) for m in maps.values())
+        assert maps["log_scale"].std() > 0  # a per-pixel map, not a constant
+
+
+def test_eval_json_has_every_key(runs, image_dir, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == set(METRIC_KEYS)
+    assert result["n_images"] == 2 and result["granularity"] == "pixel"
+    assert 0 <= result["coverage_50"] <= result["coverage_90"] <= 1
+    assert 0 < result["nll_bpd"] < 16 and result["psnr"] > 0 and isinstance(result["spearman"], float)
+    assert "calibration_error" in capsys.readouterr().out
+
+
+def test_eval_of_a_global_run_has_no_spearman(runs, image_dir, tmp_path):
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--checkpoint", str(runs["global"]), "--images", str(image_dir), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["granularity"] == "global" and result["spearman"] is None
+
+
+def test_compare_writes_table_and_plots(runs, image_dir, tmp_path):
+    args = ["compare", str(runs["pixel"]), str(runs["global"]), "--images", str(image_dir), "--out", str(tmp_path)]
+    assert main(args) == 0
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| pixel | pixel |" in table and "| global | global |" in table
+    for png in ("reliability.png", "sparsification.png"):
+        assert Image.open(tmp_path / png).size[0] > 100
+
+
+def test_a_bare_model_gets_its_head_or_the_closed_form_scale(runs, tmp_path):
+    pixel = load_predictor(runs["pixel"] / "model.safetensors")
+    assert pixel.granularity == "pixel"
+    model = load_predictor(runs["global"] / "model.safetensors")
+    assert model.granularity == "global" and model.nll.head.fit == "optimal"
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 1
+    assert "does not exist" in capsys.readouterr().err
