@@ -278,8 +278,28 @@ def test_kill_9_leaves_a_loadable_checkpoint(images, tmp_path):
     assert steps == list(range(1, ckpt.step + 3))  # log lines past the checkpoint were dropped
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_checkpoints_and_exits_cleanly(images, tmp_path, signum):
+def test_sigint_finishes_the_step_and_checkpoints(images, tmp_path):
+    trainer = Trainer(make_cfg(images, tmp_path / "run", "train.steps=50", "train.checkpoint_every=0"), progress=False)
+    real_step = trainer._train_step
+
+    def step_then_ctrl_c(batches):
+        out = real_step(batches)
+        if trainer.step == 2:  # arrives mid-step 3 (self.step counts finished steps)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    trainer._train_step = step_then_ctrl_c
+    handler = signal.getsignal(signal.SIGINT)
+    result = trainer.run()
+    assert result.interrupted and result.step == 3
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints")).step == 3
+    assert signal.getsignal(signal.SIGINT) is handler  # restored after the run
+    resumed = Trainer(make_cfg(images, tmp_path / "run", "train.steps=4"), progress=False)
+    assert resumed.step == 3 and resumed.run().step == 4
+
+
+def test_sigterm_in_a_subprocess_exits_0_with_a_checkpoint(images, tmp_path):
+    signum = signal.SIGTERM
     run = tmp_path / "run"
     cfg = make_cfg(images, run, "train.steps=100000", "train.checkpoint_every=0", "train.log_every=1")
     proc = _start(save_config(cfg, tmp_path / "cfg.yaml"))
