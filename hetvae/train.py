@@ -4,7 +4,8 @@
 ``build_model`` / ``build_objective``, then runs ``cfg.train.steps`` optimiser steps:
 
 * two AdamW optimisers: the generator's holds the autoencoder's trainable parameters *and* the
-  objective's learned log-scales (``objective.trainable_parameters()``, no weight decay on them);
+  objective's learned log-scales (``objective.trainable_parameters()``); those and the pixel
+  head's bias (the log-scale offsets) form a group with ``log_scale_lr`` and no weight decay;
   the discriminator's runs only once ``objective.gan_factor(step) > 0``;
 * ``decoder_only``: the encoder and ``quant_conv`` are frozen (no gradient, not in the optimiser),
   so the latent space of a pretrained VAE stays exactly what its diffusion model expects;
@@ -15,7 +16,10 @@
 * SIGINT / SIGTERM finish the current step, write a checkpoint and the model, and return normally;
 * under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel (gloo on CPU, NCCL on GPU), each
   rank takes its contiguous share of every global batch (``batch_size`` is the global micro-batch
-  and must divide by the world size), all file output on rank 0 only.
+  and must divide by the world size), all file output on rank 0 only. The loss's log-scales and
+  the discriminator stay outside DDP and have their gradients averaged by hand. Two things remain
+  per rank: the discriminator's BatchNorm statistics (rank 0's are saved; ``disc_norm: actnorm``
+  avoids them) and the adaptive GAN weight, computed from each rank's local gradient norms.
 
 Determinism: epoch ``e`` visits the dataset in the permutation drawn from ``(seed, e)``, cut into
 full global batches; crops come from ``(seed, e, index)`` (``hetvae.data``); the posterior noise of
@@ -303,17 +307,25 @@ class Trainer:
         self.discriminator = self.objective.discriminator
         self.ema = EMA(self.model, decay=t.ema_decay) if t.ema_decay is not None else None
 
-        ae_params = [p for p in self.model.parameters() if p.requires_grad]
-        scale_params = self.objective.trainable_parameters()
+        # log-scale offsets (the loss's global/channel values, the pixel head's bias) get their own lr
+        head = self.model.decoder.log_scale_head
+        offsets = [head.bias] if head is not None and head.bias is not None and head.bias.requires_grad else []
+        scale_params = self.objective.trainable_parameters() + offsets
+        ae_params = [p for p in self.model.parameters() if p.requires_grad and not any(p is o for o in offsets)]
         self.g_params = ae_params + scale_params
-        groups = [{"params": ae_params, "weight_decay": t.weight_decay}]
+        groups = [{"params": ae_params, "weight_decay": t.weight_decay, "base_lr": t.lr}]
         if scale_params:
             # decay would pull the log-scale towards its init: a prior nobody asked for
-            groups.append({"params": scale_params, "weight_decay": 0.0})
+            groups.append({"params": scale_params, "weight_decay": 0.0, "base_lr": t.log_scale_lr or t.lr})
         self.g_opt = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas)
         self.d_params = self.objective.discriminator_parameters()
         self.d_opt = (
-            torch.optim.AdamW(self.d_params, lr=t.disc_lr or t.lr, betas=t.betas, weight_decay=t.weight_decay)
+            torch.optim.AdamW(
+                [{"params": self.d_params, "base_lr": t.disc_lr or t.lr}],
+                lr=t.disc_lr or t.lr,
+                betas=t.betas,
+                weight_decay=t.weight_decay,
+            )
             if self.d_params
             else None
         )
@@ -504,8 +516,7 @@ class Trainer:
         for opt in (self.g_opt, self.d_opt):
             if opt is not None:
                 for group in opt.param_groups:
-                    base = (t.disc_lr or t.lr) if opt is self.d_opt else t.lr
-                    group["lr"] = base * factor
+                    group["lr"] = group["base_lr"] * factor
         self.g_opt.zero_grad(set_to_none=True)
         if self.d_opt is not None:
             self.d_opt.zero_grad(set_to_none=True)
