@@ -127,6 +127,32 @@ def test_gradient_scaled_by_the_incoming_gradient(fused_mode):
     assert one.abs().sum() > 0
 
 
+def test_falls_back_to_eager_when_compile_fails(fused_mode, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(fused, "_compiled", None)
+    monkeypatch.setattr(fused, "_compile_failed", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    fused_mode("compile")
+    spec = fused.NLLSpec("laplace", 0.0, False, "batch")
+    inputs = _inputs(torch.float32, SHAPE)
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
+        got = _loss_and_grads(fused.fused_nll, inputs, spec, False)
+    assert fused._compile_failed
+    want = _loss_and_grads(fused.reference, inputs, spec, False)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    # a genuine input error still raises, and does not count as a compiler failure
+    monkeypatch.setattr(fused, "_compile_failed", False)
+    with pytest.raises(RuntimeError, match="size"):
+        fused.fused_nll(inputs[0], inputs[1], torch.zeros(2, 2, 4, 5), None, None, spec)
+    assert not fused._compile_failed
+
+
 @pytest.mark.slow
 def test_compiled_equals_eager(fused_mode):
     torch._dynamo.reset()
