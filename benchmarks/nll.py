@@ -43,7 +43,7 @@ def _with_mode(value: str, fn):
     return run
 
 
-def bench_case(family, name, beta, shape, dtype, rounds, inner, outside):
+def bench_case(family, name, beta, shape, dtype, rounds, inner, outside, clock):
     g = torch.Generator().manual_seed(0)
     target = torch.rand(shape, generator=g, dtype=dtype) * 2 - 1
     mean = (target + 0.1 * torch.randn(shape, generator=g, dtype=dtype)).requires_grad_(True)
@@ -65,7 +65,7 @@ def bench_case(family, name, beta, shape, dtype, rounds, inner, outside):
 
     torch._dynamo.reset()  # each case compiles afresh, never against dynamo's recompile limit
     modes = {"eager": "0", "fused": "eager", "compiled": "compile"}
-    return compare(l1, {name: _with_mode(value, nll) for name, value in modes.items()}, rounds=rounds, inner=inner)
+    return compare(l1, {name: _with_mode(value, nll) for name, value in modes.items()}, rounds=rounds, inner=inner, clock=clock)
 
 
 def main(argv=None):
@@ -77,6 +77,7 @@ def main(argv=None):
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.5])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--inner", type=int, default=5)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time (use with --threads 1 on a busy machine)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--outside", action="store_true", help="log-scale maps partly outside the identity band")
     parser.add_argument("--quick", action="store_true", help="3 rounds of 3 calls")
@@ -86,13 +87,13 @@ def main(argv=None):
     if args.quick:
         args.rounds, args.inner = 3, 3
     dtype = getattr(torch, args.dtype)
-    print(f"# NLL fwd+bwd / F.l1_loss fwd+bwd, shape {tuple(args.shape)} {args.dtype}")
+    print(f"# NLL fwd+bwd / F.l1_loss fwd+bwd, shape {tuple(args.shape)} {args.dtype}, {args.clock} clock")
     print(f"# {machine()}")
     rows = []
     for family in args.families:
         for name in args.granularities:
             for beta in args.betas:
-                base, r = bench_case(family, name, beta, tuple(args.shape), dtype, args.rounds, args.inner, args.outside)
+                base, r = bench_case(family, name, beta, tuple(args.shape), dtype, args.rounds, args.inner, args.outside, args.clock)
                 rows.append([family, name, f"{beta:g}", f"{base * 1e3:.2f}"] + [f"{r[k]:.2f}x" for k in COLUMNS])
                 print(table(HEADER, rows[-1:]).splitlines()[-1], flush=True)
     print()
