@@ -256,6 +256,18 @@ def _local_batches(
         epoch, skip = epoch + 1, 0
 
 
+def _load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore moments and step counts, but keep the *configured* hyper-parameters.
+
+    ``Optimizer.load_state_dict`` also restores each group's lr, betas and weight decay; a run
+    resumed with a changed ``train.lr`` would silently keep the old one.
+    """
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, settings in zip(opt.param_groups, configured):
+        group.update(settings)
+
+
 # ---------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------
@@ -431,9 +443,9 @@ class Trainer:
         except RuntimeError as exc:
             raise RuntimeError(f"{path}: the checkpoint does not fit the configured model: {exc}") from None
         state = ckpt.state
-        self.g_opt.load_state_dict(state["generator_optimizer"])
+        _load_optimizer(self.g_opt, state["generator_optimizer"])
         if self.d_opt is not None and state.get("discriminator_optimizer") is not None:
-            self.d_opt.load_state_dict(state["discriminator_optimizer"])
+            _load_optimizer(self.d_opt, state["discriminator_optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.noise.set_state(state["rng"]["noise"])

@@ -226,6 +226,10 @@ def test_resume_flags(images, tmp_path):
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         Trainer(apply_overrides(cfg, ["train.resume=never"]), progress=False)
     assert Trainer(cfg, progress=False).step == 2  # resume: auto
+    # a resumed run takes the configured hyper-parameters, not the checkpoint's
+    changed = Trainer(apply_overrides(cfg, ["train.lr=1e-5", "train.betas=[0.5, 0.9]"]), progress=False)
+    assert changed.step == 2 and changed.g_opt.state  # moments restored
+    assert changed.g_opt.param_groups[0]["base_lr"] == 1e-5 and changed.g_opt.param_groups[0]["betas"] == (0.5, 0.9)
 
 
 # --- processes: kill -9, signals, DDP, CLI -------------------------------------------------------
