@@ -82,6 +82,7 @@ def main(argv=None):
         "--max-attention-gib", type=float, default=4.0,
         help="skip stock-attention runs whose math-kernel attention would exceed this (2048 px: ~32 GiB)",
     )
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--quick", action="store_true", help="1024 px only")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -97,7 +98,7 @@ def main(argv=None):
     for size in args.sizes:
         base, _ = run_child(args, size, "baseline")
         peaks = {}
-        for mode in MODES:
+        for mode in args.modes:
             need = math_attention_gib(args, size if mode.startswith("untiled") else min(size, args.tile))
             if "contiguous" not in mode and need > args.max_attention_gib:
                 rows.append([str(size), mode, "skipped", f"its attention matrices alone need ~{need:.0f} GiB", ""])
@@ -107,7 +108,7 @@ def main(argv=None):
             rows.append([str(size), mode, f"{peaks[mode]:.0f}", f"{peaks[mode] - base:.0f}", f"{seconds:.0f}"])
             print(table(["px", "decode", "peak RSS MiB", "above baseline MiB", "wall s"], rows[-1:]).splitlines()[-1], flush=True)
         rows.append([str(size), "baseline (no decode)", f"{base:.0f}", "0", ""])
-        if "untiled" in peaks:
+        if "untiled" in peaks and "tiled" in peaks:
             print(f"# {size} px: tiled / untiled peak above baseline = {(peaks['tiled'] - base) / (peaks['untiled'] - base):.2f}")
     print()
     print(table(["px", "decode", "peak RSS MiB", "above baseline MiB", "wall s"], rows))
