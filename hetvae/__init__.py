@@ -1,6 +1,7 @@
 """hetvae: heteroscedastic (spatially varying) reconstruction likelihoods for image autoencoders."""
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Reconstruction
+from hetvae.config import Config, build_model, build_nll, build_objective, load_config
 from hetvae.convert import CheckpointError, CheckpointInfo, inspect_checkpoint, load_autoencoder, save_autoencoder
 from hetvae.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
 from hetvae.distributions import DiagonalGaussian
@@ -16,6 +17,7 @@ from hetvae.heads import ChannelLogScale, GlobalLogScale, PixelLogScale, create_
 from hetvae.loss import HeteroscedasticNLL, NLLOutput
 from hetvae.objective import AutoencoderObjective
 from hetvae.perceptual import LPIPS
+from hetvae.train import NonFiniteLossError, Trainer, TrainResult
 
 __version__ = "0.1.0"
 
@@ -27,14 +29,21 @@ __all__ = [
     "ChannelLogScale",
     "CheckpointError",
     "CheckpointInfo",
+    "Config",
     "DiagonalGaussian",
     "GlobalLogScale",
     "HeteroscedasticNLL",
     "NLLOutput",
     "NLayerDiscriminator",
+    "NonFiniteLossError",
     "PixelLogScale",
     "Reconstruction",
+    "TrainResult",
+    "Trainer",
     "bits_per_dim",
+    "build_model",
+    "build_nll",
+    "build_objective",
     "create_head",
     "discretized_log_likelihood",
     "discretized_nll",
@@ -42,6 +51,7 @@ __all__ = [
     "hinge_d_loss",
     "inspect_checkpoint",
     "laplace_nll",
+    "load_config",
     "load_autoencoder",
     "optimal_log_scale",
     "save_autoencoder",
