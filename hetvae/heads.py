@@ -71,6 +71,21 @@ class _BoundedLogScale(nn.Module):
     def bound(self, raw: Tensor) -> Tensor:
         return soft_clamp(raw, *self.bounds, self.margin)
 
+    def _refuse_map(self, predicted: Tensor | None) -> None:
+        """Global and channel scales are parameters of the loss: a predicted map is a caller error."""
+        if predicted is not None:
+            raise ValueError(
+                f"granularity '{self.granularity}' takes no predicted log_scale map; drop log_scale=..., "
+                "or use granularity='pixel' to train the decoder's map"
+            )
+
+    def _check_channels(self, target: Tensor) -> None:
+        if target.shape[1] != self.channels:
+            raise ValueError(
+                f"{type(self).__name__} has {self.channels} channels but target of shape {tuple(target.shape)} "
+                f"has {target.shape[1]} in dimension 1"
+            )
+
     def extra_repr(self) -> str:
         return f"init={self.init}, bounds={self.bounds}, margin={self.margin}, family={self.family!r}, fit={self.fit!r}"
 
@@ -96,11 +111,7 @@ class GlobalLogScale(_BoundedLogScale):
         self, target: Tensor, mean: Tensor, predicted: Tensor | None = None, weights: Tensor | None = None
     ) -> Tensor:
         """Returns a scalar log-scale ``()``."""
-        if predicted is not None:
-            raise ValueError(
-                "granularity 'global' takes no predicted log_scale map; drop log_scale=..., "
-                "or use granularity='pixel' to train the decoder's map"
-            )
+        self._refuse_map(predicted)
         if self.fit == "optimal":
             return self.bound(optimal_log_scale(target, mean, "global", self.family, weights))
         return self.bound(self.init + self.free)
@@ -131,16 +142,8 @@ class ChannelLogScale(_BoundedLogScale):
         self, target: Tensor, mean: Tensor, predicted: Tensor | None = None, weights: Tensor | None = None
     ) -> Tensor:
         """Returns ``(1, C, 1, ...)`` with ``target.ndim`` dimensions."""
-        if predicted is not None:
-            raise ValueError(
-                "granularity 'channel' takes no predicted log_scale map; drop log_scale=..., "
-                "or use granularity='pixel' to train the decoder's map"
-            )
-        if target.shape[1] != self.channels:
-            raise ValueError(
-                f"ChannelLogScale has {self.channels} channels but target of shape {tuple(target.shape)} "
-                f"has {target.shape[1]} in dimension 1"
-            )
+        self._refuse_map(predicted)
+        self._check_channels(target)
         if self.fit == "optimal":
             s = optimal_log_scale(target, mean, "channel", self.family, weights)
         else:
@@ -183,11 +186,8 @@ class PixelLogScale(_BoundedLogScale):
                 "granularity 'pixel' needs the decoder's predicted map: pass log_scale=reconstruction.log_scale "
                 "(build the autoencoder with log_scale='pixel' so its decoder has a log-scale head)"
             )
+        self._check_channels(target)
         t, p = tuple(target.shape), tuple(predicted.shape)
-        if t[1] != self.channels:
-            raise ValueError(
-                f"PixelLogScale has {self.channels} channels but target of shape {t} has {t[1]} in dimension 1"
-            )
         if predicted.ndim != target.ndim or p[0] != t[0] or p[2:] != t[2:] or p[1] not in (t[1], 1):
             raise ValueError(
                 f"predicted log_scale map of shape {p} does not fit target of shape {t}: expected "

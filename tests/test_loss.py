@@ -250,6 +250,8 @@ def test_errors_say_what_to_pass():
         _crit("pixel")(x, mu, log_scale=torch.zeros(2, 3, 4, 4, dtype=x.dtype))
     with pytest.raises(ValueError, match="ChannelLogScale has 4 channels but target"):
         _crit("channel", channels=4)(x, mu)
+    with pytest.raises(ValueError, match="PixelLogScale has 4 channels but target"):
+        _crit("pixel", channels=4)(x, mu, log_scale=torch.zeros(2, 1, 4, 5, dtype=x.dtype))
     with pytest.raises(ValueError, match=r"mean of shape \(2, 3, 4\) must have the shape of target"):
         _crit("global")(x, mu[..., 0])
     with pytest.raises(ValueError, match="family must be one of"):
