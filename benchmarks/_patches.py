@@ -1,8 +1,11 @@
-"""Candidate speed-ups of hetvae's AutoencoderKL, applied to one model instance only.
+"""Variants of hetvae's AutoencoderKL for the benchmarks, applied to one model instance only.
 
-Nothing in the library changes: each function patches the ``forward`` of the blocks of one model
-(``types.MethodType``) so the benchmarks can time it against the stock model in the same process.
-Each docstring says what the change to ``hetvae/layers.py`` would be.
+The shipped model runs its CPU activations channels_last, gives attention contiguous tokens and
+uses in-place SiLU at inference (docs/performance.md, section 2). Each ``no_*`` variant switches one
+of those off, so a benchmark measures that change's effect against diffusers in the same process;
+``previous`` switches off the first two (the model as it was before them). The others are options
+that were tried and not shipped. Patches replace the ``forward`` of one instance's blocks
+(``types.MethodType``); nothing in the library changes.
 """
 
 from __future__ import annotations
@@ -23,41 +26,53 @@ def _patch(model: nn.Module, cls: type, forward) -> nn.Module:
     return model
 
 
-def _attn_contiguous(self, x):
+def no_channels_last(model: nn.Module) -> nn.Module:
+    """Activations in the caller's layout (NCHW), as diffusers runs them."""
+    model.encoder.channels_last_on_cpu = False
+    model.decoder.channels_last_on_cpu = False
+    return model
+
+
+def _attn_strided(self, x):
     b, c, height, width = x.shape
     h = self.norm(x)
 
-    def tokens(t):  # (B, C, H, W) -> (B, 1, H*W, C), with unit stride in C
-        return t.reshape(b, c, height * width).transpose(1, 2).unsqueeze(1).contiguous()
+    def tokens(t):  # a transposed view: stride HW along C for an NCHW t
+        return t.reshape(b, c, height * width).transpose(1, 2).unsqueeze(1)
 
     out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
     out = out.squeeze(1).transpose(1, 2).reshape(b, c, height, width)
     return x + self.proj_out(out)
 
 
-def contiguous_attention(model: nn.Module) -> nn.Module:
-    """``AttnBlock``: make q, k, v contiguous ``(B, 1, HW, C)`` before SDPA.
-
-    The stock ``tokens()`` returns a transposed view (stride ``HW`` along ``C``). On the CPU,
-    ``scaled_dot_product_attention`` then falls back from its flash kernel to the math kernel, which
-    materialises the ``HW x HW`` attention matrix: 1 GiB per copy for a 128x128 latent (1024 px),
-    16 GiB for 2048 px. Change in ``layers.py``: append ``.contiguous()`` in ``tokens()``.
-    """
-    return _patch(model, AttnBlock, _attn_contiguous)
+def no_contiguous_attention(model: nn.Module) -> nn.Module:
+    """``AttnBlock`` passes q, k, v to SDPA as transposed views (the earlier code). With NCHW
+    activations CPU SDPA then leaves its flash kernel for the math kernel, which materialises the
+    ``HW x HW`` scores; with channels_last activations the views are contiguous anyway."""
+    return _patch(model, AttnBlock, _attn_strided)
 
 
-def _resnet_silu_inplace(self, x):
-    h = self.conv1(F.silu(self.norm1(x), inplace=True))
-    h = self.conv2(F.silu(self.norm2(h), inplace=True))
+def _resnet_silu_copy(self, x):
+    h = self.conv1(F.silu(self.norm1(x)))
+    h = self.conv2(F.silu(self.norm2(h)))
     if self.nin_shortcut is not None:
         x = self.nin_shortcut(x)
     return x + h
 
 
-def silu_inplace(model: nn.Module) -> nn.Module:
-    """``ResnetBlock``: ``F.silu(norm(x), inplace=True)``; GroupNorm's output is a fresh tensor, so
-    SiLU can overwrite it (one allocation and one write fewer; autograd saves SiLU's output instead)."""
-    return _patch(model, ResnetBlock, _resnet_silu_inplace)
+def no_silu_inplace(model: nn.Module) -> nn.Module:
+    """``ResnetBlock``: SiLU writes a new tensor at inference too."""
+    return _patch(model, ResnetBlock, _resnet_silu_copy)
+
+
+def previous(model: nn.Module) -> nn.Module:
+    """NCHW activations and strided attention tokens: hetvae before those two changes."""
+    return no_contiguous_attention(no_channels_last(model))
+
+
+def channels_last(model: nn.Module) -> nn.Module:
+    """Weights channels_last too (``model.to(memory_format=...)``; the benchmark converts inputs)."""
+    return model.to(memory_format=torch.channels_last)
 
 
 @torch.compile(dynamic=False)
@@ -86,52 +101,12 @@ def compiled(model: nn.Module) -> nn.Module:
     return model
 
 
-def channels_last(model: nn.Module) -> nn.Module:
-    """``model.to(memory_format=torch.channels_last)`` (inputs converted too by the benchmark)."""
-    return model.to(memory_format=torch.channels_last)
-
-
-def channels_last_activations(model: nn.Module) -> nn.Module:
-    """Encoder and Decoder: run the activations in ``channels_last``, weights and outputs untouched.
-
-    A convolution whose input is channels_last computes and returns channels_last (oneDNN's
-    preferred layout on the CPU) even with contiguous weights, so converting the input of
-    ``Encoder.forward`` / ``Decoder.forward`` carries the layout through the whole network; the
-    outputs are made contiguous again (3 or 8 channels: cheap), so callers see what they saw.
-    Change in ``autoencoder.py``: ``h = self.conv_in(x.contiguous(memory_format=torch.channels_last))``
-    in both, ``.contiguous()`` on the encoder's moments and the decoder's mean and log-scale.
-    Unlike ``model.to(memory_format=...)`` this keeps the weights contiguous, so saving is unchanged.
-    """
-    for part in (model.encoder, model.decoder):
-        plain = type(part).forward
-
-        def forward(self, x, plain=plain):
-            out = plain(self, x.contiguous(memory_format=torch.channels_last))
-            if isinstance(out, tuple):
-                return tuple(None if t is None else t.contiguous() for t in out)
-            return out.contiguous()
-
-        part.forward = MethodType(forward, part)
-    return model
-
-
-def proposed(model: nn.Module) -> nn.Module:
-    """The changes recommended for hetvae: channels_last activations, contiguous attention, in-place SiLU."""
-    return channels_last_activations(silu_inplace(contiguous_attention(model)))
-
-
-def combined(model: nn.Module) -> nn.Module:
-    """channels_last + contiguous attention + in-place SiLU."""
-    return channels_last(silu_inplace(contiguous_attention(model)))
-
-
 VARIANTS = {
-    "contiguous_attention": contiguous_attention,
-    "silu_inplace": silu_inplace,
+    "no_channels_last": no_channels_last,
+    "no_contiguous_attention": no_contiguous_attention,
+    "no_silu_inplace": no_silu_inplace,
+    "previous": previous,
     "channels_last": channels_last,
-    "combined": combined,
-    "channels_last_activations": channels_last_activations,
-    "proposed": proposed,
     "compiled_norm_silu": compiled_norm_silu,
     "compiled": compiled,
 }

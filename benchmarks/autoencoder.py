@@ -10,10 +10,10 @@ process (``_timing.compare``):
 * ``fwd+bwd``: the same with gradients, ``backward()`` of the mean squared reconstruction.
 
 Variants of hetvae (``benchmarks/_patches.py``, patched into one model instance; each a ratio to
-diffusers in its stock form): ``hetvae`` as shipped, ``contiguous_attention``, ``silu_inplace``,
-``channels_last`` (model and input; diffusers is also shown that way), ``combined`` (those three),
-``channels_last_activations`` (only the activations, inside the model), ``proposed`` (that with
-contiguous attention and in-place SiLU: the recommended change) and, on request,
+diffusers in its stock form): ``hetvae`` as shipped; ``no_channels_last``,
+``no_contiguous_attention`` and ``no_silu_inplace`` each switch one shipped change off;
+``previous`` is the model before the first two; ``channels_last`` converts the weights too
+(diffusers is then also shown with ``.to(memory_format=torch.channels_last)``); on request,
 ``compiled_norm_silu`` (GroupNorm+SiLU through ``torch.compile``) and ``compiled``.
 
     python benchmarks/autoencoder.py --quick
@@ -68,7 +68,7 @@ def check_agreement(ref, ours, x: torch.Tensor, name: str = "hetvae") -> float:
 
 
 def _input_for(variant: str, x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if variant in ("channels_last", "combined") else x
+    return x.contiguous(memory_format=torch.channels_last) if variant == "channels_last" else x
 
 
 # --- tasks -----------------------------------------------------------------------------------

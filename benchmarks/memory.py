@@ -4,8 +4,9 @@ torch allocates outside Python's allocator, so ``tracemalloc`` sees nothing; the
 size of a fresh process does. Each configuration runs in its own child (``--child``), and the
 parent reads that child's ``ru_maxrss`` from ``os.wait4``. A child that builds the model and the
 latent but decodes nothing gives the baseline (interpreter, torch, weights), reported beside.
-``+contiguous_attention`` rows patch the mid-block attention as in ``_patches.contiguous_attention``
-(SDPA's CPU flash kernel instead of the math kernel that materialises the ``HW x HW`` matrix).
+``+previous`` rows patch the model back to NCHW activations and strided attention tokens
+(``_patches.previous``, the model before those changes): CPU SDPA then takes its math kernel,
+which materialises the ``HW x HW`` scores, instead of its flash kernel.
 
 The model is the SD layout scaled for a CPU (``--channels 64 128 256 256``, random weights);
 ``decode`` of a latent ``(1, 4, size/8, size/8)`` under ``torch.no_grad()``, tiles of
@@ -26,13 +27,13 @@ import time
 from _timing import machine, table
 
 
-MODES = ("untiled", "tiled", "untiled+contiguous_attention", "tiled+contiguous_attention")
+MODES = ("untiled", "tiled", "untiled+previous", "tiled+previous")
 
 
 def child(args) -> None:
     import torch
 
-    from _patches import contiguous_attention
+    from _patches import previous
 
     from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 
@@ -41,8 +42,8 @@ def child(args) -> None:
     model = AutoencoderKL(config).eval()
     f = config.downsample_factor
     z = torch.randn(1, config.latent_channels, args.size // f, args.size // f)
-    if args.mode.endswith("+contiguous_attention"):
-        contiguous_attention(model)
+    if args.mode.endswith("+previous"):
+        previous(model)
     if args.mode.startswith("tiled"):
         model.enable_tiling(tile_sample_size=args.tile)
     if args.mode != "baseline":
@@ -80,7 +81,7 @@ def main(argv=None):
     parser.add_argument("--head", choices=["none", "pixel"], default="pixel", help="decoder log-scale head")
     parser.add_argument(
         "--max-attention-gib", type=float, default=4.0,
-        help="skip stock-attention runs whose math-kernel attention would exceed this (2048 px: ~32 GiB)",
+        help="skip +previous runs whose math-kernel attention would exceed this (2048 px: ~32 GiB)",
     )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--quick", action="store_true", help="1024 px only")
@@ -100,7 +101,7 @@ def main(argv=None):
         peaks = {}
         for mode in args.modes:
             need = math_attention_gib(args, size if mode.startswith("untiled") else min(size, args.tile))
-            if "contiguous" not in mode and need > args.max_attention_gib:
+            if mode.endswith("+previous") and need > args.max_attention_gib:
                 rows.append([str(size), mode, "skipped", f"its attention matrices alone need ~{need:.0f} GiB", ""])
                 print(f"# {size} px {mode}: skipped, ~{need:.0f} GiB of attention matrices", flush=True)
                 continue

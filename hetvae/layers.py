@@ -64,8 +64,11 @@ class AttnBlock(nn.Module):
         b, c, height, width = x.shape
         h = self.norm(x)
 
-        def tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1 head, H*W, C)
-            return t.reshape(b, c, height * width).transpose(1, 2).unsqueeze(1)
+        def tokens(t: Tensor) -> Tensor:  # (B, C, H, W) -> (B, 1 head, H*W, C), unit stride along C
+            # A channels_last t gives a contiguous view; an NCHW one is copied, because a transposed
+            # view sends CPU SDPA from its flash kernel to the math kernel, which materialises the
+            # HW x HW scores (~32 GiB for the 256x256 latent of an untiled 2048 px decode).
+            return t.reshape(b, c, height * width).transpose(1, 2).unsqueeze(1).contiguous()
 
         out = F.scaled_dot_product_attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)))
         out = out.squeeze(1).transpose(1, 2).reshape(b, c, height, width)

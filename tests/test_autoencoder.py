@@ -161,6 +161,56 @@ def test_channels_last_gives_the_same_result():
     torch.testing.assert_close(out.mean, ref.mean, rtol=0, atol=1e-5)
 
 
+def test_cpu_activations_run_channels_last_and_outputs_keep_the_usual_layout():
+    model = tiny_model(log_scale="pixel").double()
+    with torch.no_grad():
+        model.decoder.log_scale_head.weight.normal_(std=0.05)
+    seen = []
+    for block in (model.encoder.mid.attn_1, model.decoder.mid.block_2, model.decoder.up[0]):
+        block.register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    x = images().double()
+    with torch.no_grad():
+        rec, posterior = model(x)
+        assert seen == [True, True, True]
+        assert rec.mean.is_contiguous() and rec.log_scale.is_contiguous() and posterior.parameters.is_contiguous()
+        for part in (model.encoder, model.decoder):
+            part.channels_last_on_cpu = False
+        plain, plain_posterior = model(x)
+    assert seen[3:] == [False, False, False]
+    # Only the kernels' summation order differs: in float64 that is rounding, nothing more.
+    for got, want in ((rec.mean, plain.mean), (rec.log_scale, plain.log_scale), (posterior.mean, plain_posterior.mean)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_attention_tokens_are_contiguous_in_either_layout():
+    from hetvae.layers import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(channels=32, groups=8).double()
+    x = torch.randn(2, 32, 8, 8, dtype=torch.float64)
+    strides = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        strides.append(all(t.is_contiguous() for t in (q, k, v)))
+        return real(q, k, v, **kw)
+
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        nchw = block(x)
+        nhwc = block(x.contiguous(memory_format=torch.channels_last))
+    assert strides == [True, True]  # a transposed view would send CPU SDPA to its O(HW^2) math kernel
+    # the closed form: softmax(q k^T / sqrt(C)) v, residual
+    h = block.norm(x)
+    q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (block.q, block.k, block.v))
+    attn = torch.softmax(q @ k.transpose(1, 2) / 32**0.5, dim=-1) @ v
+    want = x + block.proj_out(attn.transpose(1, 2).reshape(2, 32, 8, 8))
+    torch.testing.assert_close(nchw, want.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(nhwc, want.detach(), rtol=0, atol=1e-12)
+
+
 # --- input sizes -------------------------------------------------------------------------------
 
 

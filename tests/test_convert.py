@@ -51,6 +51,14 @@ def images(b: int = 2, size: int = 32) -> torch.Tensor:
     return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
+def reconstruct(model: AutoencoderKL, x: torch.Tensor) -> torch.Tensor:
+    return model(x)[0].mean
+
+
+def diffusers_reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    return vae(x).sample
+
+
 def same_outputs(a: AutoencoderKL, b: AutoencoderKL, x: torch.Tensor, exact: bool = True) -> None:
     with torch.no_grad():
         ra, pa = a(x)
@@ -69,7 +77,7 @@ def same_outputs(a: AutoencoderKL, b: AutoencoderKL, x: torch.Tensor, exact: boo
     ("latent", "quant", "attention"),
     [(4, True, True), (4, True, False), (16, False, True), (16, False, False)],
 )
-def test_parity_with_diffusers_after_loading_its_folder(tmp_path, latent, quant, attention):
+def test_parity_with_diffusers_after_loading_its_folder(tmp_path, latent, quant, attention, assert_matches_reference):
     ref = diffusers_vae(latent=latent, quant=quant, attention=attention)
     ref.save_pretrained(tmp_path)
     model = load_autoencoder(tmp_path)
@@ -77,12 +85,11 @@ def test_parity_with_diffusers_after_loading_its_folder(tmp_path, latent, quant,
     assert model.config.mid_block_attention == attention and model.config.norm_num_groups == 8
     x = images()
     z = torch.randn(2, latent, 16, 16, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        want = ref.encode(x).latent_dist
-        got = model.encode(x)
-        torch.testing.assert_close(got.mean, want.mean, rtol=0, atol=1e-5)
-        torch.testing.assert_close(got.logvar, want.logvar, rtol=0, atol=1e-5)
-        torch.testing.assert_close(model.decode(z).mean, ref.decode(z).sample, rtol=0, atol=1e-5)
+    assert_matches_reference(lambda m, x: m.encode(x).mean, model, lambda r, x: r.encode(x).latent_dist.mean, ref, x)
+    assert_matches_reference(
+        lambda m, x: m.encode(x).logvar, model, lambda r, x: r.encode(x).latent_dist.logvar, ref, x
+    )
+    assert_matches_reference(lambda m, z: m.decode(z).mean, model, lambda r, z: r.decode(z).sample, ref, z)
 
 
 def test_diffusers_round_trip_through_hetvae_is_identical(tmp_path):
@@ -98,26 +105,22 @@ def test_diffusers_round_trip_through_hetvae_is_identical(tmp_path):
     assert again.config.scaling_factor == ref.config.scaling_factor
 
 
-def test_diffusers_bin_fp16_variant_and_pipeline_folder(tmp_path):
+def test_diffusers_bin_fp16_variant_and_pipeline_folder(tmp_path, assert_matches_reference):
     ref = diffusers_vae()
     x = images()
-    with torch.no_grad():
-        want = ref(x).sample
     ref.save_pretrained(tmp_path / "bin", safe_serialization=False)
     assert inspect_checkpoint(tmp_path / "bin").weights_file.name == "diffusion_pytorch_model.bin"
-    with torch.no_grad():
-        torch.testing.assert_close(load_autoencoder(tmp_path / "bin")(x)[0].mean, want, rtol=0, atol=1e-5)
+    assert_matches_reference(reconstruct, load_autoencoder(tmp_path / "bin"), diffusers_reconstruct, ref, x)
     # fp16 weights in a pipeline folder's vae/: loaded into a float32 model.
     ref.half().save_pretrained(tmp_path / "pipe" / "vae", variant="fp16")
     info = inspect_checkpoint(tmp_path / "pipe")
     assert info.weights_file.name == "diffusion_pytorch_model.fp16.safetensors" and info.format == "diffusers"
     from_fp16 = load_autoencoder(tmp_path / "pipe")
     assert from_fp16.decoder.conv_out.weight.dtype == torch.float32
-    with torch.no_grad():
-        torch.testing.assert_close(from_fp16(x)[0].mean, ref.float()(x).sample, rtol=0, atol=1e-5)
+    assert_matches_reference(reconstruct, from_fp16, diffusers_reconstruct, ref.float(), x)
 
 
-def test_old_diffusers_attention_names_in_a_single_file(tmp_path):
+def test_old_diffusers_attention_names_in_a_single_file(tmp_path, assert_matches_reference):
     ref = diffusers_vae(groups=32)
     old = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
     sd = {}
@@ -128,9 +131,7 @@ def test_old_diffusers_attention_names_in_a_single_file(tmp_path):
     save_file(sd, tmp_path / "old.safetensors")
     model = load_autoencoder(tmp_path / "old.safetensors")
     assert inspect_checkpoint(tmp_path / "old.safetensors").format == "diffusers-file"
-    x = images()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x)[0].mean, ref(x).sample, rtol=0, atol=1e-5)
+    assert_matches_reference(reconstruct, model, diffusers_reconstruct, ref, images())
 
 
 # --- original SD single files ------------------------------------------------------------------
@@ -203,14 +204,13 @@ def test_hetvae_checkpoint_round_trip(tmp_path, channels):
     assert info.format == "hetvae" and info.config_source == "file metadata" and info.has_log_scale_head
 
 
-def test_diffusers_export_keeps_the_head_beside_and_stock_diffusers_loads_it(tmp_path):
+def test_diffusers_export_keeps_the_head_beside_and_stock_diffusers_loads_it(tmp_path, assert_matches_reference):
     model = with_trained_head()
     model.save_pretrained(tmp_path / "d", format="diffusers")
     assert (tmp_path / "d" / "log_scale_head.safetensors").is_file()
     stock = diffusers.AutoencoderKL.from_pretrained(tmp_path / "d").eval()
     x = images()
-    with torch.no_grad():
-        torch.testing.assert_close(stock(x).sample, model(x)[0].mean, rtol=0, atol=1e-5)
+    assert_matches_reference(reconstruct, model, diffusers_reconstruct, stock, x)
     back = load_autoencoder(tmp_path / "d")
     assert inspect_checkpoint(tmp_path / "d").head_file == tmp_path / "d" / "log_scale_head.safetensors"
     assert back.config == model.config

@@ -1,0 +1,35 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import pytest
+import torch
+
+
+def _assert_matches_reference(ours: Callable, model, theirs: Callable, ref, *inputs: torch.Tensor) -> None:
+    """``ours(model, *inputs)`` computes what ``theirs(ref, *inputs)`` does.
+
+    * In float64 (copies of both models) the two agree to rounding, 1e-10: every weight is mapped
+      right, whichever kernels each side picks. In float32 a difference of ~1e-5 is only rounding:
+      on outputs of magnitude ~3, diffusers' own float32 result moves by 1.1e-5 when its input is
+      channels_last instead of NCHW, and lies 8e-6 from its float64 result.
+    * So in float32 hetvae must be as accurate as the reference itself: its distance to the
+      reference's float64 output at most twice the reference's own float32 error (or 1e-6).
+    """
+    with torch.no_grad():
+        got32, want32 = ours(model, *inputs), theirs(ref, *inputs)
+        model64, ref64 = copy.deepcopy(model).double(), copy.deepcopy(ref).double()
+        wide = [t.double() for t in inputs]
+        got64, want64 = ours(model64, *wide), theirs(ref64, *wide)
+    torch.testing.assert_close(got64, want64, rtol=0, atol=1e-10)
+    ours_err = (got32.double() - want64).abs().max().item()
+    ref_err = (want32.double() - want64).abs().max().item()
+    assert ours_err <= max(2 * ref_err, 1e-6), f"float32 error {ours_err:.3g} vs the reference's own {ref_err:.3g}"
+
+
+@pytest.fixture
+def assert_matches_reference():
+    return _assert_matches_reference
