@@ -595,7 +595,10 @@ class TrainConfig:
         decoder_only: train only the decoder (and log-scale), keeping the latent space fixed.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         seed: seeds the model init and the data crops.
-        checkpoint_every, sample_every, log_every: intervals in steps; 0 disables.
+        checkpoint_every, sample_every, log_every: intervals in steps; 0 disables. A
+            ``metrics.jsonl`` record holds the losses averaged over the interval, and the
+            likelihood diagnostics (``bpd``, ``nll_per_dim``, ``log_scale_*``) of its last step,
+            the only step that computes them.
         keep_checkpoints: how many recent checkpoints to keep; 0 keeps all.
         max_nonfinite: consecutive non-finite steps skipped before training stops with an error.
         resume: ``"auto"`` continues from the latest checkpoint in ``out_dir`` if there is one;

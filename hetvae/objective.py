@@ -42,6 +42,14 @@ PERCEPTUAL_MODES: tuple[str, ...] = ("sd", "spatial", "separate")
 Logs = dict[str, float]
 
 
+def _read_scalars(values: dict[str, Tensor]) -> Logs:
+    """Scalar tensors -> floats in one device-to-host transfer (not one synchronisation each)."""
+    first = next(iter(values.values()))
+    dtype = torch.float32 if first.device.type == "mps" else torch.float64  # MPS has no float64
+    stacked = torch.stack([v.detach().reshape(()).to(dtype) for v in values.values()])
+    return dict(zip(values, stacked.tolist()))
+
+
 def _upcast(t: Tensor) -> Tensor:
     """Half precision to float32; float32 and float64 stay as they are."""
     return t.to(compute_dtype(t))
@@ -159,6 +167,7 @@ class AutoencoderObjective(nn.Module):
         step: int,
         last_layer: Tensor | None = None,
         weights: Tensor | None = None,
+        details: bool = True,
     ) -> tuple[Tensor, Logs]:
         """The autoencoder's loss for one batch.
 
@@ -170,8 +179,12 @@ class AutoencoderObjective(nn.Module):
             last_layer: the decoder's mean output weight (``model.last_layer``), needed once the
                 GAN term is on (never the log-scale head: the adaptive weight balances the mean).
             weights: optional per-element weights of the NLL (SD's ``weights``).
+            details: also log the likelihood diagnostics (discretized bits/dim, NLL per dimension,
+                log-scale statistics): a few more passes over the image, so a training loop asks
+                for them only on the steps it records.
 
-        Returns ``(loss, logs)``: a scalar tensor and a dict of floats.
+        Returns ``(loss, logs)``: a scalar tensor and a dict of floats, read from the device in
+        one transfer (one synchronisation per call on a GPU).
         """
         mean = reconstruction.mean
         p = self._perceptual(inputs, mean)
@@ -209,35 +222,37 @@ class AutoencoderObjective(nn.Module):
                 d_weight = self.adaptive_weight(nll_plain, g_loss, last_layer)
             loss = loss + d_weight * factor * g_loss
 
-        logs = {
-            "total": loss.item(),
-            "nll": nll_loss.item(),
-            "rec": (_upcast(inputs) - _upcast(mean)).abs().mean().item(),
-            "kl": kl_loss.item(),
-            "g_loss": g_loss.item(),
-            "d_weight": float(d_weight),
-            "disc_factor": factor,
-        }
-        logs.update(self._likelihood_logs(inputs, mean, out))
-        if p_loss is not None:
-            logs["perceptual"] = p_loss.item()
+        with torch.no_grad():
+            scalars = {
+                "total": loss,
+                "nll": nll_loss,
+                "rec": (_upcast(inputs) - _upcast(mean)).abs().mean(),
+                "kl": kl_loss,
+                "g_loss": g_loss,
+                "d_weight": d_weight,
+            }
+            if p_loss is not None:
+                scalars["perceptual"] = p_loss
+            if details:
+                scalars.update(self._likelihood_logs(inputs, mean, out))
+            logs = _read_scalars(scalars)
+        logs["disc_factor"] = factor
         return loss, logs
 
-    @torch.no_grad()
-    def _likelihood_logs(self, inputs: Tensor, mean: Tensor, out) -> Logs:
+    def _likelihood_logs(self, inputs: Tensor, mean: Tensor, out) -> dict[str, Tensor]:
         const = 0.0 if self.nll.include_constant else log_normalizer(self.nll.family)
         s = torch.broadcast_to(out.log_scale, inputs.shape)
         disc = discretized_nll(quantize_8bit(_upcast(inputs)), _upcast(mean), s, self.nll.family)
         logs = {
-            "nll_per_dim": (out.nll.mean() + const).item(),
-            "bpd": bits_per_dim(disc).item(),
-            "log_scale_mean": s.mean().item(),
-            "log_scale_std": s.std().item() if s.numel() > 1 else 0.0,
-            "log_scale_min": s.min().item(),
-            "log_scale_max": s.max().item(),
+            "nll_per_dim": out.nll.mean() + const,
+            "bpd": bits_per_dim(disc),
+            "log_scale_mean": s.mean(),
+            "log_scale_std": s.std() if s.numel() > 1 else torch.zeros((), device=s.device),
+            "log_scale_min": s.min(),
+            "log_scale_max": s.max(),
         }
         if self.nll.granularity == "channel":
-            for c, value in enumerate(out.log_scale.flatten().tolist()):
+            for c, value in enumerate(out.log_scale.flatten()):
                 logs[f"log_scale_c{c}"] = value
         return logs
 
@@ -256,9 +271,8 @@ class AutoencoderObjective(nn.Module):
         logits_real = _upcast(self.discriminator(inputs.detach()))
         logits_fake = _upcast(self.discriminator(reconstruction.mean.detach()))
         d_loss = factor * self._d_loss(logits_real, logits_fake)
-        return d_loss, {
-            "d_loss": d_loss.item(),
-            "logits_real": logits_real.mean().item(),
-            "logits_fake": logits_fake.mean().item(),
-            "disc_factor": factor,
-        }
+        with torch.no_grad():
+            logs = _read_scalars(
+                {"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
+            )
+        return d_loss, {**logs, "disc_factor": factor}

@@ -533,13 +533,15 @@ class Trainer:
         if self.d_opt is not None:
             self.d_opt.zero_grad(set_to_none=True)
         use_disc = self.objective.gan_factor(step) > 0
+        # the likelihood diagnostics (bits/dim, log-scale statistics) only on steps that are recorded
+        details = bool(t.log_every and (step + 1) % t.log_every == 0) or step + 1 >= t.steps
         sums: dict[str, float] = {}
         finite = True
         for k in range(t.grad_accum):
             x = next(batches).to(self.device, non_blocking=True)
             last = k == t.grad_accum - 1
             sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.forward_module.no_sync()
-            g_logs, d_logs = self._micro_step(x, step, sync, use_disc)
+            g_logs, d_logs = self._micro_step(x, step, sync, use_disc, details)
             finite &= math.isfinite(g_logs["total"]) and math.isfinite(d_logs.get("d_loss", 0.0))
             for key, value in {**g_logs, **d_logs}.items():
                 sums[key] = sums.get(key, 0.0) + value / t.grad_accum
@@ -570,7 +572,9 @@ class Trainer:
         sums["lr"] = t.lr * factor
         return True, sums
 
-    def _micro_step(self, x: Tensor, step: int, sync, use_disc: bool) -> tuple[dict[str, float], dict[str, float]]:
+    def _micro_step(
+        self, x: Tensor, step: int, sync, use_disc: bool, details: bool = True
+    ) -> tuple[dict[str, float], dict[str, float]]:
         t, world, rank = self.cfg.train, self.dist.world_size, self.dist.rank
         f = self.model.config.downsample_factor
         # the whole global batch's noise on every rank, each keeps its slice (see _Generator)
@@ -585,7 +589,7 @@ class Trainer:
                 mean, log_scale, moments = self.forward_module(x, eps)
                 rec = Reconstruction(mean=mean, log_scale=log_scale)
                 loss, g_logs = self.objective.generator_loss(
-                    x, rec, DiagonalGaussian(moments), step, last_layer=self.model.last_layer
+                    x, rec, DiagonalGaussian(moments), step, last_layer=self.model.last_layer, details=details
                 )
             self.scaler.scale(loss / t.grad_accum).backward()
         d_logs: dict[str, float] = {}
@@ -734,6 +738,7 @@ class Trainer:
             disable=not (main and self.progress), dynamic_ncols=True, mininterval=1.0,
         )
         interval: dict[str, float] = {}
+        counts: dict[str, int] = {}  # steps each key was logged in (diagnostics: only the recorded step)
         interval_steps, interval_start = 0, time.perf_counter()
         last_logs: dict[str, float] = {}
         interrupted = False
@@ -755,15 +760,18 @@ class Trainer:
                     for key, value in logs.items():
                         if math.isfinite(value):
                             interval[key] = interval.get(key, 0.0) + value
+                            counts[key] = counts.get(key, 0) + 1
                     interval_steps += 1
                     if main and "total" in logs and math.isfinite(logs["total"]):
-                        scale = math.exp(logs.get("log_scale_mean", 0.0))
-                        bar.set_postfix(loss=f"{logs['total']:.4g}", scale=f"{scale:.3g}", refresh=False)
+                        postfix = {"loss": f"{logs['total']:.4g}"}
+                        if "log_scale_mean" in logs:
+                            postfix["scale"] = f"{math.exp(logs['log_scale_mean']):.3g}"
+                        bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
 
                     done = self.step >= t.steps
                     if (t.log_every and self.step % t.log_every == 0) or done:
-                        record = self._reduce_logs({k: v / interval_steps for k, v in interval.items()})
+                        record = self._reduce_logs({k: v / counts[k] for k, v in interval.items()})
                         elapsed = time.perf_counter() - interval_start
                         record.update(
                             step=self.step,
@@ -773,7 +781,7 @@ class Trainer:
                         last_logs = record
                         if main:
                             self._write_metrics(record)
-                        interval, interval_steps, interval_start = {}, 0, time.perf_counter()
+                        interval, counts, interval_steps, interval_start = {}, {}, 0, time.perf_counter()
                     stop = self._should_stop()
                     if (t.sample_every and self.step % t.sample_every == 0) or done or stop:
                         self.write_samples()

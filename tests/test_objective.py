@@ -100,6 +100,18 @@ def test_logs_have_every_key(lpips):
     assert logs["log_scale_mean"] == 0.0 and logs["log_scale_std"] == 0.0
 
 
+def test_details_off_skips_only_the_diagnostics(lpips):
+    model, x = _model(pixel=True), _images()
+    obj = _objective(lpips, "pixel", perceptual_weight=1.0, disc_start=0)
+    rec, post = model(x)
+    full_loss, full = obj.generator_loss(x, rec, post, 0, last_layer=model.last_layer)
+    loss, brief = obj.generator_loss(x, rec, post, 0, last_layer=model.last_layer, details=False)
+    assert torch.equal(loss, full_loss)
+    assert set(full) - set(brief) == {"nll_per_dim", "bpd", "log_scale_mean", "log_scale_std", "log_scale_min", "log_scale_max"}
+    assert all(brief[k] == full[k] for k in brief)  # the same values, read in one transfer
+    assert brief["total"] == full_loss.item() and brief["nll"] > 0
+
+
 def _grads(module):
     return {n: p.grad for n, p in module.named_parameters()}
 

@@ -198,6 +198,14 @@ def test_run_folder_layout_and_exports(images, tmp_path):
     cfg = make_cfg(images, run, "log_scale.granularity=pixel", "train.ema_decay=0.5", "train.steps=5",
                    "train.keep_checkpoints=2", "train.checkpoint_every=1", "train.sample_every=2", "train.log_every=2")
     trainer = Trainer(cfg, progress=False)
+    real, asked = trainer.objective.generator_loss, []
+
+    def generator_loss(*args, **kwargs):
+        loss, logs = real(*args, **kwargs)
+        asked.append((kwargs["details"], "bpd" in logs))
+        return loss, logs
+
+    trainer.objective.generator_loss = generator_loss
     result = trainer.run()
     assert result.model_file == run / "model.safetensors"
     assert load_config(run / "config.yaml") == cfg
@@ -205,7 +213,11 @@ def test_run_folder_layout_and_exports(images, tmp_path):
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
         "latest.png", "step_0000002.png", "step_0000004.png", "step_0000005.png"
     ]
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [2, 4, 5]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 5]
+    # the diagnostics are computed on the recorded steps only, and every record has them
+    assert asked == [(False, False), (True, True), (False, False), (True, True), (True, True)]
+    assert all(0 < r["bpd"] < 16 and "log_scale_std" in r for r in records)
 
     # the exported model is the EMA, loadable with no other file
     model = load_autoencoder(run)
