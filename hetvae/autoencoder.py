@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hetvae.distributions import DiagonalGaussian
-from hetvae.layers import Level, MidBlock, group_norm, run_maybe_checkpointed
+from hetvae.layers import Level, MidBlock, activation_layout, group_norm, run_maybe_checkpointed
 
 LOG_SCALE_KINDS = (None, "pixel")
 
@@ -96,22 +96,6 @@ class Reconstruction:
 
     mean: Tensor
     log_scale: Tensor | None = None
-
-
-def activation_layout(x: Tensor, channels_last_on_cpu: bool = True) -> Tensor:
-    """``x`` in the memory layout the encoder and decoder run their activations in.
-
-    On the CPU that is ``channels_last``: a convolution whose input is channels_last computes and
-    returns channels_last (oneDNN's native layout) even with contiguous weights, so converting the
-    input once carries the layout through every block (encode+decode measured 0.93x the time of the
-    default layout, docs/performance.md), and the attention's tokens are then contiguous views.
-    Weights stay as they are, so saving and loading are unaffected. Other devices keep the caller's
-    layout (not measured there; ``model.to(memory_format=torch.channels_last)`` still works).
-    The encoder's and decoder's ``channels_last_on_cpu = False`` keeps the caller's layout on the CPU too.
-    """
-    if channels_last_on_cpu and x.device.type == "cpu" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 class Encoder(nn.Module):

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hetvae.layers import activation_layout
+
 __all__ = ["LPIPS", "normalize_channels"]
 
 # Indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in VGG16's `features` Sequential;
@@ -242,6 +244,17 @@ class LPIPS(nn.Module):
         """No-op: a frozen metric stays in eval mode whatever its parent module does."""
         return super().train(False)
 
+    def _taps(self, x: Tensor, *, grad: bool) -> list[Tensor]:
+        """VGG16 features of ``x`` at relu1_2 ... relu5_3 (gradients recorded if ``grad``)."""
+        taps = []
+        with torch.set_grad_enabled(grad):
+            h = activation_layout((x - self.shift) / self.scale)
+            for index, layer in enumerate(self.features):
+                h = layer(h)
+                if index in _TAPS:
+                    taps.append(h)
+        return taps
+
     def forward(self, input: Tensor, target: Tensor, *, spatial: bool = False) -> Tensor:
         """LPIPS distance between ``input`` and ``target``, both (B, 3, H, W) in ``[-1, 1]``.
 
@@ -253,18 +266,19 @@ class LPIPS(nn.Module):
                 f"LPIPS expects two (B, 3, H, W) images of one shape, got "
                 f"{tuple(input.shape)} and {tuple(target.shape)}"
             )
-        batch = input.shape[0]
-        h = (torch.cat([input, target]) - self.shift) / self.scale
+        grad = torch.is_grad_enabled()
+        if grad and input.requires_grad != target.requires_grad:
+            # Typically a reconstruction against fixed images: the trunk's backward then runs on
+            # the reconstruction only (one batch instead of two).
+            pairs = zip(self._taps(input, grad=input.requires_grad), self._taps(target, grad=target.requires_grad))
+        else:
+            batch = input.shape[0]
+            pairs = [(h[:batch], h[batch:]) for h in self._taps(torch.cat([input, target]), grad=grad)]
         out = None
-        for index, layer in enumerate(self.features):
-            h = layer(h)
-            if index not in _TAPS:
-                continue
-            lin = self.lins[_TAPS.index(index)]
+        for lin, (h_input, h_target) in zip(self.lins, pairs):
             # normalisation and calibration in float32 whatever the autocast dtype
-            with torch.autocast(device_type=h.device.type, enabled=False):
-                f = normalize_channels(h.float())
-                diff = (f[:batch] - f[batch:]).square()
+            with torch.autocast(device_type=h_input.device.type, enabled=False):
+                diff = (normalize_channels(h_input.float()) - normalize_channels(h_target.float())).square()
                 m = F.conv2d(diff, lin.weight.float())
                 if spatial:
                     m = F.interpolate(

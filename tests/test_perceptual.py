@@ -72,6 +72,24 @@ def test_parity_with_lpips_package(model, reference, size):
     torch.testing.assert_close(ours_map, ref_map, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (True, True)])
+def test_gradients_match_lpips_package_whichever_image_needs_them(model, reference, needs):
+    # one image needing gradients runs the trunk twice (backward through one); both: one batch of two
+    x, y = images(2, 3, 32, 32, seed=3), images(2, 3, 32, 32, seed=4)
+    grads = []
+    for fn in (model, reference):
+        a, b = x.clone().requires_grad_(needs[0]), y.clone().requires_grad_(needs[1])
+        value = fn(a, b)
+        value.sum().backward()
+        grads.append((value.detach(), a.grad, b.grad))
+    (ours, ga, gb), (ref, ra, rb) = grads
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    for got, want, need in ((ga, ra, needs[0]), (gb, rb, needs[1])):
+        assert (got is not None) == need
+        if need:
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
 def test_calibration_found_in_lpips_package(model, reference):
     for ours, ref in zip(model.lins, reference.lins):
         torch.testing.assert_close(ours.weight, ref.model[-1].weight, atol=0, rtol=0)
