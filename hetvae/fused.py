@@ -133,8 +133,12 @@ def _forward(
     needs: tuple[bool, bool, bool, bool, bool],
 ) -> tuple[Tensor, Tensor, list[Tensor | None]]:
     """``loss``, ``nll`` and the unit gradients of ``loss`` for the inputs flagged in ``needs``
-    (target, mean, log_scale, weights, extra). Every full-size temporary is written at most once
-    and reused in place where the value is no longer needed."""
+    (target, mean, log_scale, weights, extra).
+
+    On a CPU a fresh full-size buffer costs more than the arithmetic written into it (first-touch
+    page faults: an out-of-place op measured several times its in-place twin inside this loss), so
+    every full-size temporary is written once and reused in place once its value is dead.
+    """
     k = spec.k
     n = target.shape[0] if spec.reduction == "batch" else target.numel()
     # r = mu - x, the negated residual: d'(r) then has the sign dloss/dmu needs, saving a pass.
@@ -142,7 +146,7 @@ def _forward(
     d = r.abs() if spec.family == "laplace" else r.square().mul_(0.5)
     if extra is not None:
         d.add_(extra)  # d is full-size (it came from r), so any broadcastable extra fits in place
-    e = torch.exp(s * -k)  # shape of s: a scalar, a channel vector or a map, never broadcast here
+    e = torch.mul(s, -k).exp_()  # shape of s: a scalar, a channel vector or a map, never broadcast here
     nll = torch.addcmul(s, d, e)  # s + d e, full-size
     if spec.include_constant:
         nll.add_(log_normalizer(spec.family))
@@ -153,33 +157,38 @@ def _forward(
         c = _beta_weight(e, s, spec).div_(n)
     if weights is not None:
         c = weights / n if c is None else c * weights
-    # Divide the plain sum by n exactly as the reference does, so the common case is bit-identical.
-    loss = nll.sum() / n if c is None else (nll * c).sum()
 
     grads: list[Tensor | None] = [None] * 5
     need_target, need_mean, need_s, need_w, need_extra = needs
     if need_w:
         bw = 1.0 if spec.beta == 0.0 else _beta_weight(e, s, spec)
         grads[3] = _sum_to(nll * bw / n, weights.shape)
-    ce = e / n if c is None else c * e  # dloss/dextra per element; shape of broadcast(s, c)
-    if need_extra:
-        grads[4] = _sum_to(torch.broadcast_to(ce, target.shape), extra.shape)
+    if need_extra:  # dloss/dextra = c e per element
+        grads[4] = _sum_to(torch.broadcast_to(e / n if c is None else c * e, target.shape), extra.shape)
     if need_s:
         if c is None and s.numel() < target.numel():
             # A shared scale: sum(1 - k d e) over its elements is count - k e sum(d); no full temporary.
             count = target.numel() // s.numel()
             grads[2] = (count - k * e * _sum_to(d, s.shape)) / n
-        elif c is None:
-            grads[2] = torch.addcmul(torch.full((), 1.0 / n, dtype=d.dtype, device=d.device), d, e, value=-k / n)
         else:
-            t = torch.addcmul(torch.ones((), dtype=d.dtype, device=d.device), d, e, value=-k)  # 1 - k d e
-            grads[2] = _sum_to(t.mul_(c), s.shape)
+            # d is dead: (1 - k d e) / n, or (1 - k d e) c, written into its buffer
+            one = torch.full((), 1.0 / n if c is None else 1.0, dtype=d.dtype, device=d.device)
+            t = torch.addcmul(one, d, e, value=-k / n if c is None else -k, out=d)
+            grads[2] = _sum_to(t if c is None else t.mul_(c), s.shape)
     if need_mean or need_target:
-        # r is no longer needed: turn it into dloss/dmu = d'(r) c e in place, with d'(r) = sign(r)
-        # (torch's |r|' at 0 is 0 too) or r.
-        g = (r.sign_() if spec.family == "laplace" else r).mul_(ce)
+        # r is dead: dloss/dmu = d'(r) c e in place, with d'(r) = sign(r) (torch's |r|' at 0 is 0 too) or r
+        g = (r.sign_() if spec.family == "laplace" else r).mul_(e)
+        g = g.div_(n) if c is None else g.mul_(c)
         grads[1] = g if need_mean else None
         grads[0] = (g.neg() if need_mean else g.neg_()) if need_target else None
+
+    # Divide the plain sum by n exactly as the reference does, so the common case is bit-identical.
+    if c is None:
+        loss = nll.sum() / n
+    else:
+        # the weighted sum needs one full-size product: into e's buffer when that is full-size and dead
+        spare = e if e.shape == nll.shape and not need_extra else None
+        loss = torch.mul(nll, c, out=spare).sum()
     return loss, nll, grads
 
 
