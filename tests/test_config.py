@@ -190,6 +190,11 @@ def test_model_architecture_kwargs():
     assert "init_from" not in kwargs
     assert kwargs["block_out_channels"] == (8, 16) and kwargs["latent_channels"] == 4
     assert set(kwargs) == {f.name for f in dataclasses.fields(ModelConfig)} - {"init_from"}
+    # the YAML schema can set every architecture field of the model, and nothing else
+    from hetvae.autoencoder import AutoencoderConfig
+
+    architecture = {f.name for f in dataclasses.fields(AutoencoderConfig) if not f.name.startswith("log_scale")}
+    assert set(kwargs) == architecture
 
 
 def test_data_defaults_match_the_dataset():
