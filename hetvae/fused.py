@@ -186,8 +186,8 @@ def _forward(
     if c is None:
         loss = nll.sum() / n
     else:
-        # the weighted sum needs one full-size product: into e's buffer when that is full-size and dead
-        spare = e if e.shape == nll.shape and not need_extra else None
+        # the weighted sum needs one full-size product: into e's buffer when that is full-size (now dead)
+        spare = e if e.shape == nll.shape else None
         loss = torch.mul(nll, c, out=spare).sum()
     return loss, nll, grads
 

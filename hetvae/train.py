@@ -512,6 +512,11 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
 
+    def _records_after(self, steps_done: int) -> bool:
+        """Whether ``metrics.jsonl`` gets a record once ``steps_done`` steps are done."""
+        t = self.cfg.train
+        return bool(t.log_every and steps_done % t.log_every == 0) or steps_done >= t.steps
+
     def _lr_factor(self, step: int) -> float:
         warmup = self.cfg.train.warmup_steps
         return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
@@ -534,7 +539,7 @@ class Trainer:
             self.d_opt.zero_grad(set_to_none=True)
         use_disc = self.objective.gan_factor(step) > 0
         # the likelihood diagnostics (bits/dim, log-scale statistics) only on steps that are recorded
-        details = bool(t.log_every and (step + 1) % t.log_every == 0) or step + 1 >= t.steps
+        details = self._records_after(step + 1)
         sums: dict[str, float] = {}
         finite = True
         for k in range(t.grad_accum):
@@ -573,7 +578,7 @@ class Trainer:
         return True, sums
 
     def _micro_step(
-        self, x: Tensor, step: int, sync, use_disc: bool, details: bool = True
+        self, x: Tensor, step: int, sync, use_disc: bool, details: bool
     ) -> tuple[dict[str, float], dict[str, float]]:
         t, world, rank = self.cfg.train, self.dist.world_size, self.dist.rank
         f = self.model.config.downsample_factor
@@ -770,7 +775,7 @@ class Trainer:
                     bar.update(1)
 
                     done = self.step >= t.steps
-                    if (t.log_every and self.step % t.log_every == 0) or done:
+                    if self._records_after(self.step):
                         record = self._reduce_logs({k: v / counts[k] for k, v in interval.items()})
                         elapsed = time.perf_counter() - interval_start
                         record.update(
