@@ -35,22 +35,28 @@ from _timing import compare, machine, table  # noqa: E402
 from hetvae.convert import load_autoencoder  # noqa: E402
 
 
-def make_pair(channels: tuple[int, ...], layers: int, seed: int = 0):
-    """A diffusers VAE and the hetvae model loaded from its saved folder, both in eval mode."""
+def diffusers_vae(channels: tuple[int, ...], layers: int, seed: int = 0):
+    """A diffusers VAE with the SD layout (32 groups, 4 latent channels) and non-trivial random weights."""
     import diffusers
 
     torch.manual_seed(seed)
-    ref = diffusers.AutoencoderKL(
+    vae = diffusers.AutoencoderKL(
         block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
         up_block_types=("UpDecoderBlock2D",) * len(channels),
         layers_per_block=layers,
         norm_num_groups=32,
         latent_channels=4,
-    ).eval()
+    )
     with torch.no_grad():  # non-trivial norms and biases, so a dropped or swapped tensor would show
-        for p in ref.parameters():
+        for p in vae.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    return vae
+
+
+def make_pair(channels: tuple[int, ...], layers: int, seed: int = 0):
+    """A diffusers VAE and the hetvae model loaded from its saved folder, both in eval mode."""
+    ref = diffusers_vae(channels, layers, seed).eval()
     with tempfile.TemporaryDirectory() as folder:
         ref.save_pretrained(folder)
         ours = load_autoencoder(folder)

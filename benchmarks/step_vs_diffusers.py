@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from _timing import compare, machine, table
+from autoencoder import diffusers_vae
 
 from hetvae.convert import load_autoencoder
 from hetvae.loss import HeteroscedasticNLL
@@ -35,21 +36,6 @@ from hetvae.objective import AutoencoderObjective
 from hetvae.perceptual import LPIPS
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def diffusers_vae(channels: tuple[int, ...], layers: int, seed: int = 0):
-    import diffusers
-
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=channels,
-        down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=layers,
-        norm_num_groups=32,
-        latent_channels=4,
-    )
-    return vae
 
 
 def reference_lpips():
