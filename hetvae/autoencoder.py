@@ -37,6 +37,12 @@ class AutoencoderConfig:
     ``log_scale_init``: the head's bias at creation, i.e. the log-scale predicted everywhere at step 0.
     ``log_scale_detach``: feed the head detached features, so the variance branch cannot move the
     mean's parameters ("faithful" heteroscedastic training, Stirn et al. 2023).
+    ``log_scale_head_layers``: hidden 3x3 conv + SiLU layers (``decoder.log_scale_trunk``) before the
+    head's output conv; 0 is the single conv. The error's size is a *magnitude* of local detail, a
+    nonlinear function of the decoder's features, which one linear conv can only approximate.
+    ``log_scale_head_channels``: their width (None: the decoder's full-resolution width).
+    ``log_scale_head_sees_mean``: the head also reads the decoder's mean output (detached: the head
+    reads the reconstruction, it never shapes it), where edges and texture are plain to see.
     """
 
     in_channels: int = 3
@@ -54,6 +60,9 @@ class AutoencoderConfig:
     log_scale_channels: int | None = None
     log_scale_init: float = 0.0
     log_scale_detach: bool = False
+    log_scale_head_layers: int = 0
+    log_scale_head_channels: int | None = None
+    log_scale_head_sees_mean: bool = False
 
     def __post_init__(self) -> None:
         # JSON and YAML hand back lists; the config compares and hashes as a tuple.
@@ -67,6 +76,10 @@ class AutoencoderConfig:
                 f"log_scale_channels must be None, 1 or out_channels={self.out_channels}, "
                 f"got {self.log_scale_channels!r}"
             )
+        if self.log_scale_head_layers < 0:
+            raise ValueError(f"log_scale_head_layers must be >= 0, got {self.log_scale_head_layers}")
+        if self.log_scale_head_channels is not None and self.log_scale_head_channels < 1:
+            raise ValueError(f"log_scale_head_channels must be None or >= 1, got {self.log_scale_head_channels}")
 
     @property
     def downsample_factor(self) -> int:
@@ -87,6 +100,15 @@ class AutoencoderConfig:
         if unknown:
             raise ValueError(f"unknown AutoencoderConfig key(s) {unknown}; valid keys: {sorted(known)}")
         return cls(**data)
+
+
+def _head_arguments(config: AutoencoderConfig) -> dict[str, Any]:
+    """``Decoder.add_log_scale_head`` arguments from a config with ``log_scale == "pixel"``."""
+    return dict(
+        channels=config.head_channels, init=config.log_scale_init, detach=config.log_scale_detach,
+        layers=config.log_scale_head_layers, hidden=config.log_scale_head_channels,
+        sees_mean=config.log_scale_head_sees_mean,
+    )
 
 
 @dataclass
@@ -172,22 +194,45 @@ class Decoder(nn.Module):
         self.norm_out = group_norm(channels=channels[0], groups=groups)
         self.conv_out = nn.Conv2d(channels[0], out_channels, kernel_size=3, padding=1)
         self.log_scale_head: nn.Conv2d | None = None
+        self.log_scale_trunk: nn.Sequential | None = None
         self.log_scale_detach = False
+        self.log_scale_sees_mean = False
         self.gradient_checkpointing = False
         self.channels_last_on_cpu = True  # see activation_layout
 
-    def add_log_scale_head(self, *, channels: int, init: float, detach: bool) -> None:
-        """Create ``log_scale_head``: zero weights, bias ``init``, on ``conv_out``'s device and dtype."""
+    def add_log_scale_head(
+        self,
+        *,
+        channels: int,
+        init: float,
+        detach: bool,
+        layers: int = 0,
+        hidden: int | None = None,
+        sees_mean: bool = False,
+    ) -> None:
+        """Create ``log_scale_head`` (zero weights, bias ``init``) and, with ``layers`` > 0, the
+        ``log_scale_trunk`` before it (``layers`` x [3x3 conv to ``hidden`` channels, SiLU], default
+        init), on ``conv_out``'s device and dtype. The zero output conv makes the map ``init``
+        everywhere at creation, whatever the trunk computes."""
         if self.log_scale_head is not None:
             raise ValueError("the decoder already has a log_scale_head")
         ref = self.conv_out.weight
-        head = nn.Conv2d(self.conv_out.in_channels, channels, kernel_size=3, padding=1)
+        width = self.conv_out.in_channels + (self.conv_out.out_channels if sees_mean else 0)
+        if layers > 0:
+            hidden = hidden or self.conv_out.in_channels
+            parts: list[nn.Module] = []
+            for i in range(layers):
+                parts += [nn.Conv2d(width if i == 0 else hidden, hidden, kernel_size=3, padding=1), nn.SiLU()]
+            self.log_scale_trunk = nn.Sequential(*parts).to(device=ref.device, dtype=ref.dtype)
+            width = hidden
+        head = nn.Conv2d(width, channels, kernel_size=3, padding=1)
         head.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             head.weight.zero_()
             head.bias.fill_(init)
         self.log_scale_head = head
         self.log_scale_detach = detach
+        self.log_scale_sees_mean = sees_mean
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         h = self.conv_in(activation_layout(z, self.channels_last_on_cpu))
@@ -198,8 +243,12 @@ class Decoder(nn.Module):
         mean = self.conv_out(features).contiguous()  # a few channels: cheap to give back in the usual layout
         if self.log_scale_head is None:
             return mean, None
-        log_scale = self.log_scale_head(features.detach() if self.log_scale_detach else features)
-        return mean, log_scale.contiguous()
+        h = features.detach() if self.log_scale_detach else features
+        if self.log_scale_sees_mean:
+            h = torch.cat([h, activation_layout(mean.detach(), self.channels_last_on_cpu)], dim=1)
+        if self.log_scale_trunk is not None:
+            h = self.log_scale_trunk(h)
+        return mean, self.log_scale_head(h).contiguous()
 
 
 def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
@@ -295,9 +344,7 @@ class AutoencoderKL(nn.Module):
             else None
         )
         if config.log_scale == "pixel":
-            self.decoder.add_log_scale_head(
-                channels=config.head_channels, init=config.log_scale_init, detach=config.log_scale_detach
-            )
+            self.decoder.add_log_scale_head(**_head_arguments(config))
         self.use_slicing = False
         self.use_tiling = False
         self.tile_sample_size = 512
@@ -305,16 +352,40 @@ class AutoencoderKL(nn.Module):
 
     # --- head ------------------------------------------------------------------------------
 
-    def add_log_scale_head(self, channels: int | None = None, init: float = 0.0, detach: bool = False) -> None:
-        """Graft a per-pixel log-scale head (zero weights, bias ``init``): the mean output is
+    def add_log_scale_head(
+        self,
+        channels: int | None = None,
+        init: float = 0.0,
+        detach: bool = False,
+        *,
+        layers: int = 0,
+        hidden: int | None = None,
+        sees_mean: bool = False,
+    ) -> None:
+        """Graft a per-pixel log-scale head (zero output weights, bias ``init``): the mean output is
         unchanged bit for bit and ``log_scale == init`` everywhere until the head is trained.
-        ``channels``: None for ``out_channels`` maps, 1 for one shared map."""
+        ``channels``: None for ``out_channels`` maps, 1 for one shared map. ``layers``, ``hidden``,
+        ``sees_mean``: the head's hidden layers, their width and whether it reads the mean output
+        (``AutoencoderConfig.log_scale_head_*``)."""
         config = dataclasses.replace(
             self.config, log_scale="pixel", log_scale_channels=channels, log_scale_init=float(init),
-            log_scale_detach=bool(detach),
+            log_scale_detach=bool(detach), log_scale_head_layers=int(layers), log_scale_head_channels=hidden,
+            log_scale_head_sees_mean=bool(sees_mean),
         )
-        self.decoder.add_log_scale_head(channels=config.head_channels, init=float(init), detach=bool(detach))
+        self.decoder.add_log_scale_head(**_head_arguments(config))
         self.config = config
+
+    @torch.no_grad()
+    def zero_init_residual(self) -> None:
+        """Zero the last convolution of every ResNet block (weight and bias), so each block starts
+        as the identity (its shortcut). For training from scratch; the mean output stays a
+        function of the input through the shortcuts, and every parameter still gets gradients."""
+        from hetvae.layers import ResnetBlock
+
+        for module in self.modules():
+            if isinstance(module, ResnetBlock):
+                module.conv2.weight.zero_()
+                module.conv2.bias.zero_()
 
     @property
     def has_log_scale_head(self) -> bool:

@@ -460,6 +460,13 @@ class LogScaleConfig:
         shared: pixel only: one map for all channels instead of one per channel.
         detach_features: pixel only: the head sees detached decoder features, so the NLL cannot
             shape the decoder through it.
+        head_layers: pixel only: hidden 3x3 conv + SiLU layers before the head's output conv
+            (0: the single conv on the decoder's last features).
+        head_channels: pixel only: their width (null: the decoder's full-resolution width).
+        head_sees_mean: pixel only: the head also reads the (detached) mean output.
+        faithful: pixel only: the mean gets the gradient of the NLL with one scale, the map's
+            average, exactly what a global scale would give it, and the head gets the per-pixel
+            NLL around the stopped mean (Stirn et al. 2023). The loss value is the per-pixel NLL.
         include_constant: add the density's constant (``log 2`` / ``0.5 log 2 pi``) so the loss is
             a true NLL (needed for bits/dim; irrelevant to the gradients).
     """
@@ -472,6 +479,10 @@ class LogScaleConfig:
     fit: Literal["learned", "optimal"] = "learned"
     shared: bool = False
     detach_features: bool = False
+    head_layers: int = 0
+    head_channels: int | None = None
+    head_sees_mean: bool = False
+    faithful: bool = False
     include_constant: bool = False
 
     def __post_init__(self) -> None:
@@ -483,6 +494,22 @@ class LogScaleConfig:
             lo < self.init < hi, "init", f"must lie strictly inside bounds {self.bounds}, got {self.init}"
         )
         _require(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
+        _require(self.head_layers >= 0, "head_layers", f"must be >= 0, got {self.head_layers}")
+        _require(
+            self.head_channels is None or self.head_channels >= 1,
+            "head_channels",
+            f"must be >= 1 or null, got {self.head_channels}",
+        )
+        _require(
+            not self.faithful or self.granularity == "pixel",
+            "faithful",
+            f"is for granularity 'pixel' (a {self.granularity} scale already gives the mean that gradient)",
+        )
+        _require(
+            not (self.faithful and self.beta > 0),
+            "faithful",
+            "and beta > 0 both reweight the mean's gradient; use one of them",
+        )
         _require(
             not (self.fit == "optimal" and self.granularity == "pixel"),
             "fit",
@@ -551,6 +578,12 @@ class DataConfig:
         samples_per_epoch: crops per epoch (cycling through the images); ``None``: one per image.
         eval_crop: evaluation crops: ``"center"`` one per image, ``"tiles"`` every
             non-overlapping tile (many more pixels, steadier metrics).
+        rescale: ``[lo, hi]`` with ``0 < lo <= hi <= 1``: training crops see a window ``1/scale``
+            times larger shrunk to ``resolution`` (antialiased), ``scale ~ U(lo, hi)``; ``None``: off.
+        color_jitter: strength of the mild colour jitter of training crops (brightness, contrast,
+            saturation, hue; 0 = off, 0.1 mild). See ``hetvae.data.jitter_colors``.
+        procedural: fraction of training crops taken from procedural colour dead-leaves images
+            (``hetvae.procedural``) instead of the photographs; 0 = photographs only.
     """
 
     path: str | list[str] | None = None
@@ -561,6 +594,9 @@ class DataConfig:
     split: Literal["all", "train", "test"] = "train"
     samples_per_epoch: int | None = None
     eval_crop: Literal["center", "tiles"] = "center"
+    rescale: tuple[float, float] | None = None
+    color_jitter: float = 0.0
+    procedural: float = 0.0
 
     def __post_init__(self) -> None:
         paths = self.path if isinstance(self.path, list) else [self.path] if self.path is not None else []
@@ -577,6 +613,11 @@ class DataConfig:
             "samples_per_epoch",
             f"must be >= 1 or null, got {self.samples_per_epoch}",
         )
+        if self.rescale is not None:
+            lo, hi = self.rescale
+            _require(0 < lo <= hi <= 1, "rescale", f"needs 0 < lo <= hi <= 1, got {list(self.rescale)}")
+        _require(0 <= self.color_jitter <= 1, "color_jitter", f"must be in [0, 1], got {self.color_jitter}")
+        _require(0 <= self.procedural <= 1, "procedural", f"must be a fraction in [0, 1], got {self.procedural}")
 
 
 @dataclass(kw_only=True)
@@ -588,11 +629,17 @@ class TrainConfig:
         batch_size: images per micro-batch; the effective batch is ``batch_size * grad_accum``.
         lr, betas, weight_decay: AdamW (SD used betas ``(0.5, 0.9)`` with its GAN).
         warmup_steps: linear learning-rate warm-up from 0.
+        lr_schedule: after the warm-up, ``"constant"`` keeps ``lr``; ``"cosine"`` decays it to 0
+            at ``steps`` along a half cosine (short runs end better converged).
         grad_accum: micro-batches per optimizer step.
         ema_decay: decay of an exponential moving average of the weights; ``None``: no EMA.
         precision: ``"fp32"``, or autocast to ``"bf16"`` / ``"fp16"`` (fp16 with a grad scaler).
         grad_clip: max global gradient norm; ``None``: no clipping.
         decoder_only: train only the decoder (and log-scale), keeping the latent space fixed.
+        zero_init_residual: a model built from scratch starts with the last convolution of every
+            ResNet block at zero, so each block is the identity at step 0 (as in ADM / guided
+            diffusion's ``zero_module``): a deep GroupNorm network trains markedly faster in a short
+            run. Loaded models are not touched.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         seed: seeds the model init and the data crops.
         checkpoint_every, sample_every, log_every: intervals in steps; 0 disables. A
@@ -617,11 +664,13 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     grad_accum: int = 1
     ema_decay: float | None = None
     precision: Precision = "fp32"
     grad_clip: float | None = 1.0
     decoder_only: bool = False
+    zero_init_residual: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 200
@@ -794,6 +843,9 @@ def _head_kwargs(log_scale: LogScaleConfig) -> dict[str, Any]:
         "log_scale_channels": 1 if log_scale.shared else None,
         "log_scale_init": log_scale.init,
         "log_scale_detach": log_scale.detach_features,
+        "log_scale_head_layers": log_scale.head_layers,
+        "log_scale_head_channels": log_scale.head_channels,
+        "log_scale_head_sees_mean": log_scale.head_sees_mean,
     }
 
 
@@ -802,7 +854,8 @@ def build_model(cfg: Config) -> AutoencoderKL:
 
     ``model.init_from == "scratch"``: a new ``AutoencoderKL`` from the architecture fields, with
     a per-pixel log-scale head when ``log_scale.granularity == "pixel"`` (``shared`` -> one map,
-    bias ``init``, ``detach_features``). Parameters come from torch's global RNG: seed it first.
+    bias ``init``, ``detach_features``, ``head_*``), its ResNet blocks starting as the identity with
+    ``train.zero_init_residual``. Parameters come from torch's global RNG: seed it first.
 
     Otherwise ``init_from`` is a checkpoint path for ``hetvae.convert.load_autoencoder``. For
     ``"pixel"`` a head stored with the checkpoint is kept (``detach_features`` still applies) and
@@ -823,7 +876,10 @@ def build_model(cfg: Config) -> AutoencoderKL:
             log_scale="pixel" if pixel else None,
             **(_head_kwargs(cfg.log_scale) if pixel else {}),
         )
-        return AutoencoderKL(config).train()
+        model = AutoencoderKL(config)
+        if cfg.train.zero_init_residual:
+            model.zero_init_residual()
+        return model.train()
 
     from hetvae.convert import inspect_checkpoint, load_autoencoder
 
@@ -839,10 +895,11 @@ def build_model(cfg: Config) -> AutoencoderKL:
     else:
         model = load_autoencoder(path)
         if model.has_log_scale_head:
+            from hetvae.convert import without_head
+
             model.decoder.log_scale_head = None
-            model.config = dataclasses.replace(
-                model.config, log_scale=None, log_scale_channels=None, log_scale_init=0.0, log_scale_detach=False
-            )
+            model.decoder.log_scale_trunk = None
+            model.config = without_head(model.config)
     factor = model.config.downsample_factor
     _require(
         cfg.data.resolution % factor == 0,
@@ -878,6 +935,7 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
         beta=ls.beta,
         bounds=ls.bounds,
         fit=ls.fit,
+        faithful=ls.faithful,
     )
 
 

@@ -49,6 +49,7 @@ CONFIG_KEY = "hetvae_config"
 FORMAT_KEY = "hetvae_format"
 HEAD_KEY = "hetvae_log_scale_head"
 HEAD_PREFIX = "decoder.log_scale_head."
+TRUNK_PREFIX = "decoder.log_scale_trunk."  # the head's optional hidden layers
 HETVAE_FILE = "model.safetensors"
 LDM_FILE = "vae.safetensors"
 DIFFUSERS_CONFIG = "config.json"
@@ -264,7 +265,6 @@ def infer_config(state_dict: dict[str, Tensor]) -> AutoencoderConfig:
     latent = int(sd["decoder.conv_in.weight"].shape[1])
     out_channels = int(sd["decoder.conv_out.weight"].shape[0])
     use_quant = "quant_conv.weight" in sd
-    head = sd.get(HEAD_PREFIX + "weight")
     groups = 32 if all(c % 32 == 0 for c in channels) else math.gcd(32, *channels)
     scaling, shift = FAMILIES[family_of(latent, use_quant)]
     return AutoencoderConfig(
@@ -279,8 +279,40 @@ def infer_config(state_dict: dict[str, Tensor]) -> AutoencoderConfig:
         mid_block_attention=any(k.startswith("encoder.mid.attn_1.") for k in sd),
         scaling_factor=scaling,
         shift_factor=shift,
-        log_scale=None if head is None else "pixel",
-        log_scale_channels=None if head is None or head.shape[0] == out_channels else int(head.shape[0]),
+        **head_fields(sd),
+    )
+
+
+def without_head(config: AutoencoderConfig) -> AutoencoderConfig:
+    """``config`` with every head field at its no-head default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(AutoencoderConfig) if f.name.startswith("log_scale")}
+    return dataclasses.replace(config, **defaults)
+
+
+def is_head_key(key: str) -> bool:
+    """Whether ``key`` belongs to the per-pixel log-scale head (its output conv or hidden layers)."""
+    return key.startswith((HEAD_PREFIX, TRUNK_PREFIX))
+
+
+def head_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
+    """The ``AutoencoderConfig`` head fields read off the tensors' names and shapes: whether there is
+    a head, its map count, hidden layers and width, and whether it reads the mean output (its first
+    layer then takes ``conv_out``'s input channels plus the image channels)."""
+    head = state_dict.get(HEAD_PREFIX + "weight")
+    if head is None:
+        return dict(log_scale=None)
+    features = int(state_dict["decoder.conv_out.weight"].shape[1])
+    out_channels = int(state_dict["decoder.conv_out.weight"].shape[0])
+    trunk = sorted(
+        int(m.group(1)) for k in state_dict if (m := re.fullmatch(re.escape(TRUNK_PREFIX) + r"(\d+)\.weight", k))
+    )
+    first_in = int(state_dict[f"{TRUNK_PREFIX}{trunk[0]}.weight"].shape[1]) if trunk else int(head.shape[1])
+    return dict(
+        log_scale="pixel",
+        log_scale_channels=None if head.shape[0] == out_channels else int(head.shape[0]),
+        log_scale_head_layers=len(trunk),
+        log_scale_head_channels=int(head.shape[1]) if trunk else None,
+        log_scale_head_sees_mean=first_in == features + out_channels,
     )
 
 
@@ -460,21 +492,22 @@ def _read_single_file(file: Path) -> tuple[dict[str, Tensor], str, AutoencoderCo
     return sd, fmt, config, "inferred from tensor shapes"
 
 
-def _read_head(file: Path, config: AutoencoderConfig) -> tuple[dict[str, Tensor], AutoencoderConfig]:
+def _read_head(
+    file: Path, config: AutoencoderConfig, body: dict[str, Tensor]
+) -> tuple[dict[str, Tensor], AutoencoderConfig]:
     tensors, metadata = _read_safetensors(file, "log-scale head")
-    expected = {HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"}
-    if set(tensors) != expected:
+    required = {HEAD_PREFIX + "weight", HEAD_PREFIX + "bias"}
+    if not required <= set(tensors) or not all(is_head_key(k) for k in tensors):
         raise _error(
             file, "log-scale head",
-            f"expected exactly {sorted(expected)}; keys: {_keys_text(sorted(tensors))}",
+            f"expected {sorted(required)} and optionally {TRUNK_PREFIX}N.weight/bias; keys: {_keys_text(sorted(tensors))}",
         )
     try:
         settings = json.loads(metadata.get(HEAD_KEY, "{}"))
-        channels = int(tensors[HEAD_PREFIX + "weight"].shape[0])
+        fields = head_fields({**tensors, "decoder.conv_out.weight": body["decoder.conv_out.weight"]})
         config = dataclasses.replace(
             config,
-            log_scale="pixel",
-            log_scale_channels=None if channels == config.out_channels else channels,
+            **fields,
             log_scale_init=float(settings.get("init", 0.0)),
             log_scale_detach=bool(settings.get("detach", False)),
         )
@@ -495,7 +528,7 @@ def _read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor
     if fmt != "hetvae":
         sidecar = head_sidecar_path(file, fmt)
         if sidecar.is_file():
-            head, config = _read_head(sidecar, config)
+            head, config = _read_head(sidecar, config, sd)
             sd.update(head)
             head_file = sidecar
     info = CheckpointInfo(
@@ -518,7 +551,11 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 # --- loading -------------------------------------------------------------------------------
 
-_HEAD_FIELDS = ("log_scale_channels", "log_scale_init", "log_scale_detach")
+_HEAD_FIELDS = (
+    "log_scale_channels", "log_scale_init", "log_scale_detach", "log_scale_head_layers",
+    "log_scale_head_channels", "log_scale_head_sees_mean",
+)
+_HEAD_SHAPE_FIELDS = tuple(f for f in _HEAD_FIELDS if f != "log_scale_detach")
 
 
 def _load_strict(model: AutoencoderKL, sd: dict[str, Tensor], info: CheckpointInfo) -> None:
@@ -559,10 +596,12 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
     has_head = config.log_scale == "pixel"
     if has_head:
         asked = head_overrides.get("log_scale_channels", config.log_scale_channels) or config.out_channels
-        if asked != config.head_channels or "log_scale_init" in head_overrides:
+        shaping = sorted(k for k in head_overrides if k in _HEAD_SHAPE_FIELDS and k != "log_scale_channels")
+        if asked != config.head_channels or shaping:
             raise ValueError(
                 f"{info.weights_file} already has a trained log-scale head ({config.head_channels} maps); "
-                "log_scale_channels / log_scale_init only shape a newly grafted head"
+                f"{', '.join(_HEAD_SHAPE_FIELDS)} only shape a newly grafted head"
+                + (f" (got {', '.join(shaping)})" if shaping else "")
             )
         if "log_scale_detach" in head_overrides:
             config = dataclasses.replace(config, log_scale_detach=bool(head_overrides["log_scale_detach"]))
@@ -575,6 +614,9 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
             channels=head_overrides.get("log_scale_channels"),
             init=head_overrides.get("log_scale_init", 0.0),
             detach=head_overrides.get("log_scale_detach", False),
+            layers=head_overrides.get("log_scale_head_layers", 0),
+            hidden=head_overrides.get("log_scale_head_channels"),
+            sees_mean=head_overrides.get("log_scale_head_sees_mean", False),
         )
     return model.eval()
 
@@ -596,7 +638,7 @@ def save_autoencoder(model: AutoencoderKL, path: str | Path, format: str = "hetv
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     path = Path(path)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    head = {k: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)}
+    head = {k: v for k, v in sd.items() if is_head_key(k)}
     body = {k: v for k, v in sd.items() if k not in head}
     config = model.config
     if format == "hetvae":
@@ -613,9 +655,7 @@ def save_autoencoder(model: AutoencoderKL, path: str | Path, format: str = "hetv
     else:
         weights = path if path.suffix == ".safetensors" else path / LDM_FILE
         weights.parent.mkdir(parents=True, exist_ok=True)
-        body_config = dataclasses.replace(
-            config, log_scale=None, log_scale_channels=None, log_scale_init=0.0, log_scale_detach=False
-        )
+        body_config = without_head(config)
         metadata = {"format": "pt", CONFIG_KEY: json.dumps(body_config.to_dict()), FORMAT_KEY: "ldm"}
         save_file(body, str(weights), metadata=metadata)
         result = weights

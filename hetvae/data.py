@@ -118,27 +118,36 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 # scikit-image sample photographs
 # ---------------------------------------------------------------------------------------------
 
-# name -> split. Every name is a skimage.data function whose file ships inside the wheel (no
-# pooch download), except "motorcycle", the left view of skimage.data.stereo_motorcycle(); the
-# right view is left out because it is a near-duplicate that would leak across the split.
-_SAMPLE_SPLIT: dict[str, Literal["train", "test"]] = {
-    "astronaut": "train",             # 512x512 RGB, portrait with flag and suit
-    "rocket": "train",                # 427x640 RGB, launch pad, sky
-    "hubble_deep_field": "train",     # 872x1000 RGB, galaxies on black
+# name -> where it goes. Every name is a skimage.data function whose file ships inside the wheel (no
+# pooch download), except "motorcycle", the left view of skimage.data.stereo_motorcycle(); the right
+# view is left out because it is a near-duplicate that would leak across the split.
+#
+# The held-out ("test") set is colour photographs only: the whole motorcycle photograph, and the
+# right-hand quarter of the four other colour photographs ("region" entries: columns left of
+# HOLDOUT_FRACTION of the width train, the rest is held out; the two parts never overlap, so no
+# training crop sees a held-out pixel). Grayscale photographs train as they are (R = G = B): they
+# teach luminance structure and texture; colour comes from the colour photographs and, when the
+# config asks for it, procedural dead-leaves images (hetvae.procedural).
+_SAMPLE_SPLIT: dict[str, Literal["train", "test", "region"]] = {
+    "astronaut": "region",            # 512x512 RGB, portrait with flag and suit
+    "chelsea": "region",              # 300x451 RGB, cat (fur, whiskers)
+    "coffee": "region",               # 400x600 RGB, cup on a table
+    "rocket": "region",               # 427x640 RGB, launch pad, sky
+    "motorcycle": "test",             # 500x741 RGB, motorcycle in a workshop
     "immunohistochemistry": "train",  # 512x512 RGB, stained tissue micrograph
     "retina": "train",                # 1411x1411 RGB, fundus photograph
+    "hubble_deep_field": "train",     # 872x1000 RGB, galaxies on black
     "camera": "train",                # 512x512 gray, cameraman
     "moon": "train",                  # 512x512 gray, lunar surface
     "clock": "train",                 # 300x400 gray, motion-blurred clock
+    "coins": "train",                 # 303x384 gray, coins on a flat background
+    "brick": "train",                 # 512x512 gray, brick wall texture
     "grass": "train",                 # 512x512 gray, texture
     "gravel": "train",                # 512x512 gray, texture
     "cell": "train",                  # 660x550 gray, cell in saline (microscope)
-    "chelsea": "test",                # 300x451 RGB, cat (fur, whiskers)
-    "coffee": "test",                 # 400x600 RGB, cup on a table
-    "motorcycle": "test",             # 500x741 RGB, motorcycle in a workshop
-    "coins": "test",                  # 303x384 gray, coins on a flat background
-    "brick": "test",                  # 512x512 gray, brick wall texture
 }
+HOLDOUT_FRACTION = 0.75
+"""Region entries of the sample split: columns ``[0, 0.75 W)`` train, ``[0.75 W, W)`` are held out."""
 
 SAMPLE_NAMES: tuple[str, ...] = tuple(_SAMPLE_SPLIT)
 
@@ -156,27 +165,61 @@ def _load_sample(name: str) -> np.ndarray:
 def sample_images(split: Literal["all", "train", "test"] = "all") -> list[tuple[str, np.ndarray]]:
     """scikit-image's bundled sample photographs, as ``[(name, (H, W, 3) uint8 RGB), ...]``.
 
-    Sixteen natural photographs (no synthetic images such as checkerboard or binary blobs),
-    all stored inside the scikit-image package, so nothing is downloaded. Grayscale ones are
-    repeated to three channels. Every image is at least 300 pixels on its short side.
+    Sixteen natural photographs (no synthetic images such as checkerboard or binary blobs), all
+    stored inside the scikit-image package, so nothing is downloaded. Grayscale ones are repeated
+    to three channels. Every image (and every part of one) is at least 110 pixels on each side.
 
-    The split is fixed by name (11 train, 5 test); the test photographs are never in the
-    training split, so a model trained on ``"train"`` can be evaluated on held-out images:
+    The split is fixed by name and region, and the held-out part is never in the training split:
 
-    - ``train``: astronaut, rocket, hubble_deep_field, immunohistochemistry, retina, camera,
-      moon, clock, grass, gravel, cell
-    - ``test``: chelsea, coffee, motorcycle (left view of ``stereo_motorcycle``), coins, brick
+    - ``test``: colour photographs only: ``motorcycle`` (left view of ``stereo_motorcycle``) whole,
+      and the right-hand quarter (:data:`HOLDOUT_FRACTION`) of astronaut, chelsea, coffee and
+      rocket, named ``"<name>[right]"``;
+    - ``train``: the left three quarters of those four (``"<name>[left]"``) and every other
+      photograph: immunohistochemistry, retina, hubble_deep_field (colour), camera, moon, clock,
+      coins, brick, grass, gravel, cell (grayscale).
 
-    Both splits mix colour and grayscale, smooth and textured content. ``"all"`` returns the
-    sixteen in the order above. Each call returns fresh (writable) copies.
+    ``"all"`` returns the sixteen whole photographs in the order of :data:`SAMPLE_NAMES` (no held-out
+    part: for training a model that will only be judged on other images). Each call returns fresh
+    (writable) copies.
     """
     if split not in ("all", "train", "test"):
         raise ValueError(f"split must be one of 'all', 'train', 'test', got {split!r}")
-    return [
-        (name, _load_sample(name).copy())
-        for name, where in _SAMPLE_SPLIT.items()
-        if split == "all" or where == split
-    ]
+    out = []
+    for name, where in _SAMPLE_SPLIT.items():
+        if split == "all":
+            out.append((name, _load_sample(name).copy()))
+        elif where == "region":
+            image = _load_sample(name)
+            cut = int(round(image.shape[1] * HOLDOUT_FRACTION))
+            part = image[:, :cut] if split == "train" else image[:, cut:]
+            out.append((f"{name}[{'left' if split == 'train' else 'right'}]", part.copy()))
+        elif where == split:
+            out.append((name, _load_sample(name).copy()))
+    return out
+
+
+def jitter_colors(crop: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Mild colour jitter of an ``(H, W, 3)`` uint8 crop, returned as uint8 (8-bit values stay 8-bit).
+
+    Brightness and contrast factors in ``1 +- strength``, saturation in ``1 +- 2 strength``, a hue
+    rotation of up to ``+- strength * 36`` degrees (about the grey axis, luma kept). A grey image
+    stays grey. ``strength`` 0.1 is a mild, photograph-preserving setting.
+    """
+    x = crop.astype(np.float32) / 255.0
+    luma = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    angle = np.deg2rad(rng.uniform(-36.0, 36.0) * strength)
+    saturation = rng.uniform(1 - 2 * strength, 1 + 2 * strength)
+    brightness = rng.uniform(1 - strength, 1 + strength)
+    contrast = rng.uniform(1 - strength, 1 + strength)
+    chroma = x - luma[..., None]
+    # rotate the chroma vector about the grey axis (1, 1, 1) / sqrt(3): Rodrigues' formula
+    k = np.full(3, 1 / np.sqrt(3), dtype=np.float32)
+    c, s = np.cos(angle), np.sin(angle)
+    chroma = chroma * c + np.cross(k, chroma) * s + np.outer(chroma.reshape(-1, 3) @ k, k).reshape(chroma.shape) * (1 - c)
+    x = luma[..., None] + saturation * chroma
+    x = (x - x.mean()) * contrast + x.mean()
+    x = x * brightness
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +255,14 @@ class ImageDataset(torch.utils.data.Dataset):
             one centre crop; ``len()`` is the total tile count.
         num_samples: length of an epoch; index ``i`` shows image ``i % n_images``. Default: one
             sample per image. Useful when a few images must fill many batches.
+        rescale: ``(lo, hi)``, ``0 < lo <= hi <= 1``: each crop first takes a window of
+            ``R / scale`` pixels, ``scale ~ U(lo, hi)``, and shrinks it to ``R`` (Lanczos, i.e.
+            antialiased): the photograph seen from further away, never enlarged (an enlargement
+            would blur it). ``None``: plain ``R x R`` crops.
+        color_jitter: strength of :func:`jitter_colors` (0: off; 0.1 is mild).
+        procedural: fraction of the samples replaced by crops of colour dead-leaves images
+            (:func:`hetvae.procedural.dead_leaves`) from a pool of ``procedural_pool`` images of
+            side ``2 R``, each made on first use from ``(seed, k)``. 0: photographs only.
 
     Images are checked once, here: every file is fully decoded, because a truncated file only
     fails when its pixel data is read and a training run should not die on it hours in. An
@@ -220,7 +271,7 @@ class ImageDataset(torch.utils.data.Dataset):
     in ``skipped_unreadable`` and ``skipped_small``. If no image is left, ``ValueError`` says why.
     Folders are then decoded again lazily on each access; in-memory images are kept as given.
 
-    Determinism: the random crop and flip of sample ``index`` are drawn from
+    Determinism: the random crop, flip and augmentations of sample ``index`` are drawn from
     ``numpy.random.default_rng((seed, epoch, index))``, a pure function of those three numbers.
     They do not depend on the process, the worker, the global RNG state or the access order, so
     the same seed gives the same crops in one process and across ``DataLoader`` workers. Call
@@ -239,6 +290,10 @@ class ImageDataset(torch.utils.data.Dataset):
         seed: int = 0,
         tiles: bool = False,
         num_samples: int | None = None,
+        rescale: tuple[float, float] | None = None,
+        color_jitter: float = 0.0,
+        procedural: float = 0.0,
+        procedural_pool: int = 64,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -248,6 +303,25 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError("tiles=True is an evaluation mode and needs random_crop=False")
         if num_samples is not None and (num_samples < 1 or tiles):
             raise ValueError("num_samples must be positive and cannot be combined with tiles=True")
+        augment = rescale is not None or color_jitter > 0 or procedural > 0
+        if augment and not random_crop:
+            raise ValueError("rescale, color_jitter and procedural are training augmentations and need random_crop=True")
+        if rescale is not None:
+            lo, hi = (float(v) for v in rescale)
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"rescale must be (lo, hi) with 0 < lo <= hi <= 1, got {tuple(rescale)}")
+            rescale = (lo, hi)
+        if not 0.0 <= color_jitter <= 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1], got {color_jitter}")
+        if not 0.0 <= procedural <= 1.0:
+            raise ValueError(f"procedural must be a fraction in [0, 1], got {procedural}")
+        if procedural_pool < 1:
+            raise ValueError(f"procedural_pool must be positive, got {procedural_pool}")
+        self.rescale = rescale
+        self.color_jitter = float(color_jitter)
+        self.procedural = float(procedural)
+        self.procedural_pool = int(procedural_pool)
+        self._pool: dict[int, np.ndarray] = {}
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
@@ -360,25 +434,49 @@ class ImageDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         r = self.resolution
         flip = False
+        rng = None
         if self.tiles:
             i, top, left = self._tiles[index]
-            item = self._items[i]
+            pixels, side = self._pixels(self._items[i]), r
         else:
-            item = self._items[index % len(self._items)]
-            top, left = (item.height - r) // 2, (item.width - r) // 2
-            if self.random_crop or self.random_flip:
-                rng = np.random.default_rng((self.seed, self.epoch, index))
-                if self.random_crop:
-                    top = int(rng.integers(0, item.height - r + 1))
-                    left = int(rng.integers(0, item.width - r + 1))
-                if self.random_flip:
-                    flip = bool(rng.random() < 0.5)
-        crop = self._pixels(item)[top : top + r, left : left + r]
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            if self.procedural > 0 and rng.random() < self.procedural:
+                pixels = self._procedural_image(int(rng.integers(self.procedural_pool)))
+            else:
+                pixels = self._pixels(self._items[index % len(self._items)])
+            height, width = pixels.shape[:2]
+            side = r
+            if self.rescale is not None:
+                # a window of r / scale pixels shrunk to r: the content seen at a smaller scale
+                scale = max(rng.uniform(*self.rescale), r / min(height, width))
+                side = min(int(round(r / scale)), height, width)
+            top, left = (height - side) // 2, (width - side) // 2
+            if self.random_crop:
+                top = int(rng.integers(0, height - side + 1))
+                left = int(rng.integers(0, width - side + 1))
+            if self.random_flip:
+                flip = bool(rng.random() < 0.5)
+        crop = pixels[top : top + side, left : left + side]
+        if side != r:
+            crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((r, r), Image.Resampling.LANCZOS))
         if flip:
             crop = crop[:, ::-1]
+        if self.color_jitter > 0:
+            crop = jitter_colors(crop, rng, self.color_jitter)
         # a copy: the crop may be a view of a shared, read-only cached image
         x = torch.from_numpy(crop.copy()).permute(2, 0, 1)
         return x.to(torch.float32).div_(127.5).sub_(1.0)
+
+    def _procedural_image(self, k: int) -> np.ndarray:
+        """Pool entry ``k``: a dead-leaves image of twice the crop side, a pure function of
+        ``(seed, k)``, made on first use and kept (the crops, flips and jitter drawn from it vary)."""
+        if k not in self._pool:
+            from hetvae.procedural import dead_leaves
+
+            image = dead_leaves(2 * self.resolution, np.random.default_rng((self.seed, 0x5EED, k)))
+            image.flags.writeable = False
+            self._pool[k] = image
+        return self._pool[k]
 
 
 def build_dataset(
@@ -394,8 +492,9 @@ def build_dataset(
     embedded :func:`sample_images` of ``split`` are used, ``split`` defaulting to ``data.split``
     for training and to ``"test"`` for evaluation (held-out photographs).
 
-    ``train=True``: random crops / flips as configured, ``data.samples_per_epoch`` samples per
-    epoch, randomness fixed by ``seed`` (pass ``train.seed``). ``train=False``: deterministic,
+    ``train=True``: random crops / flips / rescaling / colour jitter / procedural images as
+    configured, ``data.samples_per_epoch`` samples per epoch, randomness fixed by ``seed`` (pass
+    ``train.seed``). ``train=False``: deterministic,
     no flip; one centre crop per image, or every tile when ``data.eval_crop == "tiles"``.
     """
     if data.path is not None:
@@ -410,6 +509,9 @@ def build_dataset(
             random_flip=data.random_flip,
             seed=seed,
             num_samples=data.samples_per_epoch,
+            rescale=tuple(data.rescale) if data.rescale is not None else None,
+            color_jitter=data.color_jitter,
+            procedural=data.procedural,
         )
     return ImageDataset(
         sources,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,11 +23,14 @@ class NLLOutput:
     ``loss``: the reduced scalar. ``nll``: the per-element NLL, target's shape, before ``weights``
     and beta weighting (float32, or float64 for float64 inputs). ``log_scale``: the bounded
     log-scale used, broadcastable to the target (``()``, ``(1, C, 1, 1)`` or ``(B, C|1, H, W)``).
+    ``mean_nll``: with ``faithful=True``, the per-element NLL whose gradient the mean follows (one
+    shared scale); None otherwise (the mean follows ``nll``).
     """
 
     loss: Tensor
     nll: Tensor
     log_scale: Tensor
+    mean_nll: Tensor | None = None
 
 
 class HeteroscedasticNLL(nn.Module):
@@ -44,6 +48,13 @@ class HeteroscedasticNLL(nn.Module):
     ``beta`` in [0, 1] applies beta-NLL (Seitzer et al. 2022): each element is weighted by a
     stop-gradient ``b^beta`` / ``sigma^(2 beta)``; 0 is the plain NLL, 1 gives the mean exactly the
     L1 / L2 gradient, so a per-pixel head cannot buy its way out of hard pixels.
+
+    ``faithful=True`` (``"pixel"`` only; Stirn et al. 2023, "Faithful heteroscedastic regression"):
+    the loss *value* is the per-pixel NLL, but the mean receives the gradient of the NLL with one
+    scale for all elements, ``s_bar = log mean(exp(s))`` (stopped), i.e. exactly the gradient a
+    global scale gives it (SD's L1 / b), and the map receives the per-pixel NLL's gradient around the
+    stopped mean (and stopped ``extra_distance``). The mean is then trained as with a global scale,
+    and the head cannot trade its fit for a larger scale.
 
     Reductions: ``"batch"`` (default) sums over all elements and divides by the batch size, exactly
     as SD's ``LPIPSWithDiscriminator``; ``"mean"`` averages over all elements.
@@ -65,8 +76,14 @@ class HeteroscedasticNLL(nn.Module):
         margin: float = DEFAULT_MARGIN,
         fit: Fit = "learned",
         reduction: Reduction = "batch",
+        faithful: bool = False,
     ) -> None:
         super().__init__()
+        if faithful and (granularity != "pixel" or beta > 0):
+            raise ValueError(
+                f"faithful=True needs granularity 'pixel' and beta 0, got {granularity!r} and beta={beta} "
+                "(a shared scale already gives the mean that gradient; beta reweights it again)"
+            )
         if reduction not in ("batch", "mean"):
             raise ValueError(f"reduction must be 'batch' or 'mean', got {reduction!r}")
         if not 0.0 <= beta <= 1.0:
@@ -79,6 +96,7 @@ class HeteroscedasticNLL(nn.Module):
         self.include_constant = include_constant
         self.beta = float(beta)
         self.reduction = reduction
+        self.faithful = bool(faithful)
         self._checked_shapes: set[tuple] = set()
 
     def log_scale(self, target: Tensor, mean: Tensor, log_scale: Tensor | None = None) -> Tensor:
@@ -113,8 +131,17 @@ class HeteroscedasticNLL(nn.Module):
         # Same values either way: the fused path computes the loss, the map and both gradients in
         # a few passes (hetvae.fused); HETVAE_FUSED=0 runs the eager reference, e.g. for double backward.
         compute = fused.fused_nll if fused.enabled() else fused.reference
-        loss, nll = compute(target, mean, s, weights, extra_distance, spec)
-        return NLLOutput(loss=loss, nll=nll, log_scale=s)
+        if not self.faithful:
+            loss, nll = compute(target, mean, s, weights, extra_distance, spec)
+            return NLLOutput(loss=loss, nll=nll, log_scale=s)
+        # the map's NLL around the stopped mean, and the mean's NLL under one stopped scale
+        stopped_extra = None if extra_distance is None else extra_distance.detach()
+        loss, nll = compute(target, mean.detach(), s, weights, stopped_extra, spec)
+        with torch.no_grad():
+            s_bar = torch.logsumexp(s.flatten(), 0) - math.log(s.numel())
+        s_bar = broadcast_log_scale(s_bar.to(dtype), target)
+        mean_loss, mean_nll = compute(target, mean, s_bar, weights, extra_distance, spec)
+        return NLLOutput(loss=loss + (mean_loss - mean_loss.detach()), nll=nll, log_scale=s, mean_nll=mean_nll)
 
     def _bounded_log_scale(
         self, target: Tensor, mean: Tensor, log_scale: Tensor | None, weights: Tensor | None
@@ -141,5 +168,5 @@ class HeteroscedasticNLL(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"granularity={self.granularity!r}, family={self.family!r}, include_constant={self.include_constant}, "
-            f"beta={self.beta}, reduction={self.reduction!r}"
+            f"beta={self.beta}, reduction={self.reduction!r}" + (", faithful=True" if self.faithful else "")
         )

@@ -216,7 +216,7 @@ class AutoencoderObjective(nn.Module):
                 )
             if torch.is_grad_enabled() and last_layer.requires_grad:
                 # SD balances the plain NLL (no weights, no beta) against the GAN term
-                nll_plain = self._reduce(out.nll)
+                nll_plain = self._reduce(out.nll if out.mean_nll is None else out.mean_nll)
                 if self.perceptual_mode == "separate" and p_loss is not None:
                     nll_plain = nll_plain + p_loss
                 d_weight = self.adaptive_weight(nll_plain, g_loss, last_layer)

@@ -518,8 +518,12 @@ class Trainer:
         return bool(t.log_every and steps_done % t.log_every == 0) or steps_done >= t.steps
 
     def _lr_factor(self, step: int) -> float:
-        warmup = self.cfg.train.warmup_steps
-        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        t = self.cfg.train
+        factor = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+        if t.lr_schedule == "cosine" and step >= t.warmup_steps:
+            progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return factor
 
     def _autocast(self):
         if self.amp_dtype is None:

@@ -7,7 +7,11 @@ One row per image, four columns (five with ``standardized=True``)::
 The error and the scale share one colour range per row: for a Laplace likelihood the scale ``b``
 *is* the expected absolute error (for a Gaussian, ``sigma`` is the error's standard deviation),
 so a well-calibrated map looks like a blurred copy of the error map. Both are averaged over
-channels. A global or per-channel log-scale gives a constant scale panel, which is the point of
+channels and drawn on a *logarithmic* colour scale labelled in 8-bit grey levels (1 level =
+1/127.5 on the [-1, 1] scale): errors are heavy-tailed, so on a linear range set by the largest
+errors a typical scale map would be near-black; on a log range flat regions (a level or less) and
+edges (tens of levels) both show their structure. The range runs from the row's 99th percentile
+down to the smaller of the scale's 1st and the error's 10th percentile (at most a factor 1000). A global or per-channel log-scale gives a constant scale panel, which is the point of
 comparing granularities.
 
 Drawn with matplotlib's object API on an Agg canvas (no ``pyplot``, no global backend switch), so
@@ -21,8 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from torch import Tensor
 
 __all__ = [
@@ -34,6 +41,17 @@ __all__ = [
 ]
 
 _COLUMNS = ("input", "reconstruction", "|error|", "predicted scale", "|error| / scale")
+LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of the [-1, 1] image scale
+_LEVEL_TICKS = FuncFormatter(lambda value, _pos: f"{value * LEVELS_PER_UNIT:g}")
+
+
+def shared_log_range(error: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
+    """``(vmin, vmax)`` of the log colour range shared by an error map and a scale map (see the
+    module docstring): the 99th percentile of either at the top, the scale's 1st / the error's
+    10th percentile at the bottom, at most a factor 1000 apart."""
+    vmax = float(max(np.percentile(error, 99), np.percentile(scale, 99), 1e-6))
+    vmin = float(min(np.percentile(scale, 1), np.percentile(error, 10)))
+    return max(vmin, vmax / 1000.0), vmax
 
 
 def _to_image(x: Tensor) -> np.ndarray:
@@ -53,9 +71,10 @@ def uncertainty_panel(
     cmap: str = "magma",
     standardized: bool = False,
 ) -> Figure:
-    """A figure of ``B`` rows: input, reconstruction, |error| and ``exp(log_scale)`` (and, with
-    ``standardized``, ``|error| / scale``: about 1 where the scale is right, large where the model
-    is over-confident; drawn on a fixed 0..4 range).
+    """A figure of ``B`` rows: input, reconstruction, |error| and ``exp(log_scale)`` on one shared
+    logarithmic colour range labelled in 8-bit levels (and, with ``standardized``,
+    ``|error| / scale``: about 1 where the scale is right, large where the model is
+    over-confident; drawn on a fixed 0..4 range).
 
     Args:
         inputs, mean: images ``(B, C, H, W)`` in [-1, 1].
@@ -77,16 +96,16 @@ def uncertainty_panel(
     fig = Figure(figsize=(columns * 2.6, rows * 2.4 + (0.4 if title else 0.0)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, columns, squeeze=False)
+    colours = colormaps[cmap].with_extremes(under=colormaps[cmap](0.0), bad=colormaps[cmap](0.0))
     for r in range(rows):
         err, sc = error[r].numpy(), scale[r].numpy()
-        # one range for error and scale; the 99th percentile keeps a few outliers from washing it out
-        vmax = float(max(np.percentile(err, 99), np.percentile(sc, 99), 1e-6))
+        vmin, vmax = shared_log_range(err, sc)
         axes[r, 0].imshow(_to_image(inputs[r]))
         axes[r, 1].imshow(_to_image(mean[r]))
         for c, values in ((2, err), (3, sc)):
-            im = axes[r, c].imshow(values, cmap=cmap, vmin=0.0, vmax=vmax)
-            bar = fig.colorbar(im, ax=axes[r, c], fraction=0.046, pad=0.02)
-            bar.set_label("error" if c == 2 else "scale", fontsize=8)
+            im = axes[r, c].imshow(values, cmap=colours, norm=LogNorm(vmin=vmin, vmax=vmax, clip=True))
+            bar = fig.colorbar(im, ax=axes[r, c], fraction=0.046, pad=0.02, format=_LEVEL_TICKS)
+            bar.set_label(("|error|" if c == 2 else "scale b") + ", 8-bit levels (log)", fontsize=8)
         if standardized:
             im = axes[r, 4].imshow(err / np.maximum(sc, 1e-12), cmap="viridis", vmin=0.0, vmax=4.0)
             fig.colorbar(im, ax=axes[r, 4], fraction=0.046, pad=0.02).set_label("|error| / scale", fontsize=8)
@@ -97,6 +116,11 @@ def uncertainty_panel(
                 ax.set_title(_COLUMNS[c], fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)
+    fig.text(
+        0.5, 0.0, "|error| and scale share one log colour range in 8-bit levels; b is the expected |error| "
+        "(Laplace), so a right map looks like a blurred error map",
+        ha="center", va="bottom", fontsize=7, color="0.3",
+    )
     return fig
 
 

@@ -123,6 +123,46 @@ def test_detached_head_cannot_move_the_mean_branch(detach):
         assert trunk_grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("sees_mean", [False, True])
+def test_deep_head_starts_at_init_and_reads_the_mean_without_shaping_it(sees_mean):
+    model = tiny_model(log_scale="pixel", log_scale_init=-2.0, log_scale_head_layers=2, log_scale_head_channels=8,
+                       log_scale_head_sees_mean=sees_mean)
+    x = images(b=1)
+    rec, _ = model(x)
+    assert torch.all(rec.log_scale == -2.0)  # zero output conv: the trunk cannot show at step 0
+    assert model.decoder.log_scale_trunk[0].in_channels == 32 + (3 if sees_mean else 0)
+    with torch.no_grad():
+        model.decoder.log_scale_head.weight.normal_(std=0.1)
+        model.decoder.conv_out.weight.mul_(0)  # the mean no longer depends on the features...
+    model.zero_grad()
+    rec, _ = model(x)
+    rec.log_scale.sum().backward()
+    # ...so the only way the map could reach conv_out's weight is through the mean it reads: stopped
+    assert model.decoder.conv_out.weight.grad is None or torch.all(model.decoder.conv_out.weight.grad == 0)
+    assert model.decoder.log_scale_trunk[0].weight.grad.abs().sum() > 0
+    if sees_mean:  # the map does depend on the mean's values
+        changed = tiny_model(log_scale="pixel", log_scale_head_layers=2, log_scale_head_channels=8, log_scale_head_sees_mean=True)
+        changed.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            changed.decoder.conv_out.bias.add_(0.5)
+            assert not torch.equal(changed(x)[0].log_scale, model(x)[0].log_scale)
+
+
+def test_zero_init_residual_makes_every_block_the_identity():
+    from hetvae.layers import ResnetBlock
+
+    model = tiny_model()
+    model.zero_init_residual()
+    blocks = [m for m in model.modules() if isinstance(m, ResnetBlock)]
+    assert blocks and all(torch.all(b.conv2.weight == 0) and torch.all(b.conv2.bias == 0) for b in blocks)
+    h = torch.randn(1, 32, 8, 8)
+    same = [b for b in blocks if b.nin_shortcut is None][0]
+    torch.testing.assert_close(same(h), h)
+    rec, _ = model(images(b=1))
+    rec.mean.sum().backward()
+    assert all(b.conv2.weight.grad.abs().sum() > 0 for b in blocks)
+
+
 # --- diffusers-style switches ------------------------------------------------------------------
 
 

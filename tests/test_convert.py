@@ -255,6 +255,33 @@ def test_head_settings_conflicting_with_a_stored_head_are_refused(tmp_path):
         load_autoencoder(tmp_path / "plain", log_scale_init=1.0)
 
 
+@pytest.mark.parametrize("fmt", ["hetvae", "diffusers", "ldm"])
+def test_deep_head_that_reads_the_mean_round_trips_through_every_format(tmp_path, fmt):
+    model = tiny_model()
+    model.add_log_scale_head(init=-2.0, layers=2, hidden=8, sees_mean=True)
+    with torch.no_grad():
+        model.decoder.log_scale_head.weight.normal_(std=0.05)
+    written = save_autoencoder(model, tmp_path / fmt, format=fmt)
+    head_keys = {k for k in model.state_dict() if "log_scale" in k}
+    assert {"decoder.log_scale_trunk.0.weight", "decoder.log_scale_trunk.2.bias"} <= head_keys
+    if fmt != "hetvae":  # the body stays the stock layout, the whole head goes beside it
+        sidecar = tmp_path / fmt / ("log_scale_head.safetensors" if fmt == "diffusers" else "vae.log_scale_head.safetensors")
+        assert set(load_file(sidecar)) == head_keys
+    back = load_autoencoder(written)
+    assert back.config == model.config
+    assert back.config.log_scale_head_layers == 2 and back.config.log_scale_head_sees_mean
+    same_outputs(back, model, images(), exact=fmt != "diffusers")
+
+
+def test_deep_head_shape_settings_only_shape_a_new_head(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "plain")
+    grafted = load_autoencoder(tmp_path / "plain", log_scale="pixel", log_scale_head_layers=1, log_scale_head_sees_mean=True)
+    assert grafted.config.log_scale_head_layers == 1 and grafted.decoder.log_scale_trunk[0].in_channels == 32 + 3
+    grafted.save_pretrained(tmp_path / "deep")
+    with pytest.raises(ValueError, match=r"only shape a newly grafted head \(got log_scale_head_layers\)"):
+        load_autoencoder(tmp_path / "deep", log_scale_head_layers=3)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 

@@ -166,7 +166,9 @@ def test_sample_images_split():
     train_names, test_names = {n for n, _ in train}, {n for n, _ in test}
     assert len(train) >= 2 * len(test) - 1 and len(test) >= 3
     assert train_names.isdisjoint(test_names)
-    assert train_names | test_names == {n for n, _ in everything}
+    # region entries appear as "<name>[left]" (train) and "<name>[right]" (test)
+    base = lambda names: {n.split("[")[0] for n in names}  # noqa: E731
+    assert base(train_names) | base(test_names) == {n for n, _ in everything}
     for _, img in everything:
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
         assert min(img.shape[:2]) >= 64
@@ -191,3 +193,79 @@ def test_build_dataset_from_path(folder):
 
 def test_extension_set():
     assert {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"} == set(IMAGE_EXTENSIONS)
+
+
+# --- held-out split and augmentations ------------------------------------------------------------
+
+
+def test_held_out_split_is_colour_photographs_never_seen_in_training():
+    from hetvae.data import HOLDOUT_FRACTION, _load_sample
+
+    train, test = dict(sample_images("train")), dict(sample_images("test"))
+    for name, img in test.items():
+        chroma = img.astype(int).max(axis=2) - img.astype(int).min(axis=2)
+        assert chroma.mean() > 10, f"{name} is not a colour photograph"
+        base = name.removesuffix("[right]")
+        assert base not in train and base + "[left]" not in train or name.endswith("[right]")
+        if name.endswith("[right]"):
+            whole, left = _load_sample(base), train[base + "[left]"]
+            cut = int(round(whole.shape[1] * HOLDOUT_FRACTION))
+            # the two parts tile the photograph without overlap
+            assert left.shape[1] == cut and img.shape[1] == whole.shape[1] - cut
+            np.testing.assert_array_equal(np.concatenate([left, img], axis=1), whole)
+    assert "motorcycle" in test and not any(n.startswith("motorcycle") for n in train)
+
+
+def test_rescale_shows_a_larger_window_shrunk_to_the_crop():
+    img = _photo(64, 64, 0)
+    ds = ImageDataset([("p", img)], resolution=R, rescale=(0.25, 0.25), random_flip=False, num_samples=4)
+    x = ds[0]
+    assert x.shape == (3, R, R)
+    # a 64 px window shrunk 4x: the whole gradient, so the crop spans most of the value range
+    span = (x[0].max() - x[0].min()).item()
+    plain = ImageDataset([("p", img)], resolution=R, random_flip=False, num_samples=4)[0]
+    assert span > 2.5 * (plain[0].max() - plain[0].min()).item()
+    # scale is capped so the window fits the image
+    small = ImageDataset([("p", _photo(20, 40, 1))], resolution=R, rescale=(0.1, 0.1), num_samples=2)
+    assert small[0].shape == (3, R, R)
+    with pytest.raises(ValueError, match="rescale"):
+        ImageDataset([("p", img)], resolution=R, rescale=(0.5, 1.5))
+    with pytest.raises(ValueError, match="random_crop=True"):
+        ImageDataset([("p", img)], resolution=R, random_crop=False, color_jitter=0.1)
+
+
+def test_color_jitter_is_mild_keeps_grey_grey_and_8_bit():
+    from hetvae.data import jitter_colors
+
+    rng = np.random.default_rng(0)
+    photo = _photo(32, 32, 3)
+    assert np.array_equal(jitter_colors(photo, rng, 0.0), photo)
+    grey = np.repeat(photo[:, :, :1], 3, axis=2)
+    out = jitter_colors(grey, rng, 0.2)
+    assert out.dtype == np.uint8
+    assert np.abs(out.astype(int)[:, :, 0] - out[:, :, 1]).max() <= 1  # hue rotation about the grey axis
+    shifted = jitter_colors(photo, np.random.default_rng(1), 0.1)
+    assert 0 < np.abs(shifted.astype(int) - photo).mean() < 30
+
+
+def test_augmented_and_procedural_samples_are_deterministic():
+    img = _photo(48, 48, 0)
+    kw = dict(resolution=R, rescale=(0.5, 1.0), color_jitter=0.1, procedural=0.5, num_samples=16, seed=3)
+    a, b = ImageDataset([("p", img)], **kw), ImageDataset([("p", img)], **kw)
+    order = list(range(16))
+    first = [a[i] for i in order]
+    second = [b[i] for i in reversed(order)][::-1]
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert 0 < len(a._pool) <= a.procedural_pool  # some samples came from the dead-leaves pool
+    only = ImageDataset([("p", img)], resolution=R, procedural=1.0, num_samples=4)
+    assert all(x.shape == (3, R, R) and x.min() >= -1 and x.max() <= 1 for x in (only[i] for i in range(4)))
+    with pytest.raises(ValueError, match="procedural"):
+        ImageDataset([("p", img)], resolution=R, procedural=1.5)
+
+
+def test_build_dataset_passes_the_augmentations():
+    data = DataConfig(resolution=32, samples_per_epoch=8, rescale=[0.5, 1.0], color_jitter=0.1, procedural=0.25)
+    ds = build_dataset(data, train=True, seed=0)
+    assert ds.rescale == (0.5, 1.0) and ds.color_jitter == 0.1 and ds.procedural == 0.25
+    held_out = build_dataset(data, train=False)  # evaluation is never augmented
+    assert held_out.rescale is None and held_out.procedural == 0

@@ -266,3 +266,48 @@ def test_errors_say_what_to_pass():
         HeteroscedasticNLL("global", bounds=(1.0, -1.0))
     with pytest.raises(ValueError, match="fit='optimal' exists for 'global' and 'channel' granularity only"):
         HeteroscedasticNLL("pixel", fit="optimal")
+
+
+# --- faithful heteroscedastic training -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_faithful_splits_the_gradients(family):
+    """Value: the per-pixel NLL. Mean: the gradient of the NLL under one scale exp(s_bar),
+    s_bar = log mean exp(s) (what a global scale gives it). Map: the per-pixel NLL around the
+    stopped mean, written out with torch.distributions."""
+    x, mu, g = _data()
+    s = (torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64) * 0.5 - 1.0)
+    mu.requires_grad_(True)
+    s.requires_grad_(True)
+    out = _crit("pixel", family=family, faithful=True, include_constant=True, bounds=(-9.0, 5.0))(x, mu, log_scale=s)
+    reference = -DIST[family](mu.detach(), s.exp()).log_prob(x)
+    torch.testing.assert_close(out.loss, reference.sum() / 2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.nll, reference.detach(), rtol=1e-12, atol=1e-12)
+    g_mu, g_s = torch.autograd.grad(out.loss, [mu, s])
+    s_bar = torch.logsumexp(s.detach().flatten(), 0) - torch.log(torch.tensor(float(s.numel()), dtype=torch.float64))
+    shared = -DIST[family](mu, s_bar.exp()).log_prob(x)
+    (expected_mu,) = torch.autograd.grad(shared.sum() / 2, mu)
+    (expected_s,) = torch.autograd.grad(reference.sum() / 2, s)
+    torch.testing.assert_close(g_mu, expected_mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_s, expected_s, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.mean_nll, shared.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_faithful_stops_the_extra_distance_in_the_map_branch():
+    x, mu, g = _data()
+    s = torch.randn(2, 1, 4, 5, generator=g, dtype=torch.float64).requires_grad_(True)
+    extra = torch.rand(SHAPE, generator=g, dtype=torch.float64).requires_grad_(True)
+    out = _crit("pixel", faithful=True, bounds=(-9.0, 5.0))(x, mu, log_scale=s, extra_distance=extra)
+    (g_extra,) = torch.autograd.grad(out.loss, extra)
+    # only the shared-scale branch reaches extra: its gradient is exp(-s_bar) / B everywhere
+    s_bar = torch.logsumexp(s.detach().expand(SHAPE).flatten(), 0) - torch.log(torch.tensor(float(x.numel()), dtype=torch.float64))
+    torch.testing.assert_close(g_extra, torch.full_like(extra, float(torch.exp(-s_bar)) / 2))
+
+
+def test_faithful_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="faithful=True needs granularity 'pixel' and beta 0"):
+        HeteroscedasticNLL("global", faithful=True)
+    with pytest.raises(ValueError, match="beta=0.5"):
+        HeteroscedasticNLL("pixel", faithful=True, beta=0.5)
+    assert "faithful=True" in repr(HeteroscedasticNLL("pixel", faithful=True))

@@ -2,6 +2,7 @@
 crash safety (kill -9), signals, DDP equivalence and the CLI. Tiny models on 16 px crops."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -384,3 +385,43 @@ def test_tiny_demo_config(tmp_path):
     assert result.step == cfg.train.steps and not result.interrupted
     assert (tmp_path / "tiny" / "samples" / "latest.png").is_file()
     assert result.logs["log_scale_std"] > 0.1  # the map varies across the image
+
+
+# --- recipe switches ------------------------------------------------------------------------------
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero(images, tmp_path):
+    cfg = make_cfg(images, tmp_path / "run", "train.steps=12", "train.warmup_steps=2", "train.lr_schedule=cosine")
+    trainer = Trainer(cfg, progress=False)
+    factors = [trainer._lr_factor(step) for step in range(12)]
+    assert factors[:2] == [0.5, 1.0]  # linear warm-up, then the cosine starts at its top
+    assert factors[2] == 1.0 and all(a > b for a, b in zip(factors[2:], factors[3:]))
+    assert factors[7] == pytest.approx(0.5)  # half-way through the decay
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    constant = Trainer(make_cfg(images, tmp_path / "c", "train.warmup_steps=2"), progress=False)
+    assert [constant._lr_factor(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_zero_init_residual_applies_to_scratch_models_only(images, tmp_path):
+    from hetvae.layers import ResnetBlock
+
+    trainer = Trainer(make_cfg(images, tmp_path / "z", "train.zero_init_residual=true"), progress=False)
+    blocks = [m for m in trainer.model.modules() if isinstance(m, ResnetBlock)]
+    assert blocks and all(torch.all(b.conv2.weight == 0) for b in blocks)
+    trainer.run()
+    assert all(b.conv2.weight.abs().sum() > 0 for b in blocks)  # and they train
+    export = tmp_path / "z" / "model.safetensors"
+    loaded = Trainer(make_cfg(images, tmp_path / "z2", f"model.init_from={export}", "train.zero_init_residual=true"),
+                     progress=False)
+    assert all(b.conv2.weight.abs().sum() > 0 for b in loaded.model.modules() if isinstance(b, ResnetBlock))
+
+
+def test_faithful_deep_head_trains_end_to_end(images, tmp_path):
+    cfg = make_cfg(images, tmp_path / "f", "log_scale.granularity=pixel", "log_scale.faithful=true",
+                   "log_scale.head_layers=2", "log_scale.head_channels=8", "log_scale.head_sees_mean=true",
+                   "log_scale.detach_features=true")
+    result = train(cfg, progress=False)
+    model = load_autoencoder(tmp_path / "f" / "model.safetensors")
+    assert model.config.log_scale_head_layers == 2 and model.config.log_scale_head_sees_mean
+    assert model.decoder.log_scale_head.weight.abs().sum() > 0
+    assert result.step == 4 and math.isfinite(result.logs["nll"])
