@@ -467,6 +467,8 @@ class LogScaleConfig:
         faithful: pixel only: the mean gets the gradient of the NLL with one scale, the map's
             average, exactly what a global scale would give it, and the head gets the per-pixel
             NLL around the stopped mean (Stirn et al. 2023). The loss value is the per-pixel NLL.
+            Like the other pixel-only keys it is ignored for ``global`` / ``channel`` (a shared
+            scale gives the mean that gradient anyway), so one config serves every granularity.
         include_constant: add the density's constant (``log 2`` / ``0.5 log 2 pi``) so the loss is
             a true NLL (needed for bits/dim; irrelevant to the gradients).
     """
@@ -501,12 +503,7 @@ class LogScaleConfig:
             f"must be >= 1 or null, got {self.head_channels}",
         )
         _require(
-            not self.faithful or self.granularity == "pixel",
-            "faithful",
-            f"is for granularity 'pixel' (a {self.granularity} scale already gives the mean that gradient)",
-        )
-        _require(
-            not (self.faithful and self.beta > 0),
+            not (self.faithful and self.beta > 0 and self.granularity == "pixel"),
             "faithful",
             "and beta > 0 both reweight the mean's gradient; use one of them",
         )
@@ -935,7 +932,7 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
         beta=ls.beta,
         bounds=ls.bounds,
         fit=ls.fit,
-        faithful=ls.faithful,
+        faithful=ls.faithful and ls.granularity == "pixel",
     )
 
 

@@ -63,6 +63,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,7 @@ logger = logging.getLogger("hetvae.train")
 TRAIN_CONFIG_KEY = "hetvae_train_config"
 """safetensors metadata key holding the run's resolved config (JSON) in every checkpoint."""
 _PANEL_IMAGES = 4
+_PANEL_RESOLUTION = 128  # side of the held-out crops in the training panels
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -654,7 +656,14 @@ class Trainer:
         from hetvae.viz import save_uncertainty_panel
 
         if not hasattr(self, "_panel_inputs"):
-            held_out = build_dataset(self.cfg.data, train=False, seed=self.cfg.train.seed)
+            # crops large enough to see structure in (training crops may be 32 px), where the images allow
+            data = dataclasses.replace(self.cfg.data, resolution=max(self.cfg.data.resolution, _PANEL_RESOLUTION))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    held_out = build_dataset(data, train=False, seed=self.cfg.train.seed)
+            except ValueError:  # images smaller than that: the training crop size
+                held_out = build_dataset(self.cfg.data, train=False, seed=self.cfg.train.seed)
             n = min(_PANEL_IMAGES, len(held_out))
             self._panel_inputs = torch.stack([held_out[i] for i in range(n)])
         x = self._panel_inputs.to(self.device)

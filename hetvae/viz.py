@@ -187,15 +187,16 @@ def save_sparsification_plot(path: str | os.PathLike, curves: dict[str, tuple[Te
 
 def save_scale_map(path: str | os.PathLike, log_scale: Tensor, cmap: str = "magma") -> Path:
     """The predicted scale ``exp(log_scale)`` of one image ``(1|C, H, W)`` or ``(1, C|1, H, W)``,
-    averaged over channels, as a plain colormapped PNG at the image's own size (range: 0 to the
-    99th percentile)."""
-    from matplotlib import colormaps
+    averaged over channels, as a plain colormapped PNG at the image's own size, on a logarithmic
+    range from its 1st to its 99th percentile (at most a factor 1000: a constant map is one colour)."""
     from PIL import Image
 
     scale = log_scale.detach().float().cpu().exp()
     scale = scale.reshape(-1, *scale.shape[-2:]).mean(dim=0).numpy()
-    vmax = max(float(np.percentile(scale, 99)), 1e-12)
-    rgba = colormaps[cmap](np.clip(scale / vmax, 0.0, 1.0), bytes=True)
+    hi = max(float(np.percentile(scale, 99)), 1e-12)
+    lo = max(float(np.percentile(scale, 1)), hi / 1000.0)
+    position = np.log(np.clip(scale, lo, hi) / lo) / max(np.log(hi / lo), 1e-12)
+    rgba = colormaps[cmap](position, bytes=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")

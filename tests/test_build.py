@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from hetvae.config import Config, ConfigError, apply_overrides, build_model, build_objective, config_to_dict, load_config
+from hetvae.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_model,
+    build_nll,
+    build_objective,
+    config_to_dict,
+    load_config,
+)
 from hetvae.discriminator import NLayerDiscriminator
 from hetvae.perceptual import LPIPS
 
@@ -145,3 +154,14 @@ def test_sd_finetune_is_a_decoder_only_pixel_override():
     assert cfg.model.init_from != "scratch"
     assert cfg.train.decoder_only and cfg.train.precision == "bf16"
     assert cfg.log_scale.granularity == "pixel" and cfg.log_scale.beta == base.log_scale.beta
+
+
+@pytest.mark.parametrize("granularity", ["global", "channel", "pixel"])
+def test_the_demo_config_trains_every_granularity(granularity):
+    """`hetvae train configs/tiny.yaml --set log_scale.granularity=G` builds the model to compare:
+    the pixel-only keys (faithful, head_*) are ignored for a shared scale."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"log_scale.granularity={granularity}"])
+    model = build_model(cfg)
+    nll = build_nll(cfg, model)
+    assert nll.granularity == granularity and model.has_log_scale_head == (granularity == "pixel")
+    assert nll.faithful == (granularity == "pixel")

@@ -46,3 +46,24 @@ def test_panel_rejects_mismatched_shapes():
     x, mean = _batch()
     with pytest.raises(ValueError, match="one \\(B, C, H, W\\) shape"):
         uncertainty_panel(x, mean[:1], torch.zeros(()))
+
+
+def test_scale_structure_stays_visible_beside_heavy_tailed_errors():
+    """Typical photo: small scales (1-3 levels) on flat regions, a few huge errors on edges. On a
+    linear range set by the errors the scale map would be near-black; the log range keeps the
+    flat and textured halves of the scale map far apart in colour."""
+    from hetvae.viz import LEVELS_PER_UNIT, shared_log_range
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(1, 3, 32, 32)
+    scale = torch.full((1, 1, 32, 32), 1.0 / LEVELS_PER_UNIT)
+    scale[..., 16:] = 3.0 / LEVELS_PER_UNIT  # texture: three levels
+    mean = x + scale * torch.randn(1, 3, 32, 32, generator=g)
+    mean[..., 0, :4] += 1.5  # a few huge errors
+    fig = uncertainty_panel(x, mean, scale.log())
+    im = fig.axes[3].images[0]
+    flat, textured = im.norm(scale[0, 0, 0, 0].item()), im.norm(scale[0, 0, 0, -1].item())
+    assert textured - flat > 0.15  # linear 0..p99(error) would separate them by about 0.02
+    vmin, vmax = shared_log_range((x - mean).abs().mean(1)[0].numpy(), scale[0, 0].numpy())
+    assert im.get_clim() == (vmin, vmax) and vmax / vmin <= 1000
+    assert "8-bit levels (log)" in fig.axes[-1].get_ylabel()
