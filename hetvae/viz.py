@@ -42,7 +42,15 @@ __all__ = [
 
 _COLUMNS = ("input", "reconstruction", "|error|", "predicted scale", "|error| / scale")
 LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of the [-1, 1] image scale
-_LEVEL_TICKS = FuncFormatter(lambda value, _pos: f"{value * LEVELS_PER_UNIT:g}")
+_LEVEL_STEPS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)  # tick marks, in 8-bit levels
+
+
+def _level_ticks(bar, vmin: float, vmax: float) -> None:
+    """Colour-bar ticks at round numbers of 8-bit levels (the bar's data is on the [-1, 1] scale)."""
+    ticks = [v / LEVELS_PER_UNIT for v in _LEVEL_STEPS if vmin <= v / LEVELS_PER_UNIT <= vmax]
+    bar.ax.minorticks_off()
+    bar.set_ticks(ticks)
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value * LEVELS_PER_UNIT:g}"))
 
 
 def shared_log_range(error: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
@@ -104,7 +112,8 @@ def uncertainty_panel(
         axes[r, 1].imshow(_to_image(mean[r]))
         for c, values in ((2, err), (3, sc)):
             im = axes[r, c].imshow(values, cmap=colours, norm=LogNorm(vmin=vmin, vmax=vmax, clip=True))
-            bar = fig.colorbar(im, ax=axes[r, c], fraction=0.046, pad=0.02, format=_LEVEL_TICKS)
+            bar = fig.colorbar(im, ax=axes[r, c], fraction=0.046, pad=0.02)
+            _level_ticks(bar, vmin, vmax)
             bar.set_label(("|error|" if c == 2 else "scale b") + ", 8-bit levels (log)", fontsize=8)
         if standardized:
             im = axes[r, 4].imshow(err / np.maximum(sc, 1e-12), cmap="viridis", vmin=0.0, vmax=4.0)

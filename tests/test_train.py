@@ -379,7 +379,7 @@ def test_cli_train(images, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_demo_config(tmp_path):
-    """configs/tiny.yaml, the README's first command, end to end (about 3 minutes on 2 cores)."""
+    """configs/tiny.yaml, the README's first command, end to end (under 5 minutes on 2 quiet cores)."""
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     result = train(cfg, out_dir=tmp_path / "tiny", progress=False)
     assert result.step == cfg.train.steps and not result.interrupted
