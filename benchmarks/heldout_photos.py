@@ -6,7 +6,9 @@ without a model or data hub, and none of them is a scikit-image sample photograp
     china.png, flower.png   scikit-learn  (sklearn/datasets/images: a temple, a flower)
     grace_hopper.png        matplotlib    (mpl-data/sample_data: a portrait)
     raccoon.png             scipy 1.9     (scipy/misc/face.dat: an animal in foliage, 1024x768)
-    DepartmentStore.png     mahotas       (demos/data: a shop interior)
+    DepartmentStore.png     mahotas       (demos/data: a crowded "Where's Wally"-style drawing, not a
+                                           photograph; kept because docs/results.md was measured with
+                                           it, and it is the hardest of the six)
     luispedro.png           mahotas       (demos/data: a portrait)
 
     python benchmarks/heldout_photos.py OUT_DIR      # needs `pip download` to reach the registry
