@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hetvae.distributions import DiagonalGaussian
-from hetvae.layers import Level, MidBlock, activation_layout, group_norm, run_maybe_checkpointed
+from hetvae.layers import Level, MidBlock, ResnetBlock, activation_layout, group_norm, run_maybe_checkpointed
 
 LOG_SCALE_KINDS = (None, "pixel")
 
@@ -88,6 +88,11 @@ class AutoencoderConfig:
     @property
     def head_channels(self) -> int:
         return self.log_scale_channels or self.out_channels
+
+    def without_head(self) -> "AutoencoderConfig":
+        """This config with every ``log_scale*`` field at its no-head default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("log_scale")}
+        return dataclasses.replace(self, **defaults)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists once serialised; ``from_dict`` restores them)."""
@@ -375,13 +380,19 @@ class AutoencoderKL(nn.Module):
         self.decoder.add_log_scale_head(**_head_arguments(config))
         self.config = config
 
+    def remove_log_scale_head(self) -> None:
+        """Drop the per-pixel head (output conv and hidden layers); the config says there is none."""
+        self.decoder.log_scale_head = None
+        self.decoder.log_scale_trunk = None
+        self.decoder.log_scale_detach = False
+        self.decoder.log_scale_sees_mean = False
+        self.config = self.config.without_head()
+
     @torch.no_grad()
     def zero_init_residual(self) -> None:
         """Zero the last convolution of every ResNet block (weight and bias), so each block starts
         as the identity (its shortcut). For training from scratch; the mean output stays a
         function of the input through the shortcuts, and every parameter still gets gradients."""
-        from hetvae.layers import ResnetBlock
-
         for module in self.modules():
             if isinstance(module, ResnetBlock):
                 module.conv2.weight.zero_()

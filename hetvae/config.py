@@ -892,11 +892,7 @@ def build_model(cfg: Config) -> AutoencoderKL:
     else:
         model = load_autoencoder(path)
         if model.has_log_scale_head:
-            from hetvae.convert import without_head
-
-            model.decoder.log_scale_head = None
-            model.decoder.log_scale_trunk = None
-            model.config = without_head(model.config)
+            model.remove_log_scale_head()
     factor = model.config.downsample_factor
     _require(
         cfg.data.resolution % factor == 0,

@@ -283,12 +283,6 @@ def infer_config(state_dict: dict[str, Tensor]) -> AutoencoderConfig:
     )
 
 
-def without_head(config: AutoencoderConfig) -> AutoencoderConfig:
-    """``config`` with every head field at its no-head default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(AutoencoderConfig) if f.name.startswith("log_scale")}
-    return dataclasses.replace(config, **defaults)
-
-
 def is_head_key(key: str) -> bool:
     """Whether ``key`` belongs to the per-pixel log-scale head (its output conv or hidden layers)."""
     return key.startswith((HEAD_PREFIX, TRUNK_PREFIX))
@@ -655,7 +649,7 @@ def save_autoencoder(model: AutoencoderKL, path: str | Path, format: str = "hetv
     else:
         weights = path if path.suffix == ".safetensors" else path / LDM_FILE
         weights.parent.mkdir(parents=True, exist_ok=True)
-        body_config = without_head(config)
+        body_config = config.without_head()
         metadata = {"format": "pt", CONFIG_KEY: json.dumps(body_config.to_dict()), FORMAT_KEY: "ldm"}
         save_file(body, str(weights), metadata=metadata)
         result = weights

@@ -434,12 +434,13 @@ class ImageDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         r = self.resolution
         flip = False
-        rng = None
+        rng = None  # evaluation crops draw nothing; every augmentation needs random_crop (checked in __init__)
         if self.tiles:
             i, top, left = self._tiles[index]
             pixels, side = self._pixels(self._items[i]), r
         else:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
+            if self.random_crop or self.random_flip:
+                rng = np.random.default_rng((self.seed, self.epoch, index))
             if self.procedural > 0 and rng.random() < self.procedural:
                 pixels = self._procedural_image(int(rng.integers(self.procedural_pool)))
             else:

@@ -369,3 +369,12 @@ def test_enable_tiling_rejects_bad_settings():
         model.enable_tiling(tile_sample_size=33)
     with pytest.raises(ValueError, match=r"overlap must be in \[0, 0.5\)"):
         model.enable_tiling(overlap=0.5)
+
+
+def test_remove_log_scale_head_drops_head_trunk_and_settings():
+    model = tiny_model(log_scale="pixel", log_scale_init=-2.0, log_scale_head_layers=1, log_scale_head_sees_mean=True)
+    model.remove_log_scale_head()
+    assert not model.has_log_scale_head and model.decoder.log_scale_trunk is None
+    assert not any("log_scale" in k for k in model.state_dict())
+    assert model.config == AutoencoderConfig(**TINY)
+    assert model(images(b=1))[0].log_scale is None
