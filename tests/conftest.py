@@ -7,6 +7,17 @@ from typing import Callable
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Property-based tests: a bounded number of examples in the default run (2 CPU cores), no per-example
+# deadline (the first call of a torch op can be slow), reproducible (derandomized) so CI is stable.
+# HYPOTHESIS_PROFILE=thorough runs many more.
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("thorough", max_examples=2000, deadline=None)
+settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _assert_matches_reference(ours: Callable, model, theirs: Callable, ref, *inputs: torch.Tensor) -> None:
