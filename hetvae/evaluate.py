@@ -11,13 +11,26 @@
 
 :func:`evaluate` pools every element of every image and returns the metrics of
 :mod:`hetvae.metrics` under the keys ``hetvae eval`` writes.
+
+Images are streamed: :func:`load_images` lists them up front and decodes one at a time
+(:class:`ImageList`), and the pooled metrics keep only what they need of each prediction (the
+additive ones as sums; Spearman and AUSE, which rank every element, its float32 |error| and
+log-scale: 8 bytes per pixel and channel). An image larger than :data:`AUTO_TILE_PIXELS` is
+reconstructed in tiles of :data:`AUTO_TILE_SIZE` pixels unless the predictor says otherwise
+(:attr:`Predictor.tile`), and running out of memory is a ``ValueError`` that says to tile.
+
+Outputs never overwrite a file hetvae did not write: PNGs and safetensors files it writes carry
+the marker :data:`hetvae.viz.OUTPUT_MARKER`, its JSON and markdown are recognised by their keys
+and table header (:func:`is_hetvae_output`), and :func:`load_images` skips hetvae's own outputs
+so a folder can hold its images and their panels.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +46,12 @@ METRIC_KEYS = (
     "psnr", "nll_bpd", "coverage_50", "coverage_90", "calibration_error", "spearman", "ause",
     "n_images", "granularity",
 )
+AUTO_TILE_PIXELS = 2048 * 2048
+"""Images with more pixels than this are reconstructed in tiles when :attr:`Predictor.tile` is
+``None`` (automatic): an untiled SD decoder holds several 128-channel float32 activations at full
+resolution, 0.5 kB per pixel each (4 MP: a few GB)."""
+AUTO_TILE_SIZE = 512
+"""Tile size of automatic tiling, in pixels (as ``AutoencoderKL.enable_tiling``'s default)."""
 
 
 @dataclass
@@ -59,6 +78,10 @@ class Predictor:
     model: AutoencoderKL
     nll: HeteroscedasticNLL
     source: str
+    tile: int | None = None
+    """Tiling of :meth:`predict`: ``None`` automatic (tiles of :data:`AUTO_TILE_SIZE` above
+    :data:`AUTO_TILE_PIXELS`, unless the model's own ``enable_tiling`` is on), ``0`` never, ``N``
+    tiles of ``N`` pixels (a multiple of the model's ``downsample_factor``)."""
 
     @property
     def granularity(self) -> str:
@@ -74,11 +97,48 @@ class Predictor:
         pads to its down-sampling factor and crops back) from the posterior mode."""
         x = image if image.ndim == 4 else image.unsqueeze(0)
         x = x.to(next(self.model.parameters()).device, torch.float32)
-        rec, _ = self.model(x, sample_posterior=False)
+        model = self.model
+        saved = model.use_tiling, model.tile_sample_size, model.tile_overlap
+        tile = self._tile_for(*x.shape[-2:])
+        try:
+            if tile:
+                model.enable_tiling(tile, model.tile_overlap)
+            elif tile == 0:
+                model.disable_tiling()
+            rec, _ = model(x, sample_posterior=False)
+        except (RuntimeError, MemoryError) as error:
+            if not _out_of_memory(error):
+                raise
+            height, width = x.shape[-2:]
+            how = f"in tiles of {model.tile_sample_size} px" if model.use_tiling else "whole (untiled)"
+            raise ValueError(
+                f"out of memory reconstructing a {height}x{width} image ({height * width / 1e6:.1f} MP) {how}: "
+                f"reconstruct it in smaller tiles (--tile PX on the command line, Predictor.tile in Python; "
+                f"a multiple of {model.config.downsample_factor}, e.g. 256) or free memory ({error})"
+            ) from None
+        finally:
+            model.use_tiling, model.tile_sample_size, model.tile_overlap = saved
         mean = rec.mean.float()
         raw = rec.log_scale.float() if self.granularity == "pixel" else None
         s = self.nll.log_scale(x, mean, raw)
         return Prediction(x, mean, torch.broadcast_to(s, x.shape).contiguous())
+
+    def _tile_for(self, height: int, width: int) -> int | None:
+        """Tile size for one image: ``None`` leaves the model as it is, ``0`` turns tiling off."""
+        if self.tile is not None:
+            return self.tile
+        if self.model.use_tiling or height * width <= AUTO_TILE_PIXELS:
+            return None
+        f = self.model.config.downsample_factor
+        return max(AUTO_TILE_SIZE // f * f, f)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (torch raises ``RuntimeError`` on the CPU)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return any(m in text for m in ("out of memory", "not enough memory", "can't allocate memory", "failed to allocate"))
 
 
 def is_run_folder(path: str | Path) -> bool:
@@ -121,47 +181,112 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> Pred
     return Predictor(model=model, nll=nll, source=str(path))
 
 
-def _pooled(predictions: list[Prediction]) -> tuple[Tensor, Tensor, Tensor]:
-    """Concatenate images of any sizes as ``(1, C, N, 1)`` target, mean and log-scale."""
+class _Pool:
+    """What the pooled metrics need, gathered one prediction at a time: per-image PSNR, the summed
+    bits and interval hits (additive), and for the rank metrics each element's float32 |error|
+    and log-scale. The images and reconstructions themselves are not kept."""
 
-    def cat(name: str) -> Tensor:
-        return torch.cat([getattr(p, name).flatten(2) for p in predictions], dim=2).unsqueeze(-1)
+    def __init__(self, family: str) -> None:
+        self.family = family
+        self.psnr: list[float] = []
+        self.bits = 0.0
+        self.count = 0
+        self.hits = [0] * len(M.CALIBRATION_LEVELS)
+        self.errors: list[Tensor] = []
+        self.log_scales: list[Tensor] = []
 
-    return cat("target"), cat("mean"), cat("log_scale")
+    def add(self, p: Prediction) -> None:
+        target, mean, log_scale = p.target, p.mean, p.log_scale
+        n = target.numel()
+        self.psnr.extend(M.psnr((mean.clamp(-1, 1) + 1) / 2, (target + 1) / 2).tolist())
+        self.bits += M.nll_bpd(target, mean, log_scale, self.family) * n
+        curve = M.coverage_curve(target, mean, log_scale, self.family)
+        self.hits = [h + round(c * n) for h, c in zip(self.hits, curve)]
+        self.count += n
+        self.errors.append((target.double() - mean.double()).abs().float().flatten().cpu())
+        self.log_scales.append(torch.broadcast_to(log_scale, target.shape).float().flatten().cpu())
+
+    def coverage_curve(self) -> list[float]:
+        return [h / self.count for h in self.hits]
+
+    def _rank_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(|error|, 0, log_scale)`` as ``(1, 1, N, 1)``, for the metrics of target, mean, log-scale."""
+        error = torch.cat(self.errors).view(1, 1, -1, 1)
+        return error, torch.zeros(()).expand_as(error), torch.cat(self.log_scales).view(1, 1, -1, 1)
+
+    def sparsification_curves(self) -> tuple[Tensor, Tensor, Tensor]:
+        return M.sparsification_curves(*self._rank_inputs())
+
+    def summary(self, granularity: str) -> dict:
+        if not self.count:
+            raise ValueError("no images to evaluate")
+        ranked = self._rank_inputs()
+        rho = M.spearman(*ranked)
+        levels = M.CALIBRATION_LEVELS
+        observed = self.coverage_curve()
+        return {
+            "psnr": sum(self.psnr) / len(self.psnr),
+            "nll_bpd": self.bits / self.count,
+            "coverage_50": observed[levels.index(0.5)],
+            "coverage_90": observed[levels.index(0.9)],
+            "calibration_error": sum(abs(o - p) for o, p in zip(observed, levels)) / len(levels),
+            "spearman": None if math.isnan(rho) else rho,
+            "ause": M.ause(*ranked),
+            "n_images": len(self.psnr),
+            "granularity": granularity,
+        }
 
 
-def summarize(predictions: list[Prediction], family: str, granularity: str) -> dict:
+def summarize(predictions: Iterable[Prediction], family: str, granularity: str) -> dict:
     """The metrics of ``hetvae eval`` over all elements of all predictions."""
-    if not predictions:
-        raise ValueError("no images to evaluate")
-    target, mean, log_scale = _pooled(predictions)
-    psnr = torch.cat([M.psnr((p.mean.clamp(-1, 1) + 1) / 2, (p.target + 1) / 2) for p in predictions])
-    rho = M.spearman(target, mean, log_scale)
-    return {
-        "psnr": psnr.mean().item(),
-        "nll_bpd": M.nll_bpd(target, mean, log_scale, family),
-        "coverage_50": M.coverage(target, mean, log_scale, 0.5, family),
-        "coverage_90": M.coverage(target, mean, log_scale, 0.9, family),
-        "calibration_error": M.calibration_error(target, mean, log_scale, family),
-        "spearman": None if math.isnan(rho) else rho,
-        "ause": M.ause(target, mean, log_scale),
-        "n_images": len(predictions),
-        "granularity": granularity,
-    }
+    pool = _Pool(family)
+    for p in predictions:
+        pool.add(p)
+    return pool.summary(granularity)
 
 
-def predict_all(predictor: Predictor, images: Iterable[Tensor], progress: bool = False) -> list[Prediction]:
-    images = list(images)
+def _named(images: Iterable) -> Iterator[tuple[str | None, Tensor]]:
+    """``(source, image)`` pairs from an :class:`ImageList` (source: the file), ``(name, image)``
+    pairs, or bare images (source ``None``)."""
+    if isinstance(images, ImageList):
+        for i in range(len(images)):
+            yield str(images.sources[i]), images.load(i)
+        return
+    for item in images:
+        yield item if isinstance(item, tuple) else (None, item)
+
+
+def iter_predictions(
+    predictor: Predictor, images: Iterable, progress: bool = False, desc: str = "predict"
+) -> Iterator[tuple[str | None, Prediction]]:
+    """``(source, prediction)`` for each image, one image in memory at a time. ``images``: an
+    :class:`ImageList`, ``(name, image)`` pairs or images ``(C, H, W)`` in [-1, 1]. An error
+    (out of memory, say) names the image's file."""
+    named = _named(images)
     if progress:
         from tqdm.auto import tqdm
 
-        images = tqdm(images, desc="predict", unit="img")
-    return [predictor.predict(img) for img in images]
+        named = tqdm(named, desc=desc, unit="img", total=len(images) if isinstance(images, Sequence) else None)
+    for source, image in named:
+        try:
+            prediction = predictor.predict(image)
+        except ValueError as error:
+            if source is None:
+                raise
+            raise ValueError(f"image {source}: {error}") from None
+        yield source, prediction
 
 
-def evaluate(predictor: Predictor, images: Iterable[Tensor], progress: bool = False) -> dict:
-    """Predict every image ``(C, H, W)`` in [-1, 1] and :func:`summarize` them."""
-    return summarize(predict_all(predictor, images, progress), predictor.family, predictor.granularity)
+def predict_all(predictor: Predictor, images: Iterable, progress: bool = False) -> list[Prediction]:
+    """Every prediction in a list (all in memory: :func:`iter_predictions` streams them)."""
+    return [p for _, p in iter_predictions(predictor, images, progress)]
+
+
+def evaluate(predictor: Predictor, images: Iterable, progress: bool = False) -> dict:
+    """Predict every image (``(C, H, W)`` in [-1, 1], ``(name, image)`` pairs or an
+    :class:`ImageList`), one at a time, and :func:`summarize` them."""
+    predictions = (p for _, p in iter_predictions(predictor, images, progress))
+    return summarize(predictions, predictor.family, predictor.granularity)
 
 
 @dataclass
@@ -179,7 +304,7 @@ class Comparison:
             return "n/a" if value is None else f"{value:.{digits}f}"
 
         lines = [
-            "| run | granularity | PSNR (dB) | bits/dim | coverage 50% | coverage 90% | calib. error | Spearman | AUSE |",
+            _TABLE_HEADER,
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in self.results.items():
@@ -191,15 +316,22 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
 
-def compare(predictors: dict[str, Predictor], images: list[Tensor], progress: bool = False) -> Comparison:
-    """Evaluate each predictor on the same images; keep the reliability and sparsification curves."""
+_TABLE_HEADER = "| run | granularity | PSNR (dB) | bits/dim | coverage 50% | coverage 90% | calib. error | Spearman | AUSE |"
+
+
+def compare(predictors: dict[str, Predictor], images: Iterable, progress: bool = False) -> Comparison:
+    """Evaluate each predictor on the same images; keep the reliability and sparsification curves.
+    An :class:`ImageList` is read again for each predictor (one image in memory at a time)."""
+    if not isinstance(images, Sequence):
+        images = list(images)  # a one-shot iterator would be empty for the second predictor
     results, reliability, sparsification = {}, {}, {}
     for name, predictor in predictors.items():
-        predictions = predict_all(predictor, images, progress)
-        results[name] = summarize(predictions, predictor.family, predictor.granularity)
-        target, mean, log_scale = _pooled(predictions)
-        reliability[name] = M.coverage_curve(target, mean, log_scale, predictor.family)
-        sparsification[name] = M.sparsification_curves(target, mean, log_scale)
+        pool = _Pool(predictor.family)
+        for _, p in iter_predictions(predictor, images, progress, desc=str(name)):
+            pool.add(p)
+        results[name] = pool.summary(predictor.granularity)
+        reliability[name] = pool.coverage_curve()
+        sparsification[name] = pool.sparsification_curves()
     return Comparison(results, reliability, sparsification)
 
 
@@ -208,24 +340,173 @@ def to_tensor(image) -> Tensor:
     return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # copy: PIL arrays are read-only
 
 
-def load_images(paths: str | Path | list | None = None) -> list[tuple[str, Tensor]]:
-    """``[(name, (3, H, W) in [-1, 1]), ...]`` from files / folders (recursive), or, with ``None``,
-    scikit-image's held-out sample photographs (the ``"test"`` split training never sees)."""
-    from hetvae.data import list_images, read_image, sample_images
+class ImageList(Sequence):
+    """Images listed up front and decoded one at a time: ``images[i]`` and iteration give
+    ``(name, (3, H, W) float32 in [-1, 1])``, read from disk on each access.
+
+    ``names``: each file's path relative to the folder all files share (``a/x.png``, with its
+    extension), unique per file; the sample photographs' names for the built-in images.
+    ``sources``: the files (or sample names). ``skipped``: files left out because hetvae wrote them.
+    """
+
+    def __init__(self, names: list[str], sources: list, read: Callable[[int], Tensor], skipped=()) -> None:
+        self.names, self.sources, self._read, self.skipped = list(names), list(sources), read, list(skipped)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self.names[index], self.load(index)
+
+    def load(self, index: int) -> Tensor:
+        return self._read(index)
+
+
+def _relative_names(files: list[Path]) -> list[str]:
+    """Each file's path relative to the deepest folder holding them all, ``/``-separated."""
+    absolute = [Path(os.path.abspath(f)) for f in files]
+    root = Path(os.path.commonpath([str(f.parent) for f in absolute]))
+    return [f.relative_to(root).as_posix() for f in absolute]
+
+
+def load_images(paths: str | Path | list | None = None) -> ImageList:
+    """An :class:`ImageList` of files / folders (recursive), or, with ``None``, of scikit-image's
+    held-out sample photographs (the ``"test"`` split training never sees).
+
+    Nothing is decoded here. A file reached twice (two arguments, a link) is listed once, and files
+    hetvae wrote (panels, scale maps: :func:`is_hetvae_output`) are skipped, so outputs written next
+    to the images are never read back as images. An unreadable file raises ``ValueError`` naming it
+    when it is read.
+    """
+    from hetvae import data
 
     if paths is None:
-        return [(name, to_tensor(img)) for name, img in sample_images("test")]
-    out = []
-    for file in list_images(paths):
+        samples = data.sample_images("test")
+        return ImageList([n for n, _ in samples], [n for n, _ in samples], lambda i: to_tensor(samples[i][1]))
+    unique: dict[str, Path] = {}
+    for file in data.list_images(paths):
+        unique.setdefault(os.path.realpath(file), file)
+    files, skipped = [], []
+    for file in unique.values():
+        (skipped if is_hetvae_output(file) else files).append(file)
+    if not files:
+        raise ValueError(
+            f"no images to read in {paths}: all {len(skipped)} image file(s) there were written by hetvae "
+            f"(e.g. {skipped[0]})"
+        )
+
+    def read(i: int) -> Tensor:
         try:
-            out.append((file.stem, to_tensor(read_image(file))))
+            return to_tensor(data.read_image(files[i]))
         except Exception as error:  # name the file: PIL's messages often do not
-            raise ValueError(f"cannot read image {file}: {error}") from error
-    return out
+            raise ValueError(f"cannot read image {files[i]}: {error}") from error
+
+    return ImageList(_relative_names(files), files, read, skipped)
+
+
+# --- outputs: recognised, checked, written atomically --------------------------------------------
+
+
+def _is_metrics(data) -> bool:
+    return isinstance(data, dict) and set(METRIC_KEYS) <= set(data)
+
+
+def is_hetvae_output(path: str | Path) -> bool:
+    """Whether ``path`` is a regular file hetvae wrote: a PNG or safetensors file carrying
+    :data:`hetvae.viz.OUTPUT_MARKER`, the JSON of ``hetvae eval`` / ``compare``, or the table of
+    ``compare``. Unreadable or foreign files are not."""
+    from hetvae.viz import OUTPUT_MARKER
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return OUTPUT_MARKER in im.info
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return OUTPUT_MARKER in (f.metadata() or {})
+        if suffix in (".json", ".md") and path.stat().st_size <= 1 << 20:
+            text = path.read_text()
+            if suffix == ".md":
+                return text.startswith(_TABLE_HEADER + "\n")
+            data = json.loads(text)
+            return _is_metrics(data) or (isinstance(data, dict) and bool(data) and all(map(_is_metrics, data.values())))
+    except Exception:  # unreadable, or not what its name says: not ours
+        return False
+    return False
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+            return
+
+
+def check_output_folder(path: str | Path, flag: str = "output folder") -> Path:
+    """``path`` as a folder outputs can go into (it may not exist yet); ``ValueError`` naming
+    ``flag`` and the file in the way otherwise."""
+    path = Path(path).expanduser()
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; expected a folder (existing or to be created)")
+    _check_parents(path, flag)
+    return path
+
+
+def check_output_file(path: str | Path, flag: str = "output") -> Path:
+    """``path`` as a file hetvae may write: absent, or an earlier output of hetvae
+    (:func:`is_hetvae_output`). ``ValueError`` naming ``flag`` and ``path`` otherwise."""
+    path = Path(path).expanduser()
+    _check_parents(path, flag)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; expected a file name")
+    if (path.exists() or path.is_symlink()) and not is_hetvae_output(path):
+        raise ValueError(
+            f"{flag}: refusing to overwrite {path}: it exists and was not written by hetvae "
+            "(choose another name or folder, or move the file)"
+        )
+    return path
+
+
+def uncertainty_outputs(out: str | Path, name: str) -> tuple[Path, Path, Path]:
+    """Where ``hetvae uncertainty`` writes the panel, scale map and raw maps of image ``name``
+    (an :class:`ImageList` name such as ``a/x.png``): ``out/a/x.png_panel.png``,
+    ``out/a/x.png_scale.png``, ``out/a/x.png_maps.safetensors``. Distinct names never share an
+    output (no suffix ends another), and the extension keeps ``x.png`` and ``x.jpg`` apart."""
+    out = Path(out)
+    return out / f"{name}_panel.png", out / f"{name}_scale.png", out / f"{name}_maps.safetensors"
+
+
+def save_maps(path: str | Path, prediction: Prediction, family: str, granularity: str) -> Path:
+    """The raw ``(C, H, W)`` maps of one prediction (input, mean, log_scale, error) as safetensors,
+    written atomically, with the family, granularity and :data:`hetvae.viz.OUTPUT_MARKER`."""
+    from safetensors.torch import save_file
+
+    from hetvae.viz import OUTPUT_MARKER, write_atomically
+
+    p = prediction
+    maps = {"input": p.target[0], "mean": p.mean[0], "log_scale": p.log_scale[0], "error": p.error[0]}
+    tensors = {k: v.contiguous().cpu() for k, v in maps.items()}
+    metadata = {"family": family, "granularity": granularity, OUTPUT_MARKER: "uncertainty maps"}
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
+    from hetvae.viz import write_atomically
+
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(result: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    return path
+    return write_text(json.dumps(result, indent=2) + "\n", path)

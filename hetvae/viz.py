@@ -15,12 +15,16 @@ down to the smaller of the scale's 1st and the error's 10th percentile (at most 
 comparing granularities.
 
 Drawn with matplotlib's object API on an Agg canvas (no ``pyplot``, no global backend switch), so
-it is safe in training loops, threads and headless machines.
+it is safe in training loops, threads and headless machines. Every file is written atomically
+(:func:`write_atomically`) and every PNG carries the text chunk :data:`OUTPUT_MARKER`, by which
+``hetvae`` recognises its own outputs (it overwrites them, skips them as inputs, and refuses to
+overwrite anything else).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +37,17 @@ from matplotlib.ticker import FuncFormatter
 from torch import Tensor
 
 __all__ = [
+    "OUTPUT_MARKER",
     "save_reliability_diagram",
     "save_scale_map",
     "save_sparsification_plot",
     "save_uncertainty_panel",
     "uncertainty_panel",
+    "write_atomically",
 ]
+
+OUTPUT_MARKER = "hetvae"
+"""Key of the PNG text chunk (and safetensors metadata entry) that marks a file hetvae wrote."""
 
 _COLUMNS = ("input", "reconstruction", "|error|", "predicted scale", "|error| / scale")
 LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of the [-1, 1] image scale
@@ -144,17 +153,33 @@ def save_uncertainty_panel(
     standardized: bool = False,
 ) -> Path:
     """Draw :func:`uncertainty_panel` and write it to ``path`` (PNG); returns the path."""
-    return _save(uncertainty_panel(inputs, mean, log_scale, title=title, standardized=standardized), path, dpi)
+    fig = uncertainty_panel(inputs, mean, log_scale, title=title, standardized=standardized)
+    return _save(fig, path, dpi, "uncertainty panel")
 
 
-def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write ``fig`` to a temporary name and rename it, so a viewer never sees half a file."""
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, flush it to disk and rename
+    it to ``path``: a reader (or a crash) sees the old file or the whole new one, never half a
+    file. The temporary file is removed if ``write`` fails. Returns ``path``."""
+    from hetvae.checkpoint import fsync_dir, fsync_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
     return path
+
+
+def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100, what: str = "figure") -> Path:
+    """Write ``fig`` as a PNG marked with :data:`OUTPUT_MARKER`, atomically."""
+    return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", metadata={OUTPUT_MARKER: what}))
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -178,7 +203,7 @@ def save_reliability_diagram(
     ax.set(xlabel="nominal coverage p", ylabel="observed coverage", xlim=(0, 1), ylim=(0, 1))
     ax.set_title("Reliability of central intervals", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(fig, path, what="reliability diagram")
 
 
 def save_sparsification_plot(path: str | os.PathLike, curves: dict[str, tuple[Tensor, Tensor, Tensor]]) -> Path:
@@ -191,14 +216,14 @@ def save_sparsification_plot(path: str | os.PathLike, curves: dict[str, tuple[Te
     ax.set(xlabel="fraction removed (largest predicted scale first)", ylabel="mean |error| of the rest / overall")
     ax.set_title("Sparsification (dashed: removing by true error)", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(fig, path, what="sparsification plot")
 
 
 def save_scale_map(path: str | os.PathLike, log_scale: Tensor, cmap: str = "magma") -> Path:
     """The predicted scale ``exp(log_scale)`` of one image ``(1|C, H, W)`` or ``(1, C|1, H, W)``,
     averaged over channels, as a plain colormapped PNG at the image's own size, on a logarithmic
     range from its 1st to its 99th percentile (at most a factor 1000: a constant map is one colour)."""
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     scale = log_scale.detach().float().cpu().exp()
     scale = scale.reshape(-1, *scale.shape[-2:]).mean(dim=0).numpy()
@@ -206,9 +231,6 @@ def save_scale_map(path: str | os.PathLike, log_scale: Tensor, cmap: str = "magm
     lo = max(float(np.percentile(scale, 1)), hi / 1000.0)
     position = np.log(np.clip(scale, lo, hi) / lo) / max(np.log(hi / lo), 1e-12)
     rgba = colormaps[cmap](position, bytes=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    Image.fromarray(rgba[..., :3]).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    info = PngImagePlugin.PngInfo()
+    info.add_text(OUTPUT_MARKER, "scale map")
+    return write_atomically(path, lambda tmp: Image.fromarray(rgba[..., :3]).save(tmp, format="PNG", pnginfo=info))
