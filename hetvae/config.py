@@ -84,7 +84,32 @@ def _join(path: str, key: str) -> str:
 
 
 def _show(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    text = repr(value)
+    if len(text) > 80:  # a 5000-digit number or a pasted file is named, not reprinted
+        text = text[:60] + f"... ({len(text)} characters)"
+    return f"{text} ({type(value).__name__})"
+
+
+class _NotFinite(ConfigError):
+    """A nan / inf where a number is expected: reported as such, not as a type mismatch."""
+
+
+def _finite(number: float, key: str, value: Any) -> float:
+    if not math.isfinite(number):
+        shown = f"{value} (= {number})" if isinstance(value, str) and value.strip() != str(number) else number
+        raise _NotFinite(key, f"must be a finite number, got {shown}")
+    return number
+
+
+def _require_finite(obj: Any) -> None:
+    """Every float field of dataclass ``obj`` (and every float inside a tuple / list field) is finite:
+    a nan or inf from Python code is refused like one from a file."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        items = enumerate(value) if isinstance(value, (tuple, list)) else [(None, value)]
+        for i, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f.name if i is None else f"{f.name}[{i}]", f"must be a finite number, got {v}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,25 +192,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             # YAML 1.1 reads 1e4 as a string; accept it when it is an integer
             try:
                 return int(value)
-            except ValueError:
+            except ValueError:  # also past Python's int-parsing limit (4300 digits)
                 try:
                     value = float(value)
                 except ValueError:
                     raise fail from None
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
         raise fail
     if tp is float:
         if isinstance(value, bool):
             raise fail
         if isinstance(value, (int, float)):
-            return float(value)
+            try:
+                return _finite(float(value), key, value)
+            except OverflowError:  # an int past float range
+                raise _NotFinite(key, f"must be a finite number, got {_show(value)}") from None
         if isinstance(value, str):
             # YAML 1.1 reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise fail from None
+            return _finite(number, key, value)
         raise fail
     if tp is str:
         if isinstance(value, str):
@@ -231,12 +260,14 @@ def _coerce_union(value: Any, tp: Any, key: str) -> Any:
         try:
             return _coerce(value, others[0], key)
         except ConfigError as exc:
-            if exc.key != key:  # an element's error is the more precise one
+            if exc.key != key or isinstance(exc, _NotFinite):  # the more precise error
                 raise
             raise ConfigError(key, f"expected {_describe(tp)}, got {_show(value)}") from None
     for member in others:
         try:
             return _coerce(value, member, key)
+        except _NotFinite:
+            raise
         except ConfigError:
             continue
     raise ConfigError(key, f"expected {_describe(tp)}, got {_show(value)}")
@@ -322,6 +353,8 @@ def _field_type(cls: type, dotted: str) -> Any:
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(prefix, f"is a value, not a section; cannot set {dotted!r}")
         fields = _init_fields(tp)
+        if not part.strip():
+            raise ConfigError(dotted, f"malformed key {dotted!r}: an empty part (expected section.key)")
         if part not in fields:
             raise _unknown_key(part, prefix, fields)
         tp = _hints(tp)[part]
@@ -331,8 +364,10 @@ def _field_type(cls: type, dotted: str) -> Any:
 def _parse_override_value(text: str, tp: Any) -> Any:
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text  # not YAML (a Windows path, say); the type check below judges the text
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # not YAML (a Windows path, say; an integer past Python's parsing limit; nesting too deep):
+        # the type check below judges the text
+        value = text
     # YAML 1.1 turns `yes`, `off`, `2024-01-01`, `1.0` into bool/date/float; a text field wants
     # what was typed.
     if (
@@ -362,17 +397,33 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
         return cfg
     tree = config_to_dict(cfg)
     for item in overrides:
+        if not isinstance(item, str):
+            raise ConfigError("", f"override {item!r} is not a string of the form section.key=value")
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ConfigError("", f"override {item!r} is not of the form section.key=value")
-        value = _parse_override_value(text, _field_type(type(cfg), key))
+        tp = _field_type(type(cfg), key)
+        if not text.strip():
+            # `--set data.path=$DATA` with DATA unset: never read as null (the bundled photos)
+            hint = f"; write {key}=null for null" if _accepts_none(tp) else ""
+            raise ConfigError(key, f"empty value in override {item!r} (an unset shell variable?){hint}")
+        value = _parse_override_value(text, tp)
         *parents, leaf = key.split(".")
         node = tree
-        for part in parents:
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:  # a section reset to null keeps its defaults for the keys below
+                node[part] = {}
+            elif not isinstance(node[part], Mapping):
+                section = ".".join(parents[: depth + 1])
+                raise ConfigError(section, f"expected a mapping of keys, got {_show(node[part])} (before {item!r})")
             node = node[part]
         node[leaf] = value
     return from_dict(type(cfg), tree)
+
+
+def _accepts_none(tp: Any) -> bool:
+    return type(None) in _union_members(tp) or dataclasses.is_dataclass(tp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +434,12 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
 def _require(ok: bool, key: str, detail: str) -> None:
     if not ok:
         raise ConfigError(key, detail)
+
+
+def _require_path(value: str, key: str) -> None:
+    """A path-valued key: not empty, no NUL character (no file system takes one)."""
+    _require(bool(value.strip()), key, "must not be empty")
+    _require("\0" not in value, key, f"contains a NUL character: {value!r}")
 
 
 Granularity = Literal["global", "channel", "pixel"]
@@ -407,7 +464,10 @@ class ModelConfig:
         use_quant_conv, use_post_quant_conv: the 1x1 convs around the latent (SD: both).
         mid_block_attention: self-attention in the middle blocks.
         scaling_factor, shift_factor: ``z_diffusion = (z - shift) * scale``; metadata for
-            diffusion models, unused by the autoencoder itself.
+            diffusion models, unused by the autoencoder itself. ``None`` (the default): the
+            checkpoint's own value for a loaded model (stored in it, else inferred from its family:
+            an SDXL VAE looks like SD 1.x, so set 0.13025 for it), and 0.18215 / 0.0 from scratch.
+            A value set here always wins, for a loaded model too.
     """
 
     init_from: str = "scratch"
@@ -420,11 +480,13 @@ class ModelConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_attention: bool = True
-    scaling_factor: float = 0.18215
-    shift_factor: float = 0.0
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         _require(bool(self.init_from.strip()), "init_from", "must be 'scratch' or a checkpoint path, got ''")
+        _require_path(self.init_from, "init_from")
         for name in ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         _require(len(self.block_out_channels) >= 1, "block_out_channels", "must list at least one level")
@@ -434,7 +496,11 @@ class ModelConfig:
                 f"block_out_channels[{i}]",
                 f"must be a positive multiple of norm_num_groups={self.norm_num_groups}, got {c}",
             )
-        _require(self.scaling_factor > 0, "scaling_factor", f"must be > 0, got {self.scaling_factor}")
+        _require(
+            self.scaling_factor is None or self.scaling_factor > 0,
+            "scaling_factor",
+            f"must be > 0 or null, got {self.scaling_factor}",
+        )
 
     @property
     def downsample_factor(self) -> int:
@@ -488,6 +554,7 @@ class LogScaleConfig:
     include_constant: bool = False
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         lo, hi = self.bounds
         _require(
             math.isfinite(lo) and math.isfinite(hi) and lo < hi, "bounds", f"needs finite lo < hi, got {self.bounds}"
@@ -545,12 +612,14 @@ class ObjectiveConfig:
     disc_norm: Literal["batch", "actnorm"] = "batch"
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_factor"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value >= 0, name, f"must be finite and >= 0, got {value}")
         _require(
             bool(self.perceptual_weights.strip()), "perceptual_weights", "must be 'auto', 'random' or a path"
         )
+        _require_path(self.perceptual_weights, "perceptual_weights")
         _require(
             self.disc_start is None or self.disc_start >= 0,
             "disc_start",
@@ -596,9 +665,12 @@ class DataConfig:
     procedural: float = 0.0
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         paths = self.path if isinstance(self.path, list) else [self.path] if self.path is not None else []
         _require(self.path != [], "path", "an empty list; use null for the bundled sample photographs")
         _require(all(p.strip() for p in paths), "path", "contains an empty path")
+        for p in paths:
+            _require_path(p, "path")
         _require(
             self.resolution >= 8 and self.resolution % 8 == 0,
             "resolution",
@@ -680,11 +752,14 @@ class TrainConfig:
     log_scale_lr: float | None = None
 
     def __post_init__(self) -> None:
+        _require_finite(self)
         for name in ("steps", "batch_size", "grad_accum"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "seed", "checkpoint_every", "sample_every", "log_every",
                      "keep_checkpoints", "max_nonfinite"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        # torch seeds are 64-bit, and the posterior noise is seeded with seed + 1
+        _require(self.seed < 2**64 - 1, "seed", f"must be < 2**64 - 1, got {self.seed}")
         for name in ("lr", "disc_lr", "log_scale_lr"):
             value = getattr(self, name)
             ok = value is None or (math.isfinite(value) and value > 0)
@@ -716,7 +791,7 @@ class Config:
     out_dir: str = "runs/default"
 
     def __post_init__(self) -> None:
-        _require(bool(self.out_dir.strip()), "out_dir", "must not be empty")
+        _require_path(self.out_dir, "out_dir")
         if self.model.init_from == "scratch":
             factor = self.model.downsample_factor
             _require(
@@ -742,11 +817,20 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise ConfigError(BASE_KEY, f"circular base chain: {chain}")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     try:
         data = yaml.safe_load(text)
+        empty = _empty_path_keys(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
         raise ConfigError("", f"{path}: not a plain YAML file (tags are not accepted): {exc}") from None
+    except (ValueError, RecursionError) as exc:  # an integer past Python's parsing limit, nesting too deep
+        raise ConfigError("", f"{path}: cannot be read as YAML: {type(exc).__name__}: {exc}") from None
+    if empty:
+        raise ConfigError(
+            empty[0],
+            f"empty value (in {path}); write null explicitly where null is meant"
+            + (" (the bundled sample photographs)" if empty[0] == "data.path" else ""),
+        )
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -760,9 +844,51 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base_path = Path(base)
     if not base_path.is_absolute():
         base_path = path.parent / base_path  # relative to the file that names it, not the cwd
-    if not base_path.is_file():
+    if not base_path.exists():
         raise ConfigError(BASE_KEY, f"base config {base_path} does not exist (named in {path})")
     return _deep_merge(_read_yaml_tree(base_path, (*seen, resolved)), data)
+
+
+# keys whose empty YAML value (`path:` with nothing after it, e.g. a template filled from an unset
+# variable) is refused rather than read as null
+_PATH_KEYS = (BASE_KEY, "out_dir", "data.path", "model.init_from", "objective.perceptual_weights")
+
+
+def _empty_path_keys(node: yaml.Node | None, prefix: str = "") -> list[str]:
+    """The dotted :data:`_PATH_KEYS` whose value in the composed YAML ``node`` is an empty plain scalar."""
+    found: list[str] = []
+    if not isinstance(node, yaml.MappingNode):
+        return found
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = _join(prefix, key_node.value)
+        if isinstance(value_node, yaml.MappingNode) and not prefix:
+            found += _empty_path_keys(value_node, key)
+        elif (
+            key in _PATH_KEYS
+            and isinstance(value_node, yaml.ScalarNode)
+            and value_node.tag == "tag:yaml.org,2002:null"
+            and value_node.value == ""
+        ):
+            found.append(key)
+    return found
+
+
+def _read_text(path: Path) -> str:
+    """The text of config file ``path``: a regular UTF-8 file (a folder or a FIFO is an error, not a hang)."""
+    if path.is_dir():
+        raise ConfigError("", f"{path}: is a folder, not a config file (expected a YAML file)")
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError("", f"{path}: not a regular file (a FIFO, device or socket?); expected a YAML file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise ConfigError("", f"{path}: cannot be read: {exc}") from None
 
 
 def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -825,8 +951,20 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
 
 
 def model_architecture_kwargs(model: ModelConfig) -> dict[str, Any]:
-    """The architecture fields of ``model`` (everything but ``init_from``) as a plain dict."""
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "init_from"}
+    """The architecture fields of ``model`` (everything but ``init_from``) as a plain dict, for a model
+    built from scratch: an unset (``None``) ``scaling_factor`` / ``shift_factor`` is the
+    ``AutoencoderConfig`` default (0.18215 / 0.0)."""
+    kwargs = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name != "init_from"}
+    unset = [name for name in _LATENT_FACTORS if kwargs[name] is None]
+    if unset:
+        from hetvae.autoencoder import AutoencoderConfig
+
+        defaults = {f.name: f.default for f in dataclasses.fields(AutoencoderConfig)}
+        kwargs.update({name: defaults[name] for name in unset})
+    return kwargs
+
+
+_LATENT_FACTORS = ("scaling_factor", "shift_factor")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -854,7 +992,9 @@ def build_model(cfg: Config) -> AutoencoderKL:
     bias ``init``, ``detach_features``, ``head_*``), its ResNet blocks starting as the identity with
     ``train.zero_init_residual``. Parameters come from torch's global RNG: seed it first.
 
-    Otherwise ``init_from`` is a checkpoint path for ``hetvae.convert.load_autoencoder``. For
+    Otherwise ``init_from`` is a checkpoint path for ``hetvae.convert.load_autoencoder``; its
+    architecture is the checkpoint's, and ``model.scaling_factor`` / ``shift_factor``, when set
+    (not ``None``), replace the checkpoint's stored or inferred values. For
     ``"pixel"`` a head stored with the checkpoint is kept (``detach_features`` still applies) and
     a fresh one (zero weights, bias ``init``) is grafted when there is none, so step 0 reproduces
     the pretrained output exactly. For ``"global"`` / ``"channel"`` a stored head is dropped: it
@@ -884,13 +1024,15 @@ def build_model(cfg: Config) -> AutoencoderKL:
     if not path.exists():
         raise FileNotFoundError(f"model.init_from: {path} does not exist")
     info = inspect_checkpoint(path)
+    # explicit values win over the checkpoint's (an SDXL VAE is inferred as SD 1.x's 0.18215)
+    factors = {name: getattr(cfg.model, name) for name in _LATENT_FACTORS if getattr(cfg.model, name) is not None}
     if pixel and info.has_log_scale_head:
         # its trained head is kept: only the detach switch can change
-        model = load_autoencoder(path, log_scale_detach=cfg.log_scale.detach_features)
+        model = load_autoencoder(path, log_scale_detach=cfg.log_scale.detach_features, **factors)
     elif pixel:
-        model = load_autoencoder(path, log_scale="pixel", **_head_kwargs(cfg.log_scale))
+        model = load_autoencoder(path, log_scale="pixel", **_head_kwargs(cfg.log_scale), **factors)
     else:
-        model = load_autoencoder(path)
+        model = load_autoencoder(path, **factors)
         if model.has_log_scale_head:
             model.remove_log_scale_head()
     factor = model.config.downsample_factor
