@@ -14,6 +14,7 @@ Shapes: images ``(B, in_channels, H, W)`` with ``H, W`` multiples of ``downsampl
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +27,72 @@ from hetvae.distributions import DiagonalGaussian
 from hetvae.layers import Level, MidBlock, ResnetBlock, activation_layout, group_norm, run_maybe_checkpointed
 
 LOG_SCALE_KINDS = (None, "pixel")
+
+
+LIKELIHOOD_GRANULARITIES = ("global", "channel", "pixel")
+LIKELIHOOD_FAMILIES = ("laplace", "gaussian")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _numbers(name: str, value: Any, length: int | None = None) -> tuple[float, ...]:
+    """``value`` as a tuple of floats; a ``ValueError`` naming ``name`` if it is not a list of numbers."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(map(_is_number, value)):
+        raise ValueError(f"{name} must be a list of finite numbers, got {value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must hold {length} numbers, got {len(value)}: {list(value)!r}")
+    return tuple(float(v) for v in value)
+
+
+@dataclass
+class Likelihood:
+    """The reconstruction likelihood a model was trained and is scored with, stored with the model.
+
+    ``granularity``: where the log-scale comes from: ``"global"`` / ``"channel"`` (a value of the
+    loss, stored here) or ``"pixel"`` (the decoder's head). ``family``, ``bounds``, ``margin``,
+    ``fit``, ``init`` as in :class:`hetvae.loss.HeteroscedasticNLL`; ``free``: the learned free
+    parameter(s) of a ``global`` (1 value) or ``channel`` (``out_channels`` values) scale with
+    ``fit="learned"``, so the bounded log-scale is ``soft_clamp(init + free, *bounds, margin)``;
+    None otherwise. Training-only settings (beta, faithful, the constant) do not change a score and
+    are not kept.
+    """
+
+    granularity: str = "global"
+    family: str = "laplace"
+    bounds: tuple[float, float] = (-7.0, 3.0)
+    margin: float = 1.0
+    fit: str = "learned"
+    init: float = 0.0
+    free: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.granularity not in LIKELIHOOD_GRANULARITIES:
+            raise ValueError(f"likelihood.granularity must be one of {LIKELIHOOD_GRANULARITIES}, got {self.granularity!r}")
+        if self.family not in LIKELIHOOD_FAMILIES:
+            raise ValueError(f"likelihood.family must be one of {LIKELIHOOD_FAMILIES}, got {self.family!r}")
+        if self.fit not in ("learned", "optimal") or (self.fit == "optimal" and self.granularity == "pixel"):
+            raise ValueError(f"likelihood.fit must be 'learned' (or 'optimal' for global/channel), got {self.fit!r}")
+        self.bounds = _numbers("likelihood.bounds", self.bounds, 2)  # type: ignore[assignment]
+        for name in ("margin", "init"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"likelihood.{name} must be a finite number, got {getattr(self, name)!r}")
+            setattr(self, name, float(getattr(self, name)))
+        if self.free is not None:
+            self.free = _numbers("likelihood.free", self.free)
+        learned = self.fit == "learned" and self.granularity != "pixel"
+        if learned != (self.free is not None):
+            raise ValueError(
+                f"likelihood.free must hold the learned value(s) of a learned global/channel scale and be null "
+                f"otherwise; got {self.free!r} for granularity {self.granularity!r}, fit {self.fit!r}"
+            )
+        if self.granularity == "global" and self.free is not None and len(self.free) != 1:
+            raise ValueError(f"likelihood.free of a global scale must hold 1 value, got {len(self.free)}")
 
 
 @dataclass
@@ -43,6 +110,11 @@ class AutoencoderConfig:
     ``log_scale_head_channels``: their width (None: the decoder's full-resolution width).
     ``log_scale_head_sees_mean``: the head also reads the decoder's mean output (detached: the head
     reads the reconstruction, it never shapes it), where edges and texture are plain to see.
+
+    Not architecture, kept so that nothing read is lost on the way out: ``sample_size``,
+    ``force_upcast``, ``latents_mean``, ``latents_std`` are diffusers ``config.json`` keys (diffusers'
+    tile size, half-precision upcast switch and per-channel latent statistics); ``likelihood`` is the
+    reconstruction likelihood the model was trained with (:class:`Likelihood`; None: not recorded).
     """
 
     in_channels: int = 3
@@ -63,12 +135,64 @@ class AutoencoderConfig:
     log_scale_head_layers: int = 0
     log_scale_head_channels: int | None = None
     log_scale_head_sees_mean: bool = False
+    sample_size: int | tuple[int, ...] = 512
+    force_upcast: bool = True
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    likelihood: Likelihood | None = None
 
     def __post_init__(self) -> None:
+        # Strict types, no silent coercion: a config read from a file names the field at fault.
         # JSON and YAML hand back lists; the config compares and hashes as a tuple.
-        self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
+        channels = self.block_out_channels
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, (list, tuple)) or not all(
+            _is_int(c) and c >= 1 for c in channels
+        ):
+            raise ValueError(f"block_out_channels must be a list of positive integers, got {channels!r}")
+        self.block_out_channels = tuple(channels)
         if not self.block_out_channels:
             raise ValueError("block_out_channels must name at least one level")
+        for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", "latent_channels"):
+            value = getattr(self, name)
+            if not (_is_int(value) and value >= 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(
+                f"norm_num_groups={self.norm_num_groups} must divide every entry of block_out_channels "
+                f"{self.block_out_channels} (GroupNorm splits the channels into equal groups)"
+            )
+        for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_attention", "force_upcast", "log_scale_detach",
+                     "log_scale_head_sees_mean"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("scaling_factor", "shift_factor", "log_scale_init"):
+            if not _is_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+            setattr(self, name, float(getattr(self, name)))
+        size = self.sample_size
+        if isinstance(size, list):
+            size = self.sample_size = tuple(size)
+        if not (_is_int(size) and size >= 1) and not (
+            isinstance(size, tuple) and size and all(_is_int(s) and s >= 1 for s in size)
+        ):
+            raise ValueError(f"sample_size must be a positive integer or a list of them, got {self.sample_size!r}")
+        for name in ("latents_mean", "latents_std"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _numbers(name, getattr(self, name), self.latent_channels))
+        if isinstance(self.likelihood, dict):
+            known = {f.name for f in dataclasses.fields(Likelihood)}
+            unknown = sorted(set(self.likelihood) - known)
+            if unknown:
+                raise ValueError(f"unknown likelihood key(s) {unknown}; valid keys: {sorted(known)}")
+            self.likelihood = Likelihood(**self.likelihood)
+        if self.likelihood is not None:
+            if not isinstance(self.likelihood, Likelihood):
+                raise ValueError(f"likelihood must be a mapping or null, got {self.likelihood!r}")
+            free = self.likelihood.free
+            if self.likelihood.granularity == "channel" and free is not None and len(free) != self.out_channels:
+                raise ValueError(
+                    f"likelihood.free of a channel scale must hold out_channels={self.out_channels} values, got {len(free)}"
+                )
         if self.log_scale not in LOG_SCALE_KINDS:
             raise ValueError(f"log_scale must be one of {LOG_SCALE_KINDS}, got {self.log_scale!r}")
         if self.log_scale_channels not in (None, 1, self.out_channels):
@@ -76,10 +200,12 @@ class AutoencoderConfig:
                 f"log_scale_channels must be None, 1 or out_channels={self.out_channels}, "
                 f"got {self.log_scale_channels!r}"
             )
-        if self.log_scale_head_layers < 0:
-            raise ValueError(f"log_scale_head_layers must be >= 0, got {self.log_scale_head_layers}")
-        if self.log_scale_head_channels is not None and self.log_scale_head_channels < 1:
-            raise ValueError(f"log_scale_head_channels must be None or >= 1, got {self.log_scale_head_channels}")
+        if not _is_int(self.log_scale_head_layers) or self.log_scale_head_layers < 0:
+            raise ValueError(f"log_scale_head_layers must be an integer >= 0, got {self.log_scale_head_layers!r}")
+        if self.log_scale_head_channels is not None and not (
+            _is_int(self.log_scale_head_channels) and self.log_scale_head_channels >= 1
+        ):
+            raise ValueError(f"log_scale_head_channels must be None or >= 1, got {self.log_scale_head_channels!r}")
 
     @property
     def downsample_factor(self) -> int:
@@ -90,8 +216,11 @@ class AutoencoderConfig:
         return self.log_scale_channels or self.out_channels
 
     def without_head(self) -> "AutoencoderConfig":
-        """This config with every ``log_scale*`` field at its no-head default."""
+        """This config with every ``log_scale*`` field at its no-head default; a per-pixel
+        ``likelihood`` lives in the head, so it goes too."""
         defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("log_scale")}
+        if self.likelihood is not None and self.likelihood.granularity == "pixel":
+            defaults["likelihood"] = None
         return dataclasses.replace(self, **defaults)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +229,8 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AutoencoderConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"an AutoencoderConfig must be a mapping of field names to values, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -524,11 +655,15 @@ class AutoencoderKL(nn.Module):
 
     # --- files -----------------------------------------------------------------------------
 
-    def save_pretrained(self, path: str | Path, format: str = "hetvae") -> Path:
-        """Write the model in ``format`` ("hetvae", "diffusers" or "ldm"); see ``hetvae.convert``."""
+    def save_pretrained(
+        self, path: str | Path, format: str = "hetvae", *, likelihood: Any = None, overwrite: bool = True
+    ) -> Path:
+        """Write the model in ``format`` ("hetvae", "diffusers" or "ldm"), with ``likelihood`` (a
+        ``HeteroscedasticNLL`` or ``Likelihood``) recorded in its config when given; ``overwrite=False``
+        refuses to replace an existing model. See ``hetvae.convert.save_autoencoder``."""
         from hetvae.convert import save_autoencoder  # convert imports this module
 
-        return save_autoencoder(self, path, format=format)
+        return save_autoencoder(self, path, format=format, likelihood=likelihood, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, log_scale: str | None = None, **overrides: Any) -> "AutoencoderKL":

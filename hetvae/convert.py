@@ -28,10 +28,14 @@ detected format and the offending keys.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
+import os
 import pickle
 import re
+import sys
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +46,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Likelihood
+from hetvae.checkpoint import fsync_dir, fsync_file
 
 FORMATS = ("hetvae", "diffusers", "ldm")
 CONFIG_KEY = "hetvae_config"
@@ -53,6 +58,10 @@ TRUNK_PREFIX = "decoder.log_scale_trunk."  # the head's optional hidden layers
 HETVAE_FILE = "model.safetensors"
 LDM_FILE = "vae.safetensors"
 DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_LIKELIHOOD_KEY = "_hetvae_likelihood"  # diffusers ignores config keys starting with "_"
+# Written as `_diffusers_version` when diffusers is not installed: the oldest release whose
+# AutoencoderKL reads every key we write (shift_factor, latents_mean/std, use_quant_conv, ...).
+FALLBACK_DIFFUSERS_VERSION = "0.30.0"
 DIFFUSERS_HEAD_FILE = "log_scale_head.safetensors"
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
@@ -108,20 +117,50 @@ def _read_safetensors(
         raise _error(file, fmt, f"cannot read the safetensors file, it is truncated or corrupt ({e})") from e
 
 
+def _zip_is_damaged(file: Path) -> bool:
+    """Whether ``file`` is a zip archive (torch's format since 1.6) whose checksums do not match."""
+    try:
+        if not zipfile.is_zipfile(file):
+            return False
+        with zipfile.ZipFile(file) as z:
+            return z.testzip() is not None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError):
+        return True
+
+
+def _missing_global(name: str) -> bool:
+    """Whether the pickle global ``name`` names nothing in an already imported module (bytes garbled
+    or cut short), as opposed to a real function or class (which unpickling would call). Nothing is
+    imported to find out: an unknown module counts as real."""
+    module, _, attr = name.rpartition(".")
+    loaded = sys.modules.get(module or "builtins")
+    return loaded is not None and not hasattr(loaded, attr)
+
+
 def _read_pickle(file: Path, fmt: str) -> dict[str, Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        # torch reports damaged bytes and real objects alike as "Weights only load failed"; a bad
+        # zip checksum, an unknown opcode or a global that names nothing is damage, not code.
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL (\S+) was not", text)
+        name = None if found is None else (found[1] if "." in found[1] else f"builtins.{found[1]}")
+        if name is not None and not _missing_global(name) and not _zip_is_damaged(file):
             raise _error(
                 file, fmt,
-                "refused to unpickle: the file holds objects other than tensors and plain containers, "
-                "and unpickling them could run code. Pickles are only read with "
+                f"refused to unpickle: the file holds objects other than tensors and plain containers "
+                f"(first: {name!r}), and unpickling them could run code. Pickles are only read with "
                 "torch.load(weights_only=True); convert the file to safetensors where you trust it",
             ) from e
-        raise _error(file, fmt, f"cannot unpickle the file, it is truncated or corrupt ({e})") from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise _error(file, fmt, f"cannot read the file, it is truncated or corrupt ({str(e).splitlines()[0]})") from e
+        detail = next((line.split("error:")[-1].strip() for line in text.splitlines() if "WeightsUnpickler error" in line), "")
+        detail = detail or next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+        if _zip_is_damaged(file):
+            detail = "a checksum of the zip archive does not match"
+        raise _error(file, fmt, f"cannot unpickle the file, it is truncated or corrupt ({detail})") from e
+    except Exception as e:  # noqa: BLE001 - weights_only runs no code; anything else is a damaged file
+        lines = str(e).splitlines() or [type(e).__name__]
+        raise _error(file, fmt, f"cannot read the file, it is truncated or corrupt ({lines[0]})") from e
     # Lightning checkpoints nest the weights beside optimizer state and counters.
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -314,16 +353,62 @@ def head_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
 _DIFFUSERS_DEFAULTS = dict(
     in_channels=3, out_channels=3, block_out_channels=(64,), layers_per_block=1, latent_channels=4,
     norm_num_groups=32, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
-    use_post_quant_conv=True, mid_block_add_attention=True, act_fn="silu",
+    use_post_quant_conv=True, mid_block_add_attention=True, act_fn="silu", sample_size=32,
+    force_upcast=True, latents_mean=None, latents_std=None,
 )
 
 
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _numbers(n: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v is None or (isinstance(v, list) and len(v) == n and all(map(_number, v))),
+            f"null or a list of {n} numbers (one per latent channel)")
+
+
+# config.json key -> (accepts the value?, what is expected); checked before anything is built
+_DIFFUSERS_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (_positive_int, "a positive integer")
+       for k in ("in_channels", "out_channels", "layers_per_block", "latent_channels", "norm_num_groups")},
+    "block_out_channels": (lambda v: isinstance(v, (list, tuple)) and bool(v) and all(map(_positive_int, v)),
+                           "a list of positive integers"),
+    **{k: (lambda v: isinstance(v, bool), "true or false")
+       for k in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast")},
+    "scaling_factor": (_number, "a number"),
+    "shift_factor": (lambda v: v is None or _number(v), "a number or null"),
+    "sample_size": (lambda v: _positive_int(v) or (isinstance(v, list) and bool(v) and all(map(_positive_int, v))),
+                    "a positive integer or a list of them"),
+    "act_fn": (lambda v: isinstance(v, str), "a string"),
+    "down_block_types": (lambda v: isinstance(v, list), "a list of block names"),
+    "up_block_types": (lambda v: isinstance(v, list), "a list of block names"),
+    DIFFUSERS_LIKELIHOOD_KEY: (lambda v: v is None or isinstance(v, dict), "a mapping or null"),
+}
+
+
 def config_from_diffusers(data: dict[str, Any], file: Path) -> AutoencoderConfig:
-    """``AutoencoderConfig`` from a diffusers ``AutoencoderKL`` ``config.json`` dict."""
+    """``AutoencoderConfig`` from a diffusers ``AutoencoderKL`` ``config.json`` dict.
+
+    Every key is type-checked first (a ``CheckpointError`` names the key, its value and what is
+    expected); keys absent from ``data`` take diffusers' own defaults. ``sample_size``,
+    ``force_upcast``, ``latents_mean`` / ``latents_std`` and hetvae's ``_hetvae_likelihood`` are kept,
+    so :func:`config_to_diffusers` writes them back unchanged.
+    """
+    if not isinstance(data, dict):
+        raise _error(file, "diffusers", f"the config must be a JSON object, got {type(data).__name__}")
+    if data.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise _error(file, "diffusers", f"unsupported config: _class_name is {data['_class_name']!r}, only 'AutoencoderKL' is supported")
     d = {**_DIFFUSERS_DEFAULTS, **data}
-    problems = []
-    if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-        problems.append(f"_class_name is {d['_class_name']!r}, only 'AutoencoderKL' is supported")
+    checks = dict(_DIFFUSERS_TYPES)
+    if _positive_int(d["latent_channels"]):
+        checks["latents_mean"] = checks["latents_std"] = _numbers(d["latent_channels"])
+    problems = [f"{key} is {d[key]!r}, expected {what}" for key, (ok, what) in checks.items() if key in d and not ok(d[key])]
+    if problems:
+        raise _error(file, "diffusers", "invalid config: " + "; ".join(problems))
     if d["act_fn"] != "silu":
         problems.append(f"act_fn is {d['act_fn']!r}, only 'silu' is supported")
     levels = len(d["block_out_channels"])
@@ -333,27 +418,46 @@ def config_from_diffusers(data: dict[str, Any], file: Path) -> AutoencoderConfig
             problems.append(f"{name} is {types}, expected {levels} x {kind!r}")
     if problems:
         raise _error(file, "diffusers", "unsupported config: " + "; ".join(problems))
-    return AutoencoderConfig(
-        in_channels=d["in_channels"],
-        out_channels=d["out_channels"],
-        block_out_channels=tuple(d["block_out_channels"]),
-        layers_per_block=d["layers_per_block"],
-        norm_num_groups=d["norm_num_groups"],
-        latent_channels=d["latent_channels"],
-        use_quant_conv=d["use_quant_conv"],
-        use_post_quant_conv=d["use_post_quant_conv"],
-        mid_block_attention=d["mid_block_add_attention"],
-        scaling_factor=float(d["scaling_factor"]),
-        shift_factor=float(d["shift_factor"] or 0.0),
-    )
+    try:
+        return AutoencoderConfig(
+            in_channels=d["in_channels"],
+            out_channels=d["out_channels"],
+            block_out_channels=tuple(d["block_out_channels"]),
+            layers_per_block=d["layers_per_block"],
+            norm_num_groups=d["norm_num_groups"],
+            latent_channels=d["latent_channels"],
+            use_quant_conv=d["use_quant_conv"],
+            use_post_quant_conv=d["use_post_quant_conv"],
+            mid_block_attention=d["mid_block_add_attention"],
+            scaling_factor=float(d["scaling_factor"]),
+            shift_factor=float(d["shift_factor"] or 0.0),
+            sample_size=d["sample_size"],
+            force_upcast=d["force_upcast"],
+            latents_mean=d["latents_mean"],
+            latents_std=d["latents_std"],
+            likelihood=d.get(DIFFUSERS_LIKELIHOOD_KEY),
+        )
+    except (ValueError, TypeError) as e:
+        raise _error(file, "diffusers", f"invalid config ({e})") from e
+
+
+def installed_diffusers_version() -> str:
+    """The installed diffusers version (read from its package metadata, without importing it), or
+    ``FALLBACK_DIFFUSERS_VERSION`` when diffusers is not installed."""
+    try:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        return FALLBACK_DIFFUSERS_VERSION
 
 
 def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
-    """The ``config.json`` diffusers writes for this architecture (the head is not part of it)."""
+    """The ``config.json`` diffusers writes for this architecture (the head is not part of it), plus
+    the likelihood under ``_hetvae_likelihood``, a key diffusers ignores."""
     levels = len(config.block_out_channels)
-    return {
+    size = config.sample_size
+    out = {
         "_class_name": "AutoencoderKL",
-        "_diffusers_version": "0.30.0",
+        "_diffusers_version": installed_diffusers_version(),
         "in_channels": config.in_channels,
         "out_channels": config.out_channels,
         "down_block_types": ["DownEncoderBlock2D"] * levels,
@@ -363,16 +467,50 @@ def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
         "act_fn": "silu",
         "latent_channels": config.latent_channels,
         "norm_num_groups": config.norm_num_groups,
-        "sample_size": 512,  # diffusers' tile size for its own tiling; SD's training resolution
+        "sample_size": list(size) if isinstance(size, tuple) else size,
         "scaling_factor": config.scaling_factor,
         "shift_factor": config.shift_factor or None,
-        "latents_mean": None,
-        "latents_std": None,
-        "force_upcast": True,
+        "latents_mean": None if config.latents_mean is None else list(config.latents_mean),
+        "latents_std": None if config.latents_std is None else list(config.latents_std),
+        "force_upcast": config.force_upcast,
         "use_quant_conv": config.use_quant_conv,
         "use_post_quant_conv": config.use_post_quant_conv,
         "mid_block_add_attention": config.mid_block_attention,
     }
+    if config.likelihood is not None:
+        out[DIFFUSERS_LIKELIHOOD_KEY] = dataclasses.asdict(config.likelihood)
+    return out
+
+
+def likelihood_from_nll(nll: Any) -> Likelihood:
+    """The :class:`Likelihood` record of a :class:`hetvae.loss.HeteroscedasticNLL`: granularity,
+    family, bounds, margin, fit, init and the learned value(s) of a global/channel scale."""
+    head = nll.head
+    free = getattr(head, "free", None)
+    return Likelihood(
+        granularity=nll.granularity, family=nll.family, bounds=head.bounds, margin=head.margin, fit=head.fit,
+        init=head.init, free=None if free is None else tuple(free.detach().cpu().flatten().tolist()),
+    )
+
+
+def nll_from_likelihood(likelihood: Likelihood, channels: int) -> Any:
+    """The :class:`hetvae.loss.HeteroscedasticNLL` a :class:`Likelihood` records (eval mode): it
+    gives the same log-scales, to the bit, as the loss it was recorded from."""
+    from hetvae.loss import HeteroscedasticNLL
+
+    lik = likelihood
+    nll = HeteroscedasticNLL(
+        lik.granularity, channels=channels, family=lik.family, init=lik.init, bounds=lik.bounds,
+        margin=lik.margin, fit=lik.fit,
+    )
+    if lik.free is not None:
+        free = nll.head.free
+        if len(lik.free) != free.numel():
+            raise ValueError(f"likelihood.free holds {len(lik.free)} value(s), a {lik.granularity} scale of "
+                             f"{channels} channels has {free.numel()}")
+        with torch.no_grad():
+            free.copy_(torch.tensor(lik.free, dtype=free.dtype).view_as(free))
+    return nll.eval()
 
 
 def _config_from_metadata(text: str, file: Path, fmt: str) -> AutoencoderConfig:
@@ -389,7 +527,9 @@ def _config_from_metadata(text: str, file: Path, fmt: str) -> AutoencoderConfig:
 class CheckpointInfo:
     """What ``inspect_checkpoint`` found. ``format``: "hetvae", "diffusers", "ldm" or
     "diffusers-file"; ``config_source``: "config.json", "file metadata" or "inferred from tensor
-    shapes"; ``head_file``: the sidecar the head was read from (None when inside or absent)."""
+    shapes"; ``head_file``: the sidecar the head was read from (None when inside or absent);
+    ``scaling_source``: where ``scaling_factor`` and ``shift_factor`` came from ("config.json",
+    "default (absent from config.json)", "file metadata" or "inferred from the family '...'")."""
 
     path: Path
     format: str
@@ -399,6 +539,7 @@ class CheckpointInfo:
     family: str
     head_file: Path | None
     num_parameters: int
+    scaling_source: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def has_log_scale_head(self) -> bool:
@@ -427,9 +568,11 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
                     f"{DIFFUSERS_CONFIG} but no weights: expected one of {list(DIFFUSERS_WEIGHTS)}; "
                     f"files present: {_keys_text(sorted(p.name for p in folder.iterdir()))}",
                 )
+        if (path / LDM_FILE).is_file():  # what `save_pretrained(DIR, format="ldm")` writes
+            return path / LDM_FILE, None
         raise _error(
             path, "unknown",
-            f"a directory with neither {HETVAE_FILE} (hetvae) nor {DIFFUSERS_CONFIG} (diffusers); "
+            f"a directory with neither {HETVAE_FILE} (hetvae), {DIFFUSERS_CONFIG} (diffusers) nor {LDM_FILE} (ldm); "
             f"files present: {_keys_text(sorted(p.name for p in path.iterdir()))}",
         )
     if not path.exists():
@@ -437,19 +580,29 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-def _read_diffusers_folder(file: Path, config_file: Path) -> tuple[dict[str, Tensor], AutoencoderConfig]:
+def expected_head_file(path: str | Path) -> Path:
+    """Where the log-scale head of the exported model at ``path`` lives (or would live)."""
+    file, config_file = _locate(Path(path))
+    return head_sidecar_path(file, "diffusers" if config_file is not None else "ldm")
+
+
+def _read_diffusers_folder(
+    file: Path, config_file: Path
+) -> tuple[dict[str, Tensor], AutoencoderConfig, dict[str, str]]:
     try:
         data = json.loads(config_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _error(config_file, "diffusers", f"cannot read the config ({e})") from e
     config = config_from_diffusers(data, config_file)
+    scaling = {k: DIFFUSERS_CONFIG if k in data else f"default (absent from {DIFFUSERS_CONFIG})"
+               for k in ("scaling_factor", "shift_factor")}
     if file.suffix == ".safetensors":
         tensors, _ = _read_safetensors(file, "diffusers")
     else:
         tensors = _read_pickle(file, "diffusers")
     if _key_layout(tensors) != "diffusers":
         raise _error(file, "diffusers", f"the weights are not in the diffusers AutoencoderKL layout; keys: {_keys_text(tensors)}")
-    return diffusers_to_ldm(tensors), config
+    return diffusers_to_ldm(tensors), config, scaling
 
 
 def _read_single_file(file: Path) -> tuple[dict[str, Tensor], str, AutoencoderConfig, str]:
@@ -514,10 +667,14 @@ def _read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor
     path = Path(path)
     file, config_file = _locate(path)
     if config_file is not None:
-        sd, config = _read_diffusers_folder(file, config_file)
+        sd, config, scaling = _read_diffusers_folder(file, config_file)
         fmt, source = "diffusers", "config.json"
     else:
         sd, fmt, config, source = _read_single_file(file)
+        origin = source if source == "file metadata" else (
+            f"inferred from the family {family_of(config.latent_channels, config.use_quant_conv)!r}"
+        )
+        scaling = {"scaling_factor": origin, "shift_factor": origin}
     head_file = None
     if fmt != "hetvae":
         sidecar = head_sidecar_path(file, fmt)
@@ -534,6 +691,7 @@ def _read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor
         family=family_of(config.latent_channels, config.use_quant_conv),
         head_file=head_file,
         num_parameters=sum(v.numel() for v in sd.values()),
+        scaling_source=scaling,
     )
     return info, sd
 
@@ -552,8 +710,12 @@ _HEAD_FIELDS = (
 _HEAD_SHAPE_FIELDS = tuple(f for f in _HEAD_FIELDS if f != "log_scale_detach")
 
 
-def _load_strict(model: AutoencoderKL, sd: dict[str, Tensor], info: CheckpointInfo) -> None:
-    expected = model.state_dict()
+def _check_fit(config: AutoencoderConfig, sd: dict[str, Tensor], info: CheckpointInfo) -> None:
+    """Compare the key set and shapes of ``config``'s model with the stored tensors on the meta
+    device, so a config that declares a huge architecture costs nothing before it is refused."""
+    with torch.device("meta"):
+        skeleton = AutoencoderKL(config)
+    expected = skeleton.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     where = f"config {info.config_source}"
@@ -564,7 +726,6 @@ def _load_strict(model: AutoencoderKL, sd: dict[str, Tensor], info: CheckpointIn
     wrong = [f"{k} file {tuple(sd[k].shape)} != model {tuple(v.shape)}" for k, v in expected.items() if sd[k].shape != v.shape]
     if wrong:
         raise _error(info.weights_file, info.format, f"shape mismatch ({where}); keys: {_keys_text(wrong)}")
-    model.load_state_dict(sd, strict=True)
 
 
 def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides: Any) -> AutoencoderKL:
@@ -601,8 +762,9 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
             config = dataclasses.replace(config, log_scale_detach=bool(head_overrides["log_scale_detach"]))
     elif head_overrides and log_scale != "pixel":
         raise ValueError(f"{sorted(head_overrides)} given but no head is loaded or grafted: pass log_scale='pixel'")
+    _check_fit(config, sd, info)  # before anything the config declares is allocated
     model = AutoencoderKL(config)
-    _load_strict(model, sd, info)
+    model.load_state_dict(sd, strict=True)
     if log_scale == "pixel" and not has_head:
         model.add_log_scale_head(
             channels=head_overrides.get("log_scale_channels"),
@@ -618,7 +780,62 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
 # --- saving --------------------------------------------------------------------------------
 
 
-def save_autoencoder(model: AutoencoderKL, path: str | Path, format: str = "hetvae") -> Path:
+def _write_atomically(file: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary path)`` in ``file``'s folder, fsync, then one ``os.replace``: a crash leaves
+    the old file or the new one, never half of either."""
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fsync_dir(file.parent)
+
+
+def _model_files(folder: Path) -> list[Path]:
+    """The model files of every format found directly in ``folder``."""
+    names = (HETVAE_FILE, DIFFUSERS_CONFIG, *DIFFUSERS_WEIGHTS, DIFFUSERS_HEAD_FILE, LDM_FILE,
+             head_sidecar_path(folder / LDM_FILE, "ldm").name)
+    return [folder / n for n in names if (folder / n).is_file()]
+
+
+def _check_destination(path: Path, format: str, written: list[Path], stale: Path | None, overwrite: bool) -> None:
+    """Refuse an export that would replace files without ``overwrite``, and one that another model
+    in the same folder would shadow (``load_autoencoder(folder)`` would read that one instead)."""
+    folder = written[0].parent
+    readable_as_folder = format == "diffusers" or written[0].name in (HETVAE_FILE, LDM_FILE)
+    if readable_as_folder and format != "hetvae":
+        shadows = [folder / HETVAE_FILE]
+        if format == "ldm":
+            shadows += [folder / DIFFUSERS_CONFIG, folder / "vae" / DIFFUSERS_CONFIG]
+        found = [p for p in shadows if p.is_file()]
+        if found:
+            raise FileExistsError(
+                f"{folder} holds {', '.join(str(p.relative_to(folder)) for p in found)}, which load_autoencoder({folder}) "
+                f"would read instead of the {format} export; write the export to another folder"
+            )
+    if overwrite:
+        return
+    touched = [p for p in [*written, *([stale] if stale else [])] if p.exists()]
+    if readable_as_folder:
+        touched += [p for p in _model_files(folder) if p not in touched]
+    if touched:
+        raise FileExistsError(
+            f"{path} already holds a model ({', '.join(p.name for p in touched)}): refusing to replace or delete "
+            "anything; pass overwrite=True (hetvae convert --overwrite) to replace it"
+        )
+
+
+def save_autoencoder(
+    model: AutoencoderKL,
+    path: str | Path,
+    format: str = "hetvae",
+    *,
+    likelihood: Any = None,
+    overwrite: bool = True,
+) -> Path:
     """Write ``model`` and return the weights file (the folder for diffusers).
 
     ``"hetvae"``: ``path/model.safetensors`` (or ``path`` itself if it ends in ``.safetensors``),
@@ -627,6 +844,13 @@ def save_autoencoder(model: AutoencoderKL, path: str | Path, format: str = "hetv
     ``diffusers.AutoencoderKL.from_pretrained``. ``"ldm"``: ``path/vae.safetensors`` (or ``path``)
     in the original SD layout, usable by SD tools; its config rides in the metadata. With a head,
     diffusers and ldm exports put it in its own file beside the weights (``head_sidecar_path``).
+
+    ``likelihood``: a :class:`hetvae.loss.HeteroscedasticNLL` or :class:`Likelihood` to record with
+    the model (replacing ``model.config.likelihood`` in the file); it travels in the config of every
+    format (``_hetvae_likelihood`` in a diffusers ``config.json``).
+    ``overwrite``: False refuses (``FileExistsError`` naming the files) to replace any model file
+    already there, or to remove a head file an earlier export left. Either way an export that
+    another model in the folder would shadow is refused. Every file is written atomically.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -635,28 +859,39 @@ def save_autoencoder(model: AutoencoderKL, path: str | Path, format: str = "hetv
     head = {k: v for k, v in sd.items() if is_head_key(k)}
     body = {k: v for k, v in sd.items() if k not in head}
     config = model.config
+    if likelihood is not None:
+        record = likelihood if isinstance(likelihood, Likelihood) else likelihood_from_nll(likelihood)
+        config = dataclasses.replace(config, likelihood=record)
+    writes: dict[Path, Callable[[Path], None]] = {}
     if format == "hetvae":
         file = path if path.suffix == ".safetensors" else path / HETVAE_FILE
-        file.parent.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(file), metadata={CONFIG_KEY: json.dumps(config.to_dict()), FORMAT_KEY: "hetvae"})
-        return file
-    if format == "diffusers":
-        path.mkdir(parents=True, exist_ok=True)
-        (path / DIFFUSERS_CONFIG).write_text(json.dumps(config_to_diffusers(config), indent=2) + "\n")
+        metadata = {CONFIG_KEY: json.dumps(config.to_dict()), FORMAT_KEY: "hetvae"}
+        writes[file] = lambda tmp: save_file(sd, str(tmp), metadata=metadata)
+        result = weights = file
+    elif format == "diffusers":
         weights = path / DIFFUSERS_WEIGHTS[0]
-        save_file({k: v.contiguous() for k, v in ldm_to_diffusers(body).items()}, str(weights), metadata={"format": "pt"})
+        renamed = {k: v.contiguous() for k, v in ldm_to_diffusers(body).items()}
+        writes[weights] = lambda tmp: save_file(renamed, str(tmp), metadata={"format": "pt"})
+        text = json.dumps(config_to_diffusers(config), indent=2) + "\n"
+        writes[path / DIFFUSERS_CONFIG] = lambda tmp: tmp.write_text(text)
         result = path
     else:
         weights = path if path.suffix == ".safetensors" else path / LDM_FILE
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        body_config = config.without_head()
+        body_config = dataclasses.replace(config.without_head(), likelihood=config.likelihood)
         metadata = {"format": "pt", CONFIG_KEY: json.dumps(body_config.to_dict()), FORMAT_KEY: "ldm"}
-        save_file(body, str(weights), metadata=metadata)
+        writes[weights] = lambda tmp: save_file(body, str(tmp), metadata=metadata)
         result = weights
     sidecar = head_sidecar_path(weights, format)
-    if head:
+    if format != "hetvae" and head:
         settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach}
-        save_file(head, str(sidecar), metadata={HEAD_KEY: json.dumps(settings)})
-    elif sidecar.exists():
-        sidecar.unlink()  # a head left by an earlier export would be loaded with these weights
+        writes[sidecar] = lambda tmp: save_file(head, str(tmp), metadata={HEAD_KEY: json.dumps(settings)})
+    # a head left by an earlier export would be loaded with these weights
+    stale = sidecar if format != "hetvae" and not head else None
+    _check_destination(path, format, list(writes), stale, overwrite)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    for file, write in writes.items():
+        _write_atomically(file, write)
+    if stale is not None and stale.exists():
+        stale.unlink()
+        fsync_dir(stale.parent)
     return result
