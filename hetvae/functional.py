@@ -20,12 +20,14 @@ Both families are written in terms of a **log-scale** ``s``:
 Stable Diffusion's VAE loss ``rec / exp(logvar) + logvar`` is exactly the Laplace form without the
 constant: its ``logvar`` is ``s = log b``, a log-*scale*.
 
-Shapes
-------
-``target`` and ``mean`` have the same shape ``(B, C, *spatial)``; the channel dimension is 1.
-``log_scale`` may be
+Shapes and dtypes
+-----------------
+``target`` and ``mean`` are floating-point tensors of the same shape ``(B, C, *spatial)``; the
+channel dimension is 1. Integer, bool and complex tensors are a :class:`ValueError`, not converted
+(an 8-bit image would otherwise be scored on the 0..255 scale). ``log_scale`` is a floating-point
+tensor or a real number, and may be
 
-* a scalar ``()`` (one scale for everything),
+* a scalar ``()`` or a number (one scale for everything),
 * a vector ``(C,)``, one per channel, broadcast along dimension 1 (not the last dimension),
 * a tensor with ``target.ndim`` dimensions, each equal to the target's or 1, e.g. a per-pixel map
   ``(B, C, H, W)``, a shared map ``(B, 1, H, W)`` or a channel view ``(1, C, 1, 1)``.
@@ -35,7 +37,8 @@ Anything else is a :class:`ValueError` naming both shapes.
 Precision
 ---------
 Inputs in float16/bfloat16 are computed in float32 (float64 stays float64), so residuals of 1e4
-with log-scales anywhere inside the heads' bounds give finite values and gradients. These
+with log-scales anywhere inside the heads' bounds (at most ``[-20, 20]``,
+:data:`hetvae.heads.LOG_SCALE_LIMIT`) give finite values and gradients. These
 functions do not bound ``log_scale`` themselves (:mod:`hetvae.heads` does): ``exp(-s)`` of an
 unbounded ``s = -100`` overflows float32. One limit no upcast removes: a gradient is returned in
 its input's dtype, and float16 holds at most 65504. The Gaussian at ``s = -7`` with a residual of
@@ -46,6 +49,7 @@ float16 tensor, which is what AMP's ``GradScaler`` detects and backs off from.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Literal
 
 import torch
@@ -66,6 +70,27 @@ def check_family(family: str) -> str:
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     return family
+
+
+def check_float_tensor(name: str, value: object) -> Tensor:
+    """``value`` itself if it is a floating-point tensor; otherwise a ``ValueError`` naming ``name``.
+
+    Integer, bool and complex tensors are refused rather than converted: an 8-bit image would be
+    scored on the 0..255 scale, a bool mask silently read as 0/1. The caller converts explicitly.
+    """
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__} {_clip(repr(value))}")
+    if not value.is_floating_point():
+        how = "8-bit images to the [-1, 1] scale with x.float() / 127.5 - 1" if name in ("target", "mean") else "with .float()"
+        raise ValueError(
+            f"{name} has dtype {value.dtype}; the NLL needs a floating-point tensor (float16, bfloat16, "
+            f"float32 or float64). Convert it explicitly, e.g. {how}"
+        )
+    return value
+
+
+def _clip(text: str, size: int = 60) -> str:
+    return text if len(text) <= size else text[: size - 3] + "..."
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -97,10 +122,19 @@ def broadcast_log_scale(log_scale: Tensor, target: Tensor) -> Tensor:
     )
 
 
-def _prepare(target: Tensor, mean: Tensor, log_scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _prepare(target: Tensor, mean: Tensor, log_scale: Tensor | float) -> tuple[Tensor, Tensor, Tensor]:
+    check_float_tensor("target", target)
+    check_float_tensor("mean", mean)
     if target.shape != mean.shape:
         raise ValueError(f"mean of shape {tuple(mean.shape)} must have the shape of target {tuple(target.shape)}")
-    log_scale = torch.as_tensor(log_scale, device=target.device)
+    if isinstance(log_scale, numbers.Real) and not isinstance(log_scale, bool):
+        log_scale = torch.tensor(float(log_scale), device=target.device)
+    elif not isinstance(log_scale, Tensor):
+        raise ValueError(
+            f"log_scale must be a floating-point tensor or a real number, got {type(log_scale).__name__} "
+            f"{_clip(repr(log_scale))}"
+        )
+    log_scale = torch.as_tensor(check_float_tensor("log_scale", log_scale), device=target.device)
     log_scale = broadcast_log_scale(log_scale, target)
     dtype = compute_dtype(target, mean, log_scale)
     return target.to(dtype), mean.to(dtype), log_scale.to(dtype)

@@ -16,22 +16,35 @@ Bounding: learned values live unconstrained (``free``, zero-initialised) and are
 clamp is the identity on ``[low + margin, high - margin]``, so a zero free parameter *is* the
 configured ``init`` and SD's loss is reproduced exactly; towards the bounds the value saturates
 smoothly, so no ``exp`` can overflow. The pixel head applies the same map to the decoder's raw map.
+
+Two rules keep those promises true, and a constructor that would break one raises ``ValueError``:
+the bounds are finite and inside ``[-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT]`` (see there), and a learned
+``init`` lies in the identity band ``[low + margin, high - margin]`` (outside it the soft clamp
+would move it: ``init=-6.5`` with the default bounds would start at -6.39).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from hetvae.functional import Family, check_family, optimal_log_scale, soft_clamp
+from hetvae.functional import Family, check_family, check_float_tensor, optimal_log_scale, soft_clamp
 
 DEFAULT_BOUNDS: tuple[float, float] = (-7.0, 3.0)
 """Default log-scale bounds: ``b`` in (9e-4, 20) on images in [-1, 1]. An 8-bit level is 2/255 wide
 (log ~ -4.8), so scales far below it only reward over-fitting quantisation noise; the largest
 residual is 2, so scales far above it explain nothing."""
 DEFAULT_MARGIN = 1.0
+LOG_SCALE_LIMIT = 20.0
+"""Bounds must lie inside ``[-20, 20]``: there ``exp(-k s)`` and beta-NLL's ``exp(k beta s)`` stay below
+``e^40 ~ 2.4e17`` (``k = 2`` for the Gaussian), so with residuals up to 1e4 (a Gaussian data term of
+5e7) every element, gradient and sum over up to 1e12 elements is finite in float32. Bounds of
++-100 would give ``e^200``, which overflows. On images in [-1, 1] that still allows ``b`` from 2e-9
+(far below float32's resolution of 1) to 5e8."""
 
 Fit = Literal["learned", "optimal"]
 
@@ -51,20 +64,34 @@ class _BoundedLogScale(nn.Module):
         fit: Fit,
     ) -> None:
         super().__init__()
-        low, high = (float(b) for b in bounds)
-        if not high - low > 2.0 * margin > 0.0:
+        low, high = check_bounds(bounds)
+        margin = check_real("margin", margin)
+        if not margin > 0.0:
+            raise ValueError(f"margin must be > 0, got {margin}")
+        if not high - low > 2.0 * margin:
             raise ValueError(
-                f"bounds {tuple(bounds)} with margin {margin}: need high - low > 2 * margin > 0"
+                f"bounds {(low, high)} with margin {margin}: need high - low > 2 * margin > 0"
             )
         if fit not in ("learned", "optimal"):
             raise ValueError(f"fit must be 'learned' or 'optimal', got {fit!r}")
         if fit == "optimal" and self.granularity == "pixel":
             raise ValueError("fit='optimal' exists for 'global' and 'channel' granularity only")
+        init = check_real("init", init)
         if not low < init < high:
-            raise ValueError(f"init={init} must lie inside bounds {tuple(bounds)}")
-        self.init = float(init)
+            raise ValueError(f"init={init} must lie inside bounds {(low, high)}")
+        if fit == "learned" and not low + margin <= init <= high - margin:
+            # The soft clamp is the identity only on the band: elsewhere a zero free parameter (or the
+            # pixel head's bias) would not give init, and "reproduces SD exactly" would silently fail.
+            moved = float(soft_clamp(torch.tensor(init, dtype=torch.float64), low, high, margin))
+            raise ValueError(
+                f"init={init} lies within margin {margin} of bounds {(low, high)}, where the soft clamp is not "
+                f"the identity: the log-scale would start at {moved:.4g}, not {init}. Keep init in "
+                f"[{low + margin}, {high - margin}], widen the bounds, or lower margin to at most "
+                f"{min(init - low, high - init):.4g}"
+            )
+        self.init = init
         self.bounds = (low, high)
-        self.margin = float(margin)
+        self.margin = margin
         self.family = check_family(family)
         self.fit = fit
 
@@ -80,6 +107,8 @@ class _BoundedLogScale(nn.Module):
             )
 
     def _check_channels(self, target: Tensor) -> None:
+        if target.ndim < 2:
+            raise ValueError(f"target must have a batch and a channel dimension (B, C, ...), got shape {tuple(target.shape)}")
         if target.shape[1] != self.channels:
             raise ValueError(
                 f"{type(self).__name__} has {self.channels} channels but target of shape {tuple(target.shape)} "
@@ -133,10 +162,8 @@ class ChannelLogScale(_BoundedLogScale):
         fit: Fit = "learned",
     ) -> None:
         super().__init__(init=init, bounds=bounds, margin=margin, family=family, fit=fit)
-        if channels < 1:
-            raise ValueError(f"channels must be >= 1, got {channels}")
-        self.channels = int(channels)
-        self.free = nn.Parameter(torch.zeros(channels)) if fit == "learned" else None
+        self.channels = check_channels(channels)
+        self.free = nn.Parameter(torch.zeros(self.channels)) if fit == "learned" else None
 
     def forward(
         self, target: Tensor, mean: Tensor, predicted: Tensor | None = None, weights: Tensor | None = None
@@ -175,7 +202,7 @@ class PixelLogScale(_BoundedLogScale):
         fit: Fit = "learned",
     ) -> None:
         super().__init__(init=init, bounds=bounds, margin=margin, family=family, fit=fit)
-        self.channels = int(channels)
+        self.channels = check_channels(channels)
 
     def forward(
         self, target: Tensor, mean: Tensor, predicted: Tensor | None = None, weights: Tensor | None = None
@@ -186,6 +213,7 @@ class PixelLogScale(_BoundedLogScale):
                 "granularity 'pixel' needs the decoder's predicted map: pass log_scale=reconstruction.log_scale "
                 "(build the autoencoder with log_scale='pixel' so its decoder has a log-scale head)"
             )
+        check_float_tensor("log_scale", predicted)
         self._check_channels(target)
         t, p = tuple(target.shape), tuple(predicted.shape)
         if predicted.ndim != target.ndim or p[0] != t[0] or p[2:] != t[2:] or p[1] not in (t[1], 1):
@@ -194,6 +222,38 @@ class PixelLogScale(_BoundedLogScale):
                 f"{(t[0], t[1]) + t[2:]} (one map per channel) or {(t[0], 1) + t[2:]} (one shared map)"
             )
         return self.bound(predicted)
+
+
+def check_real(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite real number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def check_bounds(bounds: object) -> tuple[float, float]:
+    """``(low, high)`` as floats: a pair of finite numbers inside ``[-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT]``;
+    otherwise a ``ValueError`` naming them. (Their order is checked with the margin.)"""
+    if isinstance(bounds, (str, bytes)) or not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"bounds must be a pair (low, high) of numbers, got {bounds!r}")
+    if any(isinstance(b, bool) or not isinstance(b, numbers.Real) for b in bounds):
+        raise ValueError(f"bounds must be a pair (low, high) of numbers, got {bounds!r}")
+    low, high = (float(b) for b in bounds)
+    if not all(-LOG_SCALE_LIMIT <= b <= LOG_SCALE_LIMIT for b in (low, high)):  # NaN fails too
+        raise ValueError(
+            f"bounds {(low, high)} must be finite and inside [{-LOG_SCALE_LIMIT}, {LOG_SCALE_LIMIT}]: "
+            "beyond them exp(-s) (exp(-2 s) for the Gaussian) can overflow float32"
+        )
+    return low, high
+
+
+def check_channels(channels: object) -> int:
+    """``channels`` if it is an integer >= 1 (not a bool, not a float)."""
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
+        raise ValueError(f"channels must be an integer >= 1, got {type(channels).__name__} {channels!r}")
+    return int(channels)
 
 
 _HEADS: dict[str, type[_BoundedLogScale]] = {
@@ -215,8 +275,9 @@ def create_head(
     fit: Fit = "learned",
 ) -> _BoundedLogScale:
     """Build the head for ``granularity`` (one of :data:`GRANULARITIES`)."""
-    if granularity not in _HEADS:
+    if not isinstance(granularity, str) or granularity not in _HEADS:
         raise ValueError(f"unknown granularity {granularity!r}; valid names: {', '.join(GRANULARITIES)}")
+    check_channels(channels)  # also for "global", which does not use it: a bad value is still a mistake
     kwargs = dict(init=init, bounds=bounds, margin=margin, family=family, fit=fit)
     if granularity != "global":
         kwargs["channels"] = channels

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor, nn
 
 from hetvae import fused
-from hetvae.functional import Family, broadcast_log_scale, check_family, compute_dtype
-from hetvae.heads import DEFAULT_BOUNDS, DEFAULT_MARGIN, Fit, PixelLogScale, create_head
+from hetvae.functional import Family, broadcast_log_scale, check_family, check_float_tensor, compute_dtype
+from hetvae.heads import DEFAULT_BOUNDS, DEFAULT_MARGIN, Fit, PixelLogScale, check_real, create_head
 
 Reduction = Literal["batch", "mean"]
 
@@ -79,6 +79,12 @@ class HeteroscedasticNLL(nn.Module):
         faithful: bool = False,
     ) -> None:
         super().__init__()
+        for name, flag in (("include_constant", include_constant), ("faithful", faithful)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
+        beta = check_real("beta", beta)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
         if faithful and (granularity != "pixel" or beta > 0):
             raise ValueError(
                 f"faithful=True needs granularity 'pixel' and beta 0, got {granularity!r} and beta={beta} "
@@ -86,8 +92,6 @@ class HeteroscedasticNLL(nn.Module):
             )
         if reduction not in ("batch", "mean"):
             raise ValueError(f"reduction must be 'batch' or 'mean', got {reduction!r}")
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.family = check_family(family)
         self.head = create_head(
             granularity, channels=channels, init=init, bounds=bounds, margin=margin, family=family, fit=fit
@@ -101,6 +105,7 @@ class HeteroscedasticNLL(nn.Module):
 
     def log_scale(self, target: Tensor, mean: Tensor, log_scale: Tensor | None = None) -> Tensor:
         """The bounded log-scale this loss would use, broadcastable to ``target`` (for maps and metrics)."""
+        _check_inputs(target, mean, log_scale, None, None)
         return self.head(target, mean, log_scale)
 
     def forward(
@@ -114,13 +119,18 @@ class HeteroscedasticNLL(nn.Module):
         """Compute the NLL of ``target`` (B, C, *spatial) given the reconstruction ``mean``.
 
         ``log_scale``: the decoder's raw map (B, C|1, *spatial), required for ``"pixel"`` and
-        refused otherwise. ``weights``: optional, broadcastable to the target, multiplies each
-        element's NLL (SD's ``weights``). ``extra_distance``: optional non-negative term,
-        broadcastable to the target, added to the data term ``d`` inside the NLL so the scale
-        discounts it too (SD adds ``perceptual_weight * LPIPS`` to the L1 there).
+        refused otherwise. ``weights``: optional, multiplies each element's NLL (SD's ``weights``).
+        ``extra_distance``: optional, ``>= 0``, added to the data term ``d`` inside the NLL so the
+        scale discounts it too (SD adds ``perceptual_weight * LPIPS`` to the L1 there).
+        ``weights`` and ``extra_distance`` are ``()`` (or all ones) or have the target's number of
+        dimensions, each the target's size or 1 (``(B, 1, 1, 1)`` per image, ``(1, C, 1, 1)`` per
+        channel, ...): a shorter shape would broadcast along the last dimensions, not the channels,
+        so it is refused.
+
+        Every tensor must be floating-point (integer, bool and complex ones are refused, not
+        converted) and the target non-empty; anything else is a ``ValueError`` naming the argument.
         """
-        if target.shape != mean.shape:
-            raise ValueError(f"mean of shape {tuple(mean.shape)} must have the shape of target {tuple(target.shape)}")
+        _check_inputs(target, mean, log_scale, weights, extra_distance)
         dtype = compute_dtype(target, mean)
         target, mean = target.to(dtype), mean.to(dtype)
         s = self._bounded_log_scale(target, mean, None if log_scale is None else log_scale.to(dtype), weights)
@@ -170,3 +180,55 @@ class HeteroscedasticNLL(nn.Module):
             f"granularity={self.granularity!r}, family={self.family!r}, include_constant={self.include_constant}, "
             f"beta={self.beta}, reduction={self.reduction!r}" + (", faithful=True" if self.faithful else "")
         )
+
+
+def _check_inputs(
+    target: Tensor, mean: Tensor, log_scale: Tensor | None, weights: Tensor | None, extra: Tensor | None
+) -> None:
+    """Refuse, naming the argument, what the loss would otherwise coerce or break on with a raw error.
+
+    Shapes and dtypes cost nothing; the one data-dependent check, ``extra_distance >= 0``, reduces a
+    tensor that is usually per image (LPIPS, ``(B, 1, 1, 1)``). On a GPU reading it synchronises once,
+    before the objective's own read of its scalars in the same step.
+    """
+    check_float_tensor("target", target)
+    check_float_tensor("mean", mean)
+    shape = tuple(target.shape)
+    if target.ndim < 2:
+        raise ValueError(f"target must have a batch and a channel dimension (B, C, ...), got shape {shape}")
+    if target.shape != mean.shape:
+        raise ValueError(f"mean of shape {tuple(mean.shape)} must have the shape of target {shape}")
+    if target.numel() == 0:
+        raise ValueError(
+            f"target of shape {shape} has no elements: nothing to score (the loss is a sum divided by the "
+            "batch size or the element count)"
+        )
+    _check_device("mean", mean, target)
+    if log_scale is not None:
+        _check_device("log_scale", check_float_tensor("log_scale", log_scale), target)
+    for name, value in (("weights", weights), ("extra_distance", extra)):
+        if value is None:
+            continue
+        check_float_tensor(name, value)
+        ones_only = value.ndim <= target.ndim and all(v == 1 for v in value.shape)  # a scalar in effect
+        if not (ones_only or (value.ndim == target.ndim and all(v in (1, t) for v, t in zip(value.shape, shape)))):
+            ones = (1,) * (target.ndim - 2)
+            raise ValueError(
+                f"{name} of shape {tuple(value.shape)} does not fit target of shape {shape}: expected () or "
+                f"{target.ndim} dimensions, each the target's size or 1, such as {(shape[0], 1) + ones} per image, "
+                f"{(1, shape[1]) + ones} per channel or {(shape[0], 1) + shape[2:]} per pixel"
+            )
+        _check_device(name, value, target)
+    if extra is not None:
+        low = extra.detach().amin()
+        if bool(low < 0):
+            raise ValueError(
+                f"extra_distance must be >= 0 (it is added to the distance |x - mu| or (x - mu)^2 / 2), got a "
+                f"minimum of {float(low):.4g}"
+            )
+
+
+def _check_device(name: str, value: Tensor, target: Tensor) -> None:
+    # a 0-d tensor broadcasts from any device (torch allows a CPU scalar with a GPU tensor)
+    if value.ndim and value.device != target.device:
+        raise ValueError(f"{name} is on {value.device} but target on {target.device}: move them to one device")
