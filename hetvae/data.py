@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,22 +44,28 @@ def list_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     Folders are searched recursively; a file is kept when its extension, compared
     case-insensitively, is one of :data:`IMAGE_EXTENSIONS` (png, jpg/jpeg, webp, bmp, tif/tiff).
     Hidden files and folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` forks) are
-    skipped. Each folder's files are sorted by path; the result keeps the order of ``paths`` and
-    drops duplicates. Nothing is opened here: readability is checked by :class:`ImageDataset`.
+    skipped. Only regular files (or links to them) are kept: a FIFO, device, socket or broken link
+    with an image name is skipped with one ``UserWarning`` naming them (opening a FIFO would wait
+    forever for a writer). Each folder's files are sorted by path; the result keeps the order of
+    ``paths`` and drops duplicates. Nothing is decoded here: readability is checked by
+    :class:`ImageDataset`.
 
     Raises:
         FileNotFoundError: a path does not exist (the message names it).
-        ValueError: a folder holds no image file, or a file given by name is not an image
-            (the message names it and the accepted extensions).
+        ValueError: a folder holds no image file, or a file given by name is not an image or not a
+            regular file (the message names it and the accepted extensions).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found: dict[Path, None] = {}  # an ordered set
+    irregular: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"image path does not exist: {str(path)!r}")
-        if path.is_file():
+        if not path.is_dir():
+            if not path.is_file():
+                raise ValueError(f"{str(path)!r} is not a regular file ({_file_kind(path)}); only image files are read")
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(
                     f"{str(path)!r} is not an image file; accepted extensions: {', '.join(IMAGE_EXTENSIONS)}"
@@ -69,18 +76,36 @@ def list_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         # os.walk does not follow symlinked folders, so a link cycle cannot loop forever.
         for root, dirs, names in os.walk(path):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-            files.extend(
-                Path(root, n)
-                for n in names
-                if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
-            )
+            for n in names:
+                if n.startswith(".") or Path(n).suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                file = Path(root, n)
+                (files if file.is_file() else irregular).append(file)
         if not files:
             raise ValueError(
                 f"no image files in {str(path)!r} (searched recursively for "
                 f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive)"
             )
         found.update((f, None) for f in sorted(files))
+    if irregular:
+        shown = ", ".join(f"{f} ({_file_kind(f)})" for f in irregular[:5]) + (", ..." if len(irregular) > 5 else "")
+        warnings.warn(
+            f"skipped {len(irregular)} image name(s) that are not a regular file: {shown}", UserWarning, stacklevel=2
+        )
     return list(found)
+
+
+def _file_kind(path: Path) -> str:
+    """What ``path`` is, for messages: "a FIFO", "a folder", "a broken link", ..."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a broken link" if path.is_symlink() else "unreadable"
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def _to_rgb_uint8(array: np.ndarray, name: str) -> np.ndarray:
@@ -100,18 +125,86 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode ``path`` into an ``(H, W, 3)`` uint8 RGB array.
 
     The EXIF orientation is applied (phone photographs are stored sideways). Grayscale,
-    palette, CMYK and RGBA images are converted to RGB (alpha is dropped, not composited);
-    16-bit grayscale is scaled to 8 bits. Only the first frame of a multi-frame file is read.
-    Raises whatever the decoder raises for an unreadable file (``OSError`` for a truncated one).
+    palette, CMYK and RGBA images are converted to RGB (alpha is dropped, not composited).
+    Only the first frame of a multi-frame file is read. Pixels other than 8-bit map by their range:
+
+    - 16-bit integers (PNG, TIFF): ``0..65535 -> 0..255`` (``round(v / 257)``); 16-bit RGB(A) PNGs
+      keep their high byte (Pillow's decoder);
+    - floats (TIFF): read only in ``0..1``, scaled by 255 and rounded; NaN or inf anywhere, or any
+      value outside ``0..1`` (an HDR or 0..255 float image), is refused: there is no safe guess;
+    - 32-bit integers (TIFF): refused, they have no standard white level.
+
+    Only a regular file is opened (a FIFO named ``x.png`` would block forever).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a regular file, not decodable (truncated, corrupt, not an image), or pixels
+            refused by the rules above; the message names the file and the problem.
     """
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-            # PIL's convert("RGB") clips 16-bit values at 255 instead of scaling them.
-            wide = np.asarray(im, dtype=np.float64)
-            return _to_rgb_uint8(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), str(path))
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    path = Path(path)
+    with _open_regular(path) as file:
+        try:
+            with Image.open(file) as im:
+                im.load()
+                # TIFF says how many bits a sample has; Pillow widens 8/16-bit ints to mode "I" there
+                bits = max(getattr(im, "tag_v2", {}).get(258, (0,)) or (0,))
+                im = ImageOps.exif_transpose(im)
+                mode = im.mode
+                if mode == "F" or mode.startswith("I"):
+                    wide = np.asarray(im)
+                else:
+                    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, struct.error, ...)
+            raise ValueError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+    return _to_rgb_uint8(_wide_to_uint8(wide, mode, bits, str(path)), str(path))
+
+
+def _open_regular(path: Path):
+    """``path`` opened for binary reading, refused unless it is a regular file. The check is on the
+    open descriptor, so a file swapped for a FIFO after listing cannot block the open or the read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a socket (ENXIO), no permission, ...
+        raise ValueError(f"cannot open image {str(path)!r}: {exc.strerror or exc}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else _file_kind(path)
+            raise ValueError(f"{str(path)!r} is not a regular file ({kind}); only image files are read")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _wide_to_uint8(wide: np.ndarray, mode: str, bits: int, name: str) -> np.ndarray:
+    """Float (mode ``F``) or 16/32-bit integer (``I``, ``I;16*``) pixels as uint8, by the rules of
+    :func:`read_image`; ``bits`` is the TIFF sample size (0 when unknown)."""
+    values = wide.astype(np.float64)
+    if mode == "F":
+        nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+        if nan or inf:
+            found = " and ".join(t for t in (f"{nan} NaN" * bool(nan), f"{inf} infinite (inf)" * bool(inf)) if t)
+            raise ValueError(f"image {name!r}: {found} pixel value(s); a float image must hold finite values in 0..1")
+        lo, hi = float(values.min()), float(values.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(
+                f"image {name!r}: float pixels span [{lo:.6g}, {hi:.6g}]; float images are read only in 0..1 "
+                "(scaled by 255): save it as 8- or 16-bit integers, or scale it to 0..1"
+            )
+        return np.rint(values * 255.0).astype(np.uint8)
+    if mode == "I" and bits > 16:
+        raise ValueError(
+            f"image {name!r}: {bits}-bit integer pixels have no standard white level; "
+            "save it as 8- or 16-bit integers, or as floats in 0..1"
+        )
+    lo, hi = float(values.min()), float(values.max())
+    if lo < 0.0 or hi > 65535.0:
+        raise ValueError(f"image {name!r}: integer pixels span [{lo:g}, {hi:g}]; 16-bit images hold 0..65535")
+    # PIL's convert("RGB") clips 16-bit values at 255 instead of scaling them.
+    return np.rint(values / 257.0).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,6 +364,13 @@ class ImageDataset(torch.utils.data.Dataset):
     in ``skipped_unreadable`` and ``skipped_small``. If no image is left, ``ValueError`` says why.
     Folders are then decoded again lazily on each access; in-memory images are kept as given.
 
+    A file that becomes unusable later (deleted, truncated, corrupted, or replaced by an image of
+    another size) does not stop a run: its samples take the crop of the next readable image in
+    order (``i + 1, i + 2, ...``, with the same random draws; a tile becomes that image's centre
+    window), one ``UserWarning`` per file names it (per process: each ``DataLoader`` worker warns
+    once), and its name is added to ``lost_during_run``. If every image is unusable, ``ValueError``
+    says so. The substitute is a pure function of which files are unusable, so determinism holds.
+
     Determinism: the random crop, flip and augmentations of sample ``index`` are drawn from
     ``numpy.random.default_rng((seed, epoch, index))``, a pure function of those three numbers.
     They do not depend on the process, the worker, the global RNG state or the access order, so
@@ -330,6 +430,8 @@ class ImageDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.skipped_unreadable: list[str] = []
         self.skipped_small: list[str] = []
+        self.lost_during_run: list[str] = []
+        self._lost: set[int] = set()
         self._items = self._check(self._collect(sources))
         self._num_samples = num_samples
         # tile index -> (item, top, left), built once: len() and lookups stay O(1).
@@ -421,13 +523,40 @@ class ImageDataset(torch.utils.data.Dataset):
             return len(self._tiles)
         return self._num_samples if self._num_samples is not None else len(self._items)
 
-    def _pixels(self, item: _Item) -> np.ndarray:
+    def _read(self, i: int) -> np.ndarray | None:
+        """The pixels of image ``i``, or None (warned once) when its file has become unusable."""
+        item = self._items[i]
         if item.pixels is not None:
             return item.pixels
-        pixels = read_image(item.path)
-        if pixels.shape[:2] != (item.height, item.width):
-            raise RuntimeError(f"{item.path} changed on disk since the dataset was built")
-        return pixels
+        try:
+            pixels = read_image(item.path)
+        except Exception as exc:  # noqa: BLE001 - any decoder or OS failure; named in the warning
+            problem = f"{type(exc).__name__}: {exc}"
+        else:
+            if pixels.shape[:2] == (item.height, item.width):
+                return pixels
+            problem = f"it changed on disk from {item.width}x{item.height} to {pixels.shape[1]}x{pixels.shape[0]}"
+        if i not in self._lost:
+            self._lost.add(i)
+            self.lost_during_run.append(item.name)
+            warnings.warn(
+                f"image {item.name} became unusable during the run ({problem}); "
+                "its samples use the next readable image's crops",
+                UserWarning,
+                stacklevel=4,
+            )
+        return None
+
+    def _pixels(self, i: int) -> tuple[np.ndarray, int]:
+        """The pixels of image ``i`` or, when its file has become unusable, of the next readable image
+        (``i + 1, i + 2, ...``), and the index of the image used."""
+        n = len(self._items)
+        for k in range(n):
+            pixels = self._read((i + k) % n)
+            if pixels is not None:
+                return pixels, (i + k) % n
+        shown = ", ".join(self.names[:5]) + (", ..." if n > 5 else "")
+        raise ValueError(f"every image became unusable (unreadable or changed) during the run ({n} images: {shown})")
 
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self):
@@ -437,14 +566,17 @@ class ImageDataset(torch.utils.data.Dataset):
         rng = None  # evaluation crops draw nothing; every augmentation needs random_crop (checked in __init__)
         if self.tiles:
             i, top, left = self._tiles[index]
-            pixels, side = self._pixels(self._items[i]), r
+            pixels, used = self._pixels(i)
+            side = r
+            if used != i:  # a substitute: its centre window
+                top, left = (pixels.shape[0] - r) // 2, (pixels.shape[1] - r) // 2
         else:
             if self.random_crop or self.random_flip:
                 rng = np.random.default_rng((self.seed, self.epoch, index))
             if self.procedural > 0 and rng.random() < self.procedural:
                 pixels = self._procedural_image(int(rng.integers(self.procedural_pool)))
             else:
-                pixels = self._pixels(self._items[index % len(self._items)])
+                pixels, _ = self._pixels(index % len(self._items))
             height, width = pixels.shape[:2]
             side = r
             if self.rescale is not None:
