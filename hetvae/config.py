@@ -559,8 +559,21 @@ class LogScaleConfig:
         _require(
             math.isfinite(lo) and math.isfinite(hi) and lo < hi, "bounds", f"needs finite lo < hi, got {self.bounds}"
         )
+        from hetvae.heads import DEFAULT_MARGIN, LOG_SCALE_LIMIT
+
         _require(
-            lo < self.init < hi, "init", f"must lie strictly inside bounds {self.bounds}, got {self.init}"
+            -LOG_SCALE_LIMIT <= lo and hi <= LOG_SCALE_LIMIT, "bounds",
+            f"must lie inside [{-LOG_SCALE_LIMIT}, {LOG_SCALE_LIMIT}] (exp(-s) must not overflow), got {self.bounds}",
+        )
+        _require(
+            hi - lo > 2 * DEFAULT_MARGIN, "bounds",
+            f"need hi - lo > {2 * DEFAULT_MARGIN} (the soft clamp's margin on each side), got {self.bounds}",
+        )
+        _require(
+            self.fit == "optimal" or lo + DEFAULT_MARGIN <= self.init <= hi - DEFAULT_MARGIN, "init",
+            f"must lie in [{lo + DEFAULT_MARGIN}, {hi - DEFAULT_MARGIN}], at least the soft clamp's margin "
+            f"{DEFAULT_MARGIN} inside bounds {self.bounds}, where the bounded log-scale starts exactly at init; "
+            f"got {self.init} (widen log_scale.bounds to use it)",
         )
         _require(0.0 <= self.beta <= 1.0, "beta", f"must be in [0, 1], got {self.beta}")
         _require(self.head_layers >= 0, "head_layers", f"must be >= 0, got {self.head_layers}")

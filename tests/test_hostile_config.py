@@ -366,3 +366,15 @@ def test_any_number_gives_that_number_or_a_named_error(key, number, spelling):
     got = getattr(getattr(cfg, section), leaf)
     assert isinstance(got, int) or (isinstance(got, float) and math.isfinite(got)), (key, text, got)
     assert got == number or math.isclose(got, number, rel_tol=1e-15), (key, text, got)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("log_scale.init=-6.5", "log_scale.init"), ("log_scale.bounds=[-100, 3]", "log_scale.bounds"),
+     ("log_scale.bounds=[-1.5, 0.4]", "log_scale.bounds")],
+)
+def test_log_scale_init_and_bounds_the_loss_would_refuse_are_config_errors(override, key):
+    """The loss refuses an init within the soft clamp's margin of a bound and bounds beyond
+    +-20 (issue 13, item 14); the config says so first, naming the key instead of failing later."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        apply_overrides(Config(), [override, "log_scale.granularity=global"])
