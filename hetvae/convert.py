@@ -7,7 +7,8 @@ Formats read by ``load_autoencoder``:
 * ``"diffusers"``: a folder with ``config.json`` and ``diffusion_pytorch_model[.fp16].safetensors``
   or ``.bin`` (also a pipeline folder, whose ``vae/`` sub-folder is used).
 * ``"ldm"``: one file in the original Stable Diffusion layout (``encoder.down.0.block.0...``),
-  ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin``, possibly nested under
+  ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` (or a folder holding the
+  ``vae.safetensors`` an ldm export writes), possibly nested under
   ``"state_dict"`` and prefixed ``first_stage_model.`` or ``vae.`` (the rest of a full SD
   checkpoint is ignored); attention weights as 1x1 convolutions or linear matrices.
 * ``"diffusers-file"``: one file in the diffusers key layout (``encoder.down_blocks.0...``),
@@ -19,6 +20,11 @@ scaling from the detected family (see ``FAMILIES``); any field can be overridden
 A per-pixel log-scale head is stored inside hetvae files and beside exported ones
 (``log_scale_head.safetensors`` in a diffusers folder, ``<stem>.log_scale_head.safetensors`` next
 to an ldm file), so stock loaders still read the VAE and nothing is lost.
+
+The reconstruction likelihood the model was trained with (``AutoencoderConfig.likelihood``:
+family, granularity, bounds, learned global/channel values) rides in the config of every format:
+the ``hetvae_config`` metadata of hetvae and ldm files, ``_hetvae_likelihood`` in a diffusers
+``config.json`` (diffusers ignores keys starting with ``_``).
 
 Internal names are the ldm ones; all renaming lives here. Pickled files are read only through
 ``torch.load(weights_only=True)``; every failure raises ``CheckpointError`` naming the file, the
