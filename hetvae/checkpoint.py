@@ -13,7 +13,13 @@ Atomicity: both files are written into ``<root>/.tmp-step_XXXXXXXX-<pid>/``, flu
 then the folder is renamed to its final name (one ``rename``, atomic on POSIX) and the parent is
 fsynced. A crash or ``kill -9`` at any moment leaves either no new folder or a complete one, and
 the previous checkpoints untouched; leftover ``.tmp-*`` folders are ignored and cleaned up by the
-next save.
+next save. A failed save (a full disk) removes its temporary folder and raises
+:class:`~hetvae.convert.CheckpointError` naming the folder, the cause and the newest checkpoint, which
+is intact.
+
+A folder that cannot be read back (torn by a failing disk, edited by hand) makes :func:`load_checkpoint`
+raise ``CheckpointError``; :func:`set_aside` renames it ``corrupt-step_XXXXXXXX`` so that it is kept
+for inspection but neither resumed from nor mistaken for a saved step.
 """
 
 from __future__ import annotations
@@ -41,12 +47,15 @@ __all__ = [
     "prune_checkpoints",
     "fsync_file",
     "fsync_dir",
+    "atomic_write_text",
+    "set_aside",
 ]
 
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "state.pt"
 _NAME = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
+_CORRUPT_PREFIX = "corrupt-"
 
 
 @dataclass
@@ -84,6 +93,32 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _checkpoint_error(message: str) -> ValueError:
+    # convert.py (the home of CheckpointError) imports this module: import it when needed
+    from hetvae.convert import CheckpointError
+
+    return CheckpointError(message)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Replace ``path`` with ``text`` atomically: a temporary file in the same folder, fsynced, then
+    ``os.replace``. Whatever happens (a kill, a full disk), ``path`` holds either its old content
+    or the new one, and no temporary file is left behind by an error."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
 def _folder_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -101,15 +136,30 @@ def save_checkpoint(
     ``tensors`` are copied to contiguous CPU tensors (they must not share storage); ``state`` must
     hold plain data only (checked by reading it back with ``weights_only=True`` before the rename).
     If the folder of ``step`` already exists it is kept as is (same step, same content).
+
+    Raises:
+        CheckpointError: the files could not be written (e.g. the disk is full); nothing of the new
+            checkpoint is left and the older ones are untouched.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / _folder_name(step)
+    try:
+        return _save(root, final, tensors, metadata, state)
+    except OSError as exc:
+        newest = latest_checkpoint(root)
+        raise _checkpoint_error(
+            f"{root}: could not write checkpoint {final.name}: {exc.strerror or exc}. Nothing of it was left "
+            f"behind; the newest complete checkpoint is {newest.name if newest else 'none'}, intact"
+        ) from exc
+
+
+def _save(root: Path, final: Path, tensors: dict[str, Tensor], metadata: dict[str, str], state: dict[str, Any]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     if final.is_dir():
         return final
     for stale in root.glob(_TMP_PREFIX + "*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f"{_TMP_PREFIX}{_folder_name(step)}-{os.getpid()}"
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -164,15 +214,38 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
     Raises:
         FileNotFoundError: ``path`` is not a complete checkpoint folder.
+        CheckpointError: a file is there but cannot be read (truncated, corrupt, not plain data).
     """
     path = Path(path)
     weights, state_file = path / WEIGHTS_FILE, path / STATE_FILE
     if not (weights.is_file() and state_file.is_file()):
         raise FileNotFoundError(f"{path}: not a checkpoint folder (needs {WEIGHTS_FILE} and {STATE_FILE})")
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    current = weights
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        current = state_file
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, zip, unpickling and I/O errors all mean "unreadable"
+        detail = " ".join(str(exc).split())[:300]
+        raise _checkpoint_error(f"{current}: truncated or corrupt ({type(exc).__name__}: {detail})") from exc
+    if not isinstance(state, dict):
+        raise _checkpoint_error(f"{state_file}: expected a dict of training state, got {type(state).__name__}")
     match = _NAME.match(path.name)
     step = int(state.get("step", match.group(1) if match else -1))
     return Checkpoint(path=path, step=step, tensors=tensors, metadata=metadata, state=state)
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename checkpoint folder ``path`` to ``corrupt-<name>`` (``-2``, ``-3``... if taken) beside it,
+    so it is kept for inspection but no longer listed, resumed from or taken for a saved step."""
+    path = Path(path)
+    target = path.with_name(_CORRUPT_PREFIX + path.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{_CORRUPT_PREFIX}{path.name}-{n}")
+    os.rename(path, target)
+    fsync_dir(path.parent)
+    return target

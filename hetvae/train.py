@@ -13,7 +13,14 @@
   to bf16/fp16 (fp16 with a ``GradScaler``; the NLL upcasts to float32 itself);
 * a non-finite loss or gradient skips the step (counted, logged); ``max_nonfinite`` in a row stop
   training with :class:`NonFiniteLossError` naming the last finite step and the likely causes;
-* SIGINT / SIGTERM finish the current step, write a checkpoint and the model, and return normally;
+* SIGINT / SIGTERM finish the current step, write a checkpoint and the model, and return with
+  ``TrainResult.interrupted`` and ``.signal`` set (``hetvae train`` then exits 130 / 143, as a shell
+  reports a process killed by that signal, so a script never mistakes it for a finished run);
+* any other error during training first writes a checkpoint of the last finished step (unless the
+  error struck mid-update, or the weights are not finite), then propagates with a note naming it;
+  nothing is exported;
+* weights that stop being finite are never checkpointed nor exported: training stops with
+  :class:`NonFiniteLossError` naming the tensors and the newest (finite) checkpoint;
 * under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel (gloo on CPU, NCCL on GPU), each
   rank takes its contiguous share of every global batch (``batch_size`` is the global micro-batch
   and must divide by the world size), all file output on rank 0 only. The loss's log-scales and
@@ -28,11 +35,14 @@ So the data and noise of step ``s`` are a pure function of ``(seed, s)``, and a 
 continues exactly: on the CPU, N steps + resume + N steps give bit-identical weights to 2N steps,
 and a 2-process run matches a 1-process one up to float summation order.
 
-Run folder (``cfg.out_dir``, or ``out_dir=``)::
+Run folder (``cfg.out_dir``, or ``out_dir=``). Nothing is written before the first step has
+trained: a run that fails to start leaves no folder (or a user's folder as it was)::
 
     config.yaml               the resolved config, every key (load_config(...) gives it back)
     metrics.jsonl             one JSON object per log interval: step, lr, losses, log-scale stats,
-                              grad norm, steps/s, non-finite counts (averaged over the interval)
+                              grad norm, steps/s, non-finite counts (averaged over the interval of
+                              ``steps_averaged`` steps; a resumed run continues the interval it was
+                              stopped in, so its records equal an uninterrupted run's)
     samples/step_XXXXXXX.png  uncertainty panels of held-out crops (EMA model when enabled):
                               input | reconstruction | |error| | predicted scale
     samples/latest.png        a copy of the newest panel
@@ -46,7 +56,16 @@ Run folder (``cfg.out_dir``, or ``out_dir=``)::
 
 Resuming: ``resume=True`` (``--resume``) continues from the newest checkpoint and fails if there is
 none; ``cfg.train.resume == "auto"`` continues when one exists; ``"never"`` refuses a folder that
-already holds checkpoints rather than mixing two runs.
+already holds checkpoints rather than mixing two runs. ``overwrite=True`` (``--overwrite``) starts
+over instead, deleting the previous run's files (checkpoints, metrics, samples, exports; nothing
+else) once the first step has trained.
+
+A resume may change only what :data:`RESUME_MAY_CHANGE` lists (steps, logging and checkpoint
+cadence, optimiser settings, data workers); any other difference from the checkpoint's embedded
+config is a :class:`~hetvae.config.ConfigError` naming the keys, so ``config.yaml`` never describes
+a model that was trained otherwise. A newest checkpoint that cannot be read is skipped with a
+warning (and renamed ``corrupt-step_...`` once training starts): the run resumes from the previous
+intact one. A fresh start replaces a stale ``metrics.jsonl`` (from a run that never checkpointed).
 """
 
 from __future__ import annotations
@@ -77,19 +96,32 @@ from tqdm.auto import tqdm
 
 from hetvae.autoencoder import AutoencoderKL, Reconstruction
 from hetvae.checkpoint import (
+    STATE_FILE,
+    Checkpoint,
+    atomic_write_text,
     fsync_file,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    set_aside,
 )
-from hetvae.config import Config, build_model, build_objective, config_to_dict, from_dict, save_config
+from hetvae.config import (
+    Config,
+    ConfigError,
+    build_model,
+    build_objective,
+    config_to_dict,
+    from_dict,
+    save_config,
+)
+from hetvae.convert import CheckpointError
 from hetvae.data import ImageDataset, build_dataset
 from hetvae.distributions import DiagonalGaussian
 from hetvae.objective import AutoencoderObjective
 
-__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "EMA", "TRAIN_CONFIG_KEY"]
+__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "EMA", "TRAIN_CONFIG_KEY", "RESUME_MAY_CHANGE"]
 
 logger = logging.getLogger("hetvae.train")
 
@@ -99,22 +131,43 @@ _PANEL_IMAGES = 4
 _PANEL_RESOLUTION = 128  # side of the held-out crops in the training panels
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+RESUME_MAY_CHANGE = frozenset({
+    "out_dir",  # the run folder may have been moved
+    # how long, and how often to log, sample and checkpoint
+    "train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.resume", "train.max_nonfinite",
+    # optimiser settings: a resume takes the configured ones (see _load_optimizer), e.g. a lower lr
+    "train.lr", "train.betas", "train.weight_decay", "train.warmup_steps", "train.lr_schedule", "train.disc_lr",
+    "train.log_scale_lr", "train.grad_clip",
+    # how, not what: same data, same gradients
+    "train.gradient_checkpointing", "data.num_workers",
+})
+"""Dotted config keys a resumed run may change; any other difference from the run's config is refused."""
+_STATE_KEYS = ("step", "generator_optimizer", "scaler", "rng", "nonfinite_total", "nonfinite_run", "last_finite_step")
+# files a run writes (and --overwrite deletes), relative to the run folder
+_RUN_FILES = ("metrics.jsonl", "model.safetensors", "loss.safetensors", "config.yaml")
+_RUN_GLOBS = (("checkpoints", "step_*"), ("checkpoints", ".tmp-*"), ("checkpoints", "corrupt-step_*"),
+              ("samples", "step_*.png"), ("samples", "latest.png"), ("tensorboard", "events.out.tfevents.*"))
+
 
 class NonFiniteLossError(RuntimeError):
-    """Training stopped after ``train.max_nonfinite`` consecutive non-finite steps."""
+    """Training stopped after ``train.max_nonfinite`` consecutive non-finite steps, or because the
+    weights themselves stopped being finite (nothing non-finite is checkpointed or exported)."""
 
 
 @dataclass
 class TrainResult:
     """What :func:`train` returns. ``step``: steps done; ``interrupted``: stopped by a signal;
     ``model_file``: the exported ``model.safetensors`` (None on ranks other than 0);
-    ``logs``: the last logged metrics."""
+    ``logs``: the last logged metrics; ``signal``: the number of the signal that stopped the run
+    (None if it finished, or if the stop came from another rank)."""
 
     run_dir: Path
     step: int
     interrupted: bool = False
     model_file: Path | None = None
     logs: dict[str, float] = field(default_factory=dict)
+    signal: int | None = None
 
 
 class EMA:
@@ -270,6 +323,17 @@ def _load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         group.update(settings)
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 # ---------------------------------------------------------------------------------------------
 # the trainer
 # ---------------------------------------------------------------------------------------------
@@ -284,13 +348,25 @@ class Trainer:
         resume: True: continue from the newest checkpoint (error if none); False: start fresh;
             None: follow ``cfg.train.resume``.
         progress: show a tqdm bar (rank 0).
+        overwrite: start fresh even where ``out_dir`` holds a previous run; its files are deleted
+            (see ``_RUN_FILES``) once the first step has trained. Contradicts ``resume=True``.
+
+    Raises (besides config errors):
+        ConfigError: resuming with a config that differs in a key outside :data:`RESUME_MAY_CHANGE`.
+        CheckpointError: no checkpoint can be read, or the checkpoint does not fit the model.
 
     Attributes of interest to tests and tools: ``model`` (the autoencoder), ``objective``,
     ``ema`` (or None), ``g_opt``, ``d_opt``, ``step``, ``run_dir``.
     """
 
     def __init__(
-        self, cfg: Config, *, out_dir: str | os.PathLike | None = None, resume: bool | None = None, progress: bool = True
+        self,
+        cfg: Config,
+        *,
+        out_dir: str | os.PathLike | None = None,
+        resume: bool | None = None,
+        progress: bool = True,
+        overwrite: bool = False,
     ) -> None:
         if out_dir is not None:
             cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
@@ -365,13 +441,20 @@ class Trainer:
         self.nonfinite_run = 0
         self.last_finite_step: int | None = None
         self._stop_requested = False
+        self._stop_signal: int | None = None
         self._tb = None
+        self.overwrite = overwrite
+        self._started = False  # outputs exist (config.yaml written): set after the first trained step
+        self._corrupt: list[Path] = []  # unreadable checkpoints newer than the one resumed from
+        self._resumed_from: Path | None = None
+        self._step_start: dict[str, Any] | None = None  # RNG etc. at the start of the step in progress
+        self._updating = False  # inside the optimiser / EMA update (weights possibly half-written)
+        # the metrics interval in progress (checkpointed, so a resumed run averages the same steps)
+        self._interval: dict[str, Any] = {"sums": {}, "counts": {}, "steps": 0}
 
-        checkpoint = self._pick_checkpoint(resume)
+        checkpoint = self._pick_checkpoint(resume, overwrite)
         if checkpoint is not None:
             self._restore(checkpoint)
-        if self.dist.main:
-            save_config(cfg, self.run_dir / "config.yaml")
 
     # -- parameters / state ------------------------------------------------------------------
 
@@ -401,32 +484,94 @@ class Trainer:
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_run": self.nonfinite_run,
             "last_finite_step": -1 if self.last_finite_step is None else self.last_finite_step,
+            "log_interval": copy.deepcopy(self._interval),
         }
 
-    def _pick_checkpoint(self, resume: bool | None) -> Path | None:
-        newest = latest_checkpoint(self.ckpt_dir)
-        if resume is True:
-            if newest is None:
+    def _pick_checkpoint(self, resume: bool | None, overwrite: bool) -> Checkpoint | None:
+        """The checkpoint to resume from (loaded), or None for a fresh start."""
+        found = list_checkpoints(self.ckpt_dir)
+        if overwrite:
+            if resume is True:
+                raise ValueError("resume=True (--resume) and overwrite=True (--overwrite) contradict each other")
+            return None
+        if resume is False or (resume is None and self.cfg.train.resume == "never"):
+            if found:
+                raise FileExistsError(
+                    f"{self.run_dir} already holds checkpoints (newest: {found[-1][1].name}) and resuming is off: "
+                    "resume it (--resume or train.resume=auto), start over there with --overwrite (deletes that "
+                    "run's checkpoints, metrics, samples and exports), or choose another out_dir"
+                )
+            return None
+        if not found:
+            if resume is True:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_dir}")
-            return newest
-        if resume is None and self.cfg.train.resume == "auto":
-            return newest
-        if newest is not None:
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints (newest: {newest.name}) and resuming is off: "
-                "resume it (--resume or train.resume=auto), or choose another out_dir"
-            )
-        return None
+            return None
+        bad: list[tuple[Path, Exception]] = []
+        for _, path in reversed(found):
+            try:
+                ckpt = load_checkpoint(path)
+                missing = [k for k in _STATE_KEYS if k not in ckpt.state]
+                if missing:
+                    raise CheckpointError(f"{path / STATE_FILE}: not a training state (lacks {', '.join(missing)})")
+            except (CheckpointError, FileNotFoundError) as exc:
+                bad.append((path, exc))
+                continue
+            if bad and self.dist.main:
+                logger.warning(
+                    "skipping unreadable checkpoint(s) %s; resuming from the previous intact one, %s (the unreadable "
+                    "ones are renamed corrupt-step_... once training starts)",
+                    "; ".join(f"{p} ({e})" for p, e in bad), path,
+                )
+            self._corrupt = [p for p, _ in bad]
+            return ckpt
+        raise CheckpointError(
+            f"no intact checkpoint under {self.ckpt_dir}: "
+            + "; ".join(f"{p.name}: {e}" for p, e in bad)
+            + ". Move the folder away to keep it, then start over with --overwrite, or choose another out_dir"
+        )
 
-    def _restore(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
+    def _check_resume_config(self, ckpt: Checkpoint) -> dict[str, tuple[Any, Any]]:
+        """Refuse a config that differs from the checkpoint's beyond :data:`RESUME_MAY_CHANGE`;
+        returns the (allowed) changes as ``{key: (old, new)}``."""
+        text = ckpt.metadata.get(TRAIN_CONFIG_KEY)
+        if text is None:  # not written by Trainer: only the weights' shapes can be checked
+            return {}
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(
+                f"{ckpt.path / 'weights.safetensors'}: corrupt {TRAIN_CONFIG_KEY} metadata: {exc}"
+            ) from None
+        try:  # defaults filled in, values normalised as today's schema reads them
+            raw = config_to_dict(from_dict(Config, raw))
+        except (ConfigError, TypeError):
+            pass  # a schema that has moved on: compare the keys both sides still have
+        saved = _flatten(json.loads(json.dumps(raw)))
+        now = _flatten(json.loads(json.dumps(config_to_dict(self.cfg))))
+        differ = sorted(k for k in now if k in saved and saved[k] != now[k])
+        refused = [k for k in differ if k not in RESUME_MAY_CHANGE]
+        if refused:
+            details = "; ".join(f"{k}: the run used {saved[k]!r}, this config says {now[k]!r}" for k in refused)
+            raise ConfigError(
+                ", ".join(refused),
+                f"resuming the run in {self.run_dir} (checkpoint {ckpt.path.name}) with a config that differs from "
+                f"the run's: {details}. A resume may change only the steps, the logging and checkpoint cadence and "
+                f"the optimiser settings ({', '.join(sorted(RESUME_MAY_CHANGE))}). To train this config, give it a "
+                "new out_dir, or start over in this folder with --overwrite (train(..., overwrite=True)), which "
+                "deletes the previous run's checkpoints, metrics, samples and exported model",
+            )
+        return {k: (saved[k], now[k]) for k in differ if k != "out_dir"}
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        path = ckpt.path
+        changes = self._check_resume_config(ckpt)
         if self.dist.main:
             logger.info("resuming from %s (step %d)", path, ckpt.step)
-        saved_cfg = ckpt.metadata.get(TRAIN_CONFIG_KEY)
-        if saved_cfg is not None:
-            old = from_dict(Config, json.loads(saved_cfg))
-            if (old.model, old.log_scale) != (self.cfg.model, self.cfg.log_scale) and self.dist.main:
-                logger.warning("the model / log_scale config differs from the checkpoint's (%s)", path)
+            if changes:
+                logger.warning(
+                    "resuming with changed settings (the checkpoints keep the config each was written with): %s",
+                    "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()),
+                )
 
         def part(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix) :]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
@@ -443,7 +588,8 @@ class Trainer:
                 if disc:
                     self.discriminator.load_state_dict(disc, strict=True)
         except RuntimeError as exc:
-            raise RuntimeError(f"{path}: the checkpoint does not fit the configured model: {exc}") from None
+            detail = " ".join(str(exc).split())
+            raise CheckpointError(f"{path}: the checkpoint does not fit the configured model: {detail}") from None
         state = ckpt.state
         _load_optimizer(self.g_opt, state["generator_optimizer"])
         if self.d_opt is not None and state.get("discriminator_optimizer") is not None:
@@ -457,35 +603,136 @@ class Trainer:
         self.nonfinite_total = int(state["nonfinite_total"])
         self.nonfinite_run = int(state["nonfinite_run"])
         self.last_finite_step = None if state["last_finite_step"] < 0 else int(state["last_finite_step"])
+        interval = state.get("log_interval")
+        if isinstance(interval, dict) and {"sums", "counts", "steps"} <= interval.keys():
+            self._interval = copy.deepcopy(interval)
+        elif self.dist.main and not self._records_after(self.step):
+            logger.warning("%s predates saved metric intervals: the first record averages the steps since the resume "
+                           "(see steps_averaged)", path)
+        self._resumed_from = path
         if self.dist.main:
             self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines past the resumed step (written by a run killed after its last checkpoint)."""
+        """Drop log lines past the resumed step (written by a run killed after its last checkpoint).
+
+        Atomic: a kill during the rewrite leaves the old file, never an empty or half one."""
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return
+        text = path.read_text(encoding="utf-8")
         kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, AttributeError):
                 continue  # a half-written last line
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        new = "".join(line + "\n" for line in kept)
+        if new != text:
+            atomic_write_text(path, new)
+
+    # -- the run folder ----------------------------------------------------------------------
+
+    def _begin_outputs(self) -> None:
+        """Once the first step has trained: clear a previous run (overwrite) or stale metrics, set
+        unreadable checkpoints aside and write ``config.yaml``. A failure here removes the run
+        folder again if this call created it (and it is empty)."""
+        self._started = True
+        if not self.dist.main:
+            return
+        created = not self.run_dir.exists()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.overwrite:
+                self._remove_previous_run()
+            elif self._resumed_from is None and (self.run_dir / "metrics.jsonl").is_file():
+                logger.warning("%s: replacing metrics.jsonl of an earlier start that left no checkpoint",
+                               self.run_dir)
+                (self.run_dir / "metrics.jsonl").unlink()
+            for path in self._corrupt:
+                if path.is_dir():
+                    logger.warning("unreadable checkpoint %s renamed %s", path, set_aside(path).name)
+            self._corrupt = []
+            self._save_config()
+        except BaseException:
+            self._started = False
+            if created:
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()  # only if empty: never a file this run did not write
+            raise
+
+    def _remove_previous_run(self) -> None:
+        removed = 0
+        for name in _RUN_FILES:
+            if (self.run_dir / name).is_file():
+                (self.run_dir / name).unlink()
+                removed += 1
+        for folder, pattern in _RUN_GLOBS:
+            for path in (self.run_dir / folder).glob(pattern):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed += 1
+        for folder in {f for f, _ in _RUN_GLOBS}:
+            with contextlib.suppress(OSError):
+                (self.run_dir / folder).rmdir()  # only if nothing else is in it
+        if removed:
+            logger.warning("--overwrite: deleted %d files or folders of the previous run in %s", removed, self.run_dir)
+
+    def _save_config(self) -> None:
+        path = self.run_dir / "config.yaml"
+        try:
+            save_config(self.cfg, path)
+        except OSError as exc:
+            for tmp in self.run_dir.glob("*config.yaml.tmp*"):
+                tmp.unlink(missing_ok=True)
+            detail = f"could not write {path}: {exc.strerror or exc}; no half-written file was left"
+            raise OSError(exc.errno, detail) from exc
+
+    def _nonfinite_tensors(self) -> list[str]:
+        """Names of the run's tensors (model, EMA, log-scales, discriminator) holding inf or NaN."""
+        tensors = {k: v for k, v in self._tensors().items() if v.is_floating_point()}
+        if not tensors:
+            return []
+        flags = torch.stack([torch.isfinite(v).all() for v in tensors.values()]).cpu()
+        return [k for k, ok in zip(tensors, flags.tolist()) if not ok]
+
+    def _check_finite_weights(self) -> None:
+        bad = self._nonfinite_tensors()
+        if not bad:
+            return
+        t = self.cfg.train
+        newest = latest_checkpoint(self.ckpt_dir)
+        shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        raise NonFiniteLossError(
+            f"training stopped at step {self.step}: the weights are no longer finite ({shown}). Nothing was "
+            f"exported and no checkpoint of this step was written; the newest checkpoint, {newest or 'none'}, holds "
+            f"finite weights. Likely causes: train.weight_decay={t.weight_decay} or train.lr={t.lr} too large, "
+            "an optimiser step on non-finite gradients"
+        )
 
     def save_checkpoint(self) -> Path | None:
-        """Write the checkpoint of the current step (rank 0) and prune old ones; all ranks wait."""
-        path = None
-        if self.dist.main:
-            metadata = {
-                TRAIN_CONFIG_KEY: json.dumps(config_to_dict(self.cfg)),
-                "hetvae_config": json.dumps(self.model.config.to_dict()),
-                "step": str(self.step),
-            }
-            path = save_checkpoint(self.ckpt_dir, self.step, tensors=self._tensors(), metadata=metadata, state=self._state())
-            prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        """Write the checkpoint of the current step (rank 0) and prune old ones; all ranks wait.
+
+        Raises:
+            NonFiniteLossError: a weight is inf or NaN (the newest checkpoint stays the last good one).
+            CheckpointError: the files could not be written (e.g. a full disk).
+        """
+        self._check_finite_weights()
+        path = self._write_checkpoint() if self.dist.main else None
         self._barrier()
+        return path
+
+    def _write_checkpoint(self) -> Path:
+        metadata = {
+            TRAIN_CONFIG_KEY: json.dumps(config_to_dict(self.cfg)),
+            "hetvae_config": json.dumps(self.model.config.to_dict()),
+            "step": str(self.step),
+        }
+        path = save_checkpoint(self.ckpt_dir, self.step, tensors=self._tensors(), metadata=metadata, state=self._state())
+        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
         return path
 
     def export(self) -> Path | None:
@@ -574,12 +821,14 @@ class Trainer:
             if self.d_opt is not None:
                 self.d_opt.zero_grad(set_to_none=True)
             return False, sums
+        self._updating = True  # an error from here on may leave the weights half-updated
         self.scaler.step(self.g_opt)
         if use_disc and self.d_opt is not None:
             self.scaler.step(self.d_opt)
         self.scaler.update()
         if self.ema is not None:
             self.ema.update(self.model)
+        self._updating = False
         sums["lr"] = t.lr * factor
         return True, sums
 
@@ -693,6 +942,7 @@ class Trainer:
             if self._stop_requested:  # a second Ctrl-C: stop now
                 raise KeyboardInterrupt
             self._stop_requested = True
+            self._stop_signal = signum
             if self.dist.main:
                 print(
                     f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then checkpointing "
@@ -730,6 +980,10 @@ class Trainer:
             causes.insert(0, "fp16 overflow in the autoencoder (train.precision=bf16 or fp32 avoids it)")
         if t.grad_clip is None:
             causes.append("exploding gradients without clipping (train.grad_clip)")
+        bad = self._nonfinite_tensors()
+        if bad:  # e.g. a huge weight_decay: every later loss is NaN because the weights are
+            causes.insert(0, f"the weights themselves are no longer finite ({', '.join(bad[:4])}"
+                             f"{', ...' if len(bad) > 4 else ''}; train.weight_decay={t.weight_decay})")
         return NonFiniteLossError(
             f"training stopped at step {self.step}: {self.nonfinite_run} consecutive non-finite losses or "
             f"gradients (train.max_nonfinite={t.max_nonfinite}). The last finite step was {last}. Likely "
@@ -740,8 +994,6 @@ class Trainer:
         """Train up to ``cfg.train.steps``; see the module docstring."""
         t = self.cfg.train
         main = self.dist.main
-        if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         batches = _local_batches(
             self.dataset,
             global_batch=t.batch_size,
@@ -755,16 +1007,19 @@ class Trainer:
             total=t.steps, initial=self.step, desc=str(self.run_dir), unit="step",
             disable=not (main and self.progress), dynamic_ncols=True, mininterval=1.0,
         )
-        interval: dict[str, float] = {}
-        counts: dict[str, int] = {}  # steps each key was logged in (diagnostics: only the recorded step)
-        interval_steps, interval_start = 0, time.perf_counter()
+        # the interval's sums survive a resume (self._interval is checkpointed); its timing does not
+        local_steps, interval_start = 0, time.perf_counter()
         last_logs: dict[str, float] = {}
         interrupted = False
         try:
             with self._signals():
                 while self.step < t.steps:
+                    self._step_start = self._snapshot()
                     applied, logs = self._train_step(batches)
                     self.step += 1
+                    self._step_start = None
+                    if not self._started:
+                        self._begin_outputs()
                     if applied:
                         self.nonfinite_run = 0
                         self.last_finite_step = self.step
@@ -775,11 +1030,13 @@ class Trainer:
                             logger.warning("step %d: non-finite loss or gradient, step skipped", self.step)
                         if self.nonfinite_run >= max(t.max_nonfinite, 1):
                             raise self._nonfinite_error()
+                    sums, counts = self._interval["sums"], self._interval["counts"]
                     for key, value in logs.items():
                         if math.isfinite(value):
-                            interval[key] = interval.get(key, 0.0) + value
+                            sums[key] = sums.get(key, 0.0) + value
                             counts[key] = counts.get(key, 0) + 1
-                    interval_steps += 1
+                    self._interval["steps"] += 1
+                    local_steps += 1
                     if main and "total" in logs and math.isfinite(logs["total"]):
                         postfix = {"loss": f"{logs['total']:.4g}"}
                         if "log_scale_mean" in logs:
@@ -789,35 +1046,97 @@ class Trainer:
 
                     done = self.step >= t.steps
                     if self._records_after(self.step):
-                        record = self._reduce_logs({k: v / counts[k] for k, v in interval.items()})
+                        record = self._reduce_logs({k: v / counts[k] for k, v in sums.items()})
                         elapsed = time.perf_counter() - interval_start
                         record.update(
                             step=self.step,
-                            steps_per_s=interval_steps / max(elapsed, 1e-9),
+                            steps_averaged=self._interval["steps"],
+                            steps_per_s=local_steps / max(elapsed, 1e-9),
                             nonfinite_total=self.nonfinite_total,
                         )
                         last_logs = record
                         if main:
                             self._write_metrics(record)
-                        interval, counts, interval_steps, interval_start = {}, {}, 0, time.perf_counter()
+                        self._interval = {"sums": {}, "counts": {}, "steps": 0}
+                        local_steps, interval_start = 0, time.perf_counter()
                     stop = self._should_stop()
-                    if (t.sample_every and self.step % t.sample_every == 0) or done or stop:
-                        self.write_samples()
+                    sample_due = (t.sample_every and self.step % t.sample_every == 0) or done or stop
                     # during a non-finite streak the newest checkpoint stays the last good one
                     due = (t.checkpoint_every and self.step % t.checkpoint_every == 0) or done or stop
+                    if sample_due or due:
+                        self._check_finite_weights()
+                    if sample_due:
+                        self.write_samples()
                     if due and self.nonfinite_run == 0:
                         self.save_checkpoint()
                     if stop:
                         interrupted = True
                         break
+        except Exception as exc:
+            self._checkpoint_on_error(exc)
+            raise
         finally:
             bar.close()
-        model_file = self.export()
+        model_file = self.export()  # the loop checked the weights are finite at its last step
         if main and interrupted:
             print(f"stopped at step {self.step}; resume with --resume (checkpoint {latest_checkpoint(self.ckpt_dir)})",
                   file=sys.stderr)
         self._close()
-        return TrainResult(run_dir=self.run_dir, step=self.step, interrupted=interrupted, model_file=model_file, logs=last_logs)
+        return TrainResult(run_dir=self.run_dir, step=self.step, interrupted=interrupted, model_file=model_file,
+                           logs=last_logs, signal=self._stop_signal if interrupted else None)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """What a failed step may have changed without changing the weights: the RNG streams it
+        drew from and the discriminator's BatchNorm statistics."""
+        snap: dict[str, Any] = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}
+        if torch.cuda.is_available():
+            snap["cuda"] = torch.cuda.get_rng_state_all()
+        if self.discriminator is not None:
+            snap["disc_buffers"] = [b.detach().clone() for b in self.discriminator.buffers()]
+        return snap
+
+    def _checkpoint_on_error(self, exc: Exception) -> None:
+        """Write a checkpoint of the last finished step before an error ends the run (rank 0, no
+        collective: the other ranks may be gone). Skipped where it would be wrong or pointless."""
+        if not self.dist.main:
+            return
+        newest = latest_checkpoint(self.ckpt_dir)
+        why_not = None
+        if isinstance(exc, (NonFiniteLossError, CheckpointError)):
+            why_not = "skipped"  # the newest checkpoint is already the last good one / saving is what failed
+        elif not self._started or self.step == 0:
+            why_not = "nothing trained yet"
+        elif self._updating:
+            why_not = "the error struck during the weight update, so the weights may be half-updated"
+        elif self.nonfinite_run or self._nonfinite_tensors():
+            why_not = "the current weights are not finite"
+        elif newest is not None and newest.name == f"step_{self.step:08d}":
+            why_not = "already saved"
+        if why_not is None:
+            if self._step_start is not None:  # roll back what the unfinished step drew / changed
+                snap = self._step_start
+                torch.set_rng_state(snap["torch"])
+                self.noise.set_state(snap["noise"])
+                if "cuda" in snap:
+                    torch.cuda.set_rng_state_all(snap["cuda"])
+                with torch.no_grad():
+                    for b, saved in zip(self.discriminator.buffers() if self.discriminator else [],
+                                        snap.get("disc_buffers", [])):
+                        b.copy_(saved)
+            try:
+                newest = self._write_checkpoint()
+                logger.error("training failed after step %d: wrote checkpoint %s before stopping", self.step, newest)
+            except Exception as save_error:  # keep the original error; say why there is no checkpoint
+                why_not = f"it failed too ({save_error})"
+        if why_not is None:
+            exc.add_note(f"checkpoint of step {self.step} written before stopping: {newest} (resume with --resume)")
+        elif why_not == "already saved":
+            exc.add_note(f"the newest checkpoint holds step {self.step}: {newest} (resume with --resume)")
+        elif why_not != "skipped":
+            newest = latest_checkpoint(self.ckpt_dir)
+            exc.add_note(
+                f"no checkpoint written at step {self.step} ({why_not}); newest checkpoint: {newest or 'none'}"
+            )
 
     def _close(self) -> None:
         if self._tb:
@@ -828,16 +1147,23 @@ class Trainer:
 
 
 def train(
-    cfg: Config, *, out_dir: str | os.PathLike | None = None, resume: bool | None = None, progress: bool = True
+    cfg: Config,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train or fine-tune the model of ``cfg``; see the module docstring for the run folder.
 
     Raises:
-        NonFiniteLossError: ``train.max_nonfinite`` consecutive non-finite steps.
+        NonFiniteLossError: ``train.max_nonfinite`` consecutive non-finite steps, or non-finite weights.
         FileNotFoundError: ``resume=True`` and no checkpoint.
-        FileExistsError: the run folder holds checkpoints and resuming is off.
+        FileExistsError: the run folder holds checkpoints, resuming is off and ``overwrite`` is not set.
+        ConfigError: resuming with a config that differs beyond :data:`RESUME_MAY_CHANGE`.
+        CheckpointError: no readable checkpoint, one that does not fit the model, or a failed save.
     """
-    trainer = Trainer(cfg, out_dir=out_dir, resume=resume, progress=progress)
+    trainer = Trainer(cfg, out_dir=out_dir, resume=resume, progress=progress, overwrite=overwrite)
     try:
         return trainer.run()
     except BaseException:
