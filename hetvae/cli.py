@@ -39,8 +39,19 @@ def _run_info(args: argparse.Namespace) -> int:
             "config_source": info.config_source, "family": info.family, "config": cfg.to_dict(),
             "num_parameters": info.num_parameters, "log_scale_head": info.has_log_scale_head,
             "head_file": None if info.head_file is None else str(info.head_file),
+            "scaling_source": info.scaling_source,
         }))
         return 0
+    sources = info.scaling_source
+    scaling = sources["scaling_factor"] if len(set(sources.values())) == 1 else (
+        f"scaling_factor from {sources['scaling_factor']}, shift_factor from {sources['shift_factor']}")
+    if sources["scaling_factor"].startswith("inferred"):
+        scaling += " (shapes cannot tell SD from SDXL or SD3 from FLUX: --scaling-factor / --shift-factor in convert)"
+    lik = cfg.likelihood
+    likelihood = "not recorded (eval: the head's map with default bounds, else the best constant scale per image)"
+    if lik is not None:
+        learned = "" if lik.free is None else f", learned free value(s) {list(lik.free)}"
+        likelihood = f"{lik.family}, {lik.granularity} (fit {lik.fit}, init {lik.init}, bounds {lik.bounds}{learned})"
     head = "no"
     if info.has_log_scale_head:
         head = f"yes, {cfg.head_channels} map(s), " + (f"from {info.head_file}" if info.head_file else "inside the file")
@@ -48,6 +59,8 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"format:      {info.format} (config {info.config_source})")
     print(f"weights:     {info.weights_file}")
     print(f"family:      {info.family} (scaling_factor {cfg.scaling_factor}, shift_factor {cfg.shift_factor})")
+    print(f"latent scaling: {scaling}")
+    print(f"likelihood:  {likelihood}")
     print(f"parameters:  {info.num_parameters:,}")
     print(f"log-scale head: {head}")
     print("config:")
@@ -68,6 +81,8 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift-factor", type=float, default=None, help="override the latent shift factor")
     parser.add_argument("--norm-num-groups", type=int, default=None,
                         help="GroupNorm groups (not visible in single files; 32 assumed)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a model already in DST (and remove a head file it no longer has)")
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -75,10 +90,14 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     names = ("log_scale_init", "log_scale_channels", "scaling_factor", "shift_factor", "norm_num_groups")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    head_flags = [f"--{n.replace('_', '-')}" for n in names[:2] if n in overrides]
+    if head_flags and args.log_scale != "pixel":
+        print(f"error: {' and '.join(head_flags)} shape a grafted log-scale head: add --log-scale pixel", file=sys.stderr)
+        return 1
     try:
         model = load_autoencoder(args.src, log_scale=args.log_scale, **overrides)
-        written = save_autoencoder(model, args.dst, format=args.to)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        written = save_autoencoder(model, args.dst, format=args.to, overwrite=args.overwrite)
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {written} ({args.to}{', with log-scale head' if model.has_log_scale_head else ''})")
@@ -98,12 +117,30 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in the run folder (error if there is none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run folder that holds a previous run: its checkpoints, metrics, samples "
+                             "and exported model are deleted once the first step has trained")
     parser.add_argument("--out-dir", default=None, help="run folder (overrides out_dir in the config)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "resuming: with train.resume=auto (the default) a run folder that holds checkpoints is resumed; the config\n"
+        "may then differ from the run's only in steps, logging / sample / checkpoint cadence, optimiser settings and\n"
+        "data.num_workers (anything else is refused, naming the keys: use a new --out-dir or --overwrite).\n"
+        "\n"
+        "exit codes:\n"
+        "  0    training finished (or the run was already at train.steps)\n"
+        "  1    error (config, data, checkpoint, disk, non-finite weights); the message names the cause, and a\n"
+        "       checkpoint of the last finished step is written first where that is safe\n"
+        "  130  stopped by SIGINT (Ctrl-C) after checkpointing and exporting: resume with --resume\n"
+        "  143  stopped by SIGTERM (e.g. a cluster's time limit) after checkpointing and exporting: resume with --resume"
+    )
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import logging
+
+    import signal
 
     from hetvae.config import ConfigError, load_config
     from hetvae.train import NonFiniteLossError, train
@@ -111,14 +148,17 @@ def _run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, out_dir=args.out_dir, resume=True if args.resume else None, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError, FileExistsError, NonFiniteLossError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        result = train(cfg, out_dir=args.out_dir, resume=True if args.resume else None, progress=not args.no_progress,
+                       overwrite=args.overwrite)
+    except (ConfigError, OSError, NonFiniteLossError, ValueError) as e:  # OSError: files, FileExists/NotFound
+        print("error: " + "\n  ".join([str(e), *getattr(e, "__notes__", [])]), file=sys.stderr)
         return 1
     if result.model_file is not None:  # rank 0
         state = "interrupted" if result.interrupted else "done"
         print(f"{state} at step {result.step}: model {result.model_file}, "
               f"uncertainty panels {result.run_dir / 'samples'} (latest.png)")
+    if result.interrupted:  # what a shell reports for a process ended by that signal (see --help)
+        return 128 + (result.signal or signal.SIGTERM)
     return 0
 
 
@@ -135,40 +175,87 @@ def _fail(error: Exception) -> int:
     return 1
 
 
+def _tile_size(text: str) -> int | None:
+    """``--tile``: 'auto' (None), 0 or a size in pixels; the model's factor is checked once it is loaded."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', 0 (never tile) or a tile size in pixels, a positive multiple of the model's "
+            f"down-sampling factor (8 for SD VAEs), got {text!r}"
+        )
+    return value
+
+
+def _add_tile(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tile", type=_tile_size, default=None, metavar="PX",
+        help="reconstruct in overlapping tiles of PX pixels (a multiple of the model's down-sampling factor, "
+             "8 for SD VAEs) to bound memory; 0: whole images; default 'auto': tiles of 512 px for images over "
+             "4 megapixels (2048x2048), whole images below",
+    )
+
+
+def _set_tile(predictor, tile: int | None, source: str) -> None:
+    f = predictor.model.config.downsample_factor
+    if tile and tile % f:
+        lower, upper = max(tile // f * f, f), (tile // f + 1) * f
+        raise ValueError(
+            f"--tile {tile}: must be 'auto', 0 or a positive multiple of {f}, the down-sampling factor of {source} "
+            f"(e.g. {lower} or {upper})"
+        )
+    predictor.tile = tile
+
+
+def _note_skipped(images) -> None:
+    if images.skipped:
+        print(f"note: skipped {len(images.skipped)} file(s) hetvae wrote (e.g. {images.skipped[0]})", file=sys.stderr)
+
+
 def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="image files or folders (recursive)")
     parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--tile", type=int, default=0, metavar="PX",
-                        help="decode in tiles of PX pixels (large images on little memory); 0: whole images")
+    parser.add_argument(
+        "--out", required=True,
+        help="output folder. Each image gets OUT/REL_panel.png, OUT/REL_scale.png and OUT/REL_maps.safetensors, "
+             "REL being its path relative to the folder all inputs share, extension kept (a/x.png -> "
+             "OUT/a/x.png_panel.png), so outputs are unique per input; OUT may be an input folder. Earlier "
+             "hetvae outputs are replaced and never read as inputs; any other existing file where an output "
+             "would go is an error, checked before anything is written",
+    )
+    _add_tile(parser)
 
 
 def _run_uncertainty(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    from hetvae.evaluate import load_images, load_predictor
+    from hetvae.evaluate import (
+        check_output_file, check_output_folder, iter_predictions, load_images, load_predictor, save_maps,
+        uncertainty_outputs,
+    )
     from hetvae.viz import save_scale_map, save_uncertainty_panel
 
     try:
-        predictor = load_predictor(args.checkpoint)
+        out = check_output_folder(args.out, "--out")
         images = load_images(args.images)
+        for name in images.names:
+            for path in uncertainty_outputs(out, name):
+                check_output_file(path, "--out")
+        predictor = load_predictor(args.checkpoint)
+        _set_tile(predictor, args.tile, args.checkpoint)
+        _note_skipped(images)
+        out.mkdir(parents=True, exist_ok=True)
+        stream = iter_predictions(predictor, images, progress=True, desc="uncertainty")
+        for name, (_, p) in zip(images.names, stream):
+            panel, scale, maps = uncertainty_outputs(out, name)
+            title = f"{name} ({predictor.granularity} scale, {predictor.family})"
+            save_uncertainty_panel(panel, p.target, p.mean, p.log_scale, title=title, standardized=True)
+            save_scale_map(scale, p.log_scale[0])
+            save_maps(maps, p, predictor.family, predictor.granularity)
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
-    if args.tile:
-        predictor.model.enable_tiling(tile_sample_size=args.tile)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, image in tqdm(images, desc="uncertainty", unit="img"):
-        p = predictor.predict(image)
-        title = f"{name} ({predictor.granularity} scale, {predictor.family})"
-        save_uncertainty_panel(out / f"{name}_panel.png", p.target, p.mean, p.log_scale, title=title, standardized=True)
-        save_scale_map(out / f"{name}_scale.png", p.log_scale[0])
-        maps = {"input": p.target[0], "mean": p.mean[0], "log_scale": p.log_scale[0], "error": p.error[0]}
-        save_file({k: v.contiguous().cpu() for k, v in maps.items()}, str(out / f"{name}_maps.safetensors"),
-                  metadata={"family": predictor.family, "granularity": predictor.granularity})
     print(f"wrote {len(images)} panel(s), scale maps and raw maps to {out}")
     return 0
 
@@ -176,19 +263,29 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
 def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     parser.add_argument("--images", default=None,
-                        help="folder of images (default: scikit-image's held-out sample photographs)")
-    parser.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+                        help="folder of images (default: scikit-image's held-out sample photographs); "
+                             "files hetvae wrote (panels, scale maps) are skipped")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the metrics as JSON (replaces an earlier hetvae JSON; any other existing "
+                             "file is an error)")
+    _add_tile(parser)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from hetvae.evaluate import evaluate, load_images, load_predictor, write_json
+    from hetvae.evaluate import check_output_file, evaluate, load_images, load_predictor, write_json
 
     try:
+        if args.json:
+            check_output_file(args.json, "--json")
+        images = load_images(args.images)
         predictor = load_predictor(args.checkpoint)
-        images = [img for _, img in load_images(args.images)]
+        _set_tile(predictor, args.tile, args.checkpoint)
+        _note_skipped(images)
+        result = evaluate(predictor, images, progress=True)
+        if args.json:
+            check_output_file(args.json, "--json")  # again: the run may be long
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
-    result = evaluate(predictor, images, progress=True)
     width = max(map(len, result))
     for key, value in result.items():
         shown = "n/a (constant scale)" if value is None else f"{value:.4f}" if isinstance(value, float) else value
@@ -201,34 +298,48 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders or model checkpoints to compare")
     parser.add_argument("--images", default=None,
-                        help="folder of images (default: scikit-image's held-out sample photographs)")
-    parser.add_argument("--out", required=True, help="folder for comparison.md, reliability.png, sparsification.png")
+                        help="folder of images (default: scikit-image's held-out sample photographs); "
+                             "files hetvae wrote are skipped")
+    parser.add_argument("--out", required=True,
+                        help="folder for comparison.md, comparison.json, reliability.png, sparsification.png "
+                             "(earlier hetvae outputs there are replaced; any other file of those names is an error)")
+    _add_tile(parser)
+
+
+_COMPARE_FILES = ("comparison.md", "comparison.json", "reliability.png", "sparsification.png")
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hetvae.evaluate import compare, load_images, load_predictor, write_json
+    from hetvae.evaluate import check_output_file, check_output_folder, compare, load_images, load_predictor, write_json
+    from hetvae.evaluate import write_text
     from hetvae.viz import save_reliability_diagram, save_sparsification_plot
 
     names = [Path(r).name or str(r) for r in args.runs]
     if len(set(names)) != len(names):
         names = [str(r) for r in args.runs]
     try:
+        out = check_output_folder(args.out, "--out")
+        for file in _COMPARE_FILES:
+            check_output_file(out / file, "--out")
+        images = load_images(args.images)
         predictors = {name: load_predictor(run) for name, run in zip(names, args.runs)}
-        images = [img for _, img in load_images(args.images)]
+        for run, predictor in zip(args.runs, predictors.values()):
+            _set_tile(predictor, args.tile, run)
+        _note_skipped(images)
+        comparison = compare(predictors, images, progress=True)
+        for file in _COMPARE_FILES:
+            check_output_file(out / file, "--out")  # again: the run may be long
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
-    comparison = compare(predictors, images, progress=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     table = comparison.markdown()
-    (out / "comparison.md").write_text(table)
+    write_text(table, out / "comparison.md")
     write_json(comparison.results, out / "comparison.json")
     save_reliability_diagram(out / "reliability.png", comparison.reliability)
     save_sparsification_plot(out / "sparsification.png", comparison.sparsification)
     print(table)
-    print(f"wrote comparison.md, comparison.json, reliability.png, sparsification.png to {out}")
+    print(f"wrote {', '.join(_COMPARE_FILES)} to {out}")
     return 0
 
 
@@ -251,12 +362,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
-    return int(args._run(args) or 0)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "_run", None):
+            parser.print_help()
+            return 2
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`hetvae info X | head`): stop quietly with the status of a process
+        # killed by SIGPIPE, as Unix tools do; stdout goes to /dev/null so the exit flush is silent.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
 
 
 if __name__ == "__main__":

@@ -744,7 +744,7 @@ class Trainer:
         model = self.ema.module if self.ema is not None else self.model
         final = self.run_dir / "model.safetensors"
         tmp = self.run_dir / ".model.tmp.safetensors"
-        model.save_pretrained(tmp, format="hetvae")
+        model.save_pretrained(tmp, format="hetvae", likelihood=self.objective.nll)  # the likelihood travels with it
         fsync_file(tmp)
         os.replace(tmp, final)
         loss_sd = {k: v.detach().cpu().contiguous() for k, v in self.objective.nll.state_dict().items()}

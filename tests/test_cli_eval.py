@@ -54,7 +54,7 @@ def image_dir(tmp_path_factory):
 
 def test_uncertainty_writes_panels_maps_and_raw_maps(runs, image_dir, tmp_path):
     assert main(["uncertainty", str(image_dir), "--checkpoint", str(runs["pixel"]), "--out", str(tmp_path)]) == 0
-    for name in ("img0", "img1"):
+    for name in ("img0.png", "img1.png"):  # outputs keep the input's extension: x.png and x.jpg never collide
         panel = Image.open(tmp_path / f"{name}_panel.png")
         assert panel.size == (1300, 280)  # 5 columns x 2.6 in, 2.4 in + title, at 100 dpi
         assert Image.open(tmp_path / f"{name}_scale.png").size == (60, 44)
@@ -95,6 +95,15 @@ def test_a_bare_model_gets_its_head_or_the_closed_form_scale(runs, tmp_path):
     pixel = load_predictor(runs["pixel"] / "model.safetensors")
     assert pixel.granularity == "pixel"
     model = load_predictor(runs["global"] / "model.safetensors")
+    assert model.granularity == "global" and model.nll.head.fit == "learned"  # the run's likelihood travels with it
+    import dataclasses
+
+    from hetvae.convert import load_autoencoder
+
+    bare = load_autoencoder(runs["global"] / "model.safetensors")
+    bare.config = dataclasses.replace(bare.config, likelihood=None)  # a model that records no likelihood
+    bare.save_pretrained(tmp_path / "bare")
+    model = load_predictor(tmp_path / "bare")
     assert model.granularity == "global" and model.nll.head.fit == "optimal"
 
 
