@@ -39,6 +39,7 @@ from torch import Tensor
 
 from hetvae import metrics as M
 from hetvae.autoencoder import AutoencoderKL
+from hetvae.calibration import Calibration
 from hetvae.loss import HeteroscedasticNLL
 
 RUN_FILES = ("config.yaml", "model.safetensors")
@@ -61,6 +62,9 @@ class Prediction:
     target: Tensor
     mean: Tensor
     log_scale: Tensor
+    raw_log_scale: Tensor | None = None
+    """The model's uncalibrated log-scale when :attr:`Predictor.calibration` is set (``log_scale``
+    is then the calibrated one); ``None`` otherwise."""
 
     @property
     def error(self) -> Tensor:
@@ -82,6 +86,9 @@ class Predictor:
     """Tiling of :meth:`predict`: ``None`` automatic (tiles of :data:`AUTO_TILE_SIZE` above
     :data:`AUTO_TILE_PIXELS`, unless the model's own ``enable_tiling`` is on), ``0`` never, ``N``
     tiles of ``N`` pixels (a multiple of the model's ``downsample_factor``)."""
+    calibration: Calibration | None = None
+    """A post-hoc correction of the scale (:mod:`hetvae.calibration`): :meth:`predict` returns the
+    calibrated log-scale and the metrics use the calibrated distribution. ``None``: uncalibrated."""
 
     @property
     def granularity(self) -> str:
@@ -120,8 +127,11 @@ class Predictor:
             model.use_tiling, model.tile_sample_size, model.tile_overlap = saved
         mean = rec.mean.float()
         raw = rec.log_scale.float() if self.granularity == "pixel" else None
-        s = self.nll.log_scale(x, mean, raw)
-        return Prediction(x, mean, torch.broadcast_to(s, x.shape).contiguous())
+        s = torch.broadcast_to(self.nll.log_scale(x, mean, raw), x.shape).contiguous()
+        if self.calibration is None:
+            return Prediction(x, mean, s)
+        calibrated = torch.broadcast_to(self.calibration.apply(s), x.shape).contiguous()
+        return Prediction(x, mean, calibrated, raw_log_scale=s)
 
     def _tile_for(self, height: int, width: int) -> int | None:
         """Tile size for one image: ``None`` leaves the model as it is, ``0`` turns tiling off."""
@@ -161,16 +171,40 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> Pred
         nll = build_nll(cfg, model)
         loss_file = path / "loss.safetensors"
         if loss_file.is_file():
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            nll.load_state_dict(load_file(str(loss_file)))
+            try:
+                state = load_file(str(loss_file))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"{loss_file}: cannot read the run's learned log-scale, the file is truncated or corrupt ({e})") from e
+            try:
+                nll.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"{loss_file} does not fit log_scale in {path / 'config.yaml'} "
+                    f"({nll.granularity}, {model.config.out_channels} channels): {str(e).splitlines()[-1].strip()}"
+                ) from e
         elif list(nll.parameters()):
             raise FileNotFoundError(
                 f"{loss_file} is missing: the run's {nll.granularity!r} log-scale was learned and lives there"
             )
     else:
         model = load_autoencoder(path)
-        if model.has_log_scale_head:
+        likelihood = model.config.likelihood
+        if likelihood is not None:  # recorded with the model: score it as it was trained
+            from hetvae.convert import expected_head_file, nll_from_likelihood
+
+            if likelihood.granularity == "pixel" and not model.has_log_scale_head:
+                raise ValueError(
+                    f"{path}: the model was trained with a per-pixel likelihood but has no log-scale head; "
+                    f"an exported head lives beside the weights as {expected_head_file(path)}, which is missing"
+                )
+            try:
+                nll = nll_from_likelihood(likelihood, model.config.out_channels)
+            except ValueError as e:
+                raise ValueError(f"{path}: the recorded likelihood is not usable ({e})") from e
+        elif model.has_log_scale_head:
             nll = HeteroscedasticNLL(
                 "pixel", channels=model.config.out_channels, init=model.config.log_scale_init
             )
@@ -186,8 +220,9 @@ class _Pool:
     bits and interval hits (additive), and for the rank metrics each element's float32 |error|
     and log-scale. The images and reconstructions themselves are not kept."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, calibration: Calibration | None = None) -> None:
         self.family = family
+        self.calibration = calibration
         self.psnr: list[float] = []
         self.bits = 0.0
         self.count = 0
@@ -199,8 +234,15 @@ class _Pool:
         target, mean, log_scale = p.target, p.mean, p.log_scale
         n = target.numel()
         self.psnr.extend(M.psnr((mean.clamp(-1, 1) + 1) / 2, (target + 1) / 2).tolist())
-        self.bits += M.nll_bpd(target, mean, log_scale, self.family) * n
-        curve = M.coverage_curve(target, mean, log_scale, self.family)
+        cal = self.calibration
+        if cal is None:
+            self.bits += M.nll_bpd(target, mean, log_scale, self.family) * n
+            curve = M.coverage_curve(target, mean, log_scale, self.family)
+        else:  # the calibrated distribution, from the uncalibrated scale (isotonic: not one scale)
+            if p.raw_log_scale is None:
+                raise ValueError("a calibrated pool needs predictions of a calibrated predictor (raw_log_scale)")
+            self.bits += cal.bits_per_dim(target, mean, p.raw_log_scale) * n
+            curve = cal.coverage_curve(target, mean, p.raw_log_scale, M.CALIBRATION_LEVELS)
         self.hits = [h + round(c * n) for h, c in zip(self.hits, curve)]
         self.count += n
         self.errors.append((target.double() - mean.double()).abs().float().flatten().cpu())
@@ -237,12 +279,19 @@ class _Pool:
         }
 
 
-def summarize(predictions: Iterable[Prediction], family: str, granularity: str) -> dict:
-    """The metrics of ``hetvae eval`` over all elements of all predictions."""
-    pool = _Pool(family)
+def summarize(
+    predictions: Iterable[Prediction], family: str, granularity: str, calibration: Calibration | None = None
+) -> dict:
+    """The metrics of ``hetvae eval`` over all elements of all predictions (under ``calibration``
+    when given: predictions then carry ``raw_log_scale``)."""
+    pool = _Pool(family, calibration)
     for p in predictions:
         pool.add(p)
     return pool.summary(granularity)
+
+
+def _uncalibrated(p: Prediction) -> Prediction:
+    return p if p.raw_log_scale is None else Prediction(p.target, p.mean, p.raw_log_scale)
 
 
 def _named(images: Iterable) -> Iterator[tuple[str | None, Tensor]]:
@@ -284,9 +333,22 @@ def predict_all(predictor: Predictor, images: Iterable, progress: bool = False) 
 
 def evaluate(predictor: Predictor, images: Iterable, progress: bool = False) -> dict:
     """Predict every image (``(C, H, W)`` in [-1, 1], ``(name, image)`` pairs or an
-    :class:`ImageList`), one at a time, and :func:`summarize` them."""
-    predictions = (p for _, p in iter_predictions(predictor, images, progress))
-    return summarize(predictions, predictor.family, predictor.granularity)
+    :class:`ImageList`), one at a time, and :func:`summarize` them.
+
+    With a calibrated predictor the metrics are the calibrated ones, plus ``"calibration"`` (its
+    description) and ``"uncalibrated"``: the same metrics without the correction (one pass)."""
+    cal = predictor.calibration
+    pool = _Pool(predictor.family, cal)
+    raw = _Pool(predictor.family) if cal is not None else None
+    for _, p in iter_predictions(predictor, images, progress):
+        pool.add(p)
+        if raw is not None:
+            raw.add(_uncalibrated(p))
+    result = pool.summary(predictor.granularity)
+    if raw is not None:
+        result["calibration"] = cal.describe()
+        result["uncalibrated"] = raw.summary(predictor.granularity)
+    return result
 
 
 @dataclass
@@ -326,7 +388,7 @@ def compare(predictors: dict[str, Predictor], images: Iterable, progress: bool =
         images = list(images)  # a one-shot iterator would be empty for the second predictor
     results, reliability, sparsification = {}, {}, {}
     for name, predictor in predictors.items():
-        pool = _Pool(predictor.family)
+        pool = _Pool(predictor.family, predictor.calibration)
         for _, p in iter_predictions(predictor, images, progress, desc=str(name)):
             pool.add(p)
         results[name] = pool.summary(predictor.granularity)

@@ -1,0 +1,520 @@
+"""Post-hoc calibration of a predicted scale on images the model never trained on.
+
+A scale learned on training crops need not transfer to new photographs: the 90% interval of an
+over-confident model covers fewer than 90% of the pixels of a new image. :func:`fit_calibration`
+fits a correction on held-out images by minimising the discretized 8-bit NLL there
+(Kuleshov et al., 2018; Levi et al., 2019), and :class:`Calibration` stores and applies it.
+
+Two methods, the second on top of the first:
+
+* ``"affine"``: per channel ``s' = a * s + c`` on the log-scale (``a > 0``). For a constant scale
+  (global / channel granularity) only the offset ``c`` is identifiable and ``a`` stays 1. The
+  corrected distribution is the model's family with scale ``exp(s')``.
+* ``"isotonic"``: the affine fit, then a monotone recalibration ``R`` of the *central level*
+  ``u = P(|X - mu| <= |x - mu|)`` of each pixel under the affine-corrected distribution, per channel:
+  ``R`` is the empirical distribution function of ``u`` on the fitting pixels, linear between
+  ``knots`` quantiles, so that the recalibrated central ``p``-interval, the original one of level
+  ``R^-1(p)``, covers a fraction ``p`` of the fitting pixels at every level. The recalibrated
+  distribution is symmetric about the mean with CDF ``F'(y) = 1/2 + sign(y - mu) R(u(y)) / 2``; its
+  density is the model's times ``R'(u)``, so photo errors, heavier-tailed than one Laplace, get
+  their shape. The metrics then use that CDF. A returned ``log_scale`` is the log of the scale
+  whose central **90%** interval (of the model's family) equals the recalibrated 90% interval.
+
+A correction never stacks: it is always fitted to and applied on the model's *uncalibrated*
+log-scale. A fit on fewer than ``min_pixels`` values per channel, or one that makes the bits/dim
+on the fitting images worse, raises :class:`CalibrationError`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hetvae.functional import (
+    bits_per_dim,
+    broadcast_log_scale,
+    check_family,
+    discretized_nll,
+    quantize_8bit,
+)
+
+METHODS = ("affine", "isotonic")
+DEFAULT_METHOD = "isotonic"
+MIN_PIXELS = 10_000
+MAX_FIT_PIXELS = 1_000_000  # per channel; a random subset beyond that (seeded) keeps the fit fast
+_BIN = 2.0 / 255.0
+_PREFIX = "calibration."
+
+
+class CalibrationError(ValueError):
+    """A calibration that cannot be fitted, stored or read."""
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise CalibrationError(f"calibration method must be one of {METHODS}, got {method!r}")
+    return method
+
+
+def _per_channel(log_scale: Tensor, target: Tensor) -> Tensor:
+    """``log_scale`` broadcast to ``target``'s shape ``(B, C, H, W)``."""
+    return torch.broadcast_to(broadcast_log_scale(torch.as_tensor(log_scale), target), target.shape)
+
+
+def _channels_last_flat(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` -> ``(C, B*H*W)``."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def _folded_level(r: Tensor, family: str) -> tuple[Tensor, Tensor]:
+    """``(u, 1 - u)`` for a standardized absolute error ``r >= 0``: ``u = P(|Z| <= r)``, computed
+    so that the complement stays accurate in the tails."""
+    if family == "laplace":
+        v = torch.exp(-r)
+        return -torch.expm1(-r), v
+    v = torch.special.erfc(r / math.sqrt(2.0))
+    return torch.special.erf(r / math.sqrt(2.0)), v
+
+
+def _half_width(u: Tensor, family: str) -> Tensor:
+    """Standardized half-width of the central ``u``-interval (inverse of :func:`_folded_level`)."""
+    if family == "laplace":
+        return -torch.log1p(-u)
+    return math.sqrt(2.0) * torch.special.erfinv(u)
+
+
+def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+    """Piecewise-linear interpolation per row: ``x`` ``(C, N)``, increasing ``xp`` and ``fp`` ``(C, K)``."""
+    k = xp.shape[1]
+    idx = torch.searchsorted(xp.contiguous(), x.contiguous(), right=True).clamp(1, k - 1)
+    x0, x1 = xp.gather(1, idx - 1), xp.gather(1, idx)
+    f0, f1 = fp.gather(1, idx - 1), fp.gather(1, idx)
+    w = ((x - x0) / (x1 - x0)).clamp(0.0, 1.0)
+    return f0 + w * (f1 - f0)
+
+
+@dataclass
+class Calibration:
+    """A fitted correction of a predicted log-scale (module docstring).
+
+    Attributes:
+        method: ``"affine"`` or ``"isotonic"``.
+        family: the likelihood family it was fitted for.
+        slope, offset: ``(C,)`` float64, ``s' = slope * s + offset`` per channel.
+        knots: ``(C, K+1)`` increasing central levels ``p_0 = 0 < ... < p_K = 1`` with
+            ``R(p_k) = k / K`` (isotonic only; ``None`` for affine).
+        n_pixels: values per channel the fit used.
+        bpd_before, bpd_after: bits/dim on the fitting images without / with the correction.
+    """
+
+    method: str
+    family: str
+    slope: Tensor
+    offset: Tensor
+    knots: Tensor | None = None
+    n_pixels: int = 0
+    bpd_before: float = float("nan")
+    bpd_after: float = float("nan")
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        check_family(self.family)
+        self.slope = torch.as_tensor(self.slope, dtype=torch.float64).flatten()
+        self.offset = torch.as_tensor(self.offset, dtype=torch.float64).flatten()
+        if self.slope.shape != self.offset.shape or self.slope.numel() == 0:
+            raise CalibrationError(
+                f"calibration slope {tuple(self.slope.shape)} and offset {tuple(self.offset.shape)} "
+                "must be (C,) vectors of the same length"
+            )
+        if not (torch.isfinite(self.slope).all() and torch.isfinite(self.offset).all()) or (self.slope <= 0).any():
+            raise CalibrationError("calibration slope must be finite and > 0 and offset finite")
+        if self.method == "isotonic":
+            if self.knots is None:
+                raise CalibrationError("an isotonic calibration needs its knots")
+            self.knots = torch.as_tensor(self.knots, dtype=torch.float64)
+            k = self.knots
+            if k.ndim != 2 or k.shape[0] != self.channels or k.shape[1] < 3:
+                raise CalibrationError(
+                    f"calibration knots must be ({self.channels}, K+1) with K >= 2, got {tuple(k.shape)}"
+                )
+            if not torch.isfinite(k).all() or (k[:, 0] != 0).any() or (k[:, -1] != 1).any() or (k.diff(dim=1) <= 0).any():
+                raise CalibrationError("calibration knots must increase strictly from 0 to 1 in every channel")
+        elif self.knots is not None:
+            raise CalibrationError("an affine calibration has no knots")
+
+    @property
+    def channels(self) -> int:
+        return self.slope.numel()
+
+    # --- applying ---------------------------------------------------------------------------
+
+    def _coefficients(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (self.channels, 1, 1)
+        return (self.slope.to(like.device, like.dtype).view(shape), self.offset.to(like.device, like.dtype).view(shape))
+
+    def affine(self, log_scale: Tensor) -> Tensor:
+        """``slope * s + offset`` per channel, ``s`` broadcastable to ``(B, C, H, W)`` (a scalar
+        or ``(B, 1, H, W)`` map becomes ``C`` channels)."""
+        s = torch.as_tensor(log_scale)
+        if not s.is_floating_point():
+            raise CalibrationError(f"log_scale must be a floating-point tensor, got {s.dtype}")
+        if s.ndim == 1:
+            s = s.view(-1, 1, 1)
+        if s.ndim >= 3 and s.shape[-3] not in (1, self.channels):
+            raise CalibrationError(
+                f"log_scale of shape {tuple(s.shape)} has {s.shape[-3]} channels; this calibration has {self.channels}"
+            )
+        a, c = self._coefficients(s)
+        return a * s + c
+
+    def interval_factor(self, p: float = 0.9) -> Tensor:
+        """``(C,)`` ratio of the recalibrated central ``p``-interval to the affine one (1 for affine)."""
+        if self.knots is None:
+            return torch.ones(self.channels, dtype=torch.float64)
+        q = torch.full((self.channels, 1), p, dtype=torch.float64)
+        levels = torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64).expand_as(self.knots)
+        u = _interp(q, levels, self.knots)  # R^-1(p)
+        ref = _half_width(torch.tensor(p, dtype=torch.float64), self.family)
+        return (_half_width(u.clamp(max=1 - 1e-12), self.family) / ref).flatten()
+
+    def apply(self, log_scale: Tensor) -> Tensor:
+        """The calibrated log-scale a user sees: the affine correction, plus for isotonic the log of
+        the factor that makes the family's 90% interval the recalibrated one (module docstring)."""
+        s = self.affine(log_scale)
+        if self.knots is not None:
+            s = s + self.interval_factor(0.9).log().to(s.device, s.dtype).view(self.channels, 1, 1)
+        return s
+
+    # --- the recalibrated distribution -------------------------------------------------------
+
+    def central_levels(self, target: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+        """``(C, N)`` central level of each value under the *affine-corrected* distribution."""
+        s = _per_channel(self.affine(log_scale).double(), target)
+        r = (target.double() - mean.double()).abs() * torch.exp(-s)
+        return _channels_last_flat(_folded_level(r, self.family)[0])
+
+    def coverage_curve(self, target: Tensor, mean: Tensor, log_scale: Tensor, levels) -> list[float]:
+        """Fraction of values inside the calibrated central ``p``-interval, for each ``p``."""
+        u = self.central_levels(target, mean, log_scale)
+        out = []
+        for p in levels:
+            q = torch.full((self.channels, 1), float(p), dtype=torch.float64)
+            if self.knots is None:
+                bound = q
+            else:
+                grid = torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64).expand_as(self.knots)
+                bound = _interp(q, grid, self.knots)
+            out.append((u <= bound).double().mean().item())
+        return out
+
+    def discretized_nll(self, target: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+        """Per-element NLL in nats of 8-bit ``target`` under the calibrated distribution, ``(B, C, H, W)``."""
+        s = self.affine(log_scale)
+        if self.knots is None:
+            return discretized_nll(target, mean, _per_channel(s, target), self.family)
+        x = quantize_8bit(target.double())
+        mu = mean.double()
+        inv = torch.exp(-_per_channel(s.double(), x))
+        k = torch.round((x + 1.0) / _BIN)
+        lo_edge = torch.where(k <= 0, torch.full_like(x, -math.inf), x - _BIN / 2)
+        hi_edge = torch.where(k >= 255, torch.full_like(x, math.inf), x + _BIN / 2)
+        shape = x.shape
+        grid = torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64).expand_as(self.knots)
+        # tail mass beyond an edge, on the edge's side of the mean: (1 - R(u)) / 2, from the accurate 1 - u
+        comp_knots = (1.0 - self.knots).flip(1)  # increasing 1 - p_k
+        comp_vals = (1.0 - grid).flip(1)
+
+        def tail(edge: Tensor) -> Tensor:
+            r = (edge - mu).abs() * inv
+            _, v = _folded_level(torch.nan_to_num(r, posinf=math.inf), self.family)
+            return 0.5 * _interp(_channels_last_flat(v), comp_knots, comp_vals)
+
+        t_lo, t_hi = tail(lo_edge), tail(hi_edge)
+        lo_f, hi_f = _channels_last_flat(lo_edge), _channels_last_flat(hi_edge)
+        m = _channels_last_flat(mu)
+        above = lo_f >= m  # the whole bin above the mean: upper tail(lo) - upper tail(hi)
+        below = hi_f <= m
+        mass = torch.where(above, t_lo - t_hi, torch.where(below, t_hi - t_lo, 1.0 - t_lo - t_hi))
+        nll = -torch.log(mass.clamp_min(torch.finfo(torch.float64).tiny))
+        b, c, h, w = shape
+        return nll.view(c, b, h, w).transpose(0, 1)
+
+    def bits_per_dim(self, target: Tensor, mean: Tensor, log_scale: Tensor) -> float:
+        return bits_per_dim(self.discretized_nll(target, mean, log_scale)).item()
+
+    # --- storage -----------------------------------------------------------------------------
+
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Tensors and string metadata for a safetensors file (keys prefixed ``calibration.``)."""
+        tensors = {_PREFIX + "slope": self.slope.clone(), _PREFIX + "offset": self.offset.clone()}
+        if self.knots is not None:
+            tensors[_PREFIX + "knots"] = self.knots.clone()
+        meta = {
+            _PREFIX + "method": self.method, _PREFIX + "family": self.family,
+            _PREFIX + "n_pixels": str(self.n_pixels),
+            _PREFIX + "bpd_before": repr(self.bpd_before), _PREFIX + "bpd_after": repr(self.bpd_after),
+        }
+        meta.update({_PREFIX + "extra." + k: v for k, v in self.extra.items()})
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], metadata: dict[str, str] | None, source: str = "") -> "Calibration | None":
+        """The calibration stored in ``tensors``/``metadata``, or ``None`` if there is none."""
+        metadata = metadata or {}
+        if _PREFIX + "slope" not in tensors and _PREFIX + "method" not in metadata:
+            return None
+        where = f" in {source}" if source else ""
+        try:
+            return cls(
+                method=metadata[_PREFIX + "method"],
+                family=metadata[_PREFIX + "family"],
+                slope=tensors[_PREFIX + "slope"],
+                offset=tensors[_PREFIX + "offset"],
+                knots=tensors.get(_PREFIX + "knots"),
+                n_pixels=int(metadata.get(_PREFIX + "n_pixels", "0")),
+                bpd_before=float(metadata.get(_PREFIX + "bpd_before", "nan")),
+                bpd_after=float(metadata.get(_PREFIX + "bpd_after", "nan")),
+                extra={k[len(_PREFIX + "extra."):]: v for k, v in metadata.items() if k.startswith(_PREFIX + "extra.")},
+            )
+        except KeyError as e:
+            raise CalibrationError(f"incomplete calibration{where}: {e.args[0]!r} is missing") from None
+        except (CalibrationError, ValueError) as e:
+            raise CalibrationError(f"invalid calibration{where}: {e}") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a ``.safetensors`` file atomically."""
+        from safetensors.torch import save_file
+
+        from hetvae.checkpoint import fsync_dir, fsync_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors, meta = self.to_tensors()
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Calibration":
+        from safetensors import safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise CalibrationError(f"cannot read calibration file {path}: {e}") from None
+        cal = cls.from_tensors(tensors, meta, str(path))
+        if cal is None:
+            raise CalibrationError(f"{path} holds no calibration (no 'calibration.*' entries)")
+        return cal
+
+    def describe(self) -> str:
+        """One line for ``hetvae info`` / ``hetvae eval``."""
+        a = ", ".join(f"{v:.3g}" for v in self.slope.tolist())
+        c = ", ".join(f"{v:+.3g}" for v in self.offset.tolist())
+        text = f"{self.method} (slope {a}; offset {c}"
+        if self.knots is not None:
+            text += f"; {self.knots.shape[1] - 1} knots, 90% interval x" + ", ".join(
+                f"{v:.3g}" for v in self.interval_factor(0.9).tolist())
+        return text + f"; fitted on {self.n_pixels:,} values/channel, bits/dim {self.bpd_before:.4f} -> {self.bpd_after:.4f})"
+
+
+# --- fitting ------------------------------------------------------------------------------------
+
+
+def _subsample(n: int, limit: int, seed: int) -> Tensor | None:
+    if n <= limit:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:limit]
+
+
+def _fit_affine(x: Tensor, mu: Tensor, s: Tensor, family: str, constant: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(a, c)`` minimising the discretized NLL; ``x, mu, s``: ``(C, N)`` float64."""
+    channels = x.shape[0]
+    log_a = torch.zeros(channels, 1, dtype=torch.float64, requires_grad=True)
+    c = torch.zeros(channels, 1, dtype=torch.float64, requires_grad=True)
+    # centre s per channel so that slope and offset are not strongly coupled
+    centre = s.mean(dim=1, keepdim=True)
+    opt = torch.optim.LBFGS([log_a, c], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+    keep_a = (~constant).double().view(channels, 1)
+
+    def closure():
+        opt.zero_grad()
+        a = torch.exp(log_a * keep_a)
+        s_new = a * (s - centre) + centre + c
+        loss = discretized_nll(x.unsqueeze(0), mu.unsqueeze(0), s_new.unsqueeze(0), family).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        a = torch.exp(log_a * keep_a).flatten()
+        offset = c.flatten() + (1 - a) * centre.flatten()
+    return a.detach(), offset.detach()
+
+
+def fit_calibration(
+    target: Tensor,
+    mean: Tensor,
+    log_scale: Tensor,
+    family: str = "laplace",
+    method: str = DEFAULT_METHOD,
+    *,
+    knots: int = 100,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_FIT_PIXELS,
+    seed: int = 0,
+) -> Calibration:
+    """Fit a :class:`Calibration` on pooled predictions.
+
+    Args:
+        target, mean: ``(B, C, H, W)`` on the [-1, 1] scale (``B`` images of one size, or pooled
+            images as ``(1, C, N, 1)``).
+        log_scale: the model's **uncalibrated** log-scale, broadcastable to ``target``.
+        family: ``"laplace"`` or ``"gaussian"``.
+        method: ``"affine"`` or ``"isotonic"`` (module docstring).
+        knots: quantile knots of the isotonic map (at least 2).
+
+    Raises:
+        CalibrationError: too few values, non-finite inputs, or a fit that makes bits/dim worse.
+    """
+    check_method(method)
+    family = check_family(family)
+    if target.ndim != 4 or target.shape != mean.shape:
+        raise CalibrationError(
+            f"target and mean must be (B, C, H, W) of the same shape, got {tuple(target.shape)} and {tuple(mean.shape)}"
+        )
+    if knots < 2:
+        raise CalibrationError(f"knots must be >= 2, got {knots}")
+    s_full = _per_channel(torch.as_tensor(log_scale).double(), target)
+    n = target.numel() // target.shape[1]
+    if n < min_pixels:
+        raise CalibrationError(
+            f"calibration needs at least {min_pixels:,} values per channel to fit, got {n:,}: "
+            "use more or larger held-out images"
+        )
+    for name, t in (("target", target), ("mean", mean), ("log_scale", s_full)):
+        if not torch.isfinite(t).all():
+            raise CalibrationError(f"{name} has non-finite values")
+    x = _channels_last_flat(quantize_8bit(target.double()))
+    mu = _channels_last_flat(mean.double())
+    s = _channels_last_flat(s_full)
+    pick = _subsample(n, max_pixels, seed)
+    if pick is not None:
+        x, mu, s = x[:, pick], mu[:, pick], s[:, pick]
+    constant = (s.std(dim=1) == 0) if s.shape[1] > 1 else torch.ones(s.shape[0], dtype=torch.bool)
+    slope, offset = _fit_affine(x, mu, s, family, constant)
+    cal = Calibration("affine", family, slope, offset, n_pixels=x.shape[1])
+    xs, mus, ss = x.unsqueeze(0), mu.unsqueeze(0), s.unsqueeze(0)  # (1, C, N) -> treat as (B=1, C, N, 1)
+    xs, mus, ss = xs.unsqueeze(-1), mus.unsqueeze(-1), ss.unsqueeze(-1)
+    before = bits_per_dim(discretized_nll(xs, mus, ss, family)).item()
+    if method == "isotonic":
+        u = cal.central_levels(xs, mus, ss)  # (C, N)
+        q = torch.linspace(0, 1, knots + 1, dtype=torch.float64)
+        inner = torch.quantile(u, q[1:-1], dim=1).T
+        k = torch.cat([torch.zeros(u.shape[0], 1, dtype=torch.float64), inner,
+                       torch.ones(u.shape[0], 1, dtype=torch.float64)], dim=1)
+        # strictly increasing: ties (e.g. many exact zeros) get a minimal spacing
+        eps = 1e-9
+        for j in range(1, k.shape[1]):
+            k[:, j] = torch.maximum(k[:, j], k[:, j - 1] + eps)
+        k = k / k[:, -1:]  # back to exactly 1 at the end, order kept
+        k[:, -1] = 1.0
+        cal = Calibration("isotonic", family, slope, offset, knots=k, n_pixels=x.shape[1])
+    after = cal.bits_per_dim(xs, mus, ss)
+    cal.bpd_before, cal.bpd_after = before, after
+    if not math.isfinite(after) or after > before + 1e-9:
+        raise CalibrationError(
+            f"the {method} calibration makes bits/dim on the fitting images worse ({before:.4f} -> {after:.4f}); "
+            "refused (try --method affine, or more held-out images)"
+        )
+    return cal
+
+
+def calibrated_metrics(target: Tensor, mean: Tensor, log_scale: Tensor, calibration: Calibration, levels=None) -> dict:
+    """The likelihood and coverage metrics of :mod:`hetvae.metrics` under ``calibration``
+    (``log_scale`` uncalibrated): ``nll_bpd``, ``coverage_50``, ``coverage_90``,
+    ``calibration_error`` and the reliability curve ``coverage_curve`` at ``levels``."""
+    from hetvae.metrics import CALIBRATION_LEVELS
+
+    levels = CALIBRATION_LEVELS if levels is None else levels
+    curve = calibration.coverage_curve(target, mean, log_scale, levels)
+    c50, c90 = calibration.coverage_curve(target, mean, log_scale, (0.5, 0.9))
+    return {
+        "nll_bpd": calibration.bits_per_dim(target, mean, log_scale),
+        "coverage_50": c50,
+        "coverage_90": c90,
+        "calibration_error": sum(abs(o - p) for o, p in zip(curve, levels)) / len(levels),
+        "coverage_curve": curve,
+    }
+
+
+def pooled(predictions) -> tuple[Tensor, Tensor, Tensor]:
+    """Predictions of images of any sizes as ``(1, C, N, 1)`` target, mean and log-scale."""
+
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(p, name).flatten(2) for p in predictions], dim=2).unsqueeze(-1)
+
+    return cat("target"), cat("mean"), cat("log_scale")
+
+
+def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -> Calibration:
+    """Fit a :class:`Calibration` of ``model``'s scale on ``images``.
+
+    Args:
+        model: a :class:`hetvae.evaluate.Predictor` (a run folder's model and likelihood, as
+            :func:`hetvae.evaluate.load_predictor` returns), an :class:`hetvae.AutoencoderKL` with a
+            log-scale head, or a path either of those loads from. Any calibration it already
+            carries is ignored: the fit is on the uncalibrated scale (calibrating twice replaces).
+        images: ``(C, H, W)`` tensors in [-1, 1], file paths or a folder.
+        method: ``"affine"`` or ``"isotonic"``.
+        kwargs: passed to :func:`fit_calibration`.
+    """
+    from hetvae.autoencoder import AutoencoderKL
+    from hetvae.evaluate import Predictor, load_images, load_predictor
+    from hetvae.loss import HeteroscedasticNLL
+
+    if isinstance(model, (str, os.PathLike)):
+        predictor = load_predictor(model)
+    elif isinstance(model, Predictor):
+        predictor = model
+    elif isinstance(model, AutoencoderKL):
+        if not model.has_log_scale_head:
+            raise CalibrationError(
+                "an AutoencoderKL without a log-scale head has no scale to calibrate: pass the run's "
+                "Predictor (hetvae.evaluate.load_predictor(run_dir)) for a global/channel scale"
+            )
+        nll = HeteroscedasticNLL("pixel", channels=model.config.out_channels, init=model.config.log_scale_init)
+        predictor = Predictor(model=model.eval(), nll=nll.eval(), source="model")
+    else:
+        raise CalibrationError(f"model must be a Predictor, an AutoencoderKL or a path, got {type(model).__name__}")
+    if isinstance(images, (str, os.PathLike)):
+        images = [img for _, img in load_images(images)]
+    previous = getattr(predictor, "calibration", None)
+    try:
+        if previous is not None:
+            predictor.calibration = None
+        predictions = [predictor.predict(img) for img in images]
+    finally:
+        if previous is not None:
+            predictor.calibration = previous
+    if not predictions:
+        raise CalibrationError("no images to calibrate on")
+    target, mean, log_scale = pooled(predictions)
+    return fit_calibration(target, mean, log_scale, predictor.family, method, **kwargs)
