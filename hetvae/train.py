@@ -43,8 +43,10 @@ trained: a run that fails to start leaves no folder (or a user's folder as it wa
                               grad norm, steps/s, non-finite counts (averaged over the interval of
                               ``steps_averaged`` steps; a resumed run continues the interval it was
                               stopped in, so its records equal an uninterrupted run's)
-    samples/step_XXXXXXX.png  uncertainty panels of held-out crops (EMA model when enabled):
-                              input | reconstruction | |error| | predicted scale
+    samples/step_XXXXXXX.png  uncertainty panels (EMA model when enabled): input | reconstruction |
+                              |error| | predicted scale, on crops of the built-in held-out photographs;
+                              with data.path set there is no held-out split, so they are crops of
+                              your training images (fixed crops, not held out)
     samples/latest.png        a copy of the newest panel
     checkpoints/step_XXXXXXXX/
         weights.safetensors   autoencoder.*, ema.*, loss.*, discriminator.* (+ config metadata)
