@@ -1,6 +1,7 @@
 """hetvae: heteroscedastic (spatially varying) reconstruction likelihoods for image autoencoders."""
 
-from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Reconstruction
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Likelihood, Reconstruction
+from hetvae.calibration import Calibration, CalibrationError, calibrate, fit_calibration
 from hetvae.config import Config, build_model, build_nll, build_objective, load_config
 from hetvae.convert import CheckpointError, CheckpointInfo, inspect_checkpoint, load_autoencoder, save_autoencoder
 from hetvae.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
@@ -26,6 +27,8 @@ __all__ = [
     "AutoencoderConfig",
     "AutoencoderKL",
     "AutoencoderObjective",
+    "Calibration",
+    "CalibrationError",
     "ChannelLogScale",
     "CheckpointError",
     "CheckpointInfo",
@@ -33,6 +36,7 @@ __all__ = [
     "DiagonalGaussian",
     "GlobalLogScale",
     "HeteroscedasticNLL",
+    "Likelihood",
     "NLLOutput",
     "NLayerDiscriminator",
     "NonFiniteLossError",
@@ -44,9 +48,11 @@ __all__ = [
     "build_model",
     "build_nll",
     "build_objective",
+    "calibrate",
     "create_head",
     "discretized_log_likelihood",
     "discretized_nll",
+    "fit_calibration",
     "gaussian_nll",
     "hinge_d_loss",
     "inspect_checkpoint",

@@ -70,6 +70,9 @@ class Likelihood:
     fit: str = "learned"
     init: float = 0.0
     free: tuple[float, ...] | None = None
+    calibration: dict[str, Any] | None = None
+    """A post-hoc correction of the scale (:meth:`hetvae.calibration.Calibration.to_dict`), fitted
+    by ``hetvae calibrate``; None: uncalibrated."""
 
     def __post_init__(self) -> None:
         if self.granularity not in LIKELIHOOD_GRANULARITIES:
@@ -93,6 +96,22 @@ class Likelihood:
             )
         if self.granularity == "global" and self.free is not None and len(self.free) != 1:
             raise ValueError(f"likelihood.free of a global scale must hold 1 value, got {len(self.free)}")
+        if self.calibration is not None:
+            cal = self.calibrator()
+            if cal.family != self.family:
+                raise ValueError(f"likelihood.calibration was fitted for {cal.family!r}, the likelihood is {self.family!r}")
+            self.calibration = cal.to_dict()  # normalised: lists of floats
+
+    def calibrator(self):
+        """The :class:`hetvae.calibration.Calibration` stored here, or None."""
+        if self.calibration is None:
+            return None
+        from hetvae.calibration import Calibration, CalibrationError
+
+        try:
+            return Calibration.from_dict(self.calibration, "likelihood.calibration")
+        except CalibrationError as e:
+            raise ValueError(str(e)) from None
 
 
 @dataclass
@@ -192,6 +211,11 @@ class AutoencoderConfig:
             if self.likelihood.granularity == "channel" and free is not None and len(free) != self.out_channels:
                 raise ValueError(
                     f"likelihood.free of a channel scale must hold out_channels={self.out_channels} values, got {len(free)}"
+                )
+            cal = self.likelihood.calibration
+            if cal is not None and len(cal["slope"]) != self.out_channels:
+                raise ValueError(
+                    f"likelihood.calibration has {len(cal['slope'])} channel(s), the model out_channels={self.out_channels}"
                 )
         if self.log_scale not in LOG_SCALE_KINDS:
             raise ValueError(f"log_scale must be one of {LOG_SCALE_KINDS}, got {self.log_scale!r}")
@@ -483,6 +507,10 @@ class AutoencoderKL(nn.Module):
             self.decoder.add_log_scale_head(**_head_arguments(config))
         self.use_slicing = False
         self.use_tiling = False
+        self.use_calibration = True
+        """Whether :meth:`decode` returns the calibrated log-scale when the model carries a
+        calibration (then bounded and corrected, see :mod:`hetvae.calibration`); when False, or
+        without one, ``log_scale`` is the head's raw output (what the loss bounds)."""
         self.tile_sample_size = 512
         self.tile_overlap = 0.25
 
@@ -630,7 +658,32 @@ class AutoencoderKL(nn.Module):
             log_scale = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         else:
             mean, log_scale = self._decode_one(z)
+        if log_scale is not None and self.use_calibration:
+            cal = self.calibration
+            if cal is not None:
+                log_scale = self._calibrated(log_scale, cal)
         return Reconstruction(mean=mean, log_scale=log_scale)
+
+    @property
+    def calibration(self):
+        """The post-hoc scale correction stored with the model
+        (``config.likelihood.calibration`` as a :class:`hetvae.calibration.Calibration`), or None."""
+        lik = self.config.likelihood
+        if lik is None or lik.calibration is None:
+            return None
+        cached = getattr(self, "_calibration_cache", None)
+        if cached is None or cached[0] is not lik.calibration:
+            cached = (lik.calibration, lik.calibrator())
+            self._calibration_cache = cached
+        return cached[1]
+
+    def _calibrated(self, raw: Tensor, cal) -> Tensor:
+        """The head's raw output -> the bounded log-scale of the likelihood -> calibrated."""
+        from hetvae.functional import soft_clamp
+
+        lik = self.config.likelihood
+        bounded = soft_clamp(raw.float(), *lik.bounds, lik.margin)
+        return cal.apply(bounded).to(raw.dtype)
 
     def forward(
         self, x: Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None

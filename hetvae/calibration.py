@@ -45,7 +45,7 @@ from hetvae.functional import (
 )
 
 METHODS = ("affine", "isotonic")
-DEFAULT_METHOD = "isotonic"
+DEFAULT_METHOD = "affine"
 MIN_PIXELS = 10_000
 MAX_FIT_PIXELS = 1_000_000  # per channel; a random subset beyond that (seeded) keeps the fit fast
 _BIN = 2.0 / 255.0
@@ -322,6 +322,44 @@ class Calibration:
             raise CalibrationError(f"{path} holds no calibration (no 'calibration.*' entries)")
         return cal
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (how a model file's likelihood record carries it; :meth:`from_dict`)."""
+        def num(x: float):
+            return x if math.isfinite(x) else None
+
+        return {
+            "method": self.method, "family": self.family,
+            "slope": self.slope.tolist(), "offset": self.offset.tolist(),
+            "knots": None if self.knots is None else self.knots.tolist(),
+            "n_pixels": int(self.n_pixels), "bpd_before": num(self.bpd_before), "bpd_after": num(self.bpd_after),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "") -> "Calibration":
+        where = f" in {source}" if source else ""
+        if not isinstance(data, dict):
+            raise CalibrationError(f"calibration{where} must be a mapping, got {type(data).__name__}")
+        known = {"method", "family", "slope", "offset", "knots", "n_pixels", "bpd_before", "bpd_after"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CalibrationError(f"unknown calibration key(s){where} {unknown}; valid keys: {sorted(known)}")
+        try:
+            def num(x):
+                return float("nan") if x is None else float(x)
+
+            return cls(
+                method=data["method"], family=data["family"],
+                slope=torch.tensor(data["slope"], dtype=torch.float64),
+                offset=torch.tensor(data["offset"], dtype=torch.float64),
+                knots=None if data.get("knots") is None else torch.tensor(data["knots"], dtype=torch.float64),
+                n_pixels=int(data.get("n_pixels", 0)),
+                bpd_before=num(data.get("bpd_before")), bpd_after=num(data.get("bpd_after")),
+            )
+        except KeyError as e:
+            raise CalibrationError(f"incomplete calibration{where}: {e.args[0]!r} is missing") from None
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise CalibrationError(f"invalid calibration{where}: {e}") from None
+
     def describe(self) -> str:
         """One line for ``hetvae info`` / ``hetvae eval``."""
         a = ", ".join(f"{v:.3g}" for v in self.slope.tolist())
@@ -487,7 +525,7 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
         kwargs: passed to :func:`fit_calibration`.
     """
     from hetvae.autoencoder import AutoencoderKL
-    from hetvae.evaluate import Predictor, load_images, load_predictor
+    from hetvae.evaluate import Predictor, iter_predictions, load_images, load_predictor
     from hetvae.loss import HeteroscedasticNLL
 
     if isinstance(model, (str, os.PathLike)):
@@ -505,16 +543,53 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
     else:
         raise CalibrationError(f"model must be a Predictor, an AutoencoderKL or a path, got {type(model).__name__}")
     if isinstance(images, (str, os.PathLike)):
-        images = [img for _, img in load_images(images)]
-    previous = getattr(predictor, "calibration", None)
+        images = load_images(images)
+    previous = predictor.calibration
+    predictor.calibration = None  # fit on the uncalibrated scale: calibrating again replaces
     try:
-        if previous is not None:
-            predictor.calibration = None
-        predictions = [predictor.predict(img) for img in images]
+        predictions = [p for _, p in iter_predictions(predictor, images)]
     finally:
-        if previous is not None:
-            predictor.calibration = previous
+        predictor.calibration = previous
     if not predictions:
         raise CalibrationError("no images to calibrate on")
     target, mean, log_scale = pooled(predictions)
     return fit_calibration(target, mean, log_scale, predictor.family, method, **kwargs)
+
+
+def store_calibration(predictor: Any, calibration: Calibration | None, path: str | os.PathLike,
+                      out: str | os.PathLike | None = None) -> Path:
+    """Write ``calibration`` (None: remove it) with the model ``predictor`` was loaded from.
+
+    ``path``: the run folder or model checkpoint the predictor came from. The likelihood record of
+    the model file (``AutoencoderConfig.likelihood``) gets the calibration, replacing any earlier
+    one, so it travels through every export: a run folder's ``model.safetensors``, a hetvae file, a
+    diffusers folder (``config.json``) or an ldm file hetvae wrote (its metadata). Other single
+    files (an original SD checkpoint) are not rewritten: pass ``out``, a folder for a new hetvae
+    export of the model with its calibration. Returns the file or folder written.
+    """
+    import dataclasses
+
+    from hetvae.convert import inspect_checkpoint, likelihood_from_nll, save_autoencoder
+    from hetvae.evaluate import is_run_folder
+
+    path = Path(path).expanduser()
+    model = predictor.model
+    record = model.config.likelihood
+    if record is None or record.granularity != predictor.granularity or record.family != predictor.family:
+        record = likelihood_from_nll(predictor.nll)
+    record = dataclasses.replace(record, calibration=None if calibration is None else calibration.to_dict())
+    if out is not None:
+        return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
+    if is_run_folder(path):
+        return save_autoencoder(model, path / "model.safetensors", format="hetvae", likelihood=record)
+    info = inspect_checkpoint(path)
+    if info.format == "hetvae":
+        return save_autoencoder(model, info.weights_file, format="hetvae", likelihood=record)
+    if info.format == "diffusers":
+        return save_autoencoder(model, info.weights_file.parent, format="diffusers", likelihood=record)
+    if info.format == "ldm" and info.config_source == "file metadata":  # an ldm export hetvae wrote
+        return save_autoencoder(model, info.weights_file, format="ldm", likelihood=record)
+    raise CalibrationError(
+        f"{info.weights_file} is a {info.format} checkpoint hetvae did not write (it may hold more than the "
+        "VAE): it is not rewritten. Pass --out DIR to write the model with its calibration as a new hetvae export"
+    )

@@ -61,10 +61,14 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"family:      {info.family} (scaling_factor {cfg.scaling_factor}, shift_factor {cfg.shift_factor})")
     print(f"latent scaling: {scaling}")
     print(f"likelihood:  {likelihood}")
+    calibration = lik.calibrator() if lik is not None else None
+    print(f"calibration: {'none' if calibration is None else calibration.describe()}")
     print(f"parameters:  {info.num_parameters:,}")
     print(f"log-scale head: {head}")
     print("config:")
     for key, value in cfg.to_dict().items():
+        if key == "likelihood" and value is not None and value.get("calibration") is not None:
+            value = {**value, "calibration": "(above)"}
         print(f"  {key}: {value}")
     return 0
 
@@ -211,6 +215,11 @@ def _set_tile(predictor, tile: int | None, source: str) -> None:
     predictor.tile = tile
 
 
+def _add_uncalibrated(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--uncalibrated", action="store_true",
+                        help="ignore a calibration stored with the model (hetvae calibrate): the scale as trained")
+
+
 def _note_skipped(images) -> None:
     if images.skipped:
         print(f"note: skipped {len(images.skipped)} file(s) hetvae wrote (e.g. {images.skipped[0]})", file=sys.stderr)
@@ -228,6 +237,7 @@ def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
              "would go is an error, checked before anything is written",
     )
     _add_tile(parser)
+    _add_uncalibrated(parser)
 
 
 def _run_uncertainty(args: argparse.Namespace) -> int:
@@ -243,14 +253,15 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
         for name in images.names:
             for path in uncertainty_outputs(out, name):
                 check_output_file(path, "--out")
-        predictor = load_predictor(args.checkpoint)
+        predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, args.checkpoint)
         _note_skipped(images)
         out.mkdir(parents=True, exist_ok=True)
         stream = iter_predictions(predictor, images, progress=True, desc="uncertainty")
         for name, (_, p) in zip(images.names, stream):
             panel, scale, maps = uncertainty_outputs(out, name)
-            title = f"{name} ({predictor.granularity} scale, {predictor.family})"
+            calibrated = ", calibrated" if predictor.calibration is not None else ""
+            title = f"{name} ({predictor.granularity} scale, {predictor.family}{calibrated})"
             save_uncertainty_panel(panel, p.target, p.mean, p.log_scale, title=title, standardized=True)
             save_scale_map(scale, p.log_scale[0])
             save_maps(maps, p, predictor.family, predictor.granularity)
@@ -269,6 +280,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
                         help="also write the metrics as JSON (replaces an earlier hetvae JSON; any other existing "
                              "file is an error)")
     _add_tile(parser)
+    _add_uncalibrated(parser)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -278,7 +290,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         if args.json:
             check_output_file(args.json, "--json")
         images = load_images(args.images)
-        predictor = load_predictor(args.checkpoint)
+        predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, args.checkpoint)
         _note_skipped(images)
         result = evaluate(predictor, images, progress=True)
@@ -286,10 +298,20 @@ def _run_eval(args: argparse.Namespace) -> int:
             check_output_file(args.json, "--json")  # again: the run may be long
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
-    width = max(map(len, result))
-    for key, value in result.items():
-        shown = "n/a (constant scale)" if value is None else f"{value:.4f}" if isinstance(value, float) else value
-        print(f"{key:<{width}}  {shown}")
+    def shown(value):
+        return "n/a (constant scale)" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    before = result.get("uncalibrated")
+    rows = {k: v for k, v in result.items() if k not in ("uncalibrated", "calibration")}
+    width = max(map(len, rows))
+    if before is None:
+        for key, value in rows.items():
+            print(f"{key:<{width}}  {shown(value)}")
+    else:  # a calibrated model: before and after, side by side
+        print(f"calibration: {result['calibration']}")
+        print(f"{'':<{width}}  {'uncalibrated':<20}  calibrated")
+        for key, value in rows.items():
+            print(f"{key:<{width}}  {shown(before.get(key)):<20}  {shown(value)}")
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
     return 0
@@ -304,6 +326,7 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
                         help="folder for comparison.md, comparison.json, reliability.png, sparsification.png "
                              "(earlier hetvae outputs there are replaced; any other file of those names is an error)")
     _add_tile(parser)
+    _add_uncalibrated(parser)
 
 
 _COMPARE_FILES = ("comparison.md", "comparison.json", "reliability.png", "sparsification.png")
@@ -324,7 +347,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         for file in _COMPARE_FILES:
             check_output_file(out / file, "--out")
         images = load_images(args.images)
-        predictors = {name: load_predictor(run) for name, run in zip(names, args.runs)}
+        predictors = {name: load_predictor(run, calibrated=not args.uncalibrated) for name, run in zip(names, args.runs)}
         for run, predictor in zip(args.runs, predictors.values()):
             _set_tile(predictor, args.tile, run)
         _note_skipped(images)
@@ -346,6 +369,51 @@ def _run_compare(args: argparse.Namespace) -> int:
 _COMMANDS["uncertainty"] = ("Write uncertainty panels and maps for images.", _add_uncertainty, _run_uncertainty)
 _COMMANDS["eval"] = ("Measure reconstruction, bits/dim and calibration on images.", _add_eval, _run_eval)
 _COMMANDS["compare"] = ("Compare several runs or models on the same images.", _add_compare, _run_compare)
+
+
+# --- calibration: calibrate -------------------------------------------------------------------
+
+
+def _add_calibrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    parser.add_argument("--images", default=None,
+                        help="held-out images to fit on, folder or files (default: the project's held-out sample "
+                             "photographs; use photos like the ones the model will see)")
+    parser.add_argument("--method", choices=("affine", "isotonic"), default=None,
+                        help="affine: per-channel slope and offset of the log-scale (default); isotonic: affine, then a "
+                             "monotone recalibration of the predicted CDF (docs/math.md)")
+    parser.add_argument("--out", default=None,
+                        help="write the calibrated model as a new hetvae export here instead of updating the checkpoint "
+                             "(needed for single files hetvae did not write)")
+    parser.add_argument("--remove", action="store_true", help="remove a stored calibration instead of fitting one")
+    _add_tile(parser)
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from hetvae.calibration import DEFAULT_METHOD, CalibrationError, calibrate, store_calibration
+    from hetvae.convert import CheckpointError
+    from hetvae.evaluate import load_images, load_predictor
+
+    try:
+        predictor = load_predictor(args.checkpoint, calibrated=False)
+        if args.remove:
+            written = store_calibration(predictor, None, args.checkpoint, args.out)
+            print(f"removed the calibration: wrote {written}")
+            return 0
+        _set_tile(predictor, args.tile, args.checkpoint)
+        images = load_images(args.images)
+        calibration = calibrate(predictor, images, method=args.method or DEFAULT_METHOD)
+        written = store_calibration(predictor, calibration, args.checkpoint, args.out)
+    except (CalibrationError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
+        return _fail(error)
+    source = args.images or "the held-out sample photographs"
+    print(f"calibration on {source}: {calibration.describe()}")
+    print(f"wrote {written}; eval, uncertainty and loading now use it (--uncalibrated: without)")
+    return 0
+
+
+_COMMANDS["calibrate"] = ("Fit a post-hoc correction of the predicted scale on held-out images and store it with the model.",
+                          _add_calibrate, _run_calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:

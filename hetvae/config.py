@@ -1011,7 +1011,8 @@ def build_model(cfg: Config) -> AutoencoderKL:
     ``"pixel"`` a head stored with the checkpoint is kept (``detach_features`` still applies) and
     a fresh one (zero weights, bias ``init``) is grafted when there is none, so step 0 reproduces
     the pretrained output exactly. For ``"global"`` / ``"channel"`` a stored head is dropped: it
-    would receive no gradient.
+    would receive no gradient. A post-hoc calibration stored with the checkpoint is dropped (with
+    a warning): it describes the scale before training.
 
     Raises:
         FileNotFoundError: ``init_from`` does not exist.
@@ -1048,6 +1049,17 @@ def build_model(cfg: Config) -> AutoencoderKL:
         model = load_autoencoder(path, **factors)
         if model.has_log_scale_head:
             model.remove_log_scale_head()
+    lik = model.config.likelihood
+    if lik is not None and lik.calibration is not None:
+        # training changes the scale a calibration was fitted to, and the loss needs the raw head
+        # output (a calibrated model's decode returns the corrected map): drop it; recalibrate after
+        import warnings
+
+        warnings.warn(
+            f"{path} carries a post-hoc calibration of its scale; fine-tuning drops it "
+            "(run `hetvae calibrate` on the new model)", stacklevel=2,
+        )
+        model.config = dataclasses.replace(model.config, likelihood=dataclasses.replace(lik, calibration=None))
     factor = model.config.downsample_factor
     _require(
         cfg.data.resolution % factor == 0,

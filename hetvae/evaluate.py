@@ -105,8 +105,9 @@ class Predictor:
         x = image if image.ndim == 4 else image.unsqueeze(0)
         x = x.to(next(self.model.parameters()).device, torch.float32)
         model = self.model
-        saved = model.use_tiling, model.tile_sample_size, model.tile_overlap
+        saved = model.use_tiling, model.tile_sample_size, model.tile_overlap, model.use_calibration
         tile = self._tile_for(*x.shape[-2:])
+        model.use_calibration = False  # the raw head output: the likelihood bounds it, then self.calibration
         try:
             if tile:
                 model.enable_tiling(tile, model.tile_overlap)
@@ -124,7 +125,7 @@ class Predictor:
                 f"a multiple of {model.config.downsample_factor}, e.g. 256) or free memory ({error})"
             ) from None
         finally:
-            model.use_tiling, model.tile_sample_size, model.tile_overlap = saved
+            model.use_tiling, model.tile_sample_size, model.tile_overlap, model.use_calibration = saved
         mean = rec.mean.float()
         raw = rec.log_scale.float() if self.granularity == "pixel" else None
         s = torch.broadcast_to(self.nll.log_scale(x, mean, raw), x.shape).contiguous()
@@ -156,8 +157,11 @@ def is_run_folder(path: str | Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in RUN_FILES)
 
 
-def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> Predictor:
-    """A :class:`Predictor` from a run folder or any model checkpoint (module docstring)."""
+def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibrated: bool = True) -> Predictor:
+    """A :class:`Predictor` from a run folder or any model checkpoint (module docstring).
+
+    ``calibrated``: use the post-hoc calibration stored with the model (``hetvae calibrate``), if
+    any; False scores the model as trained (``--uncalibrated``)."""
     from hetvae.convert import load_autoencoder
 
     path = Path(path).expanduser()
@@ -212,7 +216,10 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu") -> Pred
             nll = HeteroscedasticNLL("global", channels=model.config.out_channels, fit="optimal")
     model.eval().to(device)
     nll.eval().to(device)
-    return Predictor(model=model, nll=nll, source=str(path))
+    calibration = model.calibration if calibrated else None
+    if calibration is not None and calibration.family != nll.family:
+        raise ValueError(f"{path}: the stored calibration was fitted for {calibration.family!r}, the model is scored as {nll.family!r}")
+    return Predictor(model=model, nll=nll, source=str(path), calibration=calibration)
 
 
 class _Pool:
