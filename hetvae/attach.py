@@ -1,0 +1,330 @@
+"""The uncertainty map from a stock ``diffusers.AutoencoderKL``: attach hetvae's log-scale head to it.
+
+A hetvae export in diffusers' format (``hetvae convert RUN OUT --to diffusers``) is a folder stock
+diffusers loads as is; the per-pixel log-scale head rides beside the weights in
+``log_scale_head.safetensors``, which diffusers does not read. :func:`attach_log_scale_head`
+reads that head (or the head of any hetvae export or model file) and returns a
+:class:`LogScaleDecoder` whose ``decode(z)`` gives the stock VAE's image and the head's map::
+
+    vae = diffusers.AutoencoderKL.from_pretrained("export")
+    dec = hetvae.attach_log_scale_head(vae, "export")
+    out = dec.decode(z)          # z unscaled, as for vae.decode
+    out.sample                   # == vae.decode(z).sample
+    out.log_scale                # (B, 3 or 1, H, W): log b (Laplace) or log sigma (Gaussian)
+
+The head reads what hetvae's ``Decoder`` feeds it: the activated features that go into
+``decoder.conv_out`` (after ``conv_norm_out`` and ``conv_act``), and with
+``log_scale_head_sees_mean`` also ``conv_out``'s output, the mean. A forward hook on the stock
+``decoder.conv_out``, held only during :meth:`LogScaleDecoder.decode`, appends the head's raw maps to
+``conv_out``'s output as extra channels, so the stock ``vae.decode`` runs unchanged (its slicing,
+tiling and offloading hooks included; tiles blend the raw maps as they blend the image, as hetvae's
+tiled decode does) and the maps are split off afterwards.
+
+Relation to hetvae's own ``AutoencoderKL.decode`` of the same export: the raw head output ``r`` is
+bounded as the likelihood bounds it, ``s = soft_clamp(r, *likelihood.bounds, likelihood.margin)``
+(:func:`hetvae.functional.soft_clamp`; without a recorded likelihood the defaults ``(-7, 3)``,
+margin 1), then corrected by a stored post-hoc calibration (:mod:`hetvae.calibration`) unless
+``calibrated=False``. So ``log_scale`` here equals
+
+* ``model.decode(z).log_scale`` for a calibrated export (hetvae's decode returns the bounded,
+  calibrated map), and
+* ``soft_clamp(model.decode(z).log_scale, *bounds, margin)`` for an uncalibrated one (hetvae's
+  decode then returns the head's raw output, which its loss bounds),
+
+up to float rounding (hetvae computes in its own memory layout).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from hetvae.autoencoder import Likelihood
+from hetvae.convert import (
+    CONFIG_KEY,
+    DIFFUSERS_CONFIG,
+    DIFFUSERS_HEAD_FILE,
+    DIFFUSERS_LIKELIHOOD_KEY,
+    HEAD_PREFIX,
+    TRUNK_PREFIX,
+    CheckpointError,
+    is_head_key,
+)
+from hetvae.functional import soft_clamp
+
+__all__ = ["LogScaleDecoder", "ScaledDecoderOutput", "attach_log_scale_head"]
+
+_LDM_HEAD_SUFFIX = ".log_scale_head.safetensors"
+
+
+@dataclass
+class ScaledDecoderOutput:
+    """``sample``: the decoded image ``(B, C, H, W)`` (the stock VAE's output, the likelihood's
+    mean); ``log_scale``: its bounded (and, where stored, calibrated) log-scale ``(B, C|1, H, W)``."""
+
+    sample: Tensor
+    log_scale: Tensor
+
+    @property
+    def mean(self) -> Tensor:
+        """``sample``, under hetvae's name (:class:`hetvae.Reconstruction`)."""
+        return self.sample
+
+
+class _Head(nn.Module):
+    """hetvae's head modules under their ``decoder.`` names: optional ``log_scale_trunk``
+    (``layers`` x [3x3 conv, SiLU]) and the output conv ``log_scale_head``."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, layers: int, hidden: int) -> None:
+        super().__init__()
+        self.log_scale_trunk: nn.Sequential | None = None
+        width = in_channels
+        if layers:
+            parts: list[nn.Module] = []
+            for i in range(layers):
+                parts += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, kernel_size=3, padding=1), nn.SiLU()]
+            self.log_scale_trunk = nn.Sequential(*parts)
+            width = hidden
+        self.log_scale_head = nn.Conv2d(width, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.log_scale_trunk is not None:
+            h = self.log_scale_trunk(h)
+        return self.log_scale_head(h)
+
+
+class LogScaleDecoder(nn.Module):
+    """A stock ``diffusers.AutoencoderKL`` with hetvae's log-scale head attached (module docstring).
+    Made by :func:`attach_log_scale_head`; ``vae`` is used as it is and left unchanged.
+
+    ``likelihood``: the :class:`hetvae.Likelihood` whose bounds (and calibration) shape the map.
+    ``use_calibration``: apply a stored calibration (default True; see :attr:`calibration`).
+    ``sees_mean``: whether the head also reads the decoded image.
+    """
+
+    def __init__(self, vae: nn.Module, head: _Head, *, likelihood: Likelihood, sees_mean: bool,
+                 use_calibration: bool = True, source: str = "") -> None:
+        super().__init__()
+        self.vae = vae
+        self.head = head
+        self.likelihood = likelihood
+        self.sees_mean = sees_mean
+        self.use_calibration = use_calibration
+        self.source = source
+        self._calibration = likelihood.calibrator()
+
+    @property
+    def calibration(self):
+        """The stored post-hoc correction (:class:`hetvae.calibration.Calibration`), or None."""
+        return self._calibration
+
+    @property
+    def config(self) -> Any:
+        """The stock VAE's config (``scaling_factor``, ``shift_factor``, ...)."""
+        return self.vae.config
+
+    @property
+    def log_scale_channels(self) -> int:
+        return self.head.log_scale_head.out_channels
+
+    def _follow_vae(self) -> None:
+        ref = self.vae.decoder.conv_out.weight
+        weight = self.head.log_scale_head.weight
+        if weight.device != ref.device or weight.dtype != ref.dtype:
+            self.head.to(device=ref.device, dtype=ref.dtype)
+
+    def _append_maps(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        # hook on conv_out: inputs[0] are the features conv_out reads; output is the mean
+        h = inputs[0]
+        if self.sees_mean:
+            h = torch.cat([h, output], dim=1)
+        return torch.cat([output, self.head(h.to(self.head.log_scale_head.weight.dtype)).to(output.dtype)], dim=1)
+
+    def bound(self, raw: Tensor) -> Tensor:
+        """The head's raw output -> the likelihood's bounded log-scale (in float32 at least) ->
+        calibrated when :attr:`use_calibration` and a calibration is stored; in ``raw``'s dtype."""
+        lik = self.likelihood
+        s = soft_clamp(raw.to(torch.promote_types(raw.dtype, torch.float32)), *lik.bounds, lik.margin)
+        if self.use_calibration and self._calibration is not None:
+            s = self._calibration.apply(s)
+        return s.to(raw.dtype)
+
+    def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None):
+        """Decode unscaled latents ``(B, latent_channels, h, w)`` with the stock ``vae.decode`` and
+        return :class:`ScaledDecoderOutput` (``return_dict=False``: the tuple ``(sample, log_scale)``,
+        as diffusers' decode gives ``(sample,)``). ``generator`` is accepted as diffusers' is (unused)."""
+        self._follow_vae()
+        conv_out = self.vae.decoder.conv_out
+        handle = conv_out.register_forward_hook(self._append_maps)
+        try:
+            decoded = self.vae.decode(z, return_dict=False)[0]
+        finally:
+            handle.remove()
+        channels = conv_out.out_channels
+        sample, raw = decoded[:, :channels], decoded[:, channels:]
+        out = ScaledDecoderOutput(sample=sample.contiguous(), log_scale=self.bound(raw).contiguous())
+        return out if return_dict else (out.sample, out.log_scale)
+
+    def forward(self, z: Tensor) -> ScaledDecoderOutput:
+        return self.decode(z)
+
+
+# --- reading the head -----------------------------------------------------------------------------
+
+
+def _error(path: Path, problem: str) -> ValueError:
+    return CheckpointError(f"{path}: {problem}")
+
+
+def _safetensors_keys(file: Path) -> tuple[list[str], dict[str, str]] | None:
+    """Keys and metadata of a safetensors file, or None if ``file`` is not one."""
+    if file.suffix != ".safetensors":
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise _error(file, f"cannot read the safetensors file, it is truncated or corrupt ({e})") from e
+
+
+def _likelihood_beside(head_file: Path) -> tuple[Likelihood | None, str]:
+    """The likelihood recorded with the model a head file was exported beside: ``config.json``
+    of a diffusers folder, or the metadata of the ldm weights ``<stem>.safetensors``."""
+    from hetvae.convert import _config_from_metadata
+
+    config_file = head_file.parent / DIFFUSERS_CONFIG
+    if head_file.name == DIFFUSERS_HEAD_FILE and config_file.is_file():
+        try:
+            record = json.loads(config_file.read_text()).get(DIFFUSERS_LIKELIHOOD_KEY)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise _error(config_file, f"cannot read the config ({e})") from e
+        return _likelihood(record, config_file), str(config_file)
+    if head_file.name.endswith(_LDM_HEAD_SUFFIX):
+        weights = head_file.with_name(head_file.name[: -len(_LDM_HEAD_SUFFIX)] + ".safetensors")
+        found = _safetensors_keys(weights) if weights.is_file() else None
+        if found is not None and CONFIG_KEY in found[1]:
+            return _config_from_metadata(found[1][CONFIG_KEY], weights, "ldm").likelihood, str(weights)
+    return None, ""
+
+
+def _likelihood(record: Any, source: Path | str) -> Likelihood | None:
+    if record is None or isinstance(record, Likelihood):
+        return record
+    try:
+        if not isinstance(record, dict):
+            raise ValueError(f"expected a mapping, got {type(record).__name__}")
+        return Likelihood(**record)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: invalid {DIFFUSERS_LIKELIHOOD_KEY} ({e})") from e
+
+
+def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor | None]:
+    """``(head tensors, recorded likelihood or None, where it came from, the export's conv_out
+    weight or None)`` from a head file or any model ``hetvae.load_autoencoder`` reads."""
+    from safetensors.torch import load_file
+
+    from hetvae.convert import _read_checkpoint, expected_head_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory (expected a hetvae export folder or head file)")
+    found = _safetensors_keys(path) if path.is_file() else None
+    if found is not None and found[0] and all(is_head_key(k) for k in found[0]):
+        likelihood, source = _likelihood_beside(path)
+        return load_file(str(path)), likelihood, source, None
+    info, sd = _read_checkpoint(path)
+    head = {k: v for k, v in sd.items() if is_head_key(k)}
+    if not head:
+        try:
+            where = f"; an exported head would be {expected_head_file(path)}, which is missing"
+        except (CheckpointError, FileNotFoundError):
+            where = ""
+        raise _error(path, f"no log-scale head: the {info.format} model there has none{where}")
+    return head, info.config.likelihood, str(info.weights_file), sd.get("decoder.conv_out.weight")
+
+
+def _build_head(tensors: dict[str, Tensor], conv_out: nn.Conv2d, path: Path) -> tuple[_Head, bool]:
+    """The head modules with ``tensors`` loaded, checked against the stock ``conv_out``."""
+    features, image_channels = conv_out.in_channels, conv_out.out_channels
+    weight = tensors.get(HEAD_PREFIX + "weight")
+    if weight is None or HEAD_PREFIX + "bias" not in tensors:
+        raise _error(path, f"no log-scale head: expected {HEAD_PREFIX}weight and bias; keys: {sorted(tensors)[:5]}")
+    trunk = sorted(int(k[len(TRUNK_PREFIX):].split(".")[0]) for k in tensors if k.startswith(TRUNK_PREFIX) and k.endswith(".weight"))
+    first = tensors[f"{TRUNK_PREFIX}{trunk[0]}.weight"] if trunk else weight
+    first_in, maps = int(first.shape[1]), int(weight.shape[0])
+    if weight.ndim != 4 or first.ndim != 4 or first_in not in (features, features + image_channels):
+        raise _error(
+            path,
+            f"the head does not fit this VAE: its first layer reads {first_in} channels "
+            f"({'decoder.log_scale_trunk.' + str(trunk[0]) if trunk else 'decoder.log_scale_head'}.weight "
+            f"{tuple(first.shape)}), the VAE's decoder.conv_out reads {features} features and writes "
+            f"{image_channels} channels (so {features}, or {features + image_channels} for a head that sees the mean)",
+        )
+    if maps not in (1, image_channels):
+        raise _error(path, f"the head does not fit this VAE: it predicts {maps} maps, expected 1 or "
+                           f"{image_channels} (the VAE's out_channels)")
+    hidden = int(weight.shape[1])
+    head = _Head(in_channels=first_in, out_channels=maps, layers=len(trunk), hidden=hidden)
+    state = {k[len("decoder."):]: v for k, v in tensors.items()}
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise _error(path, f"the head's tensors do not fit together: {'; '.join(lines[:3])}") from None
+    return head, first_in == features + image_channels
+
+
+def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool = True) -> LogScaleDecoder:
+    """Attach the log-scale head of a hetvae export to a stock ``diffusers.AutoencoderKL``.
+
+    Args:
+        vae: a ``diffusers.AutoencoderKL`` (anything with ``decode(z, return_dict=False)`` and a
+            ``decoder.conv_out`` convolution), typically loaded from the same export.
+        path: a hetvae export folder (diffusers, ldm or hetvae format), a model file, or a head
+            file (``log_scale_head.safetensors`` / ``<stem>.log_scale_head.safetensors``).
+        calibrated: apply a post-hoc calibration stored with the export (default); False gives
+            the bounded map as trained.
+
+    The likelihood (bounds, calibration) is the one recorded with the export: in ``config.json``
+    (``_hetvae_likelihood``) or the file's metadata; for a head file alone, that of the model
+    beside it, else the ``vae``'s own config, else the defaults (bounds (-7, 3), margin 1).
+
+    Returns a :class:`LogScaleDecoder` (module docstring: how its map relates to hetvae's decode).
+    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` (a
+    :class:`hetvae.CheckpointError`) naming the path for one without a head or a head whose
+    shapes do not fit ``vae``; warns when the export's ``conv_out`` differs from ``vae``'s (the
+    head was trained on other features).
+    """
+    path = Path(path).expanduser()
+    conv_out = getattr(getattr(vae, "decoder", None), "conv_out", None)
+    if not isinstance(conv_out, nn.Conv2d) or not callable(getattr(vae, "decode", None)):
+        raise ValueError(
+            f"vae must be a diffusers AutoencoderKL (with decode() and a decoder.conv_out convolution), "
+            f"got {type(vae).__name__}"
+        )
+    tensors, likelihood, source, export_conv_out = _read(path)
+    head, sees_mean = _build_head(tensors, conv_out, path)
+    if likelihood is None:
+        config = getattr(vae, "config", None)
+        record = config.get(DIFFUSERS_LIKELIHOOD_KEY) if hasattr(config, "get") else None
+        likelihood = _likelihood(record, f"the vae's config ({DIFFUSERS_LIKELIHOOD_KEY})")
+    likelihood = likelihood or Likelihood(granularity="pixel")
+    if export_conv_out is not None:
+        mine = conv_out.weight.detach().float().cpu()
+        if mine.shape != export_conv_out.shape or not torch.allclose(mine, export_conv_out.float(), rtol=1e-2, atol=1e-3):
+            warnings.warn(
+                f"{path}: the export's decoder.conv_out differs from the vae's: the head was trained on another "
+                "decoder's features, so its map may not describe this vae's images",
+                stacklevel=2,
+            )
+    ref = conv_out.weight
+    head.to(device=ref.device, dtype=ref.dtype).eval()
+    return LogScaleDecoder(vae, head, likelihood=likelihood, sees_mean=sees_mean,
+                           use_calibration=calibrated, source=source or str(path))
