@@ -31,6 +31,8 @@ LOG_SCALE_KINDS = (None, "pixel")
 
 LIKELIHOOD_GRANULARITIES = ("global", "channel", "pixel")
 LIKELIHOOD_FAMILIES = ("laplace", "gaussian")
+# diffusers config.json keys that AutoencoderConfig derives rather than stores
+DIFFUSERS_CONFIG_ALIASES = ("down_block_types", "up_block_types", "act_fn", "mid_block_add_attention")
 
 
 def _is_int(value: Any) -> bool:
@@ -247,6 +249,41 @@ class AutoencoderConfig:
             defaults["likelihood"] = None
         return dataclasses.replace(self, **defaults)
 
+    # diffusers reads a model's config as a mapping too (``vae.config["sample_size"]``,
+    # ``vae.config.get(...)``), and under its own names for what the ldm layout fixes.
+
+    @property
+    def down_block_types(self) -> tuple[str, ...]:
+        return ("DownEncoderBlock2D",) * len(self.block_out_channels)
+
+    @property
+    def up_block_types(self) -> tuple[str, ...]:
+        return ("UpDecoderBlock2D",) * len(self.block_out_channels)
+
+    @property
+    def act_fn(self) -> str:
+        return "silu"
+
+    @property
+    def mid_block_add_attention(self) -> bool:
+        return self.mid_block_attention
+
+    def keys(self) -> list[str]:
+        """Every field, then diffusers' names for what the architecture fixes
+        (``down_block_types``, ``up_block_types``, ``act_fn``, ``mid_block_add_attention``)."""
+        return [f.name for f in dataclasses.fields(self)] + list(DIFFUSERS_CONFIG_ALIASES)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(f"{key!r} is not an AutoencoderConfig key; valid keys: {self.keys()}")
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self.keys() else default
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists once serialised; ``from_dict`` restores them)."""
         return dataclasses.asdict(self)
@@ -271,13 +308,29 @@ def _head_arguments(config: AutoencoderConfig) -> dict[str, Any]:
     )
 
 
+def _check_batch(method: str, name: str, t: Any, channels: int, field: str) -> None:
+    """A ``ValueError`` naming the argument and its shape unless ``t`` is ``(B, channels, H, W)``."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{method}: {name} must be a torch.Tensor (B, {channels}, H, W), got {type(t).__name__}")
+    if t.ndim != 4 or t.shape[1] != channels:
+        raise ValueError(
+            f"{method}: {name} must have shape (B, {channels}, H, W) ({field}={channels}), got {tuple(t.shape)}"
+        )
+
+
 @dataclass
 class Reconstruction:
     """Decoder output. ``mean``: ``(B, out_channels, H, W)``. ``log_scale``: the raw head output
-    ``(B, out_channels or 1, H, W)`` (no bounding applied), or None when the model has no head."""
+    ``(B, out_channels or 1, H, W)`` (no bounding applied; bounded then corrected when the model
+    carries a calibration, see :meth:`AutoencoderKL.decode`), or None when the model has no head.
+    ``sample``: the mean again, under the name of diffusers' ``DecoderOutput.sample``."""
 
     mean: Tensor
     log_scale: Tensor | None = None
+
+    @property
+    def sample(self) -> Tensor:
+        return self.mean
 
 
 class Encoder(nn.Module):
@@ -566,6 +619,16 @@ class AutoencoderKL(nn.Module):
         """``decoder.conv_out.weight``: the layer the adaptive GAN weight differentiates (never the head)."""
         return self.decoder.conv_out.weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point parameter, as diffusers' ``ModelMixin.dtype``."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter, as diffusers' ``ModelMixin.device``."""
+        return next(self.parameters()).device
+
     # --- switches --------------------------------------------------------------------------
 
     def enable_tiling(self, tile_sample_size: int = 512, overlap: float = 0.25) -> None:
@@ -627,15 +690,21 @@ class AutoencoderKL(nn.Module):
             return moments
         return self._encode_tile(x)[0]
 
-    def encode(self, x: Tensor) -> DiagonalGaussian:
+    def encode(self, x: Tensor, return_dict: bool = True) -> DiagonalGaussian | tuple[DiagonalGaussian]:
         """``(B, in_channels, H, W)`` with ``H, W`` multiples of ``downsample_factor`` ->
-        posterior over ``(B, latent_channels, H/f, W/f)``."""
+        posterior over ``(B, latent_channels, H/f, W/f)``.
+
+        diffusers' face: the posterior is its own ``.latent_dist`` (``encode(x).latent_dist.sample(
+        generator)``, ``retrieve_latents``); ``return_dict=False`` gives the 1-tuple ``(posterior,)``.
+        """
+        _check_batch("encode", "x", x, self.config.in_channels, "in_channels")
         self._check_size(*x.shape[-2:])
         if self.use_slicing and x.shape[0] > 1:
             moments = torch.cat([self._encode_moments(s) for s in x.split(1)])
         else:
             moments = self._encode_moments(x)
-        return DiagonalGaussian(moments)
+        posterior = DiagonalGaussian(moments)
+        return posterior if return_dict else (posterior,)
 
     def _decode_tile(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.post_quant_conv is not None:
@@ -649,9 +718,18 @@ class AutoencoderKL(nn.Module):
             return tiled_apply(self._decode_tile, z, tile=tile, overlap=int(tile * self.tile_overlap), scale=(f, 1))
         return self._decode_tile(z)
 
-    def decode(self, z: Tensor) -> Reconstruction:
+    def decode(
+        self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None
+    ) -> Reconstruction | tuple[Tensor]:
         """``(B, latent_channels, h, w) -> Reconstruction`` at ``(fh, fw)``. Pass unscaled latents
-        (divide diffusion latents by ``scaling_factor`` and add ``shift_factor`` first)."""
+        (divide diffusion latents by ``scaling_factor`` and add ``shift_factor`` first).
+
+        diffusers' face: ``.sample`` is the mean (``DecoderOutput.sample``), ``.log_scale`` stays;
+        ``return_dict=False`` gives the 1-tuple ``(mean,)`` as diffusers does (the log-scale is
+        only in the ``Reconstruction``); ``generator`` is accepted and unused, as in diffusers'
+        ``AutoencoderKL``: decoding draws nothing.
+        """
+        _check_batch("decode", "z", z, self.config.latent_channels, "latent_channels")
         if self.use_slicing and z.shape[0] > 1:
             parts = [self._decode_one(s) for s in z.split(1)]
             mean = torch.cat([p[0] for p in parts])
@@ -662,7 +740,8 @@ class AutoencoderKL(nn.Module):
             cal = self.calibration
             if cal is not None:
                 log_scale = self._calibrated(log_scale, cal)
-        return Reconstruction(mean=mean, log_scale=log_scale)
+        rec = Reconstruction(mean=mean, log_scale=log_scale)
+        return rec if return_dict else (rec.mean,)
 
     @property
     def calibration(self):
@@ -709,18 +788,47 @@ class AutoencoderKL(nn.Module):
     # --- files -----------------------------------------------------------------------------
 
     def save_pretrained(
-        self, path: str | Path, format: str = "hetvae", *, likelihood: Any = None, overwrite: bool = True
+        self,
+        path: str | Path,
+        format: str = "hetvae",
+        *,
+        likelihood: Any = None,
+        overwrite: bool = True,
+        safe_serialization: bool = True,
+        variant: str | None = None,
     ) -> Path:
         """Write the model in ``format`` ("hetvae", "diffusers" or "ldm"), with ``likelihood`` (a
         ``HeteroscedasticNLL`` or ``Likelihood``) recorded in its config when given; ``overwrite=False``
-        refuses to replace an existing model. See ``hetvae.convert.save_autoencoder``."""
+        refuses to replace an existing model. diffusers' arguments, for ``format="diffusers"``:
+        ``variant="fp16"`` names the weights ``diffusion_pytorch_model.fp16.safetensors`` (the
+        weights keep their dtype, as in diffusers: call ``.half()`` first for fp16 weights),
+        ``safe_serialization=False`` writes ``diffusion_pytorch_model.bin``. See
+        ``hetvae.convert.save_autoencoder``."""
         from hetvae.convert import save_autoencoder  # convert imports this module
 
-        return save_autoencoder(self, path, format=format, likelihood=likelihood, overwrite=overwrite)
+        return save_autoencoder(
+            self, path, format=format, likelihood=likelihood, overwrite=overwrite,
+            safe_serialization=safe_serialization, variant=variant,
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, log_scale: str | None = None, **overrides: Any) -> "AutoencoderKL":
-        """Same as ``hetvae.convert.load_autoencoder``."""
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        log_scale: str | None = None,
+        *,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **overrides: Any,
+    ) -> "AutoencoderKL":
+        """``hetvae.convert.load_autoencoder(path / subfolder, log_scale, **overrides)``: a hetvae,
+        diffusers or ldm folder or file, local only. diffusers' arguments: ``subfolder`` (e.g.
+        ``"vae"`` in a pipeline folder), ``torch_dtype`` (the model is cast to it; float32 otherwise)."""
         from hetvae.convert import load_autoencoder
 
-        return load_autoencoder(path, log_scale=log_scale, **overrides)
+        if subfolder is not None:
+            path = Path(path) / subfolder
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+            raise ValueError(f"torch_dtype must be a floating-point torch.dtype, got {torch_dtype!r}")
+        model = load_autoencoder(path, log_scale=log_scale, **overrides)
+        return model if torch_dtype is None else model.to(torch_dtype)
