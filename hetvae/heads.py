@@ -21,6 +21,10 @@ Two rules keep those promises true, and a constructor that would break one raise
 the bounds are finite and inside ``[-LOG_SCALE_LIMIT, LOG_SCALE_LIMIT]`` (see there), and a learned
 ``init`` lies in the identity band ``[low + margin, high - margin]`` (outside it the soft clamp
 would move it: ``init=-6.5`` with the default bounds would start at -6.39).
+
+``trainable=False`` (global / channel) freezes the learned value at ``init``: Stable Diffusion's
+``LPIPSWithDiscriminator`` declared ``logvar`` a parameter but its optimiser never held it, so SD's
+VAE trained with ``logvar = 0`` throughout (``configs/sd-reference.yaml``).
 """
 
 from __future__ import annotations
@@ -62,8 +66,11 @@ class _BoundedLogScale(nn.Module):
         margin: float,
         family: Family,
         fit: Fit,
+        trainable: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(trainable, bool):
+            raise ValueError(f"trainable must be True or False, got {type(trainable).__name__} {trainable!r}")
         low, high = check_bounds(bounds)
         margin = check_real("margin", margin)
         if not margin > 0.0:
@@ -94,6 +101,16 @@ class _BoundedLogScale(nn.Module):
         self.margin = margin
         self.family = check_family(family)
         self.fit = fit
+        self.trainable = trainable
+
+    def _free(self, shape: tuple[int, ...]) -> nn.Parameter | None:
+        """The zero-initialised free parameter of a learned scale (None for ``fit="optimal"``). Frozen
+        (``trainable=False``) it stays a parameter, so checkpoints keep their keys, but it takes no
+        gradient and no optimiser holds it: the log-scale stays ``init`` exactly, as SD's ``logvar``,
+        which its optimiser never included."""
+        if self.fit != "learned":
+            return None
+        return nn.Parameter(torch.zeros(shape), requires_grad=self.trainable)
 
     def bound(self, raw: Tensor) -> Tensor:
         return soft_clamp(raw, *self.bounds, self.margin)
@@ -116,7 +133,8 @@ class _BoundedLogScale(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"init={self.init}, bounds={self.bounds}, margin={self.margin}, family={self.family!r}, fit={self.fit!r}"
+        frozen = "" if self.trainable else ", trainable=False"
+        return f"init={self.init}, bounds={self.bounds}, margin={self.margin}, family={self.family!r}, fit={self.fit!r}{frozen}"
 
 
 class GlobalLogScale(_BoundedLogScale):
@@ -132,9 +150,10 @@ class GlobalLogScale(_BoundedLogScale):
         margin: float = DEFAULT_MARGIN,
         family: Family = "laplace",
         fit: Fit = "learned",
+        trainable: bool = True,
     ) -> None:
-        super().__init__(init=init, bounds=bounds, margin=margin, family=family, fit=fit)
-        self.free = nn.Parameter(torch.zeros(())) if fit == "learned" else None
+        super().__init__(init=init, bounds=bounds, margin=margin, family=family, fit=fit, trainable=trainable)
+        self.free = self._free(())
 
     def forward(
         self, target: Tensor, mean: Tensor, predicted: Tensor | None = None, weights: Tensor | None = None
@@ -160,10 +179,11 @@ class ChannelLogScale(_BoundedLogScale):
         margin: float = DEFAULT_MARGIN,
         family: Family = "laplace",
         fit: Fit = "learned",
+        trainable: bool = True,
     ) -> None:
-        super().__init__(init=init, bounds=bounds, margin=margin, family=family, fit=fit)
+        super().__init__(init=init, bounds=bounds, margin=margin, family=family, fit=fit, trainable=trainable)
         self.channels = check_channels(channels)
-        self.free = nn.Parameter(torch.zeros(self.channels)) if fit == "learned" else None
+        self.free = self._free((self.channels,))
 
     def forward(
         self, target: Tensor, mean: Tensor, predicted: Tensor | None = None, weights: Tensor | None = None
@@ -200,8 +220,14 @@ class PixelLogScale(_BoundedLogScale):
         margin: float = DEFAULT_MARGIN,
         family: Family = "laplace",
         fit: Fit = "learned",
+        trainable: bool = True,
     ) -> None:
-        super().__init__(init=init, bounds=bounds, margin=margin, family=family, fit=fit)
+        if trainable is False:
+            raise ValueError(
+                "trainable=False is for granularity 'global' or 'channel': the per-pixel log-scale is the "
+                "decoder's head, whose parameters belong to the model (freeze them there)"
+            )
+        super().__init__(init=init, bounds=bounds, margin=margin, family=family, fit=fit, trainable=trainable)
         self.channels = check_channels(channels)
 
     def forward(
@@ -273,12 +299,14 @@ def create_head(
     margin: float = DEFAULT_MARGIN,
     family: Family = "laplace",
     fit: Fit = "learned",
+    trainable: bool = True,
 ) -> _BoundedLogScale:
-    """Build the head for ``granularity`` (one of :data:`GRANULARITIES`)."""
+    """Build the head for ``granularity`` (one of :data:`GRANULARITIES`). ``trainable=False`` freezes a
+    learned global / channel scale at ``init`` (SD's ``logvar``); the pixel head refuses it."""
     if not isinstance(granularity, str) or granularity not in _HEADS:
         raise ValueError(f"unknown granularity {granularity!r}; valid names: {', '.join(GRANULARITIES)}")
     check_channels(channels)  # also for "global", which does not use it: a bad value is still a mistake
-    kwargs = dict(init=init, bounds=bounds, margin=margin, family=family, fit=fit)
+    kwargs = dict(init=init, bounds=bounds, margin=margin, family=family, fit=fit, trainable=trainable)
     if granularity != "global":
         kwargs["channels"] = channels
     return _HEADS[granularity](**kwargs)

@@ -56,6 +56,9 @@ class HeteroscedasticNLL(nn.Module):
     stopped mean (and stopped ``extra_distance``). The mean is then trained as with a global scale,
     and the head cannot trade its fit for a larger scale.
 
+    ``trainable=False`` (``"global"`` / ``"channel"``): the log-scale stays ``init`` exactly; its
+    parameter takes no gradient, as SD's ``logvar``, which SD's optimiser never held.
+
     Reductions: ``"batch"`` (default) sums over all elements and divides by the batch size, exactly
     as SD's ``LPIPSWithDiscriminator``; ``"mean"`` averages over all elements.
 
@@ -77,9 +80,10 @@ class HeteroscedasticNLL(nn.Module):
         fit: Fit = "learned",
         reduction: Reduction = "batch",
         faithful: bool = False,
+        trainable: bool = True,
     ) -> None:
         super().__init__()
-        for name, flag in (("include_constant", include_constant), ("faithful", faithful)):
+        for name, flag in (("include_constant", include_constant), ("faithful", faithful), ("trainable", trainable)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be True or False, got {type(flag).__name__} {flag!r}")
         beta = check_real("beta", beta)
@@ -94,7 +98,8 @@ class HeteroscedasticNLL(nn.Module):
             raise ValueError(f"reduction must be 'batch' or 'mean', got {reduction!r}")
         self.family = check_family(family)
         self.head = create_head(
-            granularity, channels=channels, init=init, bounds=bounds, margin=margin, family=family, fit=fit
+            granularity, channels=channels, init=init, bounds=bounds, margin=margin, family=family, fit=fit,
+            trainable=trainable,
         )
         self.granularity = granularity
         self.include_constant = include_constant
@@ -179,6 +184,7 @@ class HeteroscedasticNLL(nn.Module):
         return (
             f"granularity={self.granularity!r}, family={self.family!r}, include_constant={self.include_constant}, "
             f"beta={self.beta}, reduction={self.reduction!r}" + (", faithful=True" if self.faithful else "")
+            + ("" if self.head.trainable else ", trainable=False")
         )
 
 
