@@ -33,7 +33,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from hetvae.discriminator import create_d_loss
-from hetvae.functional import bits_per_dim, compute_dtype, discretized_nll, log_normalizer, quantize_8bit
+from hetvae.functional import (
+    bits_per_dim,
+    check_float_tensor,
+    compute_dtype,
+    discretized_nll,
+    log_normalizer,
+    quantize_8bit,
+)
 from hetvae.loss import HeteroscedasticNLL
 
 PerceptualMode = Literal["sd", "spatial", "separate"]
@@ -53,6 +60,57 @@ def _read_scalars(values: dict[str, Tensor]) -> Logs:
 def _upcast(t: Tensor) -> Tensor:
     """Half precision to float32; float32 and float64 stay as they are."""
     return t.to(compute_dtype(t))
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, Tensor):
+        return f"a plain torch.Tensor of shape {tuple(value.shape)}"
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def reconstruction_parts(reconstruction: object) -> tuple[Tensor, Tensor | None]:
+    """``(mean, log_scale)`` of a decoder output: any object with a ``.mean`` tensor and, optionally, a
+    ``.log_scale`` tensor or None (:class:`hetvae.autoencoder.Reconstruction`, ``AutoencoderKL.decode``'s
+    output). Anything else, a plain tensor first of all (whose ``.mean`` is a method), is a
+    ``ValueError`` naming its type."""
+    mean = getattr(reconstruction, "mean", None)
+    if isinstance(reconstruction, Tensor) or not isinstance(mean, Tensor):
+        hint = "wrap an image tensor as hetvae.autoencoder.Reconstruction(mean=images)"
+        if isinstance(getattr(reconstruction, "sample", None), Tensor):
+            hint = "diffusers' DecoderOutput has no log-scale: pass Reconstruction(mean=output.sample)"
+        raise ValueError(
+            f"reconstruction must be the decoder's output, an object with a .mean tensor and a .log_scale "
+            f"(tensor or None) such as hetvae.autoencoder.Reconstruction or AutoencoderKL.decode(z); got "
+            f"{_describe(reconstruction)}: {hint}"
+        )
+    log_scale = getattr(reconstruction, "log_scale", None)
+    if log_scale is not None and not isinstance(log_scale, Tensor):
+        raise ValueError(
+            f"reconstruction.log_scale must be a tensor or None, got {_describe(log_scale)} "
+            f"(in {_describe(reconstruction)})"
+        )
+    return mean, log_scale
+
+
+def _posterior_kl(posterior: object) -> Tensor:
+    """``posterior.kl()``, per image ``(B,)``: hetvae's ``DiagonalGaussian`` or anything with a ``kl()``
+    (diffusers' ``DiagonalGaussianDistribution``; an encoder output holding one as ``.latent_dist``)."""
+    kl = getattr(posterior, "kl", None)
+    if not callable(kl):
+        kl = getattr(getattr(posterior, "latent_dist", None), "kl", None)
+    if isinstance(posterior, Tensor) or not callable(kl):
+        raise ValueError(
+            f"posterior must be the encoder's posterior, an object with a kl() method such as "
+            f"hetvae.distributions.DiagonalGaussian or AutoencoderKL.encode(x); got {_describe(posterior)} "
+            "(wrap the encoder's moments as DiagonalGaussian(moments))"
+        )
+    value = kl()
+    if not isinstance(value, Tensor) or value.ndim < 1:
+        raise ValueError(
+            f"posterior.kl() must return one KL per image, a tensor of shape (B,), got {_describe(value)} "
+            f"from {_describe(posterior)}"
+        )
+    return value
 
 
 class AutoencoderObjective(nn.Module):
@@ -186,10 +244,12 @@ class AutoencoderObjective(nn.Module):
         Returns ``(loss, logs)``: a scalar tensor and a dict of floats, read from the device in
         one transfer (one synchronisation per call on a GPU).
         """
-        mean = reconstruction.mean
+        check_float_tensor("inputs", inputs)
+        mean, log_scale = reconstruction_parts(reconstruction)
+        kl = _upcast(_posterior_kl(posterior))
         p = self._perceptual(inputs, mean)
         extra = p if self.perceptual_mode in ("sd", "spatial") else None
-        log_scale = reconstruction.log_scale if self.nll.granularity == "pixel" else None
+        log_scale = log_scale if self.nll.granularity == "pixel" else None
         out = self.nll(inputs, mean, log_scale=log_scale, weights=weights, extra_distance=extra)
         nll_loss = out.loss
         loss = nll_loss
@@ -200,7 +260,6 @@ class AutoencoderObjective(nn.Module):
             if self.perceptual_mode == "separate":
                 loss = loss + p_loss
 
-        kl = _upcast(posterior.kl())
         kl_loss = kl.sum() / kl.shape[0]
         loss = loss + self.kl_weight * kl_loss
 
@@ -223,13 +282,15 @@ class AutoencoderObjective(nn.Module):
             loss = loss + d_weight * factor * g_loss
 
         with torch.no_grad():
+            rec = (_upcast(inputs) - _upcast(mean)).abs().mean()
             scalars = {
                 "total": loss,
                 "nll": nll_loss,
-                "rec": (_upcast(inputs) - _upcast(mean)).abs().mean(),
+                "rec": rec,
                 "kl": kl_loss,
                 "g_loss": g_loss,
                 "d_weight": d_weight,
+                **self._sd_logs(out, rec, p, weights is None),
             }
             if p_loss is not None:
                 scalars["perceptual"] = p_loss
@@ -238,6 +299,24 @@ class AutoencoderObjective(nn.Module):
             logs = _read_scalars(scalars)
         logs["disc_factor"] = factor
         return loss, logs
+
+    def _sd_logs(self, out, rec: Tensor, p: Tensor | None, unweighted: bool) -> dict[str, Tensor]:
+        """The metrics SD's ``LPIPSWithDiscriminator`` logs under these names, with its meaning:
+
+        ``nll_loss``: the NLL without ``weights`` (and without beta weighting), reduced like the loss;
+        ``rec_loss``: the mean over elements of ``|x - mu| + perceptual_weight * LPIPS``, the
+        perceptual term included; ``p_loss``: LPIPS itself, unweighted, its mean per element (taming's
+        ``p_loss``), only with LPIPS on; ``logvar``: the log-scale (SD's parameter; the mean of the
+        per-channel values or of the map for the other granularities). ``nll`` stays what the loss
+        adds: SD's ``weighted_nll_loss``.
+        """
+        plain = out.loss if unweighted and self.nll.beta == 0 and out.mean_nll is None else self._reduce(out.nll)
+        logs = {"nll_loss": plain, "rec_loss": rec, "logvar": out.log_scale.mean()}
+        if p is not None:
+            p_mean = p.to(rec.dtype).mean()  # per image or per pixel: its mean is the broadcast's mean
+            logs["rec_loss"] = rec + p_mean
+            logs["p_loss"] = p_mean / self.perceptual_weight
+        return logs
 
     def _likelihood_logs(self, inputs: Tensor, mean: Tensor, out) -> dict[str, Tensor]:
         const = 0.0 if self.nll.include_constant else log_normalizer(self.nll.family)
@@ -261,18 +340,29 @@ class AutoencoderObjective(nn.Module):
     def discriminator_loss(self, inputs: Tensor, reconstruction, step: int) -> tuple[Tensor, Logs]:
         """The discriminator's loss: ``disc_factor * (hinge | vanilla)(D(x), D(mu))`` on detached inputs.
 
-        Before ``disc_start`` (or without a discriminator) the loss is a zero with no graph: the
-        training loop skips the discriminator step (``gan_factor(step) == 0``).
+        Before ``disc_start`` (or without a discriminator) the loss is a zero that can be
+        backpropagated, as SD's ``0 * hinge(...)``: it is connected to the discriminator's parameters
+        (their gradient is zero) but costs no forward pass; the logits are logged as 0. The training
+        loop skips the discriminator step then (``gan_factor(step) == 0``).
         """
+        check_float_tensor("inputs", inputs)
+        mean, _ = reconstruction_parts(reconstruction)
         factor = self.gan_factor(step)
         if factor == 0:
-            zero = torch.zeros((), device=inputs.device)
-            return zero, {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0, "disc_factor": 0.0}
+            return self._zero(inputs), {"d_loss": 0.0, "logits_real": 0.0, "logits_fake": 0.0, "disc_factor": 0.0}
         logits_real = _upcast(self.discriminator(inputs.detach()))
-        logits_fake = _upcast(self.discriminator(reconstruction.mean.detach()))
+        logits_fake = _upcast(self.discriminator(mean.detach()))
         d_loss = factor * self._d_loss(logits_real, logits_fake)
         with torch.no_grad():
             logs = _read_scalars(
                 {"d_loss": d_loss, "logits_real": logits_real.mean(), "logits_fake": logits_fake.mean()}
             )
         return d_loss, {**logs, "disc_factor": factor}
+
+    def _zero(self, inputs: Tensor) -> Tensor:
+        """A scalar 0 in the graph of the discriminator's parameters (one element of each, times 0),
+        or a leaf 0 that requires grad without a discriminator or with its parameters frozen."""
+        params = [p for p in self.discriminator_parameters() if p.requires_grad]
+        if not params or not torch.is_grad_enabled():
+            return torch.zeros((), device=inputs.device, requires_grad=torch.is_grad_enabled())
+        return torch.stack([_upcast(p.reshape(-1)[0]) for p in params]).sum() * 0.0
