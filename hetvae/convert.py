@@ -841,6 +841,8 @@ def save_autoencoder(
     *,
     likelihood: Any = None,
     overwrite: bool = True,
+    safe_serialization: bool = True,
+    variant: str | None = None,
 ) -> Path:
     """Write ``model`` and return the weights file (the folder for diffusers).
 
@@ -857,9 +859,19 @@ def save_autoencoder(
     ``overwrite``: False refuses (``FileExistsError`` naming the files) to replace any model file
     already there, or to remove a head file an earlier export left. Either way an export that
     another model in the folder would shadow is refused. Every file is written atomically.
+    ``variant="fp16"`` and ``safe_serialization=False`` (diffusers format only) name the weights
+    ``diffusion_pytorch_model.fp16.safetensors`` / write ``diffusion_pytorch_model[.fp16].bin`` as
+    diffusers does; the tensors keep the model's dtype.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if variant not in (None, "fp16"):
+        raise ValueError(f"variant must be None or 'fp16' (the variant load_autoencoder reads), got {variant!r}")
+    if format != "diffusers" and (variant is not None or not safe_serialization):
+        raise ValueError(
+            f"variant={variant!r}, safe_serialization={safe_serialization!r}: the {format} format is one "
+            "safetensors file; variants and .bin weights exist only with format='diffusers'"
+        )
     path = Path(path)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     head = {k: v for k, v in sd.items() if is_head_key(k)}
@@ -875,9 +887,13 @@ def save_autoencoder(
         writes[file] = lambda tmp: save_file(sd, str(tmp), metadata=metadata)
         result = weights = file
     elif format == "diffusers":
-        weights = path / DIFFUSERS_WEIGHTS[0]
+        suffix = (f".{variant}" if variant else "") + (".safetensors" if safe_serialization else ".bin")
+        weights = path / f"diffusion_pytorch_model{suffix}"
         renamed = {k: v.contiguous() for k, v in ldm_to_diffusers(body).items()}
-        writes[weights] = lambda tmp: save_file(renamed, str(tmp), metadata={"format": "pt"})
+        if safe_serialization:
+            writes[weights] = lambda tmp: save_file(renamed, str(tmp), metadata={"format": "pt"})
+        else:
+            writes[weights] = lambda tmp: torch.save(renamed, tmp)
         text = json.dumps(config_to_diffusers(config), indent=2) + "\n"
         writes[path / DIFFUSERS_CONFIG] = lambda tmp: tmp.write_text(text)
         result = path
