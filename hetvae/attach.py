@@ -37,6 +37,7 @@ up to float rounding (hetvae computes in its own memory layout).
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,7 +257,7 @@ def _build_head(tensors: dict[str, Tensor], conv_out: nn.Conv2d, path: Path) -> 
     weight = tensors.get(HEAD_PREFIX + "weight")
     if weight is None or HEAD_PREFIX + "bias" not in tensors:
         raise _error(path, f"no log-scale head: expected {HEAD_PREFIX}weight and bias; keys: {sorted(tensors)[:5]}")
-    trunk = sorted(int(k[len(TRUNK_PREFIX):].split(".")[0]) for k in tensors if k.startswith(TRUNK_PREFIX) and k.endswith(".weight"))
+    trunk = sorted(int(m.group(1)) for k in tensors if (m := re.fullmatch(re.escape(TRUNK_PREFIX) + r"(\d+)\.weight", k)))
     first = tensors[f"{TRUNK_PREFIX}{trunk[0]}.weight"] if trunk else weight
     first_in, maps = int(first.shape[1]), int(weight.shape[0])
     if weight.ndim != 4 or first.ndim != 4 or first_in not in (features, features + image_channels):
