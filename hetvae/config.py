@@ -537,6 +537,9 @@ class LogScaleConfig:
             scale gives the mean that gradient anyway), so one config serves every granularity.
         include_constant: add the density's constant (``log 2`` / ``0.5 log 2 pi``) so the loss is
             a true NLL (needed for bits/dim; irrelevant to the gradients).
+        trainable: global / channel: ``false`` freezes the learned log-scale at ``init`` (not in the
+            optimiser, no gradient), as SD, whose optimiser never held its ``logvar``
+            (configs/sd-reference.yaml). Pixel granularity refuses it (the head is the model's).
     """
 
     granularity: Granularity = "global"
@@ -552,6 +555,7 @@ class LogScaleConfig:
     head_sees_mean: bool = False
     faithful: bool = False
     include_constant: bool = False
+    trainable: bool = True
 
     def __post_init__(self) -> None:
         _require_finite(self)
@@ -591,6 +595,12 @@ class LogScaleConfig:
             not (self.fit == "optimal" and self.granularity == "pixel"),
             "fit",
             "'optimal' is for granularity 'global' or 'channel' (per pixel it is the error itself)",
+        )
+        _require(
+            self.trainable or self.granularity != "pixel",
+            "trainable",
+            "false freezes a global or channel log-scale; the per-pixel map comes from the decoder's head, "
+            "which is trained with the model (set log_scale.trainable=true for granularity 'pixel')",
         )
 
 
@@ -1096,6 +1106,7 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
         bounds=ls.bounds,
         fit=ls.fit,
         faithful=ls.faithful and ls.granularity == "pixel",
+        trainable=ls.trainable,
     )
 
 

@@ -5,7 +5,8 @@
 
 * two AdamW optimisers: the generator's holds the autoencoder's trainable parameters *and* the
   objective's learned log-scales (``objective.trainable_parameters()``); those and the pixel
-  head's bias (the log-scale offsets) form a group with ``log_scale_lr`` and no weight decay;
+  head's bias (the log-scale offsets) form a group with ``log_scale_lr`` and no weight decay
+  (a frozen log-scale, ``log_scale.trainable: false`` as in SD, is in no optimiser and never moves);
   the discriminator's runs only once ``objective.gan_factor(step) > 0``;
 * ``decoder_only``: the encoder and ``quant_conv`` are frozen (no gradient, not in the optimiser),
   so the latent space of a pretrained VAE stays exactly what its diffusion model expects;
