@@ -1,5 +1,6 @@
 """hetvae: heteroscedastic (spatially varying) reconstruction likelihoods for image autoencoders."""
 
+from hetvae.attach import attach_log_scale_head
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Likelihood, Reconstruction
 from hetvae.calibration import Calibration, CalibrationError, calibrate, fit_calibration
 from hetvae.config import Config, build_model, build_nll, build_objective, load_config
@@ -44,6 +45,7 @@ __all__ = [
     "Reconstruction",
     "TrainResult",
     "Trainer",
+    "attach_log_scale_head",
     "bits_per_dim",
     "build_model",
     "build_nll",

@@ -226,7 +226,11 @@ def _note_skipped(images) -> None:
 
 
 def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="image files or folders (recursive)")
+    parser.add_argument(
+        "images", nargs="+",
+        help="image files or folders (recursive); or latent files instead: .safetensors (one tensor, or one named "
+             "'latents') or .pt (torch.load(weights_only=True)) of shape (B, C, h, w), each decoded with its scale map",
+    )
     parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
     parser.add_argument(
         "--out", required=True,
@@ -236,17 +240,74 @@ def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
              "hetvae outputs are replaced and never read as inputs; any other existing file where an output "
              "would go is an error, checked before anything is written",
     )
+    parser.add_argument(
+        "--scaled", action="store_true",
+        help="latents as a diffusion pipeline gives them (output_type='latent'): undo the pipeline's scaling first, "
+             "z / scaling_factor + shift_factor with the model's config (z * latents_std / scaling_factor + "
+             "latents_mean where the config has those), as diffusers does before decoding",
+    )
     _add_tile(parser)
     _add_uncalibrated(parser)
 
 
+def _run_uncertainty_latents(args: argparse.Namespace) -> int:
+    """``hetvae uncertainty LATENTS...``: decode each latent, write its image with its scale map
+    (OUT/NAME_panel.png, NAME_scale.png, NAME_maps.safetensors; NAME: the file's name, plus _i for
+    the i-th latent of a batch)."""
+    from pathlib import Path
+
+    from hetvae.evaluate import (
+        _relative_names, check_output_file, check_output_folder, load_latents, load_predictor, save_decoded_maps,
+        uncertainty_outputs,
+    )
+    from hetvae.viz import save_decoded_panel, save_scale_map
+
+    try:
+        out = check_output_folder(args.out, "--out")
+        files = [Path(p).expanduser() for p in args.images]
+        predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
+        _set_tile(predictor, args.tile, args.checkpoint)
+        batches = [load_latents(f, predictor.model.config, scaled=args.scaled) for f in files]
+        names = [[name] if len(z) == 1 else [f"{name}_{i}" for i in range(len(z))]
+                 for name, z in zip(_relative_names(files), batches)]
+        for name in (n for group in names for n in group):
+            for path in uncertainty_outputs(out, name):
+                check_output_file(path, "--out")
+        out.mkdir(parents=True, exist_ok=True)
+        calibrated = ", calibrated" if predictor.calibration is not None else ""
+        for file, z, group in zip(files, batches, names):
+            for latent, name in zip(z, group):
+                try:
+                    decoded = predictor.decode_latents(latent)
+                except ValueError as error:
+                    raise ValueError(f"latents {file}: {error}") from None
+                panel, scale, maps = uncertainty_outputs(out, name)
+                title = f"{name} (decoded, {predictor.granularity} scale, {predictor.family}{calibrated})"
+                save_decoded_panel(panel, decoded.mean, decoded.log_scale, title=title)
+                save_scale_map(scale, decoded.log_scale[0])
+                save_decoded_maps(maps, latent, decoded, predictor.family, predictor.granularity)
+    except (FileNotFoundError, ValueError) as error:
+        return _fail(error)
+    count = sum(map(len, names))
+    print(f"wrote {count} decoded panel(s), scale maps and raw maps to {out}")
+    return 0
+
+
 def _run_uncertainty(args: argparse.Namespace) -> int:
     from hetvae.evaluate import (
-        check_output_file, check_output_folder, iter_predictions, load_images, load_predictor, save_maps,
-        uncertainty_outputs,
+        check_output_file, check_output_folder, is_latent_file, iter_predictions, load_images, load_predictor,
+        save_maps, uncertainty_outputs,
     )
     from hetvae.viz import save_scale_map, save_uncertainty_panel
 
+    latents = [p for p in args.images if is_latent_file(p)]
+    if latents and len(latents) < len(args.images):
+        others = [p for p in args.images if not is_latent_file(p)]
+        return _fail(ValueError(f"give images or latent files, not both: latents {latents[0]!r}, images {others[0]!r}"))
+    if latents:
+        return _run_uncertainty_latents(args)
+    if args.scaled:
+        return _fail(ValueError("--scaled applies to latent files (.safetensors / .pt), and only images were given"))
     try:
         out = check_output_folder(args.out, "--out")
         images = load_images(args.images)
@@ -366,7 +427,8 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS["uncertainty"] = ("Write uncertainty panels and maps for images.", _add_uncertainty, _run_uncertainty)
+_COMMANDS["uncertainty"] = ("Write uncertainty panels and maps for images, or for decoded latents.", _add_uncertainty,
+                             _run_uncertainty)
 _COMMANDS["eval"] = ("Measure reconstruction, bits/dim and calibration on images.", _add_eval, _run_eval)
 _COMMANDS["compare"] = ("Compare several runs or models on the same images.", _add_compare, _run_compare)
 
@@ -408,6 +470,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         return _fail(error)
     source = args.images or "the held-out sample photographs"
     print(f"calibration on {source}: {calibration.describe()}")
+    if args.images is None:
+        print("note: the built-in held-out photographs are regions of photos whose other parts the demo trained on; "
+              "a correction fitted there does not transfer to harder photographs (docs/results.md, 'Calibration'): "
+              "pass --images with photos like yours", file=sys.stderr)
     print(f"wrote {written}; eval, uncertainty and loading now use it (--uncalibrated: without)")
     return 0
 

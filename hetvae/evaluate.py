@@ -76,6 +76,20 @@ class Prediction:
 
 
 @dataclass
+class Decoded:
+    """One decoded latent: its image and scale, ``(1, C, H, W)`` on the [-1, 1] scale (no target)."""
+
+    mean: Tensor
+    log_scale: Tensor
+    raw_log_scale: Tensor | None = None
+    """The uncalibrated log-scale when :attr:`Predictor.calibration` is set; ``None`` otherwise."""
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
+
+
+@dataclass
 class Predictor:
     """An autoencoder and the likelihood whose scale it is judged with."""
 
@@ -104,28 +118,7 @@ class Predictor:
         pads to its down-sampling factor and crops back) from the posterior mode."""
         x = image if image.ndim == 4 else image.unsqueeze(0)
         x = x.to(next(self.model.parameters()).device, torch.float32)
-        model = self.model
-        saved = model.use_tiling, model.tile_sample_size, model.tile_overlap, model.use_calibration
-        tile = self._tile_for(*x.shape[-2:])
-        model.use_calibration = False  # the raw head output: the likelihood bounds it, then self.calibration
-        try:
-            if tile:
-                model.enable_tiling(tile, model.tile_overlap)
-            elif tile == 0:
-                model.disable_tiling()
-            rec, _ = model(x, sample_posterior=False)
-        except (RuntimeError, MemoryError) as error:
-            if not _out_of_memory(error):
-                raise
-            height, width = x.shape[-2:]
-            how = f"in tiles of {model.tile_sample_size} px" if model.use_tiling else "whole (untiled)"
-            raise ValueError(
-                f"out of memory reconstructing a {height}x{width} image ({height * width / 1e6:.1f} MP) {how}: "
-                f"reconstruct it in smaller tiles (--tile PX on the command line, Predictor.tile in Python; "
-                f"a multiple of {model.config.downsample_factor}, e.g. 256) or free memory ({error})"
-            ) from None
-        finally:
-            model.use_tiling, model.tile_sample_size, model.tile_overlap, model.use_calibration = saved
+        rec, _ = self._run(lambda: self.model(x, sample_posterior=False), *x.shape[-2:], "reconstructing")
         mean = rec.mean.float()
         raw = rec.log_scale.float() if self.granularity == "pixel" else None
         s = torch.broadcast_to(self.nll.log_scale(x, mean, raw), x.shape).contiguous()
@@ -133,6 +126,58 @@ class Predictor:
             return Prediction(x, mean, s)
         calibrated = torch.broadcast_to(self.calibration.apply(s), x.shape).contiguous()
         return Prediction(x, mean, calibrated, raw_log_scale=s)
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Decoded:
+        """Decode one unscaled latent ``(C, h, w)`` or ``(1, C, h, w)`` (see :func:`load_latents`)
+        into its image and scale, tiled as :meth:`predict` tiles. There is no target, so a model
+        whose scale is fitted to each image's error (no head, no learned scale) has no map to give:
+        ``ValueError``."""
+        z = z if z.ndim == 4 else z.unsqueeze(0)
+        channels = self.model.config.latent_channels
+        if z.ndim != 4 or z.shape[0] != 1 or z.shape[1] != channels:
+            raise ValueError(f"expected one latent (1, {channels}, h, w) for this model (latent_channels={channels}), "
+                             f"got shape {tuple(z.shape)}")
+        if getattr(self.nll.head, "fit", None) == "optimal":
+            raise ValueError(
+                f"{self.source} has no per-pixel log-scale head and no learned scale: its scale is fitted to each "
+                "image's reconstruction error, and decoded latents have no image to compare with. Use a model "
+                "trained with a log-scale (hetvae train, or an export of one)"
+            )
+        z = z.to(next(self.model.parameters()).device, torch.float32)
+        f = self.model.config.downsample_factor
+        rec = self._run(lambda: self.model.decode(z), z.shape[-2] * f, z.shape[-1] * f, "decoding")
+        mean = rec.mean.float()
+        raw = rec.log_scale.float() if self.granularity == "pixel" else None
+        s = torch.broadcast_to(self.nll.log_scale(mean, mean, raw), mean.shape).contiguous()  # mean: the shape only
+        if self.calibration is None:
+            return Decoded(mean, s)
+        return Decoded(mean, torch.broadcast_to(self.calibration.apply(s), mean.shape).contiguous(), raw_log_scale=s)
+
+    def _run(self, call: Callable, height: int, width: int, doing: str):
+        """``call()`` with the model tiled for an image of ``height x width`` (:meth:`_tile_for`) and its
+        calibration off (the head's raw map); running out of memory is a ``ValueError`` that says to tile."""
+        model = self.model
+        saved = model.use_tiling, model.tile_sample_size, model.tile_overlap, model.use_calibration
+        tile = self._tile_for(height, width)
+        model.use_calibration = False  # the raw head output: the likelihood bounds it, then self.calibration
+        try:
+            if tile:
+                model.enable_tiling(tile_sample_size=tile)
+            elif tile == 0:
+                model.disable_tiling()
+            return call()
+        except (RuntimeError, MemoryError) as error:
+            if not _out_of_memory(error):
+                raise
+            how = f"in tiles of {model.tile_sample_size} px" if model.use_tiling else "whole (untiled)"
+            raise ValueError(
+                f"out of memory {doing} a {height}x{width} image ({height * width / 1e6:.1f} MP) {how}: "
+                f"reconstruct it in smaller tiles (--tile PX on the command line, Predictor.tile in Python; "
+                f"a multiple of {model.config.downsample_factor}, e.g. 256) or free memory ({error})"
+            ) from None
+        finally:
+            model.use_tiling, model.tile_sample_size, model.tile_overlap, model.use_calibration = saved
 
     def _tile_for(self, height: int, width: int) -> int | None:
         """Tile size for one image: ``None`` leaves the model as it is, ``0`` turns tiling off."""
@@ -473,6 +518,104 @@ def load_images(paths: str | Path | list | None = None) -> ImageList:
             raise ValueError(f"cannot read image {files[i]}: {error}") from error
 
     return ImageList(_relative_names(files), files, read, skipped)
+
+
+LATENT_SUFFIXES = (".safetensors", ".pt")
+"""Files ``hetvae uncertainty`` reads as latents rather than images."""
+LATENT_KEY = "latents"
+
+
+def is_latent_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in LATENT_SUFFIXES
+
+
+def _read_latent_tensor(file: Path) -> Tensor:
+    """The one tensor of ``file`` (or the one named ``latents``); ``ValueError`` naming the file."""
+    if not file.is_file():
+        raise FileNotFoundError(f"latents {file}: no such file" + (" (a folder?)" if file.exists() else ""))
+    if file.suffix.lower() == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                keys = list(f.keys())
+                name = LATENT_KEY if LATENT_KEY in keys else keys[0] if len(keys) == 1 else None
+                tensors = {name: f.get_tensor(name)} if name is not None else {}
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise ValueError(f"latents {file}: cannot read the safetensors file, it is truncated or corrupt ({e})") from e
+    else:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - weights_only runs no code: anything else is a bad file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(
+                f"latents {file}: cannot load it with torch.load(weights_only=True), which reads only tensors and "
+                f"plain containers, never code ({first})"
+            ) from e
+        if isinstance(obj, Tensor):
+            return obj
+        if not isinstance(obj, dict):
+            raise ValueError(f"latents {file}: expected a tensor or a dict of tensors, found a {type(obj).__name__}")
+        keys = list(obj)
+        name = LATENT_KEY if LATENT_KEY in obj else keys[0] if len(keys) == 1 else None
+        tensors = {name: obj[name]} if name is not None else {}
+    if not tensors:
+        raise ValueError(
+            f"latents {file}: expected one tensor or one named {LATENT_KEY!r}, found "
+            f"{len(keys)} ({', '.join(map(repr, keys[:5]))}{', ...' if len(keys) > 5 else ''})"
+        )
+    (tensor,) = tensors.values()
+    if not isinstance(tensor, Tensor):
+        raise ValueError(f"latents {file}: {name!r} is a {type(tensor).__name__}, not a tensor")
+    return tensor
+
+
+def load_latents(path: str | Path, config, scaled: bool = False) -> Tensor:
+    """Latents ``(B, C, h, w)`` from a ``.safetensors`` file (its one tensor, or the one named
+    ``latents``) or a ``.pt`` file (a tensor, or such a dict; read with
+    ``torch.load(weights_only=True)``), as float32, unscaled for ``AutoencoderKL.decode``.
+
+    ``scaled``: the latents are a diffusion pipeline's (``output_type="latent"``) and are unscaled
+    as diffusers' pipelines do before decoding: ``z / scaling_factor + shift_factor`` with the
+    model's ``config``, or ``z * latents_std / scaling_factor + latents_mean`` when the config has
+    ``latents_mean`` and ``latents_std``. ``C`` must be ``config.latent_channels``. Every problem is
+    a ``ValueError`` naming the file (``FileNotFoundError`` for a missing one).
+    """
+    file = Path(path).expanduser()
+    z = _read_latent_tensor(file)
+    channels = config.latent_channels
+    shape = tuple(z.shape)
+    if not z.is_floating_point():
+        raise ValueError(f"latents {file}: expected floating-point values, got {z.dtype}")
+    if z.ndim != 4 or z.shape[1] != channels or z.numel() == 0:
+        raise ValueError(
+            f"latents {file}: shape {shape}, expected (B, {channels}, h, w): the model has latent_channels={channels}"
+            + (" (a single latent needs its batch dimension: z[None])" if z.ndim == 3 and z.shape[0] == channels else "")
+        )
+    z = z.float()
+    if not torch.isfinite(z).all():
+        raise ValueError(f"latents {file}: {int((~torch.isfinite(z)).sum())} value(s) are NaN or infinite")
+    if scaled:
+        if config.latents_mean is not None and config.latents_std is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1)
+            z = z * std / config.scaling_factor + mean
+        else:
+            z = z / config.scaling_factor + config.shift_factor
+    return z
+
+
+def save_decoded_maps(path: str | Path, latent: Tensor, decoded: Decoded, family: str, granularity: str) -> Path:
+    """The raw maps of one decoded latent (``latents`` as decoded, ``mean``, ``log_scale``) as
+    safetensors, written atomically, with the family, granularity and :data:`hetvae.viz.OUTPUT_MARKER`."""
+    from safetensors.torch import save_file
+
+    from hetvae.viz import OUTPUT_MARKER, write_atomically
+
+    maps = {"latents": latent.reshape(-1, *latent.shape[-2:]), "mean": decoded.mean[0], "log_scale": decoded.log_scale[0]}
+    tensors = {k: v.float().contiguous().cpu() for k, v in maps.items()}
+    metadata = {"family": family, "granularity": granularity, OUTPUT_MARKER: "decoded latent maps"}
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 # --- outputs: recognised, checked, written atomically --------------------------------------------

@@ -4,6 +4,9 @@ One row per image, four columns (five with ``standardized=True``)::
 
     input | reconstruction | |error| | predicted scale exp(log_scale) [| |error| / scale]
 
+Decoded latents have no input to compare with: :func:`decoded_panel` draws the decoded image and its
+predicted scale only.
+
 The error and the scale share one colour range per row: for a Laplace likelihood the scale ``b``
 *is* the expected absolute error (for a Gaussian, ``sigma`` is the error's standard deviation),
 so a well-calibrated map looks like a blurred copy of the error map. Both are averaged over
@@ -38,6 +41,8 @@ from torch import Tensor
 
 __all__ = [
     "OUTPUT_MARKER",
+    "decoded_panel",
+    "save_decoded_panel",
     "save_reliability_diagram",
     "save_scale_map",
     "save_sparsification_plot",
@@ -155,6 +160,53 @@ def save_uncertainty_panel(
     """Draw :func:`uncertainty_panel` and write it to ``path`` (PNG); returns the path."""
     fig = uncertainty_panel(inputs, mean, log_scale, title=title, standardized=standardized)
     return _save(fig, path, dpi, "uncertainty panel")
+
+
+def decoded_panel(mean: Tensor, log_scale: Tensor, *, title: str | None = None, cmap: str = "magma") -> Figure:
+    """A figure of ``B`` rows for decoded latents, which have no target: the decoded image and its
+    predicted scale ``exp(log_scale)`` (averaged over channels) on a logarithmic colour range from
+    the scale's 1st to its 99th percentile (at most a factor 1000), labelled in 8-bit levels.
+
+    Args:
+        mean: decoded images ``(B, C, H, W)`` in [-1, 1].
+        log_scale: the bounded (or calibrated) log-scale, broadcastable to ``mean``.
+    """
+    if mean.ndim != 4:
+        raise ValueError(f"mean must be (B, C, H, W), got {tuple(mean.shape)}")
+    mean = mean.detach().float().cpu()
+    scale = torch.broadcast_to(log_scale.detach().float().cpu(), mean.shape).exp().mean(dim=1)  # (B, H, W)
+    rows = mean.shape[0]
+    fig = Figure(figsize=(2 * 2.6, rows * 2.4 + (0.4 if title else 0.0)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 2, squeeze=False)
+    colours = colormaps[cmap].with_extremes(under=colormaps[cmap](0.0), bad=colormaps[cmap](0.0))
+    for r in range(rows):
+        sc = scale[r].numpy()
+        vmax = max(float(np.percentile(sc, 99)), 1e-6)
+        vmin = max(float(np.percentile(sc, 1)), vmax / 1000.0)
+        vmin = min(vmin, vmax / 1.01)  # a constant map still gets a range (and shows as one colour)
+        axes[r, 0].imshow(_to_image(mean[r]))
+        im = axes[r, 1].imshow(sc, cmap=colours, norm=LogNorm(vmin=vmin, vmax=vmax, clip=True))
+        bar = fig.colorbar(im, ax=axes[r, 1], fraction=0.046, pad=0.02)
+        _level_ticks(bar, vmin, vmax)
+        bar.set_label("scale b, 8-bit levels (log)", fontsize=8)
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(("decoded image", "predicted scale")[c], fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.text(0.5, 0.0, "b: the expected |error| of each pixel (Laplace); large where the decoder lost detail",
+             ha="center", va="bottom", fontsize=7, color="0.3")
+    return fig
+
+
+def save_decoded_panel(
+    path: str | os.PathLike, mean: Tensor, log_scale: Tensor, *, title: str | None = None, dpi: int = 100
+) -> Path:
+    """Draw :func:`decoded_panel` and write it to ``path`` (PNG); returns the path."""
+    return _save(decoded_panel(mean, log_scale, title=title), path, dpi, "decoded panel")
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
