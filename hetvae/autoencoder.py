@@ -471,18 +471,30 @@ def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
     return list(range(0, size - tile, stride)) + [size - tile]
 
 
-def _blend_window(length: int, ramp: int, *, rise: bool, fall: bool, like: Tensor) -> Tensor:
-    """``(length,)`` weights: 1 inside, linear ramps ``(k + 0.5) / ramp`` over ``ramp`` samples at
-    the sides that overlap a neighbour. Strictly positive, so every output pixel has weight."""
-    w = torch.ones(length, device=like.device, dtype=like.dtype)
-    ramp = min(ramp, length)
-    if ramp > 0:
-        up = (torch.arange(ramp, device=like.device, dtype=like.dtype) + 0.5) / ramp
-        if rise:
-            w[:ramp] = torch.minimum(w[:ramp], up)
-        if fall:
-            w[-ramp:] = torch.minimum(w[-ramp:], up.flip(0))
-    return w
+def _blend_window(starts: list[int], length: int, *, like: Tensor) -> list[Tensor]:
+    """One ``(length,)`` weight vector per tile of an axis whose tiles start at ``starts``.
+
+    Across the whole overlap ``[a, b)`` of neighbours ``k-1`` and ``k`` (the actual one: the last
+    tile, moved back to end at the border, overlaps more than the others), tile ``k`` rises as
+    ``p(u) = 3u^2 - 2u^3`` and tile ``k-1`` falls as ``1 - p(u)``, ``u = (x + 0.5 - a) / (b - a)``;
+    elsewhere a tile weighs 1. Where two tiles overlap the weights sum to exactly 1 (a partition of
+    unity), and ``p`` has zero slope at both ends, so the blend has no kink at a band's edge and a
+    tile's own border pixels, the ones its convolutions zero-padded, weigh almost nothing
+    (``~3 / (4 L^2)`` for a band of ``L`` pixels). Where three tiles meet (tiles much smaller than the
+    image's remainder) :func:`tiled_apply` divides by the sum. Strictly positive within a tile."""
+    pos = torch.arange(length, device=like.device, dtype=torch.float64) + 0.5
+    windows = []
+    for k, s in enumerate(starts):
+        w = torch.ones(length, device=like.device, dtype=torch.float64)
+        if k > 0 and starts[k - 1] + length > s:  # rise across the overlap with the previous tile
+            u = (pos / (starts[k - 1] + length - s)).clamp(0, 1)
+            w = w * u * u * (3 - 2 * u)
+        if k + 1 < len(starts) and s + length > starts[k + 1]:  # fall across the overlap with the next
+            a = starts[k + 1] - s
+            u = ((pos - a) / (length - a)).clamp(0, 1)
+            w = w * (1 - u * u * (3 - 2 * u))
+        windows.append(w.to(like.dtype))
+    return windows
 
 
 def tiled_apply(
@@ -496,29 +508,36 @@ def tiled_apply(
     """Apply ``fn`` to overlapping ``tile x tile`` crops of ``x`` ``(B, C, H, W)`` and blend.
 
     ``fn`` maps a crop ``(B, C, t, t)`` to tensors ``(B, C_k, t*n/d, t*n/d)`` (``scale = (n, d)``)
-    or None. Crops start every ``tile - overlap`` pixels; each output is the weighted average of
-    the tiles covering it, weights ramping linearly across the ``overlap`` band, so the result is
-    continuous across tile borders and equals the tile's own output away from the bands.
+    or None. Crops start every ``tile - overlap`` pixels (the last one moved back to end at the
+    border); each output is the weighted average of the tiles covering it, with the smooth
+    partition-of-unity weights of :func:`_blend_window` spanning each whole overlap, so the result
+    is continuous, with a continuous slope, across tile borders and equals the tile's own output
+    away from the overlaps. Every output (the mean and the log-scale map alike) is blended with the
+    same weights in the space ``fn`` returns it in: log-scales linearly, i.e. a weighted geometric
+    mean of the scales. Matching the moments of the tiles' mixture instead would add the tiles'
+    disagreement about the mean to the scale exactly along the overlaps, drawing the seams into the
+    map; blending like the mean keeps a constant map constant and the map's tiled-vs-untiled
+    difference as small as the mean's (``docs/performance.md``, ``tests/test_tiling_seams.py``).
     """
     num, den = scale
     height, width = x.shape[-2:]
     th, tw = min(tile, height), min(tile, width)
     rows = _tile_starts(height, th, tile - overlap)
     cols = _tile_starts(width, tw, tile - overlap)
-    ramp, oh, ow = overlap * num // den, th * num // den, tw * num // den
+    oh, ow = th * num // den, tw * num // den
     acc: list[Tensor | None] | None = None
     weight_sum: Tensor | None = None
-    for i in rows:
-        for j in cols:
+    for row, i in enumerate(rows):
+        for col, j in enumerate(cols):
             outs = fn(x[..., i : i + th, j : j + tw])
             ref = next(o for o in outs if o is not None)
-            wy = _blend_window(oh, ramp, rise=i > 0, fall=i + th < height, like=ref)
-            wx = _blend_window(ow, ramp, rise=j > 0, fall=j + tw < width, like=ref)
-            w = wy[:, None] * wx[None, :]
             if acc is None:
                 out_hw = (height * num // den, width * num // den)
                 acc = [None if o is None else o.new_zeros(*o.shape[:2], *out_hw) for o in outs]
                 weight_sum = ref.new_zeros(out_hw)
+                wys = _blend_window([r * num // den for r in rows], oh, like=ref)
+                wxs = _blend_window([c * num // den for c in cols], ow, like=ref)
+            w = wys[row][:, None] * wxs[col][None, :]
             oi, oj = i * num // den, j * num // den
             for a, o in zip(acc, outs):
                 if a is not None:
@@ -530,7 +549,7 @@ def tiled_apply(
 class AutoencoderKL(nn.Module):
     """The SD VAE: ``encode(x) -> DiagonalGaussian``, ``decode(z) -> Reconstruction``.
 
-    Large inputs: ``enable_tiling()`` (overlapping tiles, linearly blended; the log-scale map too),
+    Large inputs: ``enable_tiling()`` (overlapping tiles, smoothly blended; the log-scale map too),
     ``enable_slicing()`` (one sample at a time), ``enable_gradient_checkpointing()``. On the CPU the
     activations run channels_last (see :func:`activation_layout`); inputs and outputs keep the
     usual layout.
@@ -631,19 +650,33 @@ class AutoencoderKL(nn.Module):
 
     # --- switches --------------------------------------------------------------------------
 
-    def enable_tiling(self, tile_sample_size: int = 512, overlap: float = 0.25) -> None:
+    def enable_tiling(
+        self, use_tiling: bool = True, *, tile_sample_size: int | None = None, overlap: float | None = None
+    ) -> None:
         """Encode/decode inputs larger than ``tile_sample_size`` pixels in overlapping tiles.
 
-        ``overlap``: fraction of a tile shared with its neighbour, in ``[0, 0.5)``. Tiles are
-        normalised separately (GroupNorm statistics are per tile), so the result differs slightly
-        from the untiled one; see ``tests/test_autoencoder.py`` for the bound we test.
+        Callable as diffusers' ``AutoencoderKL.enable_tiling()`` is (no argument, as pipelines call
+        it; ``use_tiling``, positional or keyword, as older diffusers releases took it: False turns
+        tiling off). ``tile_sample_size``: tile size in pixels, a multiple of ``downsample_factor``;
+        ``overlap``: fraction of a tile shared with its neighbour, in ``[0, 0.5)``; None keeps the
+        current setting (512 and 0.25 at creation, diffusers' ``tile_sample_min_size`` and
+        ``tile_overlap_factor`` for SD). Tiles are normalised separately (GroupNorm statistics and
+        attention are per tile), so the result differs from the untiled one, the mean and the
+        log-scale map alike; the blend itself adds no seam (see :func:`tiled_apply`).
         """
+        if not isinstance(use_tiling, bool):
+            raise ValueError(
+                f"enable_tiling: use_tiling must be True or False, got {use_tiling!r}; pass a tile size by "
+                f"keyword: enable_tiling(tile_sample_size={use_tiling!r})"
+            )
+        tile = self.tile_sample_size if tile_sample_size is None else tile_sample_size
+        overlap = self.tile_overlap if overlap is None else overlap
         f = self.config.downsample_factor
-        if tile_sample_size <= 0 or tile_sample_size % f:
-            raise ValueError(f"tile_sample_size must be a positive multiple of {f}, got {tile_sample_size}")
-        if not 0.0 <= overlap < 0.5:
-            raise ValueError(f"overlap must be in [0, 0.5), got {overlap}")
-        self.use_tiling, self.tile_sample_size, self.tile_overlap = True, tile_sample_size, overlap
+        if not _is_int(tile) or tile <= 0 or tile % f:
+            raise ValueError(f"tile_sample_size must be a positive multiple of {f}, got {tile!r}")
+        if not _is_number(overlap) or not 0.0 <= overlap < 0.5:
+            raise ValueError(f"overlap must be in [0, 0.5), got {overlap!r}")
+        self.use_tiling, self.tile_sample_size, self.tile_overlap = use_tiling, tile, float(overlap)
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
