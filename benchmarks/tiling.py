@@ -55,14 +55,14 @@ def compare(tiled: torch.Tensor, whole: torch.Tensor, borders: list[int]) -> dic
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image size in pixels (latent size / 8)")
     parser.add_argument("--tile", type=int, default=256, help="tile size in pixels")
     parser.add_argument("--overlap", type=float, default=0.25)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
