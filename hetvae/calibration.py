@@ -292,17 +292,10 @@ class Calibration:
         """Write a ``.safetensors`` file atomically."""
         from safetensors.torch import save_file
 
-        from hetvae.checkpoint import fsync_dir, fsync_file
+        from hetvae.checkpoint import write_atomically
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.to_tensors()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        return path
+        return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,23 +101,28 @@ def _checkpoint_error(message: str) -> ValueError:
     return CheckpointError(message)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Replace ``path`` with ``text`` atomically: a temporary file in the same folder, fsynced, then
-    ``os.replace``. Whatever happens (a kill, a full disk), ``path`` holds either its old content
-    or the new one, and no temporary file is left behind by an error."""
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, fsync it, and ``os.replace``
+    it onto ``path``: whatever happens (a kill, a full disk), ``path`` holds either its old content
+    or the whole new one, and no temporary file is left behind by an error. The one atomic writer
+    of the package (checkpoints, exports, outputs, metrics). Creates ``path``'s folder. Returns ``path``."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Replace ``path`` with ``text`` (UTF-8) atomically (:func:`write_atomically`)."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _folder_name(step: int) -> str:

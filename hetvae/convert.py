@@ -37,7 +37,6 @@ import dataclasses
 import importlib.metadata
 import json
 import math
-import os
 import pickle
 import re
 import sys
@@ -53,7 +52,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Likelihood
-from hetvae.checkpoint import fsync_dir, fsync_file
+from hetvae.checkpoint import fsync_dir, write_atomically
 
 FORMATS = ("hetvae", "diffusers", "ldm")
 CONFIG_KEY = "hetvae_config"
@@ -786,20 +785,6 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
 # --- saving --------------------------------------------------------------------------------
 
 
-def _write_atomically(file: Path, write: Callable[[Path], None]) -> None:
-    """``write(temporary path)`` in ``file``'s folder, fsync, then one ``os.replace``: a crash leaves
-    the old file or the new one, never half of either."""
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, file)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(file.parent)
-
-
 def _model_files(folder: Path) -> list[Path]:
     """The model files of every format found directly in ``folder``."""
     names = (HETVAE_FILE, DIFFUSERS_CONFIG, *DIFFUSERS_WEIGHTS, DIFFUSERS_HEAD_FILE, LDM_FILE,
@@ -912,7 +897,7 @@ def save_autoencoder(
     _check_destination(path, format, list(writes), stale, overwrite)
     weights.parent.mkdir(parents=True, exist_ok=True)
     for file, write in writes.items():
-        _write_atomically(file, write)
+        write_atomically(file, write)
     if stale is not None and stale.exists():
         stale.unlink()
         fsync_dir(stale.parent)

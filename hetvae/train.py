@@ -122,7 +122,6 @@ from hetvae.config import (
 from hetvae.convert import CheckpointError
 from hetvae.data import ImageDataset, build_dataset
 from hetvae.distributions import DiagonalGaussian
-from hetvae.objective import AutoencoderObjective
 
 __all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "EMA", "TRAIN_CONFIG_KEY", "RESUME_MAY_CHANGE"]
 

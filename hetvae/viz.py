@@ -27,7 +27,6 @@ overwrite anything else).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from torch import Tensor
+
+from hetvae.checkpoint import write_atomically
 
 __all__ = [
     "OUTPUT_MARKER",
@@ -207,26 +208,6 @@ def save_decoded_panel(
 ) -> Path:
     """Draw :func:`decoded_panel` and write it to ``path`` (PNG); returns the path."""
     return _save(decoded_panel(mean, log_scale, title=title), path, dpi, "decoded panel")
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, flush it to disk and rename
-    it to ``path``: a reader (or a crash) sees the old file or the whole new one, never half a
-    file. The temporary file is removed if ``write`` fails. Returns ``path``."""
-    from hetvae.checkpoint import fsync_dir, fsync_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
 
 
 def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100, what: str = "figure") -> Path:
