@@ -37,7 +37,6 @@ up to float rounding (hetvae computes in its own memory layout).
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hetvae.autoencoder import Likelihood
+from hetvae.autoencoder import Likelihood, log_scale_layers
 from hetvae.convert import (
     CONFIG_KEY,
     DIFFUSERS_CONFIG,
@@ -56,8 +55,8 @@ from hetvae.convert import (
     TRUNK_PREFIX,
     CheckpointError,
     is_head_key,
+    trunk_indices,
 )
-from hetvae.functional import soft_clamp
 
 __all__ = ["LogScaleDecoder", "ScaledDecoderOutput", "attach_log_scale_head"]
 
@@ -84,15 +83,7 @@ class _Head(nn.Module):
 
     def __init__(self, *, in_channels: int, out_channels: int, layers: int, hidden: int) -> None:
         super().__init__()
-        self.log_scale_trunk: nn.Sequential | None = None
-        width = in_channels
-        if layers:
-            parts: list[nn.Module] = []
-            for i in range(layers):
-                parts += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, kernel_size=3, padding=1), nn.SiLU()]
-            self.log_scale_trunk = nn.Sequential(*parts)
-            width = hidden
-        self.log_scale_head = nn.Conv2d(width, out_channels, kernel_size=3, padding=1)
+        self.log_scale_trunk, self.log_scale_head = log_scale_layers(in_channels, out_channels, layers, hidden)
 
     def forward(self, h: Tensor) -> Tensor:
         if self.log_scale_trunk is not None:
@@ -150,11 +141,7 @@ class LogScaleDecoder(nn.Module):
     def bound(self, raw: Tensor) -> Tensor:
         """The head's raw output -> the likelihood's bounded log-scale (in float32 at least) ->
         calibrated when :attr:`use_calibration` and a calibration is stored; in ``raw``'s dtype."""
-        lik = self.likelihood
-        s = soft_clamp(raw.to(torch.promote_types(raw.dtype, torch.float32)), *lik.bounds, lik.margin)
-        if self.use_calibration and self._calibration is not None:
-            s = self._calibration.apply(s)
-        return s.to(raw.dtype)
+        return self.likelihood.bound(raw, self._calibration if self.use_calibration else None)
 
     def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None):
         """Decode unscaled latents ``(B, latent_channels, h, w)`` with the stock ``vae.decode`` and
@@ -257,7 +244,7 @@ def _build_head(tensors: dict[str, Tensor], conv_out: nn.Conv2d, path: Path) -> 
     weight = tensors.get(HEAD_PREFIX + "weight")
     if weight is None or HEAD_PREFIX + "bias" not in tensors:
         raise _error(path, f"no log-scale head: expected {HEAD_PREFIX}weight and bias; keys: {sorted(tensors)[:5]}")
-    trunk = sorted(int(m.group(1)) for k in tensors if (m := re.fullmatch(re.escape(TRUNK_PREFIX) + r"(\d+)\.weight", k)))
+    trunk = trunk_indices(tensors)
     first = tensors[f"{TRUNK_PREFIX}{trunk[0]}.weight"] if trunk else weight
     first_in, maps = int(first.shape[1]), int(weight.shape[0])
     if weight.ndim != 4 or first.ndim != 4 or first_in not in (features, features + image_channels):

@@ -104,6 +104,18 @@ class Likelihood:
                 raise ValueError(f"likelihood.calibration was fitted for {cal.family!r}, the likelihood is {self.family!r}")
             self.calibration = cal.to_dict()  # normalised: lists of floats
 
+    def bound(self, raw: Tensor, calibration: Any = None) -> Tensor:
+        """A head's raw output -> this likelihood's bounded log-scale
+        ``soft_clamp(raw, *bounds, margin)`` (computed in at least float32) -> corrected by
+        ``calibration`` (a :class:`hetvae.calibration.Calibration`) when given; in ``raw``'s dtype.
+        What a calibrated model's decode and an attached head return."""
+        from hetvae.functional import soft_clamp
+
+        s = soft_clamp(raw.to(torch.promote_types(raw.dtype, torch.float32)), *self.bounds, self.margin)
+        if calibration is not None:
+            s = calibration.apply(s)
+        return s.to(raw.dtype)
+
     def calibrator(self):
         """The :class:`hetvae.calibration.Calibration` stored here, or None."""
         if self.calibration is None:
@@ -373,6 +385,22 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # callers get the usual layout
 
 
+def log_scale_layers(in_channels: int, maps: int, layers: int, hidden: int) -> tuple[nn.Sequential | None, nn.Conv2d]:
+    """The per-pixel head's modules: ``log_scale_trunk`` (``layers`` x [3x3 conv to ``hidden``
+    channels, SiLU], None for 0 layers) and the output 3x3 conv ``log_scale_head`` to ``maps``
+    maps, default-initialised. Shared by :meth:`Decoder.add_log_scale_head` and
+    :func:`hetvae.attach_log_scale_head`, so an attached head is hetvae's own."""
+    trunk = None
+    width = in_channels
+    if layers > 0:
+        parts: list[nn.Module] = []
+        for i in range(layers):
+            parts += [nn.Conv2d(width if i == 0 else hidden, hidden, kernel_size=3, padding=1), nn.SiLU()]
+        trunk = nn.Sequential(*parts)
+        width = hidden
+    return trunk, nn.Conv2d(width, maps, kernel_size=3, padding=1)
+
+
 class Decoder(nn.Module):
     """``(B, latent_channels, h, w) -> (mean (B, out_channels, fh, fw), log_scale or None)``.
 
@@ -431,14 +459,8 @@ class Decoder(nn.Module):
             raise ValueError("the decoder already has a log_scale_head")
         ref = self.conv_out.weight
         width = self.conv_out.in_channels + (self.conv_out.out_channels if sees_mean else 0)
-        if layers > 0:
-            hidden = hidden or self.conv_out.in_channels
-            parts: list[nn.Module] = []
-            for i in range(layers):
-                parts += [nn.Conv2d(width if i == 0 else hidden, hidden, kernel_size=3, padding=1), nn.SiLU()]
-            self.log_scale_trunk = nn.Sequential(*parts).to(device=ref.device, dtype=ref.dtype)
-            width = hidden
-        head = nn.Conv2d(width, channels, kernel_size=3, padding=1)
+        trunk, head = log_scale_layers(width, channels, layers, hidden or self.conv_out.in_channels)
+        self.log_scale_trunk = None if trunk is None else trunk.to(device=ref.device, dtype=ref.dtype)
         head.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             head.weight.zero_()
@@ -772,7 +794,7 @@ class AutoencoderKL(nn.Module):
         if log_scale is not None and self.use_calibration:
             cal = self.calibration
             if cal is not None:
-                log_scale = self._calibrated(log_scale, cal)
+                log_scale = self.config.likelihood.bound(log_scale, cal)
         rec = Reconstruction(mean=mean, log_scale=log_scale)
         return rec if return_dict else (rec.mean,)
 
@@ -788,14 +810,6 @@ class AutoencoderKL(nn.Module):
             cached = (lik.calibration, lik.calibrator())
             self._calibration_cache = cached
         return cached[1]
-
-    def _calibrated(self, raw: Tensor, cal) -> Tensor:
-        """The head's raw output -> the bounded log-scale of the likelihood -> calibrated."""
-        from hetvae.functional import soft_clamp
-
-        lik = self.config.likelihood
-        bounded = soft_clamp(raw.float(), *lik.bounds, lik.margin)
-        return cal.apply(bounded).to(raw.dtype)
 
     def forward(
         self, x: Tensor, sample_posterior: bool = False, generator: torch.Generator | None = None

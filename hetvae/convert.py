@@ -51,7 +51,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Likelihood
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Likelihood, _is_int, _is_number
 from hetvae.checkpoint import fsync_dir, write_atomically
 
 FORMATS = ("hetvae", "diffusers", "ldm")
@@ -332,6 +332,11 @@ def is_head_key(key: str) -> bool:
     return key.startswith((HEAD_PREFIX, TRUNK_PREFIX))
 
 
+def trunk_indices(keys: Iterable[str]) -> list[int]:
+    """Sorted indices ``i`` of the head's trunk convolutions (``decoder.log_scale_trunk.<i>.weight``)."""
+    return sorted(int(m.group(1)) for k in keys if (m := re.fullmatch(re.escape(TRUNK_PREFIX) + r"(\d+)\.weight", k)))
+
+
 def head_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     """The ``AutoencoderConfig`` head fields read off the tensors' names and shapes: whether there is
     a head, its map count, hidden layers and width, and whether it reads the mean output (its first
@@ -341,9 +346,7 @@ def head_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
         return dict(log_scale=None)
     features = int(state_dict["decoder.conv_out.weight"].shape[1])
     out_channels = int(state_dict["decoder.conv_out.weight"].shape[0])
-    trunk = sorted(
-        int(m.group(1)) for k in state_dict if (m := re.fullmatch(re.escape(TRUNK_PREFIX) + r"(\d+)\.weight", k))
-    )
+    trunk = trunk_indices(state_dict)
     first_in = int(state_dict[f"{TRUNK_PREFIX}{trunk[0]}.weight"].shape[1]) if trunk else int(head.shape[1])
     return dict(
         log_scale="pixel",
@@ -364,15 +367,11 @@ _DIFFUSERS_DEFAULTS = dict(
 
 
 def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return _is_int(v) and v >= 1
 
 
 def _numbers(n: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v is None or (isinstance(v, list) and len(v) == n and all(map(_number, v))),
+    return (lambda v: v is None or (isinstance(v, list) and len(v) == n and all(map(_is_number, v))),
             f"null or a list of {n} numbers (one per latent channel)")
 
 
@@ -384,8 +383,8 @@ _DIFFUSERS_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
                            "a list of positive integers"),
     **{k: (lambda v: isinstance(v, bool), "true or false")
        for k in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast")},
-    "scaling_factor": (_number, "a number"),
-    "shift_factor": (lambda v: v is None or _number(v), "a number or null"),
+    "scaling_factor": (_is_number, "a number"),
+    "shift_factor": (lambda v: v is None or _is_number(v), "a number or null"),
     "sample_size": (lambda v: _positive_int(v) or (isinstance(v, list) and bool(v) and all(map(_positive_int, v))),
                     "a positive integer or a list of them"),
     "act_fn": (lambda v: isinstance(v, str), "a string"),
