@@ -518,8 +518,7 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
         kwargs: passed to :func:`fit_calibration`.
     """
     from hetvae.autoencoder import AutoencoderKL
-    from hetvae.evaluate import Predictor, iter_predictions, load_images, load_predictor
-    from hetvae.loss import HeteroscedasticNLL
+    from hetvae.evaluate import Predictor, iter_predictions, load_images, load_predictor, model_nll
 
     if isinstance(model, (str, os.PathLike)):
         predictor = load_predictor(model)
@@ -531,8 +530,7 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
                 "an AutoencoderKL without a log-scale head has no scale to calibrate: pass the run's "
                 "Predictor (hetvae.evaluate.load_predictor(run_dir)) for a global/channel scale"
             )
-        nll = HeteroscedasticNLL("pixel", channels=model.config.out_channels, init=model.config.log_scale_init)
-        predictor = Predictor(model=model.eval(), nll=nll.eval(), source="model")
+        predictor = Predictor(model=model.eval(), nll=model_nll(model).eval(), source="model")
     else:
         raise CalibrationError(f"model must be a Predictor, an AutoencoderKL or a path, got {type(model).__name__}")
     if isinstance(images, (str, os.PathLike)):

@@ -240,31 +240,34 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibra
             )
     else:
         model = load_autoencoder(path)
-        likelihood = model.config.likelihood
-        if likelihood is not None:  # recorded with the model: score it as it was trained
-            from hetvae.convert import expected_head_file, nll_from_likelihood
-
-            if likelihood.granularity == "pixel" and not model.has_log_scale_head:
-                raise ValueError(
-                    f"{path}: the model was trained with a per-pixel likelihood but has no log-scale head; "
-                    f"an exported head lives beside the weights as {expected_head_file(path)}, which is missing"
-                )
-            try:
-                nll = nll_from_likelihood(likelihood, model.config.out_channels)
-            except ValueError as e:
-                raise ValueError(f"{path}: the recorded likelihood is not usable ({e})") from e
-        elif model.has_log_scale_head:
-            nll = HeteroscedasticNLL(
-                "pixel", channels=model.config.out_channels, init=model.config.log_scale_init
-            )
-        else:
-            nll = HeteroscedasticNLL("global", channels=model.config.out_channels, fit="optimal")
+        nll = model_nll(model, path)
     model.eval().to(device)
     nll.eval().to(device)
     calibration = model.calibration if calibrated else None
     if calibration is not None and calibration.family != nll.family:
         raise ValueError(f"{path}: the stored calibration was fitted for {calibration.family!r}, the model is scored as {nll.family!r}")
     return Predictor(model=model, nll=nll, source=str(path), calibration=calibration)
+
+
+def model_nll(model: AutoencoderKL, path: str | Path | None = None) -> HeteroscedasticNLL:
+    """The likelihood a model is scored with outside its run folder: the one recorded with it
+    (``config.likelihood``); else, with a head, its map under the default bounds (Laplace); else the
+    closed-form best constant scale of each image. ``path``: where the model was read, for messages."""
+    likelihood = model.config.likelihood
+    where = f"{path}: " if path is not None else ""
+    if likelihood is not None:  # recorded with the model: score it as it was trained
+        from hetvae.convert import expected_head_file, nll_from_likelihood
+
+        if likelihood.granularity == "pixel" and not model.has_log_scale_head:
+            missing = f"; an exported head lives beside the weights as {expected_head_file(path)}, which is missing" if path else ""
+            raise ValueError(f"{where}the model was trained with a per-pixel likelihood but has no log-scale head{missing}")
+        try:
+            return nll_from_likelihood(likelihood, model.config.out_channels)
+        except ValueError as e:
+            raise ValueError(f"{where}the recorded likelihood is not usable ({e})") from e
+    if model.has_log_scale_head:
+        return HeteroscedasticNLL("pixel", channels=model.config.out_channels, init=model.config.log_scale_init)
+    return HeteroscedasticNLL("global", channels=model.config.out_channels, fit="optimal")
 
 
 class _Pool:

@@ -194,3 +194,17 @@ def test_a_stored_calibration_for_another_family_is_refused():
         Likelihood(granularity="pixel", family="laplace", calibration=cal.to_dict())
     with pytest.raises(ValueError, match="calibration"):
         Likelihood(granularity="pixel", calibration={"method": "affine"})
+
+
+def test_an_in_memory_model_is_calibrated_under_its_recorded_likelihood(photos):
+    """``hetvae.calibrate(model, ...)`` scores the model as load_predictor would: with the
+    likelihood recorded in its config (here Gaussian, narrower bounds), not a default Laplace."""
+    from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    torch.manual_seed(0)
+    config = AutoencoderConfig(
+        block_out_channels=(16, 32), latent_channels=4, norm_num_groups=8, log_scale="pixel", log_scale_init=-2.0,
+        likelihood={"granularity": "pixel", "family": "gaussian", "bounds": (-5.0, 1.0), "init": -2.0},
+    )
+    cal = calibrate(AutoencoderKL(config), load_images(photos), method="affine")
+    assert cal.family == "gaussian"
