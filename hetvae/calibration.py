@@ -27,9 +27,10 @@ on the fitting images worse, raises :class:`CalibrationError`.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ DEFAULT_METHOD = "affine"
 MIN_PIXELS = 10_000
 MAX_FIT_PIXELS = 1_000_000  # per channel; a random subset beyond that (seeded) keeps the fit fast
 _BIN = 2.0 / 255.0
-_PREFIX = "calibration."
+_META_KEY = "hetvae_calibration"
 
 
 class CalibrationError(ValueError):
@@ -121,7 +122,6 @@ class Calibration:
     n_pixels: int = 0
     bpd_before: float = float("nan")
     bpd_after: float = float("nan")
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -174,13 +174,21 @@ class Calibration:
         a, c = self._coefficients(s)
         return a * s + c
 
+    def _levels(self) -> Tensor:
+        """``(C, K+1)``: ``R(p_k) = k / K``, the values of the recalibration map at the knots."""
+        return torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64).expand_as(self.knots)
+
+    def _affine_level(self, p: float) -> Tensor:
+        """``(C, 1)``: the affine-corrected central level whose interval is the calibrated
+        ``p``-interval, ``R^-1(p)`` (``p`` itself for an affine calibration)."""
+        q = torch.full((self.channels, 1), float(p), dtype=torch.float64)
+        return q if self.knots is None else _interp(q, self._levels(), self.knots)
+
     def interval_factor(self, p: float = 0.9) -> Tensor:
         """``(C,)`` ratio of the recalibrated central ``p``-interval to the affine one (1 for affine)."""
         if self.knots is None:
             return torch.ones(self.channels, dtype=torch.float64)
-        q = torch.full((self.channels, 1), p, dtype=torch.float64)
-        levels = torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64).expand_as(self.knots)
-        u = _interp(q, levels, self.knots)  # R^-1(p)
+        u = self._affine_level(p)
         ref = _half_width(torch.tensor(p, dtype=torch.float64), self.family)
         return (_half_width(u.clamp(max=1 - 1e-12), self.family) / ref).flatten()
 
@@ -203,16 +211,7 @@ class Calibration:
     def coverage_curve(self, target: Tensor, mean: Tensor, log_scale: Tensor, levels) -> list[float]:
         """Fraction of values inside the calibrated central ``p``-interval, for each ``p``."""
         u = self.central_levels(target, mean, log_scale)
-        out = []
-        for p in levels:
-            q = torch.full((self.channels, 1), float(p), dtype=torch.float64)
-            if self.knots is None:
-                bound = q
-            else:
-                grid = torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64).expand_as(self.knots)
-                bound = _interp(q, grid, self.knots)
-            out.append((u <= bound).double().mean().item())
-        return out
+        return [(u <= self._affine_level(p)).double().mean().item() for p in levels]
 
     def discretized_nll(self, target: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
         """Per-element NLL in nats of 8-bit ``target`` under the calibrated distribution, ``(B, C, H, W)``."""
@@ -226,10 +225,9 @@ class Calibration:
         lo_edge = torch.where(k <= 0, torch.full_like(x, -math.inf), x - _BIN / 2)
         hi_edge = torch.where(k >= 255, torch.full_like(x, math.inf), x + _BIN / 2)
         shape = x.shape
-        grid = torch.linspace(0, 1, self.knots.shape[1], dtype=torch.float64).expand_as(self.knots)
         # tail mass beyond an edge, on the edge's side of the mean: (1 - R(u)) / 2, from the accurate 1 - u
         comp_knots = (1.0 - self.knots).flip(1)  # increasing 1 - p_k
-        comp_vals = (1.0 - grid).flip(1)
+        comp_vals = (1.0 - self._levels()).flip(1)
 
         def tail(edge: Tensor) -> Tensor:
             r = (edge - mu).abs() * inv
@@ -251,51 +249,15 @@ class Calibration:
 
     # --- storage -----------------------------------------------------------------------------
 
-    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
-        """Tensors and string metadata for a safetensors file (keys prefixed ``calibration.``)."""
-        tensors = {_PREFIX + "slope": self.slope.clone(), _PREFIX + "offset": self.offset.clone()}
-        if self.knots is not None:
-            tensors[_PREFIX + "knots"] = self.knots.clone()
-        meta = {
-            _PREFIX + "method": self.method, _PREFIX + "family": self.family,
-            _PREFIX + "n_pixels": str(self.n_pixels),
-            _PREFIX + "bpd_before": repr(self.bpd_before), _PREFIX + "bpd_after": repr(self.bpd_after),
-        }
-        meta.update({_PREFIX + "extra." + k: v for k, v in self.extra.items()})
-        return tensors, meta
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], metadata: dict[str, str] | None, source: str = "") -> "Calibration | None":
-        """The calibration stored in ``tensors``/``metadata``, or ``None`` if there is none."""
-        metadata = metadata or {}
-        if _PREFIX + "slope" not in tensors and _PREFIX + "method" not in metadata:
-            return None
-        where = f" in {source}" if source else ""
-        try:
-            return cls(
-                method=metadata[_PREFIX + "method"],
-                family=metadata[_PREFIX + "family"],
-                slope=tensors[_PREFIX + "slope"],
-                offset=tensors[_PREFIX + "offset"],
-                knots=tensors.get(_PREFIX + "knots"),
-                n_pixels=int(metadata.get(_PREFIX + "n_pixels", "0")),
-                bpd_before=float(metadata.get(_PREFIX + "bpd_before", "nan")),
-                bpd_after=float(metadata.get(_PREFIX + "bpd_after", "nan")),
-                extra={k[len(_PREFIX + "extra."):]: v for k, v in metadata.items() if k.startswith(_PREFIX + "extra.")},
-            )
-        except KeyError as e:
-            raise CalibrationError(f"incomplete calibration{where}: {e.args[0]!r} is missing") from None
-        except (CalibrationError, ValueError) as e:
-            raise CalibrationError(f"invalid calibration{where}: {e}") from None
-
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a ``.safetensors`` file atomically."""
+        """Write a ``.safetensors`` file atomically, holding :meth:`to_dict` as JSON in its
+        metadata (the same record a model's likelihood carries; no tensors)."""
         from safetensors.torch import save_file
 
         from hetvae.checkpoint import write_atomically
 
-        tensors, meta = self.to_tensors()
-        return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        meta = {_META_KEY: json.dumps(self.to_dict())}
+        return write_atomically(path, lambda tmp: save_file({}, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":
@@ -304,16 +266,18 @@ class Calibration:
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                text = (f.metadata() or {}).get(_META_KEY)
         except FileNotFoundError:
             raise
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise CalibrationError(f"cannot read calibration file {path}: {e}") from None
-        cal = cls.from_tensors(tensors, meta, str(path))
-        if cal is None:
-            raise CalibrationError(f"{path} holds no calibration (no 'calibration.*' entries)")
-        return cal
+        if text is None:
+            raise CalibrationError(f"{path} holds no calibration (no {_META_KEY!r} metadata)")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"invalid calibration in {path}: {e}") from None
+        return cls.from_dict(data, str(path))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (how a model file's likelihood record carries it; :meth:`from_dict`)."""

@@ -150,7 +150,11 @@ def test_storage_round_trip(tmp_path):
     torch.testing.assert_close(back.slope, cal.slope)
     s = torch.randn(2, 1, 4, 4)
     torch.testing.assert_close(back.apply(s), cal.apply(s))
-    assert Calibration.from_tensors({}, {}) is None
+    from safetensors.torch import save_file
+
+    save_file({}, str(tmp_path / "none.safetensors"))
+    with pytest.raises(CalibrationError, match="holds no calibration"):
+        Calibration.load(tmp_path / "none.safetensors")
 
 
 def test_invalid_calibrations_name_the_problem(tmp_path):
