@@ -40,6 +40,7 @@ from torch import Tensor
 from hetvae import metrics as M
 from hetvae.autoencoder import AutoencoderKL
 from hetvae.calibration import Calibration
+from hetvae.checkpoint import atomic_write_text, write_atomically
 from hetvae.loss import HeteroscedasticNLL
 
 RUN_FILES = ("config.yaml", "model.safetensors")
@@ -119,13 +120,19 @@ class Predictor:
         x = image if image.ndim == 4 else image.unsqueeze(0)
         x = x.to(next(self.model.parameters()).device, torch.float32)
         rec, _ = self._run(lambda: self.model(x, sample_posterior=False), *x.shape[-2:], "reconstructing")
+        mean, s, uncalibrated = self._scales(x, rec)
+        return Prediction(x, mean, s, raw_log_scale=uncalibrated)
+
+    def _scales(self, like: Tensor, rec) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(mean, log-scale, uncalibrated log-scale or None)`` of a reconstruction, the scales
+        broadcast to the mean's shape and calibrated when :attr:`calibration` is set. ``like``: the
+        target (its values matter only to a closed-form scale; its shape is the mean's)."""
         mean = rec.mean.float()
         raw = rec.log_scale.float() if self.granularity == "pixel" else None
-        s = torch.broadcast_to(self.nll.log_scale(x, mean, raw), x.shape).contiguous()
+        s = torch.broadcast_to(self.nll.log_scale(like, mean, raw), mean.shape).contiguous()
         if self.calibration is None:
-            return Prediction(x, mean, s)
-        calibrated = torch.broadcast_to(self.calibration.apply(s), x.shape).contiguous()
-        return Prediction(x, mean, calibrated, raw_log_scale=s)
+            return mean, s, None
+        return mean, torch.broadcast_to(self.calibration.apply(s), mean.shape).contiguous(), s
 
     @torch.no_grad()
     def decode_latents(self, z: Tensor) -> Decoded:
@@ -147,12 +154,8 @@ class Predictor:
         z = z.to(next(self.model.parameters()).device, torch.float32)
         f = self.model.config.downsample_factor
         rec = self._run(lambda: self.model.decode(z), z.shape[-2] * f, z.shape[-1] * f, "decoding")
-        mean = rec.mean.float()
-        raw = rec.log_scale.float() if self.granularity == "pixel" else None
-        s = torch.broadcast_to(self.nll.log_scale(mean, mean, raw), mean.shape).contiguous()  # mean: the shape only
-        if self.calibration is None:
-            return Decoded(mean, s)
-        return Decoded(mean, torch.broadcast_to(self.calibration.apply(s), mean.shape).contiguous(), raw_log_scale=s)
+        mean, s, uncalibrated = self._scales(rec.mean.float(), rec)  # no target: the mean gives the shape
+        return Decoded(mean, s, raw_log_scale=uncalibrated)
 
     def _run(self, call: Callable, height: int, width: int, doing: str):
         """``call()`` with the model tiled for an image of ``height x width`` (:meth:`_tile_for`) and its
@@ -611,13 +614,19 @@ def load_latents(path: str | Path, config, scaled: bool = False) -> Tensor:
 def save_decoded_maps(path: str | Path, latent: Tensor, decoded: Decoded, family: str, granularity: str) -> Path:
     """The raw maps of one decoded latent (``latents`` as decoded, ``mean``, ``log_scale``) as
     safetensors, written atomically, with the family, granularity and :data:`hetvae.viz.OUTPUT_MARKER`."""
+    maps = {"latents": latent.reshape(-1, *latent.shape[-2:]), "mean": decoded.mean[0], "log_scale": decoded.log_scale[0]}
+    return _save_marked_maps(path, {k: v.float() for k, v in maps.items()}, family, granularity, "decoded latent maps")
+
+
+def _save_marked_maps(path: str | Path, maps: dict[str, Tensor], family: str, granularity: str, what: str) -> Path:
+    """``maps`` as a safetensors file, written atomically, with the family, granularity and
+    :data:`hetvae.viz.OUTPUT_MARKER` (``what``) in its metadata."""
     from safetensors.torch import save_file
 
-    from hetvae.viz import OUTPUT_MARKER, write_atomically
+    from hetvae.viz import OUTPUT_MARKER
 
-    maps = {"latents": latent.reshape(-1, *latent.shape[-2:]), "mean": decoded.mean[0], "log_scale": decoded.log_scale[0]}
-    tensors = {k: v.float().contiguous().cpu() for k, v in maps.items()}
-    metadata = {"family": family, "granularity": granularity, OUTPUT_MARKER: "decoded latent maps"}
+    tensors = {k: v.contiguous().cpu() for k, v in maps.items()}
+    metadata = {"family": family, "granularity": granularity, OUTPUT_MARKER: what}
     return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
@@ -705,22 +714,14 @@ def uncertainty_outputs(out: str | Path, name: str) -> tuple[Path, Path, Path]:
 def save_maps(path: str | Path, prediction: Prediction, family: str, granularity: str) -> Path:
     """The raw ``(C, H, W)`` maps of one prediction (input, mean, log_scale, error) as safetensors,
     written atomically, with the family, granularity and :data:`hetvae.viz.OUTPUT_MARKER`."""
-    from safetensors.torch import save_file
-
-    from hetvae.viz import OUTPUT_MARKER, write_atomically
-
     p = prediction
     maps = {"input": p.target[0], "mean": p.mean[0], "log_scale": p.log_scale[0], "error": p.error[0]}
-    tensors = {k: v.contiguous().cpu() for k, v in maps.items()}
-    metadata = {"family": family, "granularity": granularity, OUTPUT_MARKER: "uncertainty maps"}
-    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return _save_marked_maps(path, maps, family, granularity, "uncertainty maps")
 
 
 def write_text(text: str, path: str | Path) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
-    from hetvae.viz import write_atomically
-
-    return write_atomically(path, lambda tmp: tmp.write_text(text))
+    """Write ``text`` to ``path`` atomically (:func:`hetvae.checkpoint.atomic_write_text`)."""
+    return atomic_write_text(path, text)
 
 
 def write_json(result: dict, path: str | Path) -> Path:
