@@ -26,6 +26,7 @@ import difflib
 import functools
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -748,6 +749,9 @@ class TrainConfig:
             about its learning rate per step, so at a typical autoencoder lr (1e-4) a log-scale
             starting at 0 needs tens of thousands of steps to reach ``log|error| ~ -3``; this lets it
             get there in hundreds without touching the network's lr.
+        device: where training runs: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"``. Under torchrun, ``"auto"``/``"cuda"`` put each process on
+            the GPU of its ``LOCAL_RANK``; ``"cpu"`` trains with gloo.
     """
 
     steps: int = 800
@@ -773,9 +777,15 @@ class TrainConfig:
     resume: Literal["never", "auto"] = "auto"
     disc_lr: float | None = None
     log_scale_lr: float | None = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _require_finite(self)
+        _require(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
+            "device",
+            f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
+        )
         for name in ("steps", "batch_size", "grad_accum"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "seed", "checkpoint_every", "sample_every", "log_every",

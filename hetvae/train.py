@@ -141,6 +141,7 @@ RESUME_MAY_CHANGE = frozenset({
     # optimiser settings: a resume takes the configured ones (see _load_optimizer), e.g. a lower lr
     "train.lr", "train.betas", "train.weight_decay", "train.warmup_steps", "train.lr_schedule", "train.disc_lr",
     "train.log_scale_lr", "train.grad_clip",
+    "train.device",  # a run moved to another machine (a checkpoint is device-independent)
     # how, not what: same data, same gradients
     "train.gradient_checkpointing", "data.num_workers",
 })
@@ -214,20 +215,39 @@ class _Dist:
         return self.world_size > 1
 
 
-def _setup_distributed() -> _Dist:
-    """Process group from torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``)."""
+def _setup_distributed(device: str = "auto") -> _Dist:
+    """Process group from torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) on
+    ``device`` (``train.device``): ``"auto"`` is CUDA when available, else CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    cuda = device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        raise ConfigError("train.device", f"is {device!r} but torch sees no CUDA device; use 'cpu' or 'auto'")
     if world_size <= 1:
-        return _Dist(device=torch.device("cuda" if cuda else "cpu"))
+        return _Dist(device=torch.device(device))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(device)
+        if device != "cuda":
+            raise ConfigError(
+                "train.device",
+                f"is {device!r} under torchrun (WORLD_SIZE={world_size}): each process takes "
+                "the GPU of its LOCAL_RANK, so use 'cuda' or 'auto' (or CUDA_VISIBLE_DEVICES to choose GPUs)"
+            )
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ConfigError(
+                "train.device",
+                f"is '{device}' but process LOCAL_RANK={local_rank} has no GPU of its own: this machine shows {count} CUDA "
+                f"device(s); start at most {count} processes per node, or set train.device=cpu to train "
+                "on the CPU with gloo"
+            )
+        torch.cuda.set_device(local_rank)
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device, owns_group=owns)
+    placed = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), device=placed, owns_group=owns)
 
 
 def _all_reduce_mean(tensors: list[Tensor], world_size: int) -> None:
@@ -374,7 +394,7 @@ class Trainer:
             cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
         self.cfg = cfg
         t = cfg.train
-        self.dist = _setup_distributed()
+        self.dist = _setup_distributed(t.device)
         self.device = self.dist.device
         self.run_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"

@@ -28,7 +28,9 @@ def _assert_matches_reference(ours: Callable, model, theirs: Callable, ref, *inp
       on outputs of magnitude ~3, diffusers' own float32 result moves by 1.1e-5 when its input is
       channels_last instead of NCHW, and lies 8e-6 from its float64 result.
     * So in float32 hetvae must be as accurate as the reference itself: its distance to the
-      reference's float64 output at most twice the reference's own float32 error (or 1e-6).
+      reference's float64 output at most 4x the reference's own float32 error (or 1e-6): with 16
+      threads on another CPU one conversion test measured 2.03x (7.1e-6 vs 3.5e-6), while a
+      half-precision or wrong-order slip costs ~1e-3.
     """
     with torch.no_grad():
         got32, want32 = ours(model, *inputs), theirs(ref, *inputs)
@@ -38,7 +40,7 @@ def _assert_matches_reference(ours: Callable, model, theirs: Callable, ref, *inp
     torch.testing.assert_close(got64, want64, rtol=0, atol=1e-10)
     ours_err = (got32.double() - want64).abs().max().item()
     ref_err = (want32.double() - want64).abs().max().item()
-    assert ours_err <= max(2 * ref_err, 1e-6), f"float32 error {ours_err:.3g} vs the reference's own {ref_err:.3g}"
+    assert ours_err <= max(4 * ref_err, 1e-6), f"float32 error {ours_err:.3g} vs the reference's own {ref_err:.3g}"
 
 
 @pytest.fixture

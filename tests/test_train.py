@@ -54,6 +54,7 @@ def make_cfg(images: Path, out_dir: Path, *overrides: str) -> Config:
         "train.checkpoint_every=2",
         "train.keep_checkpoints=0",
         "train.seed=3",
+        "train.device=cpu",  # bit-exact resumes and gloo DDP: CPU semantics, also where a GPU is
         f"out_dir={out_dir}",
     ]
     return apply_overrides(Config(), base + list(overrides))
@@ -425,3 +426,42 @@ def test_faithful_deep_head_trains_end_to_end(images, tmp_path):
     assert model.config.log_scale_head_layers == 2 and model.config.log_scale_head_sees_mean
     assert model.decoder.log_scale_head.weight.abs().sum() > 0
     assert result.step == 4 and math.isfinite(result.logs["nll"])
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:-1", "cuda:x", "mps", ""])
+def test_train_device_is_validated(bad):
+    from hetvae.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train\.device: .*'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        apply_overrides(Config(), [f"train.device={bad!s}" if bad else "train.device=''"])
+
+
+def test_train_device_places_the_run(monkeypatch):
+    """'cpu' trains on the CPU wherever a GPU is; asking for CUDA where torch sees none, or more
+    torchrun processes per node than GPUs, is a ConfigError naming train.device (it used to be
+    CUDA's 'invalid device ordinal' from inside the trainer)."""
+    from hetvae.config import ConfigError
+    from hetvae.train import _setup_distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert _setup_distributed("cpu").device == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _setup_distributed("auto").device == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"train\.device: is 'cuda:1' but torch sees no CUDA device"):
+        _setup_distributed("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 has no GPU of its own: this machine shows 1 CUDA"):
+        _setup_distributed("auto")
+    with pytest.raises(ConfigError, match=r"is 'cuda:0' under torchrun"):
+        _setup_distributed("cuda:0")
+
+
+def test_resume_may_move_to_another_device(images, tmp_path):
+    half = make_cfg(images, tmp_path / "r", "train.steps=2")
+    train(half, progress=False)
+    resumed = Trainer(make_cfg(images, tmp_path / "r", "train.device=auto"), resume=True, progress=False)
+    assert resumed.step == 2
