@@ -49,3 +49,22 @@ def test_step_benchmark_runs_both_sides(bench, capsys):
     )
     out = capsys.readouterr().out
     assert "diffusers + SD loss (baseline)" in out and "hetvae, per-pixel head" in out
+
+
+def test_map_ceiling_fits_a_known_affine_scale(bench):
+    """The ceilings' affine correction recovers the scale that drew Laplace errors: |e| drawn with
+    log-scale 0.7 m - 2 from a map m gives a = 0.7, c = -2."""
+    import torch
+
+    ceiling = bench("map_ceiling")
+    torch.manual_seed(0)  # Laplace.sample draws from the global generator
+    maps = [torch.randn(1, 3, 64, 64, dtype=torch.float64) for _ in range(4)]
+    errors = [torch.distributions.Laplace(0.0, torch.exp(0.7 * m - 2)).sample().abs() for m in maps]
+    a, c = ceiling.fit_affine(maps, errors)
+    assert a == pytest.approx(0.7, abs=0.03) and c == pytest.approx(-2.0, abs=0.03)
+    # blur keeps a constant image constant and averages a spike over its neighbourhood
+    flat = torch.full((1, 3, 20, 20), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(ceiling.blur(flat, 2.0), flat)
+    spike = torch.zeros(1, 1, 21, 21, dtype=torch.float64)
+    spike[..., 10, 10] = 1
+    assert ceiling.blur(spike, 2.0).sum().item() == pytest.approx(1.0, abs=1e-9)

@@ -1,0 +1,132 @@
+"""How much can a per-pixel scale map gain on these photographs at all? Ceilings for issue [1/4].
+
+For a trained model and a folder of held-out photographs, the reconstruction's absolute error is
+scored against several maps of the log-scale, each given the best affine correction
+``a * map + c`` fitted *on the same images* (an in-sample fit: every row but the model's is an
+optimistic ceiling, not a result)::
+
+    model                 the model's own map, as trained (no correction)
+    model, affine         the model's map with the in-sample affine correction
+    global (best)         one scale for all images: the mean absolute error (the Laplace optimum)
+    per-image level       one scale per image, each image's own mean absolute error (an oracle)
+    edges of the mean     log of the reconstruction's local gradient magnitude (5x5 box): what a
+                          map computed from the decoder's output alone can see, with no training
+    oracle blur s         log of the true absolute error blurred by a Gaussian of s px: a map that
+                          knows the error but not its pixel-level noise
+
+Spearman is between each map and the absolute error, pooled over all elements of all images, and
+the mean of the per-image values; bits/dim is the discretized Laplace likelihood of the 8-bit
+images (hetvae.metrics.nll_bpd). A predicted map cannot beat the oracle rows; if "edges of the
+mean" ranks the errors about as well as the model's map, the head has learnt what the
+reconstruction shows and the rest of the error is not visible in it.
+
+    python benchmarks/map_ceiling.py RUN HELDOUT_DIR [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hetvae.data import read_image
+from hetvae.evaluate import load_predictor
+from hetvae.metrics import nll_bpd, spearman_correlation
+
+EPS = 1e-3  # floor (in [-1, 1] units, ~0.13 of an 8-bit level) before taking logs of hand-made maps
+
+
+def edges(mean: torch.Tensor) -> torch.Tensor:
+    gx = F.pad((mean[..., :, 1:] - mean[..., :, :-1]).abs(), (0, 1))
+    gy = F.pad((mean[..., 1:, :] - mean[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return F.avg_pool2d(gx + gy, 5, 1, 2, count_include_pad=False)
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = int(3 * sigma)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def fit_affine(maps: list[torch.Tensor], errors: list[torch.Tensor], steps: int = 200) -> tuple[float, float]:
+    """``a, c`` minimising the continuous Laplace NLL ``|e| exp(-(a m + c)) + a m + c`` on a subsample."""
+    m = torch.cat([x.flatten()[::5] for x in maps]).double()
+    e = torch.cat([x.flatten()[::5] for x in errors]).double()
+    a = torch.ones((), dtype=torch.float64, requires_grad=True)
+    c = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    with torch.no_grad():
+        c += torch.log(e.mean()) - m.mean()
+    opt = torch.optim.LBFGS([a, c], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        s = a * m + c
+        loss = (e * torch.exp(-s) + s).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return a.item(), c.item()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run folder or model checkpoint")
+    parser.add_argument("images", help="folder of held-out photographs (*.png, *.jpg)")
+    parser.add_argument("--json", help="also write the table as JSON")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    predictor = load_predictor(args.run, calibrated=False)
+    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        parser.error(f"{args.images}: no .png/.jpg images")
+    targets, means, maps = [], [], {"model": [], "edges of the mean": [], "oracle blur 2": [], "oracle blur 4": []}
+    for f in files:
+        x = torch.from_numpy(read_image(f).copy()).permute(2, 0, 1).float() / 127.5 - 1
+        pr = predictor.predict(x)
+        err = (pr.target - pr.mean).abs()
+        targets.append(pr.target)
+        means.append(pr.mean)
+        maps["model"].append(pr.log_scale.expand_as(pr.mean))
+        maps["edges of the mean"].append(torch.log(edges(pr.mean) + EPS))
+        maps["oracle blur 2"].append(torch.log(blur(err, 2.0) + EPS))
+        maps["oracle blur 4"].append(torch.log(blur(err, 4.0) + EPS))
+    errors = [(t - m).abs() for t, m in zip(targets, means)]
+    level = torch.log(torch.cat([e.flatten() for e in errors]).mean())
+    rows = {"model": maps["model"]}
+    with torch.enable_grad():
+        fitted = {name: fit_affine(ms, errors) for name, ms in maps.items()}
+    for name, ms in maps.items():
+        a, c = fitted[name]
+        rows[f"{name}, affine" if name == "model" else name] = [a * m + c for m in ms]
+    rows["global (best)"] = [torch.full_like(m, level.item()) for m in means]
+    rows["per-image level"] = [torch.full_like(m, torch.log(e.mean()).item()) for m, e in zip(means, errors)]
+    table = []
+    for name, ms in rows.items():
+        bpd = sum(nll_bpd(t, m, s) * t.numel() for t, m, s in zip(targets, means, ms)) / sum(t.numel() for t in targets)
+        constant = name in ("global (best)", "per-image level")
+        pooled = float("nan") if name == "global (best)" else spearman_correlation(
+            torch.cat([s.flatten()[::3] for s in ms]), torch.cat([e.flatten()[::3] for e in errors]))
+        per_image = float("nan") if constant else sum(
+            spearman_correlation(s.flatten()[::3], e.flatten()[::3]) for s, e in zip(ms, errors)) / len(ms)
+        table.append({"map": name, "bits_per_dim": bpd, "spearman_pooled": pooled, "spearman_per_image": per_image,
+                      "affine": fitted.get(name.removesuffix(", affine")) if name != "model" else None})
+    print(f"# {args.run} on {len(files)} images of {args.images}; affine fits in-sample (ceilings)")
+    print("| map | bits/dim | Spearman pooled | Spearman per image (mean) |")
+    print("|---|---|---|---|")
+    for r in table:
+        print(f"| {r['map']} | {r['bits_per_dim']:.3f} | {r['spearman_pooled']:.3f} | {r['spearman_per_image']:.3f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"run": args.run, "images": [f.name for f in files], "rows": table}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
