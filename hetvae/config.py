@@ -749,6 +749,10 @@ class TrainConfig:
             about its learning rate per step, so at a typical autoencoder lr (1e-4) a log-scale
             starting at 0 needs tens of thousands of steps to reach ``log|error| ~ -3``; this lets it
             get there in hundreds without touching the network's lr.
+        head_lr: learning rate of the per-pixel head's layers (its hidden convs and the output
+            conv's weight; the bias is an offset and takes ``log_scale_lr``); ``None``: ``lr``. With
+            ``log_scale.faithful`` and ``detach_features`` the head's loss never reaches the mean,
+            so a larger value only lets the map keep up with the mean it judges.
         device: where training runs: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
             ``"cuda"`` or ``"cuda:N"``. Under torchrun, ``"auto"``/``"cuda"`` put each process on
             the GPU of its ``LOCAL_RANK``; ``"cpu"`` trains with gloo.
@@ -777,6 +781,7 @@ class TrainConfig:
     resume: Literal["never", "auto"] = "auto"
     disc_lr: float | None = None
     log_scale_lr: float | None = None
+    head_lr: float | None = None
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -793,7 +798,7 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         # torch seeds are 64-bit, and the posterior noise is seeded with seed + 1
         _require(self.seed < 2**64 - 1, "seed", f"must be < 2**64 - 1, got {self.seed}")
-        for name in ("lr", "disc_lr", "log_scale_lr"):
+        for name in ("lr", "disc_lr", "log_scale_lr", "head_lr"):
             value = getattr(self, name)
             ok = value is None or (math.isfinite(value) and value > 0)
             _require(ok, name, f"must be finite and > 0, got {value}")

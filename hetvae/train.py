@@ -7,6 +7,7 @@
   objective's learned log-scales (``objective.trainable_parameters()``); those and the pixel
   head's bias (the log-scale offsets) form a group with ``log_scale_lr`` and no weight decay
   (a frozen log-scale, ``log_scale.trainable: false`` as in SD, is in no optimiser and never moves);
+  with ``head_lr`` set, the pixel head's other weights form a group of their own at that lr;
   the discriminator's runs only once ``objective.gan_factor(step) > 0``;
 * ``decoder_only``: the encoder and ``quant_conv`` are frozen (no gradient, not in the optimiser),
   so the latent space of a pretrained VAE stays exactly what its diffusion model expects;
@@ -423,9 +424,18 @@ class Trainer:
         head = self.model.decoder.log_scale_head
         offsets = [head.bias] if head is not None and head.bias is not None and head.bias.requires_grad else []
         scale_params = self.objective.trainable_parameters() + offsets
-        ae_params = [p for p in self.model.parameters() if p.requires_grad and not any(p is o for o in offsets)]
-        self.g_params = ae_params + scale_params
+        # the head's other weights get train.head_lr in a group of their own, when it is set
+        head_params = []
+        if t.head_lr is not None and head is not None:
+            trunk = self.model.decoder.log_scale_trunk
+            layers = [*(trunk.parameters() if trunk is not None else ()), head.weight]
+            head_params = [p for p in layers if p.requires_grad]
+        special = offsets + head_params
+        ae_params = [p for p in self.model.parameters() if p.requires_grad and not any(p is o for o in special)]
+        self.g_params = ae_params + head_params + scale_params
         groups = [{"params": ae_params, "weight_decay": t.weight_decay, "base_lr": t.lr}]
+        if head_params:
+            groups.append({"params": head_params, "weight_decay": t.weight_decay, "base_lr": t.head_lr})
         if scale_params:
             # decay would pull the log-scale towards its init: a prior nobody asked for
             groups.append({"params": scale_params, "weight_decay": 0.0, "base_lr": t.log_scale_lr or t.lr})

@@ -465,3 +465,30 @@ def test_resume_may_move_to_another_device(images, tmp_path):
     train(half, progress=False)
     resumed = Trainer(make_cfg(images, tmp_path / "r", "train.device=auto"), resume=True, progress=False)
     assert resumed.step == 2
+
+
+def test_head_lr_moves_only_the_head_at_its_rate(images, tmp_path):
+    """train.head_lr: the pixel head's hidden convs and output weight form one group at that lr
+    (its bias stays with the log-scale offsets); every trainable tensor is in exactly one group.
+    A tiny head_lr leaves those weights where the init put them while the rest trains."""
+    cfg = make_cfg(images, tmp_path / "h", "log_scale.granularity=pixel", "log_scale.head_layers=1",
+                   "log_scale.head_channels=8", "train.head_lr=1e-12", "train.log_scale_lr=1e-2", "train.steps=3")
+    trainer = Trainer(cfg, progress=False)
+    decoder = trainer.model.decoder
+    head = [*decoder.log_scale_trunk.parameters(), decoder.log_scale_head.weight]
+    groups = trainer.g_opt.param_groups
+    in_groups = [p for g in groups for p in g["params"]]
+    assert len(in_groups) == len({id(p) for p in in_groups})
+    assert {id(p) for p in in_groups} == {id(p) for p in trainer.model.parameters() if p.requires_grad} | {
+        id(p) for p in trainer.objective.trainable_parameters()}
+    (head_group,) = [g for g in groups if g["base_lr"] == 1e-12]
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in head}
+    assert any(p is decoder.log_scale_head.bias for g in groups if g["base_lr"] == 1e-2 for p in g["params"])
+    before = [p.detach().clone() for p in head]
+    other = decoder.conv_out.weight.detach().clone()
+    trainer.run()
+    for p, b in zip(head, before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-9)
+    assert not torch.allclose(decoder.conv_out.weight, other)
+    without = Trainer(make_cfg(images, tmp_path / "n", "log_scale.granularity=pixel"), progress=False)
+    assert len(without.g_opt.param_groups) == 2  # unset: the head trains in the autoencoder's group
