@@ -19,12 +19,13 @@ split, ``hetvae.data.sample_images("test")``). ``benchmarks/heldout_photos.py`` 
 everyday colour photographs that ship inside other Python packages, none of which the project
 trains on.
 
-Variants (the base config with these ``log_scale`` settings):
+Variants (the base config with these ``log_scale`` settings; pixel-head-lr also sets one ``train`` key):
 
     global                 one learned scalar (SD's logvar)
     channel                one learned scale per colour channel
     pixel                  the shipped per-pixel recipe: faithful NLL, 2-layer head on detached
                            decoder features and the mean output
+    pixel-head-lr          the same, with the head's layers at 4x the lr (train.head_lr=2e-3)
     pixel-shared-features  the same head, not detached: the head's NLL also shapes the decoder
     pixel-1conv-faithful   faithful, but the original single 3x3 conv head on detached features
     pixel-beta0.5          single conv head on shared features, beta-NLL 0.5 (the previous demo)
@@ -55,6 +56,8 @@ VARIANTS: dict[str, list[str]] = {
     "channel": ["log_scale.granularity=channel", "log_scale.beta=0.0", "log_scale.faithful=false"],
     "pixel": ["log_scale.granularity=pixel", "log_scale.beta=0.0", "log_scale.faithful=true",
               "log_scale.detach_features=true", *_HEAD_DEEP],
+    "pixel-head-lr": ["log_scale.granularity=pixel", "log_scale.beta=0.0", "log_scale.faithful=true",
+                      "log_scale.detach_features=true", *_HEAD_DEEP, "train.head_lr=2e-3"],
     "pixel-shared-features": ["log_scale.granularity=pixel", "log_scale.beta=0.0", "log_scale.faithful=true",
                               "log_scale.detach_features=false", *_HEAD_DEEP],
     "pixel-1conv-faithful": ["log_scale.granularity=pixel", "log_scale.beta=0.0", "log_scale.faithful=true",

@@ -651,6 +651,16 @@ class AutoencoderKL(nn.Module):
                 module.conv2.weight.zero_()
                 module.conv2.bias.zero_()
 
+    @torch.no_grad()
+    def init_posterior_logvar(self, value: float) -> None:
+        """Start the posterior's log-variance near ``value``: the bias of the layer that outputs
+        the moments (``quant_conv``, or the encoder's ``conv_out`` without one) is set to ``value``
+        for the log-variance half. For training from scratch: a default init gives every latent
+        noise of std ~1, which the decoder has to learn through for hundreds of steps."""
+        layer = self.quant_conv if self.quant_conv is not None else self.encoder.conv_out
+        half = layer.out_channels // 2
+        layer.bias[half:] = value
+
     @property
     def has_log_scale_head(self) -> bool:
         return self.decoder.log_scale_head is not None

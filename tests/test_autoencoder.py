@@ -163,6 +163,25 @@ def test_zero_init_residual_makes_every_block_the_identity():
     assert all(b.conv2.weight.grad.abs().sum() > 0 for b in blocks)
 
 
+@pytest.mark.parametrize("quant_conv", [True, False])
+def test_init_posterior_logvar_sets_the_posterior_variance(quant_conv):
+    """The log-variance the encoder reports is the bias set plus what the weights add; with those
+    weights zeroed it is the value exactly, the mean half is untouched, and it still trains."""
+    model = tiny_model(use_quant_conv=quant_conv)
+    layer = model.quant_conv if quant_conv else model.encoder.conv_out
+    x = images(b=1)
+    before = model.encode(x).latent_dist
+    model.init_posterior_logvar(-8.0)
+    half = layer.out_channels // 2
+    with torch.no_grad():
+        layer.weight[half:] = 0
+    after = model.encode(x).latent_dist
+    torch.testing.assert_close(after.logvar, torch.full_like(after.logvar, -8.0))
+    torch.testing.assert_close(after.mean, before.mean)
+    after.std.sum().backward()
+    assert layer.bias.grad[half:].abs().sum() > 0
+
+
 # --- diffusers-style switches ------------------------------------------------------------------
 
 

@@ -417,6 +417,30 @@ def test_zero_init_residual_applies_to_scratch_models_only(images, tmp_path):
     assert all(b.conv2.weight.abs().sum() > 0 for b in loaded.model.modules() if isinstance(b, ResnetBlock))
 
 
+def test_init_logvar_applies_to_scratch_models_only(images, tmp_path):
+    """train.init_logvar: a scratch model's posterior starts with log-variance near the value (the
+    weights add a little), for the EMA copy too; a loaded model keeps its own; out of the
+    posterior's clamp is a ConfigError naming the key."""
+    from hetvae.config import ConfigError
+
+    trainer = Trainer(make_cfg(images, tmp_path / "v", "train.init_logvar=-8", "train.ema_decay=0.9"), progress=False)
+    half = trainer.model.quant_conv.out_channels // 2
+    for model in (trainer.model, trainer.ema.module):
+        assert torch.all(model.quant_conv.bias[half:] == -8.0)
+        assert torch.all(model.quant_conv.bias[:half] != -8.0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        logvar = trainer.model.encode(x).latent_dist.logvar
+    assert -10 < logvar.mean().item() < -6
+    trainer.run()
+    export = tmp_path / "v" / "model.safetensors"
+    loaded = Trainer(make_cfg(images, tmp_path / "v2", f"model.init_from={export}", "train.init_logvar=0"),
+                     progress=False)
+    torch.testing.assert_close(loaded.model.quant_conv.bias, load_autoencoder(export).quant_conv.bias)
+    with pytest.raises(ConfigError, match=r"train\.init_logvar: must be in \[-30, 20\]"):
+        make_cfg(images, tmp_path / "x", "train.init_logvar=-40")
+
+
 def test_faithful_deep_head_trains_end_to_end(images, tmp_path):
     cfg = make_cfg(images, tmp_path / "f", "log_scale.granularity=pixel", "log_scale.faithful=true",
                    "log_scale.head_layers=2", "log_scale.head_channels=8", "log_scale.head_sees_mean=true",
