@@ -737,7 +737,8 @@ class TrainConfig:
             this value (:meth:`AutoencoderKL.init_posterior_logvar`); ``None``: PyTorch's init,
             log-variance ~0, i.e. latent noise of std ~1, which the reconstruction loss shrinks only
             slowly (the KL at SD's weight 1e-6 barely pushes back). SD's trained VAEs end with a
-            small posterior variance; starting there is worth ~0.6 dB in a 1000-step CPU run.
+            small posterior variance. In a 900-step CPU run it helped two seeds of three and made
+            the third fail on whole images (docs/results.md), so no shipped config uses it.
             Loaded models are not touched.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         seed: seeds the model init and the data crops.
