@@ -1,8 +1,9 @@
 """How much can a per-pixel scale map gain on these photographs at all? Ceilings for issue [1/4].
 
 For a trained model and a folder of held-out photographs, the reconstruction's absolute error is
-scored against several maps of the log-scale, each given the best affine correction
-``a * map + c`` fitted *on the same images* (an in-sample fit: every row but the model's is an
+scored against several maps of the log-scale, each given the per-channel affine correction
+``a * map + c`` that ``hetvae calibrate --method affine`` would fit *on the same images*
+(:func:`hetvae.calibration.fit_calibration`: an in-sample fit, so every row but the model's is an
 optimistic ceiling, not a result)::
 
     model                 the model's own map, as trained (no correction)
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hetvae.calibration import Calibration, fit_calibration
 from hetvae.data import read_image
 from hetvae.evaluate import load_predictor
 from hetvae.metrics import nll_bpd, spearman_correlation
@@ -55,25 +57,14 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def fit_affine(maps: list[torch.Tensor], errors: list[torch.Tensor], steps: int = 200) -> tuple[float, float]:
-    """``a, c`` minimising the continuous Laplace NLL ``|e| exp(-(a m + c)) + a m + c`` on a subsample."""
-    m = torch.cat([x.flatten()[::5] for x in maps]).double()
-    e = torch.cat([x.flatten()[::5] for x in errors]).double()
-    a = torch.ones((), dtype=torch.float64, requires_grad=True)
-    c = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    with torch.no_grad():
-        c += torch.log(e.mean()) - m.mean()
-    opt = torch.optim.LBFGS([a, c], max_iter=steps, line_search_fn="strong_wolfe")
+def pooled(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Images of any sizes as one ``(1, C, N, 1)`` tensor, the pooled form fit_calibration takes."""
+    return torch.cat([t.flatten(2) for t in tensors], dim=2).unsqueeze(-1)
 
-    def closure():
-        opt.zero_grad()
-        s = a * m + c
-        loss = (e * torch.exp(-s) + s).mean()
-        loss.backward()
-        return loss
 
-    opt.step(closure)
-    return a.item(), c.item()
+def fit_affine(targets: list[torch.Tensor], means: list[torch.Tensor], maps: list[torch.Tensor]) -> Calibration:
+    """The per-channel affine correction of ``maps`` fitted by discretized NLL on these images."""
+    return fit_calibration(pooled(targets), pooled(means), pooled(maps), "laplace", "affine")
 
 
 def main(argv=None) -> int:
@@ -102,22 +93,22 @@ def main(argv=None) -> int:
     level = torch.log(torch.cat([e.flatten() for e in errors]).mean())
     rows = {"model": maps["model"]}
     with torch.enable_grad():
-        fitted = {name: fit_affine(ms, errors) for name, ms in maps.items()}
+        fitted = {name: fit_affine(targets, means, ms) for name, ms in maps.items()}
     for name, ms in maps.items():
-        a, c = fitted[name]
-        rows[f"{name}, affine" if name == "model" else name] = [a * m + c for m in ms]
+        rows[f"{name}, affine" if name == "model" else name] = [fitted[name].apply(m) for m in ms]
     rows["global (best)"] = [torch.full_like(m, level.item()) for m in means]
     rows["per-image level"] = [torch.full_like(m, torch.log(e.mean()).item()) for m, e in zip(means, errors)]
     table = []
     for name, ms in rows.items():
         bpd = sum(nll_bpd(t, m, s) * t.numel() for t, m, s in zip(targets, means, ms)) / sum(t.numel() for t in targets)
         constant = name in ("global (best)", "per-image level")
-        pooled = float("nan") if name == "global (best)" else spearman_correlation(
+        together = float("nan") if name == "global (best)" else spearman_correlation(
             torch.cat([s.flatten()[::3] for s in ms]), torch.cat([e.flatten()[::3] for e in errors]))
         per_image = float("nan") if constant else sum(
             spearman_correlation(s.flatten()[::3], e.flatten()[::3]) for s, e in zip(ms, errors)) / len(ms)
-        table.append({"map": name, "bits_per_dim": bpd, "spearman_pooled": pooled, "spearman_per_image": per_image,
-                      "affine": fitted.get(name.removesuffix(", affine")) if name != "model" else None})
+        cal = fitted.get(name.removesuffix(", affine")) if name != "model" else None
+        table.append({"map": name, "bits_per_dim": bpd, "spearman_pooled": together, "spearman_per_image": per_image,
+                      "affine": None if cal is None else {"slope": cal.slope.tolist(), "offset": cal.offset.tolist()}})
     print(f"# {args.run} on {len(files)} images of {args.images}; affine fits in-sample (ceilings)")
     print("| map | bits/dim | Spearman pooled | Spearman per image (mean) |")
     print("|---|---|---|---|")

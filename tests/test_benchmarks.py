@@ -52,16 +52,19 @@ def test_step_benchmark_runs_both_sides(bench, capsys):
 
 
 def test_map_ceiling_fits_a_known_affine_scale(bench):
-    """The ceilings' affine correction recovers the scale that drew Laplace errors: |e| drawn with
-    log-scale 0.7 m - 2 from a map m gives a = 0.7, c = -2."""
+    """The ceilings' correction is hetvae's affine calibration fitted on images of different sizes
+    pooled: errors drawn with log-scale 0.5 m - 3 from maps m give slope 0.5 and offset -3."""
     import torch
 
     ceiling = bench("map_ceiling")
     torch.manual_seed(0)  # Laplace.sample draws from the global generator
-    maps = [torch.randn(1, 3, 64, 64, dtype=torch.float64) for _ in range(4)]
-    errors = [torch.distributions.Laplace(0.0, torch.exp(0.7 * m - 2)).sample().abs() for m in maps]
-    a, c = ceiling.fit_affine(maps, errors)
-    assert a == pytest.approx(0.7, abs=0.03) and c == pytest.approx(-2.0, abs=0.03)
+    maps = [torch.randn(1, 3, h, w, dtype=torch.float64) for h, w in ((64, 96), (80, 48), (48, 48))]
+    means = [torch.zeros_like(m) for m in maps]
+    targets = [torch.distributions.Laplace(0.0, torch.exp(0.5 * m - 3)).sample().clamp(-1, 1) for m in maps]
+    assert ceiling.pooled(maps).shape == (1, 3, 64 * 96 + 80 * 48 + 48 * 48, 1)
+    cal = ceiling.fit_affine(targets, means, maps)
+    torch.testing.assert_close(cal.slope, torch.full((3,), 0.5, dtype=cal.slope.dtype), rtol=0, atol=0.04)
+    torch.testing.assert_close(cal.offset, torch.full((3,), -3.0, dtype=cal.offset.dtype), rtol=0, atol=0.04)
     # blur keeps a constant image constant and averages a spike over its neighbourhood
     flat = torch.full((1, 3, 20, 20), 0.3, dtype=torch.float64)
     torch.testing.assert_close(ceiling.blur(flat, 2.0), flat)
