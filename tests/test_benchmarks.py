@@ -5,7 +5,6 @@ tiny runs check what the scripts check before timing (hetvae and diffusers agree
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest

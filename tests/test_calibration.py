@@ -13,6 +13,13 @@ from hetvae.calibration import Calibration, CalibrationError, calibrated_metrics
 from hetvae.functional import discretized_nll, quantize_8bit
 
 
+def _scale_mixture(p_low: float, low: float, high: float, seed: int, shape=(4, 3, 96, 96)) -> torch.Tensor:
+    """A true log-scale that is ``low`` with probability ``p_low`` and ``high`` elsewhere: errors
+    heavier-tailed than one Laplace under a constant predicted scale."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand(shape, generator=g) < p_low, low, high).double()
+
+
 def _laplace_data(true_log_scale: torch.Tensor, seed: int = 0, family: str = "laplace"):
     """8-bit targets drawn around a smooth mean with the given per-pixel log-scale."""
     g = torch.Generator().manual_seed(seed)
@@ -78,9 +85,7 @@ def test_a_constant_scale_gets_only_an_offset():
 def test_isotonic_fixes_a_shape_the_affine_cannot():
     """Errors from a scale mixture (heavier-tailed than one Laplace) under a constant predicted
     scale: no offset calibrates every level; the CDF recalibration does, on fresh samples too."""
-    shape = (4, 3, 96, 96)
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.where(torch.rand(shape, generator=g) < 0.7, -4.0, -2.2).double()
+    hidden = _scale_mixture(0.7, -4.0, -2.2, seed=3)
     target, mean = _laplace_data(hidden, seed=4)
     s = torch.full((1, 3, 1, 1), -3.0, dtype=torch.float64)
     affine = fit_calibration(target, mean, s, "laplace", "affine")
@@ -129,9 +134,7 @@ def test_too_few_pixels_is_refused():
 
 
 def test_interval_factor_makes_the_returned_scale_cover_90_percent():
-    shape = (4, 3, 96, 96)
-    g = torch.Generator().manual_seed(7)
-    hidden = torch.where(torch.rand(shape, generator=g) < 0.6, -4.0, -2.0).double()
+    hidden = _scale_mixture(0.6, -4.0, -2.0, seed=7)
     target, mean = _laplace_data(hidden, seed=8)
     s = torch.full((1, 3, 1, 1), -3.0, dtype=torch.float64)
     iso = fit_calibration(target, mean, s, "laplace", "isotonic")
