@@ -760,6 +760,14 @@ class TrainConfig:
             conv's weight; the bias is an offset and takes ``log_scale_lr``); ``None``: ``lr``. With
             ``log_scale.faithful`` and ``detach_features`` the head's loss never reaches the mean,
             so a larger value only lets the map keep up with the mean it judges.
+        head_steps: after ``steps``, this many more steps train only the log-scale (the per-pixel
+            head's layers, or the global / per-channel scale) on the frozen autoencoder: the EMA
+            weights when there is an EMA, so the map learns the errors of the very mean that is
+            exported. The learning rate restarts at each group's value and follows ``lr_schedule``
+            over these steps (no warm-up); the discriminator does not train. With
+            ``log_scale.faithful`` and ``detach_features`` the head never shaped the mean, so this
+            only lets it finish judging the converged one (the situation of a head grafted onto a
+            pretrained VAE). 0: no such phase.
         device: where training runs: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
             ``"cuda"`` or ``"cuda:N"``. Under torchrun, ``"auto"``/``"cuda"`` put each process on
             the GPU of its ``LOCAL_RANK``; ``"cpu"`` trains with gloo.
@@ -790,6 +798,7 @@ class TrainConfig:
     disc_lr: float | None = None
     log_scale_lr: float | None = None
     head_lr: float | None = None
+    head_steps: int = 0
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -801,7 +810,7 @@ class TrainConfig:
         )
         for name in ("steps", "batch_size", "grad_accum"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "seed", "checkpoint_every", "sample_every", "log_every",
+        for name in ("warmup_steps", "head_steps", "seed", "checkpoint_every", "sample_every", "log_every",
                      "keep_checkpoints", "max_nonfinite"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         # torch seeds are 64-bit, and the posterior noise is seeded with seed + 1
@@ -843,6 +852,12 @@ class Config:
 
     def __post_init__(self) -> None:
         _require_path(self.out_dir, "out_dir")
+        _require(
+            self.train.head_steps == 0 or self.log_scale.trainable,
+            "train.head_steps",
+            f"trains only the log-scale, which log_scale.trainable=false freezes; got {self.train.head_steps} "
+            "(set log_scale.trainable=true, or train.head_steps=0)",
+        )
         if self.model.init_from == "scratch":
             factor = self.model.downsample_factor
             _require(

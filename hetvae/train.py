@@ -11,6 +11,11 @@
   the discriminator's runs only once ``objective.gan_factor(step) > 0``;
 * ``decoder_only``: the encoder and ``quant_conv`` are frozen (no gradient, not in the optimiser),
   so the latent space of a pretrained VAE stays exactly what its diffusion model expects;
+* ``head_steps``: after ``steps``, a phase that trains only the log-scale (the pixel head's layers
+  and offsets, or the global / per-channel scale) on the frozen autoencoder, which first takes the
+  EMA weights when there is an EMA, so the map is fitted to the mean that is exported; the lr
+  restarts and follows ``lr_schedule`` over the phase; the discriminator rests. Under DDP the phase
+  bypasses the wrapper and averages the few trainable gradients by hand;
 * gradient accumulation, linear lr warm-up, gradient clipping, EMA of the autoencoder, autocast
   to bf16/fp16 (fp16 with a ``GradScaler``; the NLL upcasts to float32 itself);
 * a non-finite loss or gradient skips the step (counted, logged); ``max_nonfinite`` in a row stop
@@ -142,6 +147,7 @@ RESUME_MAY_CHANGE = frozenset({
     # optimiser settings: a resume takes the configured ones (see _load_optimizer), e.g. a lower lr
     "train.lr", "train.betas", "train.weight_decay", "train.warmup_steps", "train.lr_schedule", "train.disc_lr",
     "train.log_scale_lr", "train.grad_clip",
+    "train.head_steps",  # e.g. a finished run resumed to fit its head on the converged mean
     "train.device",  # a run moved to another machine (a checkpoint is device-independent)
     # how, not what: same data, same gradients
     "train.gradient_checkpointing", "data.num_workers",
@@ -483,6 +489,8 @@ class Trainer:
         self._updating = False  # inside the optimiser / EMA update (weights possibly half-written)
         # the metrics interval in progress (checkpointed, so a resumed run averages the same steps)
         self._interval: dict[str, Any] = {"sums": {}, "counts": {}, "steps": 0}
+        self._head_phase = False  # in the head-only phase (train.head_steps): the autoencoder is frozen
+        self._head_params: list[nn.Parameter] = []
 
         checkpoint = self._pick_checkpoint(resume, overwrite)
         if checkpoint is not None:
@@ -517,6 +525,7 @@ class Trainer:
             "nonfinite_run": self.nonfinite_run,
             "last_finite_step": -1 if self.last_finite_step is None else self.last_finite_step,
             "log_interval": copy.deepcopy(self._interval),
+            "head_phase": self._head_phase,
         }
 
     def _pick_checkpoint(self, resume: bool | None, overwrite: bool) -> Checkpoint | None:
@@ -632,6 +641,8 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = int(state["step"])
+        if state.get("head_phase", False):
+            self._enter_head_phase(from_ema=False)  # the checkpoint holds the weights it began with
         self.nonfinite_total = int(state["nonfinite_total"])
         self.nonfinite_run = int(state["nonfinite_run"])
         self.last_finite_step = None if state["last_finite_step"] < 0 else int(state["last_finite_step"])
@@ -796,12 +807,43 @@ class Trainer:
     def _records_after(self, steps_done: int) -> bool:
         """Whether ``metrics.jsonl`` gets a record once ``steps_done`` steps are done."""
         t = self.cfg.train
-        return bool(t.log_every and steps_done % t.log_every == 0) or steps_done >= t.steps
+        return bool(t.log_every and steps_done % t.log_every == 0) or steps_done >= self.total_steps
+
+    @property
+    def total_steps(self) -> int:
+        """``steps`` plus the head-only phase's ``head_steps``."""
+        return self.cfg.train.steps + self.cfg.train.head_steps
+
+    def _enter_head_phase(self, from_ema: bool) -> None:
+        """Freeze the autoencoder but for the log-scale head (see ``head_steps``); with ``from_ema``
+        it first takes the EMA weights. Idempotent."""
+        if self._head_phase:
+            return
+        if from_ema and self.ema is not None:
+            with torch.no_grad():
+                for p, ema_p in zip(self.model.parameters(), self.ema.module.parameters()):
+                    p.copy_(ema_p)
+        decoder = self.model.decoder
+        keep = {id(p) for m in (decoder.log_scale_trunk, decoder.log_scale_head) if m is not None for p in m.parameters()}
+        for p in self.model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+        # DDP expects a gradient for every parameter it was built with: the phase runs the plain
+        # module and averages the head's gradients itself (_sync_grads)
+        self.forward_module = self.generator
+        self._head_params = [p for p in self.model.parameters() if p.requires_grad]
+        self._head_phase = True
+        if self.dist.main:
+            logger.info("step %d: head-only phase, %d steps: only the log-scale trains", self.step, self.cfg.train.head_steps)
 
     def _lr_factor(self, step: int) -> float:
         t = self.cfg.train
         factor = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
-        if t.lr_schedule == "cosine" and step >= t.warmup_steps:
+        if step >= t.steps:  # the head-only phase: a restart without warm-up
+            factor = 1.0
+            if t.lr_schedule == "cosine":
+                factor = 0.5 * (1.0 + math.cos(math.pi * min((step - t.steps) / max(t.head_steps, 1), 1.0)))
+        elif t.lr_schedule == "cosine" and step >= t.warmup_steps:
             progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
             factor *= 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return factor
@@ -822,7 +864,7 @@ class Trainer:
         self.g_opt.zero_grad(set_to_none=True)
         if self.d_opt is not None:
             self.d_opt.zero_grad(set_to_none=True)
-        use_disc = self.objective.gan_factor(step) > 0
+        use_disc = self.objective.gan_factor(step) > 0 and not self._head_phase
         # the likelihood diagnostics (bits/dim, log-scale statistics) only on steps that are recorded
         details = self._records_after(step + 1)
         sums: dict[str, float] = {}
@@ -898,6 +940,8 @@ class Trainer:
         if not self.dist.enabled:
             return
         params = self.objective.trainable_parameters() + (self.d_params if use_disc else [])
+        if self._head_phase:
+            params += self._head_params
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -1023,7 +1067,7 @@ class Trainer:
         )
 
     def run(self) -> TrainResult:
-        """Train up to ``cfg.train.steps``; see the module docstring."""
+        """Train up to ``cfg.train.steps`` (plus ``head_steps``); see the module docstring."""
         t = self.cfg.train
         main = self.dist.main
         batches = _local_batches(
@@ -1036,7 +1080,7 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
         )
         bar = tqdm(
-            total=t.steps, initial=self.step, desc=str(self.run_dir), unit="step",
+            total=self.total_steps, initial=self.step, desc=str(self.run_dir), unit="step",
             disable=not (main and self.progress), dynamic_ncols=True, mininterval=1.0,
         )
         # the interval's sums survive a resume (self._interval is checkpointed); its timing does not
@@ -1045,7 +1089,9 @@ class Trainer:
         interrupted = False
         try:
             with self._signals():
-                while self.step < t.steps:
+                while self.step < self.total_steps:
+                    if self.step >= t.steps and not self._head_phase:
+                        self._enter_head_phase(from_ema=True)
                     self._step_start = self._snapshot()
                     applied, logs = self._train_step(batches)
                     self.step += 1
@@ -1076,7 +1122,7 @@ class Trainer:
                         bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
 
-                    done = self.step >= t.steps
+                    done = self.step >= self.total_steps
                     if self._records_after(self.step):
                         record = self._reduce_logs({k: v / counts[k] for k, v in sums.items()})
                         elapsed = time.perf_counter() - interval_start

@@ -17,7 +17,7 @@ from PIL import Image
 
 from hetvae.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
 from hetvae.cli import main as cli_main
-from hetvae.config import Config, apply_overrides, from_dict, load_config, save_config
+from hetvae.config import Config, ConfigError, apply_overrides, from_dict, load_config, save_config
 from hetvae.convert import load_autoencoder
 from hetvae.train import NonFiniteLossError, Trainer, train
 
@@ -364,6 +364,104 @@ def test_ddp_two_processes_match_one(images, tmp_path):
     init = build_model(make_cfg(images, tmp_path / "x", *common)).state_dict()
     moved = sum(not torch.allclose(init[k], a[f"autoencoder.{k}"]) for k in init)
     assert moved > 10
+
+
+def _head_names(model) -> set[str]:
+    return {f"autoencoder.{k}" for k, _ in model.named_parameters() if k.startswith("decoder.log_scale_")}
+
+
+def test_head_steps_fit_only_the_head_on_the_ema_mean(images, tmp_path):
+    """train.head_steps: after `steps`, the autoencoder takes its EMA weights and freezes; only the
+    pixel head (its layers and offset) trains. Everything else ends where the EMA of the first
+    phase was, which a run of `steps` alone exports."""
+    common = ["log_scale.granularity=pixel", "log_scale.head_layers=1", "log_scale.head_channels=8",
+              "train.ema_decay=0.5", "train.steps=2", "train.checkpoint_every=0"]
+    first = train(make_cfg(images, tmp_path / "a", *common), progress=False)
+    assert first.step == 2
+    both = Trainer(make_cfg(images, tmp_path / "b", *common, "train.head_steps=3"), progress=False)
+    result = both.run()
+    assert result.step == 5 and both._head_phase
+    records = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "a" / "checkpoints")).tensors
+    b = load_checkpoint(latest_checkpoint(tmp_path / "b" / "checkpoints")).tensors
+    head = _head_names(both.model)
+    assert len(head) == 4  # one hidden conv and the output conv, weights and biases
+    for key, value in a.items():
+        if key.startswith("ema.") and f"autoencoder.{key[4:]}" not in head:
+            # the frozen autoencoder is the first phase's EMA, in the model and in its own EMA
+            assert torch.equal(b[f"autoencoder.{key[4:]}"], value), key
+            assert torch.equal(b[key], value), key
+    for key in head:
+        assert not torch.equal(b[key], a[f"ema.{key[len('autoencoder.'):]}"]), key
+    assert all(p.requires_grad == (f"autoencoder.{n}" in head) for n, p in both.model.named_parameters())
+
+
+def test_head_steps_resume_is_bit_exact(images, tmp_path):
+    """A run resumed inside the head phase, or a finished run resumed with head_steps added (a
+    key a resume may change), ends bit for bit where the straight run does."""
+    common = ["log_scale.granularity=pixel", "log_scale.head_channels=8", "train.ema_decay=0.5",
+              "train.steps=2", "train.checkpoint_every=1"]
+    train(make_cfg(images, tmp_path / "straight", *common, "train.head_steps=3"), progress=False)
+    train(make_cfg(images, tmp_path / "inside", *common, "train.head_steps=1"), progress=False)
+    inside = Trainer(make_cfg(images, tmp_path / "inside", *common, "train.head_steps=3"), resume=True, progress=False)
+    assert inside.step == 3 and inside._head_phase  # restored frozen, not switched to the EMA again
+    inside.run()
+    train(make_cfg(images, tmp_path / "added", *common), progress=False)
+    added = Trainer(make_cfg(images, tmp_path / "added", *common, "train.head_steps=3"), resume=True, progress=False)
+    assert added.step == 2 and not added._head_phase
+    added.run()
+    a = load_checkpoint(latest_checkpoint(tmp_path / "straight" / "checkpoints"))
+    assert a.step == 5
+    for run in ("inside", "added"):
+        b = load_checkpoint(latest_checkpoint(tmp_path / run / "checkpoints"))
+        assert b.step == 5 and a.tensors.keys() == b.tensors.keys()
+        for key in a.tensors:
+            assert torch.equal(a.tensors[key], b.tensors[key]), (run, key)
+
+
+def test_head_steps_global_scale_trains_alone(images, tmp_path):
+    """Without a head the phase trains the loss's global log-scale only; the model stands still
+    (no EMA: the weights the first phase ended with)."""
+    trainer = Trainer(make_cfg(images, tmp_path / "g", "train.steps=2", "train.head_steps=2",
+                               "train.log_scale_lr=0.1"), progress=False)
+    trainer.run()
+    mid = load_checkpoint(tmp_path / "g" / "checkpoints" / "step_00000002").tensors
+    end = load_checkpoint(latest_checkpoint(tmp_path / "g" / "checkpoints")).tensors
+    for key, value in mid.items():
+        if key.startswith("autoencoder."):
+            assert torch.equal(end[key], value), key
+    (scale,) = [k for k in mid if k.startswith("loss.")]
+    assert not torch.equal(end[scale], mid[scale])
+
+
+def test_head_steps_config_errors():
+    with pytest.raises(ConfigError, match=r"train.head_steps.*log_scale.trainable=false"):
+        apply_overrides(Config(), ["log_scale.trainable=false", "train.head_steps=5"])
+    with pytest.raises(ConfigError, match=r"head_steps.*must be >= 0, got -1"):
+        apply_overrides(Config(), ["train.head_steps=-1"])
+
+
+def test_ddp_head_phase_matches_one_process(images, tmp_path):
+    """The head phase runs outside DDP (frozen parameters get no gradient, which DDP refuses) and
+    averages the head's gradients by hand: 2 gloo processes still match one."""
+    common = ["log_scale.granularity=pixel", "log_scale.head_channels=8", "train.ema_decay=0.8",
+              "data.samples_per_epoch=20", "train.steps=1", "train.head_steps=2", "train.checkpoint_every=1"]
+    train(make_cfg(images, tmp_path / "one", *common), progress=False)
+    cfg_path = save_config(make_cfg(images, tmp_path / "two", *common), tmp_path / "cfg.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "hetvae.cli", "train", str(cfg_path), "--no-progress"],
+        env=_env(), capture_output=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    a = load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints")).tensors
+    b = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints")).tensors
+    for key in a:  # within half an lr step: see test_ddp_two_processes_match_one
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4, msg=key)
+    first = load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000001").tensors
+    head_key = "autoencoder.decoder.log_scale_head.weight"
+    assert not torch.equal(first[head_key], a[head_key])  # the head trained in the phase
 
 
 def test_cli_train(images, tmp_path):
