@@ -133,7 +133,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
         "data.num_workers (anything else is refused, naming the keys: use a new --out-dir or --overwrite).\n"
         "\n"
         "exit codes:\n"
-        "  0    training finished (or the run was already at train.steps)\n"
+        "  0    training finished (or the run was already at train.steps + train.head_steps)\n"
         "  1    error (config, data, checkpoint, disk, non-finite weights); the message names the cause, and a\n"
         "       checkpoint of the last finished step is written first where that is safe\n"
         "  130  stopped by SIGINT (Ctrl-C) after checkpointing and exporting: resume with --resume\n"

@@ -767,7 +767,7 @@ class TrainConfig:
             over these steps (no warm-up); the discriminator does not train. With
             ``log_scale.faithful`` and ``detach_features`` the head never shaped the mean, so this
             only lets it finish judging the converged one (the situation of a head grafted onto a
-            pretrained VAE). 0: no such phase.
+            pretrained VAE). 0: no such phase (the shipped configs: docs/results.md has the runs).
         device: where training runs: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
             ``"cuda"`` or ``"cuda:N"``. Under torchrun, ``"auto"``/``"cuda"`` put each process on
             the GPU of its ``LOCAL_RANK``; ``"cpu"`` trains with gloo.

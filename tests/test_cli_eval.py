@@ -21,6 +21,7 @@ TINY_RUN = [
     "data.resolution=32",
     "data.samples_per_epoch=8",
     "train.steps=3",
+    "train.head_steps=2",  # tiny.yaml's head-only phase, shortened
     "train.batch_size=2",
     "train.warmup_steps=0",
     "train.log_every=1",

@@ -481,7 +481,7 @@ def test_tiny_demo_config(tmp_path):
     """configs/tiny.yaml, the README's first command, end to end (under 5 minutes on 2 quiet cores)."""
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     result = train(cfg, out_dir=tmp_path / "tiny", progress=False)
-    assert result.step == cfg.train.steps and not result.interrupted
+    assert result.step == cfg.train.steps + cfg.train.head_steps and not result.interrupted
     assert (tmp_path / "tiny" / "samples" / "latest.png").is_file()
     assert result.logs["log_scale_std"] > 0.1  # the map varies across the image
 
