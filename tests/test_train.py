@@ -332,21 +332,26 @@ def test_sigterm_in_a_subprocess_exits_143_with_a_checkpoint(images, tmp_path):
     assert b"interrupted at step" in out
 
 
-def test_ddp_two_processes_match_one(images, tmp_path):
-    """gloo, 2 CPU processes x 2 images = 1 process x 4 images. No discriminator: its BatchNorm
-    statistics are per rank by design (see hetvae.train), so they would differ."""
-    common = ["log_scale.granularity=channel", "train.ema_decay=0.8", "train.grad_accum=2",
-              "data.samples_per_epoch=20", "train.steps=3", "train.checkpoint_every=0"]
-    single = train(make_cfg(images, tmp_path / "one", *common), progress=False)
-    cfg_path = save_config(make_cfg(images, tmp_path / "two", *common), tmp_path / "cfg.yaml")
+def _one_and_two_processes(images: Path, tmp_path: Path, overrides: list[str]) -> tuple[dict, dict]:
+    """The same config trained in this process (run "one") and by torchrun in 2 gloo processes
+    (run "two"); returns the newest checkpoint's tensors of each."""
+    train(make_cfg(images, tmp_path / "one", *overrides), progress=False)
+    cfg_path = save_config(make_cfg(images, tmp_path / "two", *overrides), tmp_path / "cfg.yaml")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "hetvae.cli", "train", str(cfg_path), "--no-progress"],
         env=_env(), capture_output=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    a = load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints")).tensors
-    b = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints")).tensors
+    return tuple(load_checkpoint(latest_checkpoint(tmp_path / run / "checkpoints")).tensors for run in ("one", "two"))
+
+
+def test_ddp_two_processes_match_one(images, tmp_path):
+    """gloo, 2 CPU processes x 2 images = 1 process x 4 images. No discriminator: its BatchNorm
+    statistics are per rank by design (see hetvae.train), so they would differ."""
+    common = ["log_scale.granularity=channel", "train.ema_decay=0.8", "train.grad_accum=2",
+              "data.samples_per_epoch=20", "train.steps=3", "train.checkpoint_every=0"]
+    a, b = _one_and_two_processes(images, tmp_path, common)
     assert a.keys() == b.keys()
     # Summation order differs, and Adam divides by sqrt(v): an element whose gradient is ~0 can move
     # by up to lr from rounding alone. So: every element within half an lr step, and nearly all
@@ -356,7 +361,7 @@ def test_ddp_two_processes_match_one(images, tmp_path):
     diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert (diff > 1e-6).float().mean() < 1e-3
     first = load_autoencoder(tmp_path / "one")
-    assert single.step == 3 and first is not None
+    assert first is not None and load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints")).step == 3
     # the two runs trained (compare to a fresh init with the same seed)
     torch.manual_seed(3)
     from hetvae.config import build_model
@@ -447,16 +452,7 @@ def test_ddp_head_phase_matches_one_process(images, tmp_path):
     averages the head's gradients by hand: 2 gloo processes still match one."""
     common = ["log_scale.granularity=pixel", "log_scale.head_channels=8", "train.ema_decay=0.8",
               "data.samples_per_epoch=20", "train.steps=1", "train.head_steps=2", "train.checkpoint_every=1"]
-    train(make_cfg(images, tmp_path / "one", *common), progress=False)
-    cfg_path = save_config(make_cfg(images, tmp_path / "two", *common), tmp_path / "cfg.yaml")
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "hetvae.cli", "train", str(cfg_path), "--no-progress"],
-        env=_env(), capture_output=True, timeout=180,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    a = load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints")).tensors
-    b = load_checkpoint(latest_checkpoint(tmp_path / "two" / "checkpoints")).tensors
+    a, b = _one_and_two_processes(images, tmp_path, common)
     for key in a:  # within half an lr step: see test_ddp_two_processes_match_one
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4, msg=key)
     first = load_checkpoint(tmp_path / "one" / "checkpoints" / "step_00000001").tensors
