@@ -490,7 +490,6 @@ class Trainer:
         # the metrics interval in progress (checkpointed, so a resumed run averages the same steps)
         self._interval: dict[str, Any] = {"sums": {}, "counts": {}, "steps": 0}
         self._head_phase = False  # in the head-only phase (train.head_steps): the autoencoder is frozen
-        self._head_params: list[nn.Parameter] = []
 
         checkpoint = self._pick_checkpoint(resume, overwrite)
         if checkpoint is not None:
@@ -831,20 +830,18 @@ class Trainer:
         # DDP expects a gradient for every parameter it was built with: the phase runs the plain
         # module and averages the head's gradients itself (_sync_grads)
         self.forward_module = self.generator
-        self._head_params = [p for p in self.model.parameters() if p.requires_grad]
         self._head_phase = True
         if self.dist.main:
             logger.info("step %d: head-only phase, %d steps: only the log-scale trains", self.step, self.cfg.train.head_steps)
 
     def _lr_factor(self, step: int) -> float:
         t = self.cfg.train
-        factor = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
         if step >= t.steps:  # the head-only phase: a restart without warm-up
-            factor = 1.0
-            if t.lr_schedule == "cosine":
-                factor = 0.5 * (1.0 + math.cos(math.pi * min((step - t.steps) / max(t.head_steps, 1), 1.0)))
-        elif t.lr_schedule == "cosine" and step >= t.warmup_steps:
-            progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
+            factor, progress = 1.0, (step - t.steps) / max(t.head_steps, 1)
+        else:
+            factor = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+            progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1) if step >= t.warmup_steps else None
+        if t.lr_schedule == "cosine" and progress is not None:
             factor *= 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return factor
 
@@ -940,8 +937,8 @@ class Trainer:
         if not self.dist.enabled:
             return
         params = self.objective.trainable_parameters() + (self.d_params if use_disc else [])
-        if self._head_phase:
-            params += self._head_params
+        if self._head_phase:  # the head, run outside DDP in that phase
+            params += [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
