@@ -510,7 +510,11 @@ class Trainer:
         return tensors
 
     def _state(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}
+        rng: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "noise": self.noise.get_state(),
+            "noise_device": self.noise.device.type,
+        }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -602,6 +606,26 @@ class Trainer:
             )
         return {k: (saved[k], now[k]) for k in differ if k != "out_dir"}
 
+    def _restore_noise(self, rng: dict[str, Any], path: Path) -> None:
+        """Continue the posterior-noise stream of the checkpoint, or, when the run resumes on another
+        kind of device (a CPU generator's state cannot seed a CUDA one), restart it from
+        ``train.seed`` and the step: the run goes on, but is no longer bit-identical to one that was
+        never interrupted."""
+        saved = rng["noise"]
+        saved_device = rng.get("noise_device")  # absent in checkpoints of earlier releases
+        if saved_device is None and saved.numel() == self.noise.get_state().numel():
+            saved_device = self.noise.device.type
+        if saved_device == self.noise.device.type:
+            self.noise.set_state(saved)
+            return
+        self.noise.manual_seed(self.cfg.train.seed + 1 + self.step)
+        if self.dist.main:
+            logger.warning(
+                "%s: its posterior-noise stream was drawn on %s, this run draws it on %s; restarted from "
+                "train.seed and step %d (the run continues, not bit-identical to an uninterrupted one)",
+                path, saved_device or "another device", self.noise.device.type, self.step,
+            )
+
     def _restore(self, ckpt: Checkpoint) -> None:
         path = ckpt.path
         changes = self._check_resume_config(ckpt)
@@ -636,10 +660,11 @@ class Trainer:
             _load_optimizer(self.d_opt, state["discriminator_optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
-        self.noise.set_state(state["rng"]["noise"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step = int(state["step"])
+        self._restore_noise(state["rng"], path)
+        cuda_states = state["rng"].get("cuda")
+        if cuda_states is not None and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
         if state.get("head_phase", False):
             self._enter_head_phase(from_ema=False)  # the checkpoint holds the weights it began with
         self.nonfinite_total = int(state["nonfinite_total"])

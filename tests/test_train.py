@@ -2,6 +2,7 @@
 crash safety (kill -9), signals, DDP equivalence and the CLI. Tiny models on 16 px crops."""
 
 import json
+import logging
 import math
 import os
 import signal
@@ -583,6 +584,26 @@ def test_resume_may_move_to_another_device(images, tmp_path):
     train(half, progress=False)
     resumed = Trainer(make_cfg(images, tmp_path / "r", "train.device=auto"), resume=True, progress=False)
     assert resumed.step == 2
+
+
+def test_resume_from_a_noise_stream_of_another_device(images, tmp_path, caplog):
+    """A checkpoint written on a GPU holds a CUDA generator's state (16 bytes), which a CPU generator
+    cannot take (and vice versa): the resumed run restarts the posterior noise from the seed and the
+    step, says so, and trains on. Found on an H200 resuming a CPU checkpoint with train.device=auto."""
+    train(make_cfg(images, tmp_path / "r", "train.steps=2"), progress=False)
+    state_file = latest_checkpoint(tmp_path / "r" / "checkpoints") / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    assert state["rng"]["noise_device"] == "cpu"
+    state["rng"]["noise"] = torch.arange(16, dtype=torch.uint8)  # the size of a CUDA Philox state
+    state["rng"]["noise_device"] = "cuda"
+    torch.save(state, state_file)
+    with caplog.at_level(logging.WARNING, logger="hetvae.train"):
+        resumed = Trainer(make_cfg(images, tmp_path / "r", "train.steps=4"), resume=True, progress=False)
+    assert "posterior-noise stream was drawn on cuda, this run draws it on cpu" in caplog.text
+    expected = torch.Generator().manual_seed(resumed.cfg.train.seed + 1 + 2).get_state()
+    assert torch.equal(resumed.noise.get_state(), expected)
+    resumed.run()
+    assert load_checkpoint(latest_checkpoint(tmp_path / "r" / "checkpoints")).step == 4
 
 
 def test_head_lr_moves_only_the_head_at_its_rate(images, tmp_path):
