@@ -674,6 +674,8 @@ class DataConfig:
             saturation, hue; 0 = off, 0.1 mild). See ``hetvae.data.jitter_colors``.
         procedural: fraction of training crops taken from procedural colour dead-leaves images
             (``hetvae.procedural``) instead of the photographs; 0 = photographs only.
+        cache_mb: decoded image files of ``path`` kept in memory, in megabytes per process (each
+            ``num_workers`` worker holds its own cache); 0 decodes a file for every crop.
     """
 
     path: str | list[str] | None = None
@@ -687,6 +689,7 @@ class DataConfig:
     rescale: tuple[float, float] | None = None
     color_jitter: float = 0.0
     procedural: float = 0.0
+    cache_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         _require_finite(self)
@@ -711,6 +714,7 @@ class DataConfig:
             _require(0 < lo <= hi <= 1, "rescale", f"needs 0 < lo <= hi <= 1, got {list(self.rescale)}")
         _require(0 <= self.color_jitter <= 1, "color_jitter", f"must be in [0, 1], got {self.color_jitter}")
         _require(0 <= self.procedural <= 1, "procedural", f"must be a fraction in [0, 1], got {self.procedural}")
+        _require(self.cache_mb >= 0, "cache_mb", f"must be >= 0 (megabytes; 0 turns the cache off), got {self.cache_mb}")
 
 
 @dataclass(kw_only=True)

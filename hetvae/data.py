@@ -12,8 +12,10 @@ scikit-image wheel, so a fresh install has real images and needs no download.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
+import math
 import os
 import stat
 import warnings
@@ -325,7 +327,7 @@ class _Item:
     name: str
     height: int
     width: int
-    path: Path | None = None  # decoded on every access (keeps memory flat for big folders)
+    path: Path | None = None  # decoded on access, unless kept in the dataset's cache
     pixels: np.ndarray | None = None  # in-memory image
 
 
@@ -356,16 +358,23 @@ class ImageDataset(torch.utils.data.Dataset):
         procedural: fraction of the samples replaced by crops of colour dead-leaves images
             (:func:`hetvae.procedural.dead_leaves`) from a pool of ``procedural_pool`` images of
             side ``2 R``, each made on first use from ``(seed, k)``. 0: photographs only.
+        cache_mb: decoded image files kept in memory, up to this many megabytes (MB = 2^20
+            bytes) per process (each ``DataLoader`` worker holds its own), least recently used
+            dropped first. A crop needs the whole file decoded, so without a cache every sample
+            decodes a photograph (tens of milliseconds for a large PNG) to keep a few thousand pixels.
+            0: decode on every access (memory stays flat, however big the folder).
 
     Images are checked once, here: every file is fully decoded, because a truncated file only
     fails when its pixel data is read and a training run should not die on it hours in. An
     unreadable file is skipped and logged by name (logger ``"hetvae.data"``); an image with a side
     shorter than ``R`` is skipped with one ``UserWarning`` that counts them. Their names are kept
     in ``skipped_unreadable`` and ``skipped_small``. If no image is left, ``ValueError`` says why.
-    Folders are then decoded again lazily on each access; in-memory images are kept as given.
+    The decoded files that fit in ``cache_mb`` are kept from that check on; the others are decoded
+    again on access (and may enter the cache then). In-memory images are kept as given.
 
     A file that becomes unusable later (deleted, truncated, corrupted, or replaced by an image of
-    another size) does not stop a run: its samples take the crop of the next readable image in
+    another size; only a file outside the cache, which is never read again) does not stop a run:
+    its samples take the crop of the next readable image in
     order (``i + 1, i + 2, ...``, with the same random draws; a tile becomes that image's centre
     window), one ``UserWarning`` per file names it (per process: each ``DataLoader`` worker warns
     once), and its name is added to ``lost_during_run``. If every image is unusable, ``ValueError``
@@ -394,6 +403,7 @@ class ImageDataset(torch.utils.data.Dataset):
         color_jitter: float = 0.0,
         procedural: float = 0.0,
         procedural_pool: int = 64,
+        cache_mb: float = 0.0,
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -417,6 +427,11 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"procedural must be a fraction in [0, 1], got {procedural}")
         if procedural_pool < 1:
             raise ValueError(f"procedural_pool must be positive, got {procedural_pool}")
+        if not (cache_mb >= 0.0 and math.isfinite(cache_mb)):
+            raise ValueError(f"cache_mb must be a finite, non-negative number of megabytes, got {cache_mb}")
+        self._cache: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = int(cache_mb * 2**20)
         self.rescale = rescale
         self.color_jitter = float(color_jitter)
         self.procedural = float(procedural)
@@ -479,12 +494,15 @@ class ImageDataset(torch.utils.data.Dataset):
         for entry in collected:
             if isinstance(entry, Path):
                 try:
-                    height, width = read_image(entry).shape[:2]
+                    decoded = read_image(entry)
                 except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, ...)
                     logger.warning("skipping unreadable image %s: %s: %s", entry, type(exc).__name__, exc)
                     self.skipped_unreadable.append(str(entry))
                     continue
+                height, width = decoded.shape[:2]
                 item = _Item(name=str(entry), height=height, width=width, path=entry)
+                if min(height, width) >= self.resolution:
+                    self._remember(len(items), decoded)
             else:
                 name, array = entry
                 pixels = _to_rgb_uint8(np.asarray(array), name)
@@ -523,17 +541,32 @@ class ImageDataset(torch.utils.data.Dataset):
             return len(self._tiles)
         return self._num_samples if self._num_samples is not None else len(self._items)
 
+    def _remember(self, i: int, pixels: np.ndarray) -> None:
+        """Keep the decoded file of image ``i`` in the cache if it fits, dropping the least recently
+        used ones to make room."""
+        if pixels.nbytes > self._cache_limit:
+            return
+        while self._cache_bytes + pixels.nbytes > self._cache_limit:
+            self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
+        pixels.flags.writeable = False  # shared by every crop taken from it
+        self._cache[i] = pixels
+        self._cache_bytes += pixels.nbytes
+
     def _read(self, i: int) -> np.ndarray | None:
         """The pixels of image ``i``, or None (warned once) when its file has become unusable."""
         item = self._items[i]
         if item.pixels is not None:
             return item.pixels
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
         try:
             pixels = read_image(item.path)
         except Exception as exc:  # noqa: BLE001 - any decoder or OS failure; named in the warning
             problem = f"{type(exc).__name__}: {exc}"
         else:
             if pixels.shape[:2] == (item.height, item.width):
+                self._remember(i, pixels)
                 return pixels
             problem = f"it changed on disk from {item.width}x{item.height} to {pixels.shape[1]}x{pixels.shape[0]}"
         if i not in self._lost:
@@ -645,6 +678,7 @@ def build_dataset(
             rescale=tuple(data.rescale) if data.rescale is not None else None,
             color_jitter=data.color_jitter,
             procedural=data.procedural,
+            cache_mb=data.cache_mb,
         )
     return ImageDataset(
         sources,
@@ -653,4 +687,5 @@ def build_dataset(
         random_flip=False,
         seed=seed,
         tiles=data.eval_crop == "tiles",
+        cache_mb=data.cache_mb,
     )

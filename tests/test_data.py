@@ -269,3 +269,71 @@ def test_build_dataset_passes_the_augmentations():
     assert ds.rescale == (0.5, 1.0) and ds.color_jitter == 0.1 and ds.procedural == 0.25
     held_out = build_dataset(data, train=False)  # evaluation is never augmented
     assert held_out.rescale is None and held_out.procedural == 0
+
+
+def _count_decodes(monkeypatch):
+    import hetvae.data as data_module
+
+    calls = []
+
+    def counting(path):
+        calls.append(str(path))
+        return read_image(path)
+
+    monkeypatch.setattr(data_module, "read_image", counting)
+    return calls
+
+
+def test_cache_decodes_each_file_once_and_gives_the_same_crops(tmp_path, monkeypatch):
+    for k in range(3):
+        Image.fromarray(_photo(40, 48, k)).save(tmp_path / f"p{k}.png")
+    plain = ImageDataset(tmp_path, resolution=R, seed=4, num_samples=30)
+    expected = []
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        expected.append([plain[i] for i in range(len(plain))])
+    calls = _count_decodes(monkeypatch)
+    cached = ImageDataset(tmp_path, resolution=R, seed=4, num_samples=30, cache_mb=1.0)
+    assert len(calls) == 3  # the check at construction decodes each file once, and keeps it
+    for epoch in (0, 1):
+        cached.set_epoch(epoch)
+        for i in range(len(cached)):
+            assert torch.equal(cached[i], expected[epoch][i])
+    assert len(calls) == 3
+    calls.clear()
+    off = ImageDataset(tmp_path, resolution=R, seed=4, num_samples=30, cache_mb=0)
+    _ = [off[i] for i in range(len(off))]
+    assert len(calls) == 3 + 30  # without a cache every crop decodes its file
+
+
+def test_cache_keeps_the_most_recently_used_within_its_budget(tmp_path, monkeypatch):
+    for k in range(3):
+        Image.fromarray(_photo(40, 48, k)).save(tmp_path / f"p{k}.png")
+    one_image = 40 * 48 * 3
+    calls = _count_decodes(monkeypatch)
+    ds = ImageDataset(tmp_path, resolution=R, random_crop=False, random_flip=False, cache_mb=2.5 * one_image / 2**20)
+    assert ds._cache_bytes == 2 * one_image and list(ds._cache) == [1, 2]  # p0 dropped for p2
+    calls.clear()
+    ds[0]  # decoded again, and p1 (least recently used) makes room for it
+    assert calls == [str(tmp_path / "p0.png")] and list(ds._cache) == [2, 0]
+    ds[2], ds[0]
+    assert len(calls) == 1
+    too_small = ImageDataset(tmp_path, resolution=R, cache_mb=0.5 * one_image / 2**20)
+    assert too_small._cache_bytes == 0 and too_small[0].shape == (3, R, R)
+
+
+def test_cache_size_is_checked():
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cache_mb"):
+            ImageDataset([np.zeros((R, R, 3), np.uint8)], resolution=R, cache_mb=bad)
+    from hetvae.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cache_mb: must be >= 0"):
+        DataConfig(cache_mb=-1)
+
+
+def test_build_dataset_passes_the_cache_size(tmp_path):
+    Image.fromarray(_photo(40, 48, 0)).save(tmp_path / "p.png")
+    for train in (True, False):
+        assert build_dataset(DataConfig(path=str(tmp_path), resolution=R, cache_mb=3), train=train)._cache_limit == 3 * 2**20
+    assert build_dataset(DataConfig(path=str(tmp_path), resolution=R, cache_mb=0), train=True)._cache_bytes == 0
