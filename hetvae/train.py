@@ -150,7 +150,7 @@ RESUME_MAY_CHANGE = frozenset({
     "train.head_steps",  # e.g. a finished run resumed to fit its head on the converged mean
     "train.device",  # a run moved to another machine (a checkpoint is device-independent)
     # how, not what: same data, same gradients
-    "train.gradient_checkpointing", "data.num_workers",
+    "train.gradient_checkpointing", "data.num_workers", "data.cache_mb",
 })
 """Dotted config keys a resumed run may change; any other difference from the run's config is refused."""
 _STATE_KEYS = ("step", "generator_optimizer", "scaler", "rng", "nonfinite_total", "nonfinite_run", "last_finite_step")

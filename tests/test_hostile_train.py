@@ -76,7 +76,8 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(images, tmp_path, ca
 
     # what a resume may change: steps, logging and checkpoint cadence
     more = apply_overrides(cfg, ["train.steps=5", "train.log_every=2", "train.checkpoint_every=1",
-                                 "train.keep_checkpoints=3", "data.num_workers=0"])
+                                 "train.keep_checkpoints=3", "data.num_workers=0",
+                                 "data.cache_mb=0"])
     assert train(more, progress=False).step == 5
 
     # the explicit way out: start over in the same folder
