@@ -129,8 +129,9 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "resuming: with train.resume=auto (the default) a run folder that holds checkpoints is resumed; the config\n"
-        "may then differ from the run's only in steps, logging / sample / checkpoint cadence, optimiser settings and\n"
-        "data.num_workers (anything else is refused, naming the keys: use a new --out-dir or --overwrite).\n"
+        "may then differ from the run's only in steps, logging / sample / checkpoint cadence, optimiser settings,\n"
+        "train.device, data.num_workers and data.cache_mb (anything else is refused, naming the keys: use a new\n"
+        "--out-dir or --overwrite).\n"
         "\n"
         "exit codes:\n"
         "  0    training finished (or the run was already at train.steps + train.head_steps)\n"

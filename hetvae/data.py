@@ -492,6 +492,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def _check(self, collected: list) -> list[_Item]:
         items = []
         for entry in collected:
+            decoded = None  # a file's pixels, decoded here anyway: the cache may keep them
             if isinstance(entry, Path):
                 try:
                     decoded = read_image(entry)
@@ -499,10 +500,7 @@ class ImageDataset(torch.utils.data.Dataset):
                     logger.warning("skipping unreadable image %s: %s: %s", entry, type(exc).__name__, exc)
                     self.skipped_unreadable.append(str(entry))
                     continue
-                height, width = decoded.shape[:2]
-                item = _Item(name=str(entry), height=height, width=width, path=entry)
-                if min(height, width) >= self.resolution:
-                    self._remember(len(items), decoded)
+                item = _Item(name=str(entry), height=decoded.shape[0], width=decoded.shape[1], path=entry)
             else:
                 name, array = entry
                 pixels = _to_rgb_uint8(np.asarray(array), name)
@@ -511,6 +509,8 @@ class ImageDataset(torch.utils.data.Dataset):
                 logger.info("skipping %s: %dx%d is smaller than the crop", item.name, item.width, item.height)
                 self.skipped_small.append(item.name)
                 continue
+            if decoded is not None:
+                self._remember(len(items), decoded)
             items.append(item)
         if self.skipped_small:
             shown = ", ".join(self.skipped_small[:5]) + (", ..." if len(self.skipped_small) > 5 else "")
