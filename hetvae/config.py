@@ -672,6 +672,8 @@ class DataConfig:
             times larger shrunk to ``resolution`` (antialiased), ``scale ~ U(lo, hi)``; ``None``: off.
         color_jitter: strength of the mild colour jitter of training crops (brightness, contrast,
             saturation, hue; 0 = off, 0.1 mild). See ``hetvae.data.jitter_colors``.
+        tint_gray: probability that a grey training crop (every crop of a grayscale photograph)
+            gets a random colour tint first (``hetvae.data.tint_gray``); 0 = grey stays grey.
         procedural: fraction of training crops taken from procedural colour dead-leaves images
             (``hetvae.procedural``) instead of the photographs; 0 = photographs only.
         cache_mb: decoded image files of ``path`` kept in memory, in megabytes per process (each
@@ -688,6 +690,7 @@ class DataConfig:
     eval_crop: Literal["center", "tiles"] = "center"
     rescale: tuple[float, float] | None = None
     color_jitter: float = 0.0
+    tint_gray: float = 0.0
     procedural: float = 0.0
     cache_mb: float = 1024.0
 
@@ -713,6 +716,7 @@ class DataConfig:
             lo, hi = self.rescale
             _require(0 < lo <= hi <= 1, "rescale", f"needs 0 < lo <= hi <= 1, got {list(self.rescale)}")
         _require(0 <= self.color_jitter <= 1, "color_jitter", f"must be in [0, 1], got {self.color_jitter}")
+        _require(0 <= self.tint_gray <= 1, "tint_gray", f"must be a probability in [0, 1], got {self.tint_gray}")
         _require(0 <= self.procedural <= 1, "procedural", f"must be a fraction in [0, 1], got {self.procedural}")
         _require(self.cache_mb >= 0, "cache_mb", f"must be >= 0 (megabytes; 0 turns the cache off), got {self.cache_mb}")
 

@@ -317,6 +317,33 @@ def jitter_colors(crop: np.ndarray, rng: np.random.Generator, strength: float) -
     return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
+def tint_gray(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random colour tint of a grey ``(H, W, 3)`` uint8 crop (``R == G == B``), returned as uint8.
+
+    Two random hues: an overall colour cast of up to 0.25 (on the [0, 1] scale) in one, and a
+    luma-dependent tint in the other, shadows and highlights pushed apart by up to 0.5 times the
+    luma's deviation from its mean (a duotone, as a toned black-and-white print). The luminance
+    structure, which is what a grayscale texture photograph teaches, is kept; the colour it gains
+    gives the chroma of every crop a share of the gradient. Without it a model trained on mostly
+    grey photographs learns colour last and reconstructs new photographs washed out.
+    """
+    luma = crop[..., 0].astype(np.float32) / 255.0
+
+    def hue() -> np.ndarray:  # a unit chroma direction (orthogonal to the grey axis)
+        v = rng.standard_normal(3)
+        v -= v.mean()
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    cast = rng.uniform(0.0, 0.25) * hue()
+    duotone = rng.uniform(-0.5, 0.5) * hue()
+    x = luma[..., None] + cast + (luma - luma.mean())[..., None] * duotone
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def _is_gray(crop: np.ndarray) -> bool:
+    return bool((crop[..., 0] == crop[..., 1]).all() and (crop[..., 1] == crop[..., 2]).all())
+
+
 # ---------------------------------------------------------------------------------------------
 # dataset
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +382,9 @@ class ImageDataset(torch.utils.data.Dataset):
             antialiased): the photograph seen from further away, never enlarged (an enlargement
             would blur it). ``None``: plain ``R x R`` crops.
         color_jitter: strength of :func:`jitter_colors` (0: off; 0.1 is mild).
+        tint_gray: probability that a grey crop (``R == G == B`` everywhere, as every crop of a
+            grayscale photograph) gets a random colour tint (:func:`tint_gray`), before the colour
+            jitter. 0: grey crops stay grey.
         procedural: fraction of the samples replaced by crops of colour dead-leaves images
             (:func:`hetvae.procedural.dead_leaves`) from a pool of ``procedural_pool`` images of
             side ``2 R``, each made on first use from ``(seed, k)``. 0: photographs only.
@@ -401,6 +431,7 @@ class ImageDataset(torch.utils.data.Dataset):
         num_samples: int | None = None,
         rescale: tuple[float, float] | None = None,
         color_jitter: float = 0.0,
+        tint_gray: float = 0.0,
         procedural: float = 0.0,
         procedural_pool: int = 64,
         cache_mb: float = 0.0,
@@ -413,9 +444,11 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError("tiles=True is an evaluation mode and needs random_crop=False")
         if num_samples is not None and (num_samples < 1 or tiles):
             raise ValueError("num_samples must be positive and cannot be combined with tiles=True")
-        augment = rescale is not None or color_jitter > 0 or procedural > 0
+        augment = rescale is not None or color_jitter > 0 or tint_gray > 0 or procedural > 0
         if augment and not random_crop:
-            raise ValueError("rescale, color_jitter and procedural are training augmentations and need random_crop=True")
+            raise ValueError(
+                "rescale, color_jitter, tint_gray and procedural are training augmentations and need random_crop=True"
+            )
         if rescale is not None:
             lo, hi = (float(v) for v in rescale)
             if not 0.0 < lo <= hi <= 1.0:
@@ -423,6 +456,8 @@ class ImageDataset(torch.utils.data.Dataset):
             rescale = (lo, hi)
         if not 0.0 <= color_jitter <= 1.0:
             raise ValueError(f"color_jitter must be in [0, 1], got {color_jitter}")
+        if not 0.0 <= tint_gray <= 1.0:
+            raise ValueError(f"tint_gray must be a probability in [0, 1], got {tint_gray}")
         if not 0.0 <= procedural <= 1.0:
             raise ValueError(f"procedural must be a fraction in [0, 1], got {procedural}")
         if procedural_pool < 1:
@@ -434,6 +469,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self._cache_limit = int(cache_mb * 2**20)
         self.rescale = rescale
         self.color_jitter = float(color_jitter)
+        self.tint_gray = float(tint_gray)
         self.procedural = float(procedural)
         self.procedural_pool = int(procedural_pool)
         self._pool: dict[int, np.ndarray] = {}
@@ -627,6 +663,8 @@ class ImageDataset(torch.utils.data.Dataset):
             crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((r, r), Image.Resampling.LANCZOS))
         if flip:
             crop = crop[:, ::-1]
+        if self.tint_gray > 0 and _is_gray(crop) and rng.random() < self.tint_gray:
+            crop = tint_gray(crop, rng)
         if self.color_jitter > 0:
             crop = jitter_colors(crop, rng, self.color_jitter)
         # a copy: the crop may be a view of a shared, read-only cached image
@@ -658,7 +696,7 @@ def build_dataset(
     embedded :func:`sample_images` of ``split`` are used, ``split`` defaulting to ``data.split``
     for training and to ``"test"`` for evaluation (held-out photographs).
 
-    ``train=True``: random crops / flips / rescaling / colour jitter / procedural images as
+    ``train=True``: random crops / flips / rescaling / colour jitter / grey tint / procedural images as
     configured, ``data.samples_per_epoch`` samples per epoch, randomness fixed by ``seed`` (pass
     ``train.seed``). ``train=False``: deterministic,
     no flip; one centre crop per image, or every tile when ``data.eval_crop == "tiles"``.
@@ -677,6 +715,7 @@ def build_dataset(
             num_samples=data.samples_per_epoch,
             rescale=tuple(data.rescale) if data.rescale is not None else None,
             color_jitter=data.color_jitter,
+            tint_gray=data.tint_gray,
             procedural=data.procedural,
             cache_mb=data.cache_mb,
         )

@@ -248,6 +248,42 @@ def test_color_jitter_is_mild_keeps_grey_grey_and_8_bit():
     assert 0 < np.abs(shifted.astype(int) - photo).mean() < 30
 
 
+def test_tint_gray_colours_a_grey_crop_and_keeps_its_luminance_structure():
+    from hetvae.data import tint_gray
+
+    grey = np.repeat(_photo(32, 32, 5)[:, :, :1], 3, axis=2)
+    tinted = [tint_gray(grey, np.random.default_rng(k)).astype(float) for k in range(20)]
+    assert all(t.shape == grey.shape for t in tinted)
+    chroma = [np.abs(t - t.mean(axis=2, keepdims=True)).mean() for t in tinted]
+    assert min(chroma) > 0 and np.mean(chroma) > 5  # no longer grey, in 8-bit units
+    # the luminance pattern is kept: each tinted channel follows the grey image's structure
+    for t in tinted:
+        luma = t @ np.array([0.299, 0.587, 0.114])
+        assert np.corrcoef(luma.ravel(), grey[:, :, 0].ravel().astype(float))[0, 1] > 0.9
+    assert np.array_equal(tint_gray(grey, np.random.default_rng(3)), tint_gray(grey, np.random.default_rng(3)))
+
+
+def test_tint_gray_touches_grey_crops_only():
+    photo, grey = _photo(48, 48, 0), np.repeat(_photo(48, 48, 1)[:, :, :1], 3, axis=2)
+    kw = dict(resolution=R, num_samples=32, seed=2)
+    plain = ImageDataset([("c", photo), ("g", grey)], **kw)
+    tinted = ImageDataset([("c", photo), ("g", grey)], tint_gray=1.0, **kw)
+    half = ImageDataset([("c", photo), ("g", grey)], tint_gray=0.5, **kw)
+    n_tinted = 0
+    for i in range(32):
+        if i % 2 == 0:  # the colour photograph's crops are untouched, draw for draw
+            assert torch.equal(plain[i], tinted[i])
+        else:
+            assert torch.equal(plain[i][0], plain[i][1])  # grey without the tint
+            assert not torch.equal(tinted[i][0], tinted[i][1])
+            n_tinted += not torch.equal(half[i][0], half[i][1])
+    assert 0 < n_tinted < 16  # tint_gray=0.5 tints some grey crops, not all
+    with pytest.raises(ValueError, match="tint_gray"):
+        ImageDataset([("g", grey)], resolution=R, tint_gray=1.5)
+    with pytest.raises(ValueError, match="random_crop=True"):
+        ImageDataset([("g", grey)], resolution=R, random_crop=False, tint_gray=0.5)
+
+
 def test_augmented_and_procedural_samples_are_deterministic():
     img = _photo(48, 48, 0)
     kw = dict(resolution=R, rescale=(0.5, 1.0), color_jitter=0.1, procedural=0.5, num_samples=16, seed=3)
@@ -264,11 +300,13 @@ def test_augmented_and_procedural_samples_are_deterministic():
 
 
 def test_build_dataset_passes_the_augmentations():
-    data = DataConfig(resolution=32, samples_per_epoch=8, rescale=[0.5, 1.0], color_jitter=0.1, procedural=0.25)
+    data = DataConfig(
+        resolution=32, samples_per_epoch=8, rescale=[0.5, 1.0], color_jitter=0.1, tint_gray=0.8, procedural=0.25
+    )
     ds = build_dataset(data, train=True, seed=0)
-    assert ds.rescale == (0.5, 1.0) and ds.color_jitter == 0.1 and ds.procedural == 0.25
+    assert ds.rescale == (0.5, 1.0) and ds.color_jitter == 0.1 and ds.procedural == 0.25 and ds.tint_gray == 0.8
     held_out = build_dataset(data, train=False)  # evaluation is never augmented
-    assert held_out.rescale is None and held_out.procedural == 0
+    assert held_out.rescale is None and held_out.procedural == 0 and held_out.tint_gray == 0
 
 
 def _count_decodes(monkeypatch):
