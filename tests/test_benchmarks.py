@@ -70,3 +70,30 @@ def test_map_ceiling_fits_a_known_affine_scale(bench):
     spike = torch.zeros(1, 1, 21, 21, dtype=torch.float64)
     spike[..., 10, 10] = 1
     assert ceiling.blur(spike, 2.0).sum().item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_colour_fidelity_against_closed_forms(bench):
+    """Identity keeps every colour (error 0, chroma 1); a grey reconstruction keeps no chroma and
+    errs by exactly the mean distance to the grey axis; halving the chroma keeps half."""
+    import torch
+    from types import SimpleNamespace
+
+    fidelity = bench("colour_fidelity")
+    colours = fidelity.test_colours(16, seed=1)
+    assert colours.shape == (16, 3) and colours.min() >= -1 and colours.max() <= 1
+    assert torch.equal(colours, fidelity.test_colours(16, seed=1))
+
+    def predictor(fn):
+        return SimpleNamespace(predict=lambda image: SimpleNamespace(mean=fn(image[None])))
+
+    grey_of = lambda x: x.mean(1, keepdim=True).expand_as(x)  # noqa: E731
+    for textured in (False, True):
+        x = fidelity.patches(colours, textured=textured)
+        same = fidelity.colour_fidelity(predictor(lambda x: x), x)
+        assert same["colour_error"] == pytest.approx(0, abs=1e-4) and same["chroma_kept"] == pytest.approx(1)
+        grey = fidelity.colour_fidelity(predictor(grey_of), x)
+        target = x.mean((2, 3))
+        expected = (target - target.mean(1, keepdim=True)).abs().mean().item() * 127.5
+        assert grey["chroma_kept"] == pytest.approx(0, abs=1e-6) and grey["colour_error"] == pytest.approx(expected, rel=1e-5)
+        half = fidelity.colour_fidelity(predictor(lambda x: grey_of(x) + 0.5 * (x - grey_of(x))), x)
+        assert half["chroma_kept"] == pytest.approx(0.5, rel=1e-5)
