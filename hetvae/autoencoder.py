@@ -652,6 +652,23 @@ class AutoencoderKL(nn.Module):
                 module.conv2.bias.zero_()
 
     @torch.no_grad()
+    def amplify_input_chroma(self, gain: float) -> None:
+        """Make the encoder's first convolution read the input's chroma ``gain`` times amplified:
+        its weight ``W`` (over the RGB inputs) becomes ``W @ T`` with ``T = P + gain * (I - P)``,
+        ``P`` the projection onto the grey axis ``(1, 1, 1) / sqrt(3)``. Luminance is read as
+        before. For training from scratch: chroma is a small share of a photograph's variance, so
+        a randomly initialised encoder starts nearly blind to it and learns colour last (the model
+        reconstructs grey first and saturated colours washed out; docs/results.md)."""
+        if not (math.isfinite(gain) and gain > 0):
+            raise ValueError(f"gain must be finite and > 0, got {gain}")
+        weight = self.encoder.conv_in.weight
+        if weight.shape[1] != 3:
+            raise ValueError(f"amplify_input_chroma needs 3 input channels (RGB), the encoder has {weight.shape[1]}")
+        grey = torch.full((3, 3), 1.0 / 3.0, dtype=weight.dtype, device=weight.device)
+        transform = grey + gain * (torch.eye(3, dtype=weight.dtype, device=weight.device) - grey)
+        weight.copy_(torch.einsum("oikl,ij->ojkl", weight, transform))
+
+    @torch.no_grad()
     def init_posterior_logvar(self, value: float) -> None:
         """Start the posterior's log-variance near ``value``: the bias of the layer that outputs
         the moments (``quant_conv``, or the encoder's ``conv_out`` without one) is set to ``value``

@@ -748,6 +748,11 @@ class TrainConfig:
             small posterior variance. In a 900-step CPU run it helped two seeds of three and made
             the third fail on whole images (docs/results.md), so no shipped config uses it.
             Loaded models are not touched.
+        init_chroma_gain: a model built from scratch starts with its encoder's first convolution
+            reading the input's chroma (RGB minus its grey component) this many times amplified
+            (:meth:`AutoencoderKL.amplify_input_chroma`); ``None``: PyTorch's init. Chroma is a
+            small share of a photograph's variance, so a plain init learns colour last and
+            reconstructs saturated colours washed out. Loaded models are not touched.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         seed: seeds the model init and the data crops.
         checkpoint_every, sample_every, log_every: intervals in steps; 0 disables. A
@@ -795,6 +800,7 @@ class TrainConfig:
     decoder_only: bool = False
     zero_init_residual: bool = False
     init_logvar: float | None = None
+    init_chroma_gain: float | None = None
     gradient_checkpointing: bool = False
     seed: int = 0
     checkpoint_every: int = 200
@@ -830,6 +836,11 @@ class TrainConfig:
         for i, b in enumerate(self.betas):
             _require(0.0 <= b < 1.0, f"betas[{i}]", f"must be in [0, 1), got {b}")
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(
+            self.init_chroma_gain is None or (math.isfinite(self.init_chroma_gain) and self.init_chroma_gain > 0),
+            "init_chroma_gain",
+            f"must be finite and > 0 (1 changes nothing) or null, got {self.init_chroma_gain}",
+        )
         _require(
             self.init_logvar is None or -30.0 <= self.init_logvar <= 20.0,
             "init_logvar",
@@ -1064,7 +1075,8 @@ def build_model(cfg: Config) -> AutoencoderKL:
     ``model.init_from == "scratch"``: a new ``AutoencoderKL`` from the architecture fields, with
     a per-pixel log-scale head when ``log_scale.granularity == "pixel"`` (``shared`` -> one map,
     bias ``init``, ``detach_features``, ``head_*``), its ResNet blocks starting as the identity with
-    ``train.zero_init_residual`` and its posterior's log-variance near ``train.init_logvar``.
+    ``train.zero_init_residual``, its posterior's log-variance near ``train.init_logvar`` and its
+    encoder reading chroma amplified by ``train.init_chroma_gain``.
     Parameters come from torch's global RNG: seed it first.
 
     Otherwise ``init_from`` is a checkpoint path for ``hetvae.convert.load_autoencoder``; its
@@ -1094,6 +1106,8 @@ def build_model(cfg: Config) -> AutoencoderKL:
             model.zero_init_residual()
         if cfg.train.init_logvar is not None:
             model.init_posterior_logvar(cfg.train.init_logvar)
+        if cfg.train.init_chroma_gain is not None:
+            model.amplify_input_chroma(cfg.train.init_chroma_gain)
         return model.train()
 
     from hetvae.convert import inspect_checkpoint, load_autoencoder

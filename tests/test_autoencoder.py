@@ -182,6 +182,29 @@ def test_init_posterior_logvar_sets_the_posterior_variance(quant_conv):
     assert layer.bias.grad[half:].abs().sum() > 0
 
 
+def test_amplify_input_chroma_reads_chroma_amplified_and_luminance_as_before():
+    """The first convolution after amplify_input_chroma(g) on x is the one before on
+    grey(x) + g * (x - grey(x)), grey(x) the per-pixel mean of R, G, B (closed form); g = 1 changes
+    nothing; a bad gain is a ValueError."""
+    import torch.nn.functional as F
+
+    model = tiny_model()
+    conv = model.encoder.conv_in
+    x = images(b=2)
+    grey = x.mean(1, keepdim=True).expand_as(x)
+    before_weight = conv.weight.detach().clone()
+    model.amplify_input_chroma(1.0)
+    torch.testing.assert_close(conv.weight, before_weight)
+    model.amplify_input_chroma(4.0)
+    expected = F.conv2d(grey + 4.0 * (x - grey), before_weight, conv.bias, padding=conv.padding)
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+    flat = torch.full_like(x, 0.3)  # no chroma: read exactly as before
+    torch.testing.assert_close(conv(flat), F.conv2d(flat, before_weight, conv.bias, padding=conv.padding))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="gain"):
+            model.amplify_input_chroma(bad)
+
+
 # --- diffusers-style switches ------------------------------------------------------------------
 
 

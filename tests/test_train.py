@@ -536,6 +536,33 @@ def test_init_logvar_applies_to_scratch_models_only(images, tmp_path):
         make_cfg(images, tmp_path / "x", "train.init_logvar=-40")
 
 
+def test_init_chroma_gain_applies_to_scratch_models_only(images, tmp_path):
+    """train.init_chroma_gain: a scratch model's first convolution is the same seed's plain init
+    times T = P + g (I - P) and nothing else differs (no random draw added); a loaded model keeps its
+    own; a non-positive gain is a ConfigError naming the key."""
+    from hetvae.config import ConfigError, build_model
+
+    plain_cfg = make_cfg(images, tmp_path / "c", "train.zero_init_residual=true")
+    gain_cfg = make_cfg(images, tmp_path / "c", "train.zero_init_residual=true", "train.init_chroma_gain=4")
+    torch.manual_seed(0)
+    plain = build_model(plain_cfg)
+    torch.manual_seed(0)
+    amplified = build_model(gain_cfg)
+    grey = torch.full((3, 3), 1 / 3)
+    transform = grey + 4 * (torch.eye(3) - grey)
+    expected = torch.einsum("oikl,ij->ojkl", plain.encoder.conv_in.weight, transform)
+    torch.testing.assert_close(amplified.encoder.conv_in.weight, expected)
+    a, b = plain.state_dict(), amplified.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "encoder.conv_in.weight")
+    Trainer(make_cfg(images, tmp_path / "c0"), progress=False).run()
+    export = tmp_path / "c0" / "model.safetensors"
+    loaded = Trainer(make_cfg(images, tmp_path / "c1", f"model.init_from={export}", "train.init_chroma_gain=4"),
+                     progress=False)
+    torch.testing.assert_close(loaded.model.encoder.conv_in.weight, load_autoencoder(export).encoder.conv_in.weight)
+    with pytest.raises(ConfigError, match=r"train\.init_chroma_gain: must be finite and > 0"):
+        make_cfg(images, tmp_path / "x", "train.init_chroma_gain=0")
+
+
 def test_faithful_deep_head_trains_end_to_end(images, tmp_path):
     cfg = make_cfg(images, tmp_path / "f", "log_scale.granularity=pixel", "log_scale.faithful=true",
                    "log_scale.head_layers=2", "log_scale.head_channels=8", "log_scale.head_sees_mean=true",
