@@ -515,7 +515,8 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
                       out: str | os.PathLike | None = None) -> Path:
     """Write ``calibration`` (None: remove it) with the model ``predictor`` was loaded from.
 
-    ``path``: the run folder or model checkpoint the predictor came from. The likelihood record of
+    ``path``: the run folder or model checkpoint the predictor came from (a run's training
+    checkpoint, ``checkpoints/step_N``, is never rewritten: it needs ``out``). The likelihood record of
     the model file (``AutoencoderConfig.likelihood``) gets the calibration, replacing any earlier
     one, so it travels through every export: a run folder's ``model.safetensors``, a hetvae file, a
     diffusers folder (``config.json``) or an ldm file hetvae wrote (its metadata). Other single
@@ -525,7 +526,7 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     import dataclasses
 
     from hetvae.convert import inspect_checkpoint, likelihood_from_nll, save_autoencoder
-    from hetvae.evaluate import is_run_folder
+    from hetvae.evaluate import is_run_folder, is_training_checkpoint
 
     path = Path(path).expanduser()
     model = predictor.model
@@ -537,6 +538,11 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
         return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
     if is_run_folder(path):
         return save_autoencoder(model, path / "model.safetensors", format="hetvae", likelihood=record)
+    if is_training_checkpoint(path):
+        raise CalibrationError(
+            f"{path} is a training checkpoint (the state a run resumes from): it is not rewritten. Pass --out DIR "
+            "to write the model of that step with its calibration as a new hetvae export"
+        )
     info = inspect_checkpoint(path)
     if info.format == "hetvae":
         return save_autoencoder(model, info.weights_file, format="hetvae", likelihood=record)

@@ -43,6 +43,7 @@ __all__ = [
     "Checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint_weights",
     "list_checkpoints",
     "latest_checkpoint",
     "prune_checkpoints",
@@ -215,6 +216,31 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
     return doomed
 
 
+def _unreadable(file: Path, exc: Exception) -> ValueError:
+    detail = " ".join(str(exc).split())[:300]
+    return _checkpoint_error(f"{file}: truncated or corrupt ({type(exc).__name__}: {detail})")
+
+
+def read_checkpoint_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of checkpoint folder ``path``'s ``weights.safetensors`` (CPU), without
+    its training state: what scoring or exporting a saved step needs.
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``weights.safetensors``.
+        CheckpointError: the file is there but cannot be read (truncated, corrupt).
+    """
+    weights = Path(path) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint folder (needs {WEIGHTS_FILE} and {STATE_FILE})")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors and I/O errors all mean "unreadable"
+        raise _unreadable(weights, exc) from exc
+    return tensors, metadata
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint folder written by :func:`save_checkpoint` (tensors on the CPU).
 
@@ -226,16 +252,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     weights, state_file = path / WEIGHTS_FILE, path / STATE_FILE
     if not (weights.is_file() and state_file.is_file()):
         raise FileNotFoundError(f"{path}: not a checkpoint folder (needs {WEIGHTS_FILE} and {STATE_FILE})")
-    current = weights
+    tensors, metadata = read_checkpoint_weights(path)
     try:
-        with safe_open(str(weights), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        current = state_file
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors, zip, unpickling and I/O errors all mean "unreadable"
-        detail = " ".join(str(exc).split())[:300]
-        raise _checkpoint_error(f"{current}: truncated or corrupt ({type(exc).__name__}: {detail})") from exc
+    except Exception as exc:  # zip, unpickling and I/O errors all mean "unreadable"
+        raise _unreadable(state_file, exc) from exc
     if not isinstance(state, dict):
         raise _checkpoint_error(f"{state_file}: expected a dict of training state, got {type(state).__name__}")
     match = _NAME.match(path.name)

@@ -172,7 +172,10 @@ _COMMANDS["train"] = ("Train or fine-tune an autoencoder from a YAML config.", _
 
 # --- uncertainty maps and evaluation: uncertainty, eval, compare ---------------------------
 
-_CHECKPOINT_HELP = "a run folder written by `hetvae train`, or any model checkpoint `hetvae info` reads"
+_CHECKPOINT_HELP = (
+    "a run folder written by `hetvae train`, one of its training checkpoints (RUN/checkpoints/step_N), "
+    "or any model checkpoint `hetvae info` reads"
+)
 
 
 def _fail(error: Exception) -> int:

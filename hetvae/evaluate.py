@@ -3,7 +3,9 @@
 :func:`load_predictor` opens either
 
 * a **run folder** written by ``hetvae train`` (``config.yaml``, ``model.safetensors``,
-  ``loss.safetensors``): the model plus its trained likelihood, whatever the granularity; or
+  ``loss.safetensors``): the model plus its trained likelihood, whatever the granularity;
+* one of its **training checkpoints** (``checkpoints/step_XXXXXXXX``): the model and likelihood
+  the run would have exported at that step (EMA weights when the run keeps them); or
 * any **model** :func:`hetvae.convert.load_autoencoder` reads (diffusers folder, SD single file,
   hetvae checkpoint). With a per-pixel head, its map is the scale (soft-bounded with the default
   bounds); without one, the scale is the closed-form global optimum of each image (sigma-VAE), so
@@ -205,8 +207,55 @@ def is_run_folder(path: str | Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in RUN_FILES)
 
 
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a step folder of a run (``checkpoints/step_XXXXXXXX``, :mod:`hetvae.checkpoint`)."""
+    from hetvae.checkpoint import STATE_FILE, WEIGHTS_FILE
+
+    path = Path(path)
+    return path.is_dir() and (path / WEIGHTS_FILE).is_file() and (path / STATE_FILE).is_file()
+
+
+def _training_checkpoint_parts(path: Path) -> tuple[AutoencoderKL, HeteroscedasticNLL]:
+    """The model and likelihood a run would have exported at the step saved in ``path``: the EMA
+    weights when the run keeps them (as ``model.safetensors``), else the trained ones, and the
+    learned log-scale. Reads ``weights.safetensors`` only (never the training state)."""
+    from hetvae.autoencoder import AutoencoderConfig
+    from hetvae.checkpoint import WEIGHTS_FILE, read_checkpoint_weights
+    from hetvae.config import Config, ConfigError, build_nll, from_dict
+    from hetvae.convert import CONFIG_KEY, CheckpointError
+    from hetvae.train import TRAIN_CONFIG_KEY
+
+    tensors, metadata = read_checkpoint_weights(path)
+    weights = path / WEIGHTS_FILE
+    missing = [k for k in (CONFIG_KEY, TRAIN_CONFIG_KEY) if k not in metadata]
+    if missing:
+        raise CheckpointError(f"{weights}: lacks the {' and '.join(missing)} metadata that `hetvae train` writes")
+    try:
+        model_config = AutoencoderConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        cfg = from_dict(Config, json.loads(metadata[TRAIN_CONFIG_KEY]))
+    except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: its config metadata cannot be read by this version ({exc})") from exc
+    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "autoencoder."
+
+    def part(name: str) -> dict[str, Tensor]:
+        return {k[len(name):]: v for k, v in tensors.items() if k.startswith(name)}
+
+    model = AutoencoderKL(model_config)
+    nll = build_nll(cfg, model)
+    for module, name in ((model, prefix), (nll, "loss.")):
+        try:
+            module.load_state_dict(part(name), strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{weights}: the {name}* tensors do not fit the config stored with them: {str(exc).splitlines()[-1].strip()}"
+            ) from exc
+    return model, nll
+
+
 def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibrated: bool = True) -> Predictor:
-    """A :class:`Predictor` from a run folder or any model checkpoint (module docstring).
+    """A :class:`Predictor` from a run folder, one of its training checkpoints
+    (``RUN/checkpoints/step_XXXXXXXX``: the model the run would have exported at that step) or any
+    model checkpoint (module docstring).
 
     ``calibrated``: use the post-hoc calibration stored with the model (``hetvae calibrate``), if
     any; False scores the model as trained (``--uncalibrated``)."""
@@ -241,6 +290,8 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibra
             raise FileNotFoundError(
                 f"{loss_file} is missing: the run's {nll.granularity!r} log-scale was learned and lives there"
             )
+    elif is_training_checkpoint(path):
+        model, nll = _training_checkpoint_parts(path)
     else:
         model = load_autoencoder(path)
         nll = model_nll(model, path)

@@ -111,3 +111,70 @@ def test_a_bare_model_gets_its_head_or_the_closed_form_scale(runs, tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """Two pixel runs that keep their step folders: with EMA (tiny.yaml's) and without."""
+    root = tmp_path_factory.mktemp("checkpointed")
+    out = {}
+    for name, extra in (("ema", []), ("raw", ["train.ema_decay=null"])):
+        cfg = load_config(CONFIGS / "tiny.yaml", TINY_RUN + extra + [
+            "train.steps=4", "train.head_steps=0", "train.checkpoint_every=2", f"out_dir={root / name}"])
+        train(cfg, progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name", ["ema", "raw"])
+def test_a_training_checkpoint_scores_as_the_model_the_run_exports_at_that_step(checkpointed, name, image_dir, tmp_path):
+    import torch
+
+    run = checkpointed[name]
+    final, exported = load_predictor(run / "checkpoints" / "step_00000004"), load_predictor(run)
+    assert final.granularity == exported.granularity == "pixel"
+    for ours, theirs in ((final.model, exported.model), (final.nll, exported.nll)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    earlier = load_predictor(run / "checkpoints" / "step_00000002").model.state_dict()
+    assert any(not torch.equal(earlier[k], v) for k, v in final.model.state_dict().items())  # another step, other weights
+    out = tmp_path / "m.json"
+    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_00000002"), "--images", str(image_dir),
+                 "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())) == set(METRIC_KEYS)
+
+
+def test_an_unreadable_training_checkpoint_is_a_clear_error(checkpointed, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from hetvae.convert import CheckpointError
+
+    step = tmp_path / "step_00000002"
+    shutil.copytree(checkpointed["ema"] / "checkpoints" / "step_00000002", step)
+    weights = step / "weights.safetensors"
+    tensors = load_file(weights)
+    save_file(tensors, weights)  # the same tensors without the config metadata
+    with pytest.raises(CheckpointError, match=r"weights\.safetensors.*hetvae_config.*metadata"):
+        load_predictor(step)
+    weights.write_bytes(b"\x00" * 16)
+    with pytest.raises(CheckpointError, match=r"weights\.safetensors: truncated or corrupt"):
+        load_predictor(step)
+
+
+def test_calibrating_a_training_checkpoint_writes_a_new_export_and_leaves_the_step_alone(checkpointed, tmp_path, capsys):
+    step = checkpointed["ema"] / "checkpoints" / "step_00000002"
+    image_dir = tmp_path / "images"  # enough values per channel to fit (10,000)
+    image_dir.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(np.clip(rng.normal(128, 40, (72, 80, 3)), 0, 255).astype(np.uint8)).save(image_dir / f"{i}.png")
+    before = {f.name: f.read_bytes() for f in step.iterdir()}
+    assert main(["calibrate", "--checkpoint", str(step), "--images", str(image_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "training checkpoint" in err and "--out DIR" in err
+    assert main(["calibrate", "--checkpoint", str(step), "--images", str(image_dir), "--out", str(tmp_path / "cal")]) == 0
+    assert {f.name: f.read_bytes() for f in step.iterdir()} == before
+    calibrated = load_predictor(tmp_path / "cal")
+    assert calibrated.calibration is not None and calibrated.granularity == "pixel"
