@@ -526,7 +526,8 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     import dataclasses
 
     from hetvae.convert import inspect_checkpoint, likelihood_from_nll, save_autoencoder
-    from hetvae.evaluate import is_run_folder, is_training_checkpoint
+    from hetvae.checkpoint import is_checkpoint
+    from hetvae.evaluate import is_run_folder
 
     path = Path(path).expanduser()
     model = predictor.model
@@ -538,7 +539,7 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
         return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
     if is_run_folder(path):
         return save_autoencoder(model, path / "model.safetensors", format="hetvae", likelihood=record)
-    if is_training_checkpoint(path):
+    if is_checkpoint(path):
         raise CalibrationError(
             f"{path} is a training checkpoint (the state a run resumes from): it is not rewritten. Pass --out DIR "
             "to write the model of that step with its calibration as a new hetvae export"

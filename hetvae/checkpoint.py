@@ -44,6 +44,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint_weights",
+    "is_checkpoint",
+    "tensors_under",
     "list_checkpoints",
     "latest_checkpoint",
     "prune_checkpoints",
@@ -187,6 +189,17 @@ def _save(root: Path, final: Path, tensors: dict[str, Tensor], metadata: dict[st
     return final
 
 
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete checkpoint folder (both files there; readability unchecked)."""
+    path = Path(path)
+    return (path / WEIGHTS_FILE).is_file() and (path / STATE_FILE).is_file()
+
+
+def tensors_under(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The tensors of one owner (``"autoencoder."``, ``"ema."``, ...), names without the prefix."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``root`` as ``[(step, folder), ...]``, oldest first."""
     root = Path(root)
@@ -195,7 +208,7 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     found = []
     for child in root.iterdir():
         match = _NAME.match(child.name)
-        if match and (child / WEIGHTS_FILE).is_file() and (child / STATE_FILE).is_file():
+        if match and is_checkpoint(child):
             found.append((int(match.group(1)), child))
     return sorted(found)
 
@@ -249,8 +262,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         CheckpointError: a file is there but cannot be read (truncated, corrupt, not plain data).
     """
     path = Path(path)
-    weights, state_file = path / WEIGHTS_FILE, path / STATE_FILE
-    if not (weights.is_file() and state_file.is_file()):
+    state_file = path / STATE_FILE
+    if not is_checkpoint(path):
         raise FileNotFoundError(f"{path}: not a checkpoint folder (needs {WEIGHTS_FILE} and {STATE_FILE})")
     tensors, metadata = read_checkpoint_weights(path)
     try:

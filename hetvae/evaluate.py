@@ -42,7 +42,7 @@ from torch import Tensor
 from hetvae import metrics as M
 from hetvae.autoencoder import AutoencoderKL
 from hetvae.calibration import Calibration
-from hetvae.checkpoint import atomic_write_text, write_atomically
+from hetvae.checkpoint import atomic_write_text, is_checkpoint, write_atomically
 from hetvae.loss import HeteroscedasticNLL
 
 RUN_FILES = ("config.yaml", "model.safetensors")
@@ -207,20 +207,12 @@ def is_run_folder(path: str | Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in RUN_FILES)
 
 
-def is_training_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a step folder of a run (``checkpoints/step_XXXXXXXX``, :mod:`hetvae.checkpoint`)."""
-    from hetvae.checkpoint import STATE_FILE, WEIGHTS_FILE
-
-    path = Path(path)
-    return path.is_dir() and (path / WEIGHTS_FILE).is_file() and (path / STATE_FILE).is_file()
-
-
 def _training_checkpoint_parts(path: Path) -> tuple[AutoencoderKL, HeteroscedasticNLL]:
     """The model and likelihood a run would have exported at the step saved in ``path``: the EMA
     weights when the run keeps them (as ``model.safetensors``), else the trained ones, and the
     learned log-scale. Reads ``weights.safetensors`` only (never the training state)."""
     from hetvae.autoencoder import AutoencoderConfig
-    from hetvae.checkpoint import WEIGHTS_FILE, read_checkpoint_weights
+    from hetvae.checkpoint import WEIGHTS_FILE, read_checkpoint_weights, tensors_under
     from hetvae.config import Config, ConfigError, build_nll, from_dict
     from hetvae.convert import CONFIG_KEY, CheckpointError
     from hetvae.train import TRAIN_CONFIG_KEY
@@ -236,15 +228,11 @@ def _training_checkpoint_parts(path: Path) -> tuple[AutoencoderKL, Heteroscedast
     except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{weights}: its config metadata cannot be read by this version ({exc})") from exc
     prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "autoencoder."
-
-    def part(name: str) -> dict[str, Tensor]:
-        return {k[len(name):]: v for k, v in tensors.items() if k.startswith(name)}
-
     model = AutoencoderKL(model_config)
     nll = build_nll(cfg, model)
     for module, name in ((model, prefix), (nll, "loss.")):
         try:
-            module.load_state_dict(part(name), strict=True)
+            module.load_state_dict(tensors_under(tensors, name), strict=True)
         except RuntimeError as exc:
             raise CheckpointError(
                 f"{weights}: the {name}* tensors do not fit the config stored with them: {str(exc).splitlines()[-1].strip()}"
@@ -290,7 +278,7 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibra
             raise FileNotFoundError(
                 f"{loss_file} is missing: the run's {nll.granularity!r} log-scale was learned and lives there"
             )
-    elif is_training_checkpoint(path):
+    elif is_checkpoint(path):
         model, nll = _training_checkpoint_parts(path)
     else:
         model = load_autoencoder(path)

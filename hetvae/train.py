@@ -115,6 +115,7 @@ from hetvae.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
     set_aside,
+    tensors_under,
 )
 from hetvae.config import (
     Config,
@@ -638,7 +639,7 @@ class Trainer:
                 )
 
         def part(prefix: str) -> dict[str, Tensor]:
-            return {k[len(prefix) :]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+            return tensors_under(ckpt.tensors, prefix)
 
         try:
             self.model.load_state_dict(part("autoencoder."), strict=True)
