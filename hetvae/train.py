@@ -475,6 +475,19 @@ class Trainer:
         self.noise.manual_seed(t.seed + 1)  # not the init seed: the noise stream is its own
 
         self.dataset = build_dataset(cfg.data, train=True, seed=t.seed)
+        # the last train.final_steps: larger crops, the same pixels per step (train.final_resolution)
+        self.final_dataset: ImageDataset | None = None
+        self.final_batch = t.batch_size
+        if t.final_steps:
+            self.final_dataset = build_dataset(
+                dataclasses.replace(cfg.data, resolution=t.final_resolution), train=True, seed=t.seed
+            )
+            self.final_batch = t.batch_size * cfg.data.resolution**2 // t.final_resolution**2
+            if self.final_batch % self.dist.world_size:
+                raise ValueError(
+                    f"train.final_resolution={t.final_resolution} gives global batches of {self.final_batch} crops, "
+                    f"which must divide by the world size {self.dist.world_size}"
+                )
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -935,9 +948,9 @@ class Trainer:
         t, world, rank = self.cfg.train, self.dist.world_size, self.dist.rank
         f = self.model.config.downsample_factor
         # the whole global batch's noise on every rank, each keeps its slice (see _Generator)
-        shape = (t.batch_size, self.model.config.latent_channels, x.shape[-2] // f, x.shape[-1] // f)
+        local = x.shape[0]  # train.batch_size // world, or the large crops' batch (train.final_resolution)
+        shape = (local * world, self.model.config.latent_channels, x.shape[-2] // f, x.shape[-1] // f)
         eps = torch.randn(shape, generator=self.noise, device=self.device)
-        local = t.batch_size // world
         eps = eps[rank * local : (rank + 1) * local]
         if self.discriminator is not None:
             self.discriminator.requires_grad_(False)  # the generator loss must not train D
@@ -1093,15 +1106,8 @@ class Trainer:
         """Train up to ``cfg.train.steps`` (plus ``head_steps``); see the module docstring."""
         t = self.cfg.train
         main = self.dist.main
-        batches = _local_batches(
-            self.dataset,
-            global_batch=t.batch_size,
-            seed=t.seed,
-            start=self.step * t.grad_accum,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            num_workers=self.cfg.data.num_workers,
-        )
+        final_from = t.steps - t.final_steps if t.final_steps else None
+        batches = self._batches_from(self.step)
         bar = tqdm(
             total=self.total_steps, initial=self.step, desc=str(self.run_dir), unit="step",
             disable=not (main and self.progress), dynamic_ncols=True, mininterval=1.0,
@@ -1113,6 +1119,8 @@ class Trainer:
         try:
             with self._signals():
                 while self.step < self.total_steps:
+                    if self.step == final_from and self.step > 0:
+                        batches = self._batches_from(self.step)  # the large crops from here on
                     if self.step >= t.steps and not self._head_phase:
                         self._enter_head_phase(from_ema=True)
                     self._step_start = self._snapshot()
@@ -1185,6 +1193,23 @@ class Trainer:
         self._close()
         return TrainResult(run_dir=self.run_dir, step=self.step, interrupted=interrupted, model_file=model_file,
                            logs=last_logs, signal=self._stop_signal if interrupted else None)
+
+    def _batches_from(self, step: int) -> Iterator[Tensor]:
+        """This rank's batches from optimizer step ``step`` on: ``data.resolution`` crops, or from
+        the start of the last ``train.final_steps`` on the large crops, each stream counted from
+        its own beginning (so a resume finds the same batches)."""
+        t = self.cfg.train
+        final_from = t.steps - t.final_steps
+        final = self.final_dataset is not None and step >= final_from
+        return _local_batches(
+            self.final_dataset if final else self.dataset,
+            global_batch=self.final_batch if final else t.batch_size,
+            seed=t.seed,
+            start=((step - final_from) if final else step) * t.grad_accum,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=self.cfg.data.num_workers,
+        )
 
     def _snapshot(self) -> dict[str, Any]:
         """What a failed step may have changed without changing the weights: the RNG streams it

@@ -146,6 +146,32 @@ def test_value_checks_name_the_key():
         apply_overrides(Config(), ["log_scale.granularity=pixel", "log_scale.fit=optimal"])
 
 
+def test_final_crop_phase_checks_name_the_key():
+    """train.final_steps / final_resolution: each inconsistent setting names its key; a
+    consistent one gives the large-crop batch the same pixels per step."""
+    base = ["data.resolution=32", "train.batch_size=16", "train.steps=100"]
+    cases = {
+        "train.final_steps=101": ("train.final_steps", "must not exceed"),
+        "train.final_steps=-1": ("train.final_steps", ">= 0"),
+        "train.final_resolution=60": ("train.final_resolution", "multiple of 8"),
+        "train.final_steps=10": ("train.final_resolution", "must be set"),
+    }
+    for override, (key, words) in cases.items():
+        with pytest.raises(ConfigError, match=words) as info:
+            apply_overrides(Config(), [*base, override])
+        assert info.value.key == key, override
+    # 16 crops of 32 px are 16384 px: one 128 px crop, not a whole number of 96 px crops
+    with pytest.raises(ConfigError, match=r"^train\.final_resolution: .*16384.* got 1\.77778") as info:
+        apply_overrides(Config(), [*base, "train.final_steps=10", "train.final_resolution=96"])
+    with pytest.raises(ConfigError, match=r"^train\.final_resolution: must be a multiple of the model's down"):
+        apply_overrides(Config(), [*base, "model.block_out_channels=[8, 8, 8, 8, 8]", "train.final_steps=10",
+                                   "train.final_resolution=8", "train.batch_size=64"])
+    cfg = apply_overrides(Config(), [*base, "train.final_steps=100", "train.final_resolution=128"])
+    assert (cfg.train.final_steps, cfg.train.final_resolution) == (100, 128)
+    # a resolution alone, its phase switched off, is allowed (e.g. --set train.final_steps=0)
+    apply_overrides(Config(), [*base, "train.final_resolution=128"])
+
+
 def test_yaml_tags_are_refused(tmp_path):
     path = _write(tmp_path, "out_dir: !!python/object/apply:os.getcwd []\n")
     with pytest.raises(ConfigError, match="not a plain YAML file"):
