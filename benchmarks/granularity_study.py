@@ -188,7 +188,9 @@ def main(argv=None) -> int:
         "",
         f"- base config: `{args.config}` ({list(cfg.model.block_out_channels)} channels, "
         f"{len(cfg.model.block_out_channels) - 1} down-sampling levels, {cfg.model.latent_channels} latent channels), "
-        f"{cfg.train.steps} steps of batch {cfg.train.batch_size} at {cfg.data.resolution} px; seeds {args.seeds}",
+        f"{cfg.train.steps} steps of batch {cfg.train.batch_size} at {cfg.data.resolution} px"
+        + (f" (the last {cfg.train.final_steps} on {cfg.train.final_resolution} px crops)" if cfg.train.final_steps else "")
+        + f"; seeds {args.seeds}",
         "- training data: the `train` split of the sample photographs plus procedural dead-leaves images, "
         "with the config's augmentations (docs/config.md)",
         f"- evaluation: {source}, whole images ({', '.join(names)}); every element of every image pooled; "

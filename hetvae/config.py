@@ -784,7 +784,7 @@ class TrainConfig:
         final_steps, final_resolution: the last ``final_steps`` of the ``steps`` (and the
             ``head_steps`` after them) train on crops of ``final_resolution`` px instead of
             ``data.resolution``, in batches of ``batch_size * (data.resolution / final_resolution) ** 2``
-            images, the same pixels per step. GroupNorm normalises over the whole image, so a model
+            images (rounded, at least 1), about the same pixels per step. GroupNorm normalises over the whole image, so a model
             trained only on small crops meets other statistics on a whole photograph; a short
             phase on large crops adapts it (docs/results.md: +0.4 to +0.6 dB on whole unseen
             photographs for 32 px training crops). With ``objective`` reductions that sum over pixels
@@ -870,7 +870,8 @@ class TrainConfig:
         _require(
             self.final_steps <= self.steps,
             "final_steps",
-            f"counts the last of train.steps={self.steps} and must not exceed them, got {self.final_steps}",
+            f"counts the last of train.steps={self.steps} and must not exceed them, got {self.final_steps} "
+            "(lower it with the steps, or set 0 to train on data.resolution crops throughout)",
         )
         _require(
             self.final_resolution is None or (self.final_resolution >= 8 and self.final_resolution % 8 == 0),
@@ -903,19 +904,10 @@ class Config:
             f"trains only the log-scale, which log_scale.trainable=false freezes; got {self.train.head_steps} "
             "(set log_scale.trainable=true, or train.head_steps=0)",
         )
-        t = self.train
-        if t.final_steps:
-            pixels = t.batch_size * self.data.resolution**2
-            _require(
-                pixels % t.final_resolution**2 == 0,
-                "train.final_resolution",
-                f"its batches keep the pixels of train.batch_size={t.batch_size} crops of data.resolution="
-                f"{self.data.resolution} px ({pixels}), which must be a whole number of "
-                f"{t.final_resolution}x{t.final_resolution} crops; got {pixels / t.final_resolution**2:g}",
-            )
         if self.model.init_from == "scratch":
             factor = self.model.downsample_factor
-            for key, value in (("data.resolution", self.data.resolution), ("train.final_resolution", t.final_resolution)):
+            for key, value in (("data.resolution", self.data.resolution),
+                               ("train.final_resolution", self.train.final_resolution)):
                 _require(
                     value is None or value % factor == 0,
                     key,

@@ -16,6 +16,9 @@
   EMA weights when there is an EMA, so the map is fitted to the mean that is exported; the lr
   restarts and follows ``lr_schedule`` over the phase; the discriminator rests. Under DDP the phase
   bypasses the wrapper and averages the few trainable gradients by hand;
+* ``final_steps``: the last steps (and the head phase) train on ``final_resolution`` crops in
+  batches of the same pixels, so GroupNorm adapts to statistics closer to a whole image's; that
+  phase's batches are a stream of their own, counted from the switch;
 * gradient accumulation, linear lr warm-up, gradient clipping, EMA of the autoencoder, autocast
   to bf16/fp16 (fp16 with a ``GradScaler``; the NLL upcasts to float32 itself);
 * a non-finite loss or gradient skips the step (counted, logged); ``max_nonfinite`` in a row stop
@@ -482,7 +485,8 @@ class Trainer:
             self.final_dataset = build_dataset(
                 dataclasses.replace(cfg.data, resolution=t.final_resolution), train=True, seed=t.seed
             )
-            self.final_batch = t.batch_size * cfg.data.resolution**2 // t.final_resolution**2
+            # about the pixels of a normal step: 16 crops of 32 px -> one of 128 px
+            self.final_batch = max(1, round(t.batch_size * cfg.data.resolution**2 / t.final_resolution**2))
             if self.final_batch % self.dist.world_size:
                 raise ValueError(
                     f"train.final_resolution={t.final_resolution} gives global batches of {self.final_batch} crops, "

@@ -21,7 +21,7 @@ from hetvae.functional import soft_clamp
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRAIN = [
     "model.block_out_channels=[16, 32]", "model.latent_channels=4", "model.norm_num_groups=8",
-    "data.resolution=32", "data.samples_per_epoch=8", "train.steps=2", "train.batch_size=2",
+    "data.resolution=32", "data.samples_per_epoch=8", "train.steps=2", "train.final_steps=0", "train.batch_size=2",
     "train.warmup_steps=0", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=0",
     "log_scale.head_channels=8", "train.head_steps=0",
 ]

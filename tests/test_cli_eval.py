@@ -21,6 +21,7 @@ TINY_RUN = [
     "data.resolution=32",
     "data.samples_per_epoch=8",
     "train.steps=3",
+    "train.final_steps=0",  # tiny.yaml ends on 128 px crops; 3 steps stay on 32 px
     "train.head_steps=2",  # a head-only phase (tiny.yaml has none): eval reads the model exported after it
     "train.batch_size=2",
     "train.warmup_steps=0",

@@ -108,7 +108,7 @@ def test_item7_save_pretrained_writes_atomically_and_leaves_no_temporary_files(t
 
 TRAIN = [
     "model.block_out_channels=[16, 32]", "model.latent_channels=4", "model.norm_num_groups=8",
-    "data.resolution=32", "data.samples_per_epoch=8", "train.steps=2", "train.batch_size=2",
+    "data.resolution=32", "data.samples_per_epoch=8", "train.steps=2", "train.final_steps=0", "train.batch_size=2",
     "train.warmup_steps=0", "train.log_every=1", "train.sample_every=0", "train.checkpoint_every=0",
     "train.log_scale_lr=0.5", "train.head_steps=0",
 ]
