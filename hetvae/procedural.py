@@ -20,28 +20,16 @@ from PIL import Image
 __all__ = ["dead_leaves"]
 
 
-def _leaf_colours(rng: np.random.Generator, n: int) -> np.ndarray:
-    """``(n, 3)`` RGB in [0, 1]: hues uniform, saturation mostly moderate (photographs rarely
-    saturate), value spread over the range."""
-    hue = rng.random(n)
-    sat = rng.beta(1.5, 2.5, n)
-    val = rng.beta(2.0, 1.6, n)
-    if n == 1:  # one leaf at a time (dead_leaves): the same arithmetic without the table's overhead
-        h6 = hue[0] * 6.0
-        i = int(np.floor(h6)) % 6
-        f = h6 - np.floor(h6)
-        v, s = val[0], sat[0]
-        p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-        return np.array([((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))[i]])
-    # HSV -> RGB, vectorised
-    h6 = hue * 6.0
-    i = np.floor(h6).astype(int) % 6
+def _leaf_colour(rng: np.random.Generator) -> np.ndarray:
+    """One RGB colour in [0, 1] (shape ``(3,)``): hue uniform, saturation mostly moderate
+    (photographs rarely saturate), value spread over the range."""
+    # size-1 draws: the generator advances exactly as it always has, so the images stay the same
+    h, s, v = rng.random(1)[0], rng.beta(1.5, 2.5, 1)[0], rng.beta(2.0, 1.6, 1)[0]
+    h6 = h * 6.0  # HSV -> RGB
+    i = int(np.floor(h6)) % 6
     f = h6 - np.floor(h6)
-    p, q, t = val * (1 - sat), val * (1 - sat * f), val * (1 - sat * (1 - f))
-    table = np.stack(
-        [np.stack(c, axis=1) for c in ((val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q))]
-    )
-    return table[i, np.arange(n)]
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    return np.array(((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))[i])
 
 
 def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
@@ -114,7 +102,7 @@ def dead_leaves(
         paint = inside & ~covered[y0:y1, x0:x1]
         if not paint.any():
             continue
-        colour = _leaf_colours(rng, 1)[0].astype(np.float32)
+        colour = _leaf_colour(rng).astype(np.float32)
         value = np.broadcast_to(colour, paint.shape + (3,)).copy()
         if rng.random() < 0.7:
             amplitude = rng.uniform(0.05, 0.3)
@@ -125,7 +113,7 @@ def dead_leaves(
         covered[y0:y1, x0:x1] |= paint
         n_covered += int(np.count_nonzero(paint))
     # the few pixels left uncovered get the colour of a last, background leaf
-    canvas[~covered] = _leaf_colours(rng, 1)[0]
+    canvas[~covered] = _leaf_colour(rng)
     canvas = np.clip(canvas, 0.0, 1.0)
     image = Image.fromarray(np.rint(canvas * 255).astype(np.uint8))
     if s > 1:
