@@ -906,14 +906,15 @@ class Config:
         )
         if self.model.init_from == "scratch":
             factor = self.model.downsample_factor
-            for key, value in (("data.resolution", self.data.resolution),
-                               ("train.final_resolution", self.train.final_resolution)):
-                _require(
-                    value is None or value % factor == 0,
-                    key,
-                    f"must be a multiple of the model's down-sampling factor {factor} "
-                    f"(2 ** (len(model.block_out_channels) - 1)), got {value}",
-                )
+            _require_crop_sides(self, factor, f"the model's down-sampling factor {factor} "
+                                              "(2 ** (len(model.block_out_channels) - 1))")
+
+
+def _require_crop_sides(cfg: Config, factor: int, what: str) -> None:
+    """The training crops (``data.resolution``, ``train.final_resolution``) must down-sample
+    ``factor`` times to whole latents; ``what`` names the factor in the error."""
+    for key, value in (("data.resolution", cfg.data.resolution), ("train.final_resolution", cfg.train.final_resolution)):
+        _require(value is None or value % factor == 0, key, f"must be a multiple of {what}, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1168,12 +1169,7 @@ def build_model(cfg: Config) -> AutoencoderKL:
         )
         model.config = dataclasses.replace(model.config, likelihood=dataclasses.replace(lik, calibration=None))
     factor = model.config.downsample_factor
-    for key, value in (("data.resolution", cfg.data.resolution), ("train.final_resolution", cfg.train.final_resolution)):
-        _require(
-            value is None or value % factor == 0,
-            key,
-            f"must be a multiple of the down-sampling factor {factor} of {path}, got {value}",
-        )
+    _require_crop_sides(cfg, factor, f"the down-sampling factor {factor} of {path}")
     return model.train()
 
 

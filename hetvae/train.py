@@ -1110,7 +1110,7 @@ class Trainer:
         """Train up to ``cfg.train.steps`` (plus ``head_steps``); see the module docstring."""
         t = self.cfg.train
         main = self.dist.main
-        final_from = t.steps - t.final_steps if t.final_steps else None
+        final_from = self._final_from
         batches = self._batches_from(self.step)
         bar = tqdm(
             total=self.total_steps, initial=self.step, desc=str(self.run_dir), unit="step",
@@ -1198,13 +1198,19 @@ class Trainer:
         return TrainResult(run_dir=self.run_dir, step=self.step, interrupted=interrupted, model_file=model_file,
                            logs=last_logs, signal=self._stop_signal if interrupted else None)
 
+    @property
+    def _final_from(self) -> int | None:
+        """The step from which training takes the large crops (``train.final_steps``), or None."""
+        t = self.cfg.train
+        return t.steps - t.final_steps if self.final_dataset is not None else None
+
     def _batches_from(self, step: int) -> Iterator[Tensor]:
         """This rank's batches from optimizer step ``step`` on: ``data.resolution`` crops, or from
         the start of the last ``train.final_steps`` on the large crops, each stream counted from
         its own beginning (so a resume finds the same batches)."""
         t = self.cfg.train
-        final_from = t.steps - t.final_steps
-        final = self.final_dataset is not None and step >= final_from
+        final_from = self._final_from
+        final = final_from is not None and step >= final_from
         return _local_batches(
             self.final_dataset if final else self.dataset,
             global_batch=self.final_batch if final else t.batch_size,

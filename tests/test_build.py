@@ -94,6 +94,10 @@ def test_init_from_errors(tmp_path):
     # the architecture comes from the file, so only the builder can check the crop size
     with pytest.raises(ConfigError, match="data.resolution: must be a multiple of the down-sampling factor 16"):
         build_model(cfg_with(f"model.init_from={tmp_path / 'f16'}", "data.resolution=8"))
+    # and the large crops of the final phase as well
+    with pytest.raises(ConfigError, match=r"train\.final_resolution: must be a multiple of the down-sampling factor 16 "):
+        build_model(cfg_with(f"model.init_from={tmp_path / 'f16'}", "data.resolution=16",
+                             "train.final_steps=1", "train.final_resolution=24"))
 
 
 # --- base: inheritance ---------------------------------------------------------------------------
