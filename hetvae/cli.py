@@ -363,23 +363,47 @@ def _run_eval(args: argparse.Namespace) -> int:
             check_output_file(args.json, "--json")  # again: the run may be long
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
-    def shown(value):
-        return "n/a (constant scale)" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+    def shown(value, key=""):
+        if value is None:
+            return "n/a (no colour images)" if key.startswith("chroma") else "n/a (constant scale)"
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     before = result.get("uncalibrated")
     rows = {k: v for k, v in result.items() if k not in ("uncalibrated", "calibration")}
     width = max(map(len, rows))
     if before is None:
         for key, value in rows.items():
-            print(f"{key:<{width}}  {shown(value)}")
+            print(f"{key:<{width}}  {shown(value, key)}")
     else:  # a calibrated model: before and after, side by side
         print(f"calibration: {result['calibration']}")
         print(f"{'':<{width}}  {'uncalibrated':<20}  calibrated")
         for key, value in rows.items():
-            print(f"{key:<{width}}  {shown(before.get(key)):<20}  {shown(value)}")
+            print(f"{key:<{width}}  {shown(before.get(key), key):<20}  {shown(value, key)}")
+    colour = _colour_note(result)
+    if colour:
+        print(colour)
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
     return 0
+
+
+CHROMA_KEPT_RANGE = (2 / 3, 3 / 2)
+"""``hetvae eval`` notes images whose reconstruction keeps less or more of their chroma than this."""
+
+
+def _colour_note(result: dict) -> str | None:
+    """A line when some reconstruction is washed out or over-saturated as a whole, else None."""
+    low, high = result.get("chroma_kept_min"), result.get("chroma_kept_max")
+    lo, hi = CHROMA_KEPT_RANGE
+    faults = []
+    if low is not None and low < lo:
+        faults.append(f"washed out (one keeps {low:.0%} of its chroma)")
+    if high is not None and high > hi:
+        faults.append(f"over-saturated (one has {high:.0%} of its chroma)")
+    if not faults:
+        return None
+    return ("note: colour: some reconstructions are " + " and ".join(faults)
+            + f"; outside {lo:.0%}-{hi:.0%}, a whole-image fault that PSNR averages away")
 
 
 def _add_compare(parser: argparse.ArgumentParser) -> None:

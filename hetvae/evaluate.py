@@ -50,6 +50,10 @@ METRIC_KEYS = (
     "psnr", "nll_bpd", "coverage_50", "coverage_90", "calibration_error", "spearman", "ause",
     "n_images", "granularity",
 )
+COLOUR_KEYS = ("chroma_kept", "chroma_kept_min", "chroma_kept_max")
+"""Also in every result of :func:`summarize`: the share of the images' chroma their reconstructions
+keep (:func:`hetvae.metrics.chroma_kept`), mean / least / most over the RGB images that have colour;
+``None`` when there are none. Not part of :data:`METRIC_KEYS`, which recognises older results too."""
 AUTO_TILE_PIXELS = 2048 * 2048
 """Images with more pixels than this are reconstructed in tiles when :attr:`Predictor.tile` is
 ``None`` (automatic): an untiled SD decoder holds several 128-channel float32 activations at full
@@ -321,6 +325,7 @@ class _Pool:
         self.family = family
         self.calibration = calibration
         self.psnr: list[float] = []
+        self.chroma_kept: list[float] = []
         self.bits = 0.0
         self.count = 0
         self.hits = [0] * len(M.CALIBRATION_LEVELS)
@@ -330,7 +335,10 @@ class _Pool:
     def add(self, p: Prediction) -> None:
         target, mean, log_scale = p.target, p.mean, p.log_scale
         n = target.numel()
-        self.psnr.extend(M.psnr((mean.clamp(-1, 1) + 1) / 2, (target + 1) / 2).tolist())
+        shown, truth = (mean.clamp(-1, 1) + 1) / 2, (target + 1) / 2
+        self.psnr.extend(M.psnr(shown, truth).tolist())
+        if target.ndim == 4 and target.shape[1] == 3:
+            self.chroma_kept.extend(k for k in M.chroma_kept(shown, truth).tolist() if math.isfinite(k))
         cal = self.calibration
         if cal is None:
             self.bits += M.nll_bpd(target, mean, log_scale, self.family) * n
@@ -363,6 +371,7 @@ class _Pool:
         rho = M.spearman(*ranked)
         levels = M.CALIBRATION_LEVELS
         observed = self.coverage_curve()
+        kept = self.chroma_kept
         return {
             "psnr": sum(self.psnr) / len(self.psnr),
             "nll_bpd": self.bits / self.count,
@@ -373,6 +382,9 @@ class _Pool:
             "ause": M.ause(*ranked),
             "n_images": len(self.psnr),
             "granularity": granularity,
+            "chroma_kept": sum(kept) / len(kept) if kept else None,
+            "chroma_kept_min": min(kept) if kept else None,
+            "chroma_kept_max": max(kept) if kept else None,
         }
 
 

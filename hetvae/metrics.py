@@ -12,6 +12,7 @@ The same metrics apply to global, channel and pixel models; where a metric needs
 * :func:`calibration_error` - mean ``|coverage(p) - p|`` over ``p = 0.1 ... 0.9``.
 * :func:`spearman` - rank correlation between predicted scale and absolute error.
 * :func:`ause` - area under the sparsification-error curve (Ilg et al., ECCV 2018).
+* :func:`chroma_kept` - how much of a colour image's chroma its reconstruction keeps (1 = all).
 """
 
 from __future__ import annotations
@@ -51,6 +52,36 @@ def psnr(prediction: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
     mse = (prediction.double() - target.double()).square().flatten(1).mean(dim=1)
     return 10.0 * torch.log10(data_range**2 / mse)
+
+
+LUMA_WEIGHTS: tuple[float, float, float] = (0.299, 0.587, 0.114)
+"""ITU-R BT.601 luma weights of R, G, B: the grey that :func:`chroma` measures colour against."""
+MIN_CHROMA = 1.0 / 255.0
+"""Mean chroma (on the [0, 1] scale) below which :func:`chroma_kept` treats an image as grey."""
+
+
+def chroma(images: Tensor) -> Tensor:
+    """Mean chroma per image of RGB ``(B, 3, H, W)`` images in [0, 1]: the mean absolute difference
+    between each channel and the pixel's BT.601 luma, ``(B,)`` float64 (0 for a grey image)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"chroma needs RGB images (B, 3, H, W), got shape {tuple(images.shape)}")
+    x = images.double()
+    luma = (x * x.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    return (x - luma).abs().flatten(1).mean(dim=1)
+
+
+def chroma_kept(prediction: Tensor, target: Tensor) -> Tensor:
+    """``chroma(prediction) / chroma(target)`` per image (RGB in [0, 1]), ``(B,)`` float64.
+
+    1: the reconstruction is as colourful as the image; below 1 washed out (0: grey), above 1
+    over-saturated. NaN for a target whose mean chroma is under :data:`MIN_CHROMA` (a grey image
+    has no colour to keep). Whole-image colour faults that PSNR averages away show here.
+    """
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+    reference = chroma(target)
+    ratio = chroma(prediction) / reference.clamp_min(MIN_CHROMA)
+    return torch.where(reference < MIN_CHROMA, torch.full_like(ratio, float("nan")), ratio)
 
 
 def nll_bpd(target: Tensor, mean: Tensor, log_scale: Tensor, family: Family = "laplace") -> float:

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from hetvae.cli import main
 from hetvae.config import load_config
-from hetvae.evaluate import METRIC_KEYS, load_predictor
+from hetvae.evaluate import COLOUR_KEYS, METRIC_KEYS, load_predictor
 from hetvae.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -70,11 +70,49 @@ def test_eval_json_has_every_key(runs, image_dir, tmp_path, capsys):
     out = tmp_path / "metrics.json"
     assert main(["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == set(METRIC_KEYS)
+    assert set(result) == set(METRIC_KEYS) | set(COLOUR_KEYS)
     assert result["n_images"] == 2 and result["granularity"] == "pixel"
     assert 0 <= result["coverage_50"] <= result["coverage_90"] <= 1
     assert 0 < result["nll_bpd"] < 16 and result["psnr"] > 0 and isinstance(result["spearman"], float)
     assert "calibration_error" in capsys.readouterr().out
+
+
+def test_eval_reports_the_chroma_kept(runs, image_dir, tmp_path, capsys):
+    from hetvae import metrics as M
+    from hetvae.evaluate import iter_predictions, load_images
+
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    kept = [M.chroma_kept((p.mean.clamp(-1, 1) + 1) / 2, (p.target + 1) / 2).item()
+            for _, p in iter_predictions(load_predictor(runs["pixel"]), load_images(image_dir))]
+    assert result["chroma_kept"] == pytest.approx(sum(kept) / 2)
+    assert (result["chroma_kept_min"], result["chroma_kept_max"]) == pytest.approx((min(kept), max(kept)))
+    printed = capsys.readouterr().out
+    assert "chroma_kept_min" in printed
+    # 3 training steps: the reconstructions are near grey, and eval says so
+    assert min(kept) < 2 / 3 and "note: colour: some reconstructions are washed out" in printed
+
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.fromarray(np.full((32, 40), 90, np.uint8)).save(grey / "flat.png")
+    assert main(["eval", "--checkpoint", str(runs["pixel"]), "--images", str(grey), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["chroma_kept"] is None and result["chroma_kept_min"] is None
+    printed = capsys.readouterr().out
+    assert "n/a (no colour images)" in printed and "note: colour" not in printed
+
+
+@pytest.mark.parametrize(
+    "low, high, words",
+    [(0.9, 1.1, None), (0.5, 1.0, "washed out (one keeps 50%"), (0.9, 1.8, "over-saturated (one has 180%"),
+     (None, None, None)],
+)
+def test_colour_note(low, high, words):
+    from hetvae.cli import _colour_note
+
+    note = _colour_note({"chroma_kept_min": low, "chroma_kept_max": high})
+    assert (note is None) if words is None else (words in note)
 
 
 def test_eval_of_a_global_run_has_no_spearman(runs, image_dir, tmp_path):
@@ -142,7 +180,7 @@ def test_a_training_checkpoint_scores_as_the_model_the_run_exports_at_that_step(
     out = tmp_path / "m.json"
     assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_00000002"), "--images", str(image_dir),
                  "--json", str(out)]) == 0
-    assert set(json.loads(out.read_text())) == set(METRIC_KEYS)
+    assert set(json.loads(out.read_text())) == set(METRIC_KEYS) | set(COLOUR_KEYS)
 
 
 def test_an_unreadable_training_checkpoint_is_a_clear_error(checkpointed, tmp_path):

@@ -109,3 +109,31 @@ def test_ause_constant_scale_is_flat_in_expectation():
     assert M.ause(target, mean, torch.tensor(0.0)) == pytest.approx((1 - oracle).mean().item())
     with pytest.raises(ValueError, match="undefined for a perfect reconstruction"):
         M.ause(target, target, torch.tensor(0.0))
+
+
+def test_chroma_against_pillows_luma():
+    """Chroma = mean |channel - BT.601 luma|; Pillow's RGB -> L conversion uses the same weights."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    luma = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float64)  # rounded to whole levels
+    expected = np.abs(rgb.astype(np.float64) - luma[..., None]).mean() / 255
+    ours = M.chroma(torch.from_numpy(rgb).permute(2, 0, 1)[None].double() / 255)
+    assert ours.item() == pytest.approx(expected, abs=0.5 / 255)
+    hand = torch.tensor([0.8, 0.2, 0.4], dtype=torch.float64).view(1, 3, 1, 1)  # luma 0.4022
+    assert M.chroma(hand).item() == pytest.approx((0.3978 + 0.2022 + 0.0022) / 3)
+
+
+def test_chroma_kept_closed_forms():
+    target = torch.rand(3, 3, 8, 8, dtype=torch.float64)
+    luma = (target * torch.tensor(M.LUMA_WEIGHTS, dtype=torch.float64).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    target[2] = luma[2]  # a grey image: nothing to keep
+    for factor in (0.0, 0.5, 1.0, 1.7):  # grey, washed out, faithful, over-saturated
+        kept = M.chroma_kept(luma + factor * (target - luma), target)
+        torch.testing.assert_close(kept[:2], torch.full((2,), factor, dtype=torch.float64))
+        assert kept[2].isnan()
+    with pytest.raises(ValueError, match=r"differ in shape"):
+        M.chroma_kept(target[:1], target)
+    with pytest.raises(ValueError, match=r"RGB images \(B, 3, H, W\), got shape \(1, 1, 8, 8\)"):
+        M.chroma(target[:1, :1])
