@@ -116,7 +116,8 @@ _COMMANDS["convert"] = ("Convert an autoencoder checkpoint between hetvae, diffu
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config (see configs/; a `base:` key inherits another file)")
+    parser.add_argument("config", help="YAML config (see configs/; a `base:` key inherits another file), or a run "
+                                       "folder: its config.yaml, and the folder itself as the run folder")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
     parser.add_argument("--resume", action="store_true",
@@ -142,6 +143,24 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _train_config(config: str, out_dir: str | None) -> tuple[str, str | None]:
+    """``(config file, run folder)`` of ``hetvae train CONFIG``: a run folder stands for its own
+    config.yaml and is the run folder (not the out_dir saved in it: the folder may have been moved
+    or copied) unless --out-dir says otherwise."""
+    from pathlib import Path
+
+    from hetvae.config import ConfigError
+
+    folder = Path(config)
+    if not folder.is_dir():
+        return config, out_dir
+    saved = folder / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError("", f"{folder}: is a folder without a config.yaml; expected a YAML config or a run folder "
+                              "written by `hetvae train`")
+    return str(saved), out_dir if out_dir is not None else str(folder)
+
+
 def _run_train(args: argparse.Namespace) -> int:
     import logging
 
@@ -152,8 +171,9 @@ def _run_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg, out_dir=args.out_dir, resume=True if args.resume else None, progress=not args.no_progress,
+        config, out_dir = _train_config(args.config, args.out_dir)
+        cfg = load_config(config, args.overrides)
+        result = train(cfg, out_dir=out_dir, resume=True if args.resume else None, progress=not args.no_progress,
                        overwrite=args.overwrite)
     except (ConfigError, OSError, NonFiniteLossError, ValueError) as e:  # OSError: files, FileExists/NotFound
         print("error: " + "\n  ".join([str(e), *getattr(e, "__notes__", [])]), file=sys.stderr)

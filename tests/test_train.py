@@ -523,6 +523,29 @@ def test_cli_train(images, tmp_path):
     assert cli_main(["train", str(cfg_path), "--set", "train.stepz=3"]) == 1  # a config error is exit 1
 
 
+def test_cli_train_a_run_folder(images, tmp_path, capsys):
+    """`hetvae train RUN --resume`: a run folder stands for its config.yaml and is the run folder,
+    also when it was copied (its config.yaml names the original out_dir)."""
+    import shutil
+
+    run = tmp_path / "run"
+    cfg_path = save_config(make_cfg(images, run, "train.steps=2", "log_scale.granularity=pixel",
+                                    "log_scale.head_channels=8", "train.checkpoint_every=1"), tmp_path / "cfg.yaml")
+    assert cli_main(["train", str(cfg_path), "--no-progress"]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    before = (run / "model.safetensors").read_bytes()
+    assert cli_main(["train", str(copy), "--resume", "--set", "train.head_steps=2", "--no-progress"]) == 0
+    assert load_checkpoint(latest_checkpoint(copy / "checkpoints")).step == 4
+    assert (run / "model.safetensors").read_bytes() == before  # the original is untouched
+    assert (copy / "model.safetensors").read_bytes() != before
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["train", str(empty), "--no-progress"]) == 1
+    assert f"{empty}: is a folder without a config.yaml" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tiny_demo_config(tmp_path):
     """configs/tiny.yaml, the README's first command, end to end (under 5 minutes on 2 quiet cores)."""
