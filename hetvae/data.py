@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from hetvae.metrics import LUMA_WEIGHTS
+
 if TYPE_CHECKING:
     from hetvae.config import DataConfig
 
@@ -301,7 +303,7 @@ def jitter_colors(crop: np.ndarray, rng: np.random.Generator, strength: float) -
     stays grey. ``strength`` 0.1 is a mild, photograph-preserving setting.
     """
     x = crop.astype(np.float32) / 255.0
-    luma = x @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    luma = x @ np.array(LUMA_WEIGHTS, dtype=np.float32)
     angle = np.deg2rad(rng.uniform(-36.0, 36.0) * strength)
     saturation = rng.uniform(1 - 2 * strength, 1 + 2 * strength)
     brightness = rng.uniform(1 - strength, 1 + strength)
