@@ -531,11 +531,12 @@ class LogScaleConfig:
             (0: the single conv on the decoder's last features).
         head_channels: pixel only: their width (null: the decoder's full-resolution width).
         head_sees_mean: pixel only: the head also reads the (detached) mean output.
-        faithful: pixel only: the mean gets the gradient of the NLL with one scale, the map's
-            average, exactly what a global scale would give it, and the head gets the per-pixel
-            NLL around the stopped mean (Stirn et al. 2023). The loss value is the per-pixel NLL.
-            Like the other pixel-only keys it is ignored for ``global`` / ``channel`` (a shared
-            scale gives the mean that gradient anyway), so one config serves every granularity.
+        faithful: pixel and channel: the mean gets the gradient of the NLL with one scale, the
+            average of the map (of the channel scales), exactly what a global scale would give
+            it, and the head (the channel scales) gets the NLL around the stopped mean (Stirn et
+            al. 2023). The loss value is the per-pixel (per-channel) NLL. Ignored for ``global``
+            (one scale gives the mean that gradient anyway), so one config serves every
+            granularity.
         include_constant: add the density's constant (``log 2`` / ``0.5 log 2 pi``) so the loss is
             a true NLL (needed for bits/dim; irrelevant to the gradients).
         trainable: global / channel: ``false`` freezes the learned log-scale at ``init`` (not in the
@@ -588,7 +589,7 @@ class LogScaleConfig:
             f"must be >= 1 or null, got {self.head_channels}",
         )
         _require(
-            not (self.faithful and self.beta > 0 and self.granularity == "pixel"),
+            not (self.faithful and self.beta > 0 and self.granularity != "global"),
             "faithful",
             "and beta > 0 both reweight the mean's gradient; use one of them",
         )
@@ -1199,7 +1200,7 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
         beta=ls.beta,
         bounds=ls.bounds,
         fit=ls.fit,
-        faithful=ls.faithful and ls.granularity == "pixel",
+        faithful=ls.faithful and ls.granularity != "global",
         trainable=ls.trainable,
     )
 

@@ -49,12 +49,14 @@ class HeteroscedasticNLL(nn.Module):
     stop-gradient ``b^beta`` / ``sigma^(2 beta)``; 0 is the plain NLL, 1 gives the mean exactly the
     L1 / L2 gradient, so a per-pixel head cannot buy its way out of hard pixels.
 
-    ``faithful=True`` (``"pixel"`` only; Stirn et al. 2023, "Faithful heteroscedastic regression"):
-    the loss *value* is the per-pixel NLL, but the mean receives the gradient of the NLL with one
-    scale for all elements, ``s_bar = log mean(exp(s))`` (stopped), i.e. exactly the gradient a
-    global scale gives it (SD's L1 / b), and the map receives the per-pixel NLL's gradient around the
-    stopped mean (and stopped ``extra_distance``). The mean is then trained as with a global scale,
-    and the head cannot trade its fit for a larger scale.
+    ``faithful=True`` (``"pixel"`` or ``"channel"``; Stirn et al. 2023, "Faithful heteroscedastic
+    regression"): the loss *value* is the per-pixel (per-channel) NLL, but the mean receives the
+    gradient of the NLL with one scale for all elements, ``s_bar = log mean(exp(s))`` (stopped),
+    i.e. exactly the gradient a global scale gives it (SD's L1 / b), and the map (the channel
+    scales) receives the NLL's gradient around the stopped mean (and stopped ``extra_distance``).
+    The mean is then trained as with a global scale, and the scale cannot trade its fit for a
+    larger one: without it a channel scale weights each channel's L1 by ``1 / b_c``, so the
+    channel the model reconstructs worst is trained least.
 
     ``trainable=False`` (``"global"`` / ``"channel"``): the log-scale stays ``init`` exactly; its
     parameter takes no gradient, as SD's ``logvar``, which SD's optimiser never held.
@@ -89,10 +91,10 @@ class HeteroscedasticNLL(nn.Module):
         beta = check_real("beta", beta)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if faithful and (granularity != "pixel" or beta > 0):
+        if faithful and (granularity not in ("pixel", "channel") or beta > 0):
             raise ValueError(
-                f"faithful=True needs granularity 'pixel' and beta 0, got {granularity!r} and beta={beta} "
-                "(a shared scale already gives the mean that gradient; beta reweights it again)"
+                f"faithful=True needs granularity 'pixel' or 'channel' and beta 0, got {granularity!r} and "
+                f"beta={beta} (a global scale already gives the mean that gradient; beta reweights it again)"
             )
         if reduction not in ("batch", "mean"):
             raise ValueError(f"reduction must be 'batch' or 'mean', got {reduction!r}")

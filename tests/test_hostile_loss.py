@@ -190,7 +190,7 @@ _bad_args = {
 def test_constructor_refuses_each_bad_argument_by_name(granularity, culprit, data):
     value = data.draw(_bad_args[culprit], label=culprit)
     if culprit == "faithful" and value is True:
-        assume(granularity != "pixel")  # faithful=True is valid for pixel
+        assume(granularity == "global")  # faithful=True is valid for pixel and channel
     kwargs = dict(_valid_base, **{culprit: value})
     args = (value,) if culprit == "granularity" else (granularity,)
     kwargs.pop("granularity", None)

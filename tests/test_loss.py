@@ -294,6 +294,32 @@ def test_faithful_splits_the_gradients(family):
     torch.testing.assert_close(out.mean_nll, shared.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_faithful_channel_scale_splits_the_gradients(family):
+    """Per-channel scales: the value is the per-channel NLL, the mean gets the gradient of one scale
+    s_bar = log mean_c exp(s_c) (a global scale's), the channel scales the NLL around the stopped mean."""
+    x, mu, _ = _data()
+    crit = _crit("channel", family=family, faithful=True, include_constant=True, bounds=(-9.0, 5.0))
+    with torch.no_grad():
+        crit.head.free.copy_(torch.tensor([-1.5, -0.4, 0.3], dtype=torch.float64))
+    mu.requires_grad_(True)
+    out = crit(x, mu)
+    s = crit.head(x, mu.detach(), None)  # the bounded channel log-scales, (1, 3, 1, 1), still a function of free
+    reference = -DIST[family](mu.detach(), s.exp().expand(SHAPE)).log_prob(x)
+    torch.testing.assert_close(out.loss, reference.sum() / 2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.nll, reference.detach(), rtol=1e-12, atol=1e-12)
+    g_mu, g_free = torch.autograd.grad(out.loss, [mu, crit.head.free])
+    s_bar = torch.logsumexp(s.detach().flatten(), 0) - torch.log(torch.tensor(3.0, dtype=torch.float64))
+    shared = -DIST[family](mu, s_bar.exp()).log_prob(x)
+    (expected_mu,) = torch.autograd.grad(shared.sum() / 2, mu)
+    (expected_free,) = torch.autograd.grad(reference.sum() / 2, crit.head.free)
+    torch.testing.assert_close(g_mu, expected_mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_free, expected_free, rtol=1e-12, atol=1e-12)
+    # without faithful the mean's gradient is each channel's own, 1 / b_c times the global one's
+    (plain_mu,) = torch.autograd.grad(_crit("channel", family=family, bounds=(-9.0, 5.0)).double()(x, mu).loss, mu)
+    assert not torch.allclose(plain_mu, expected_mu)
+
+
 def test_faithful_stops_the_extra_distance_in_the_map_branch():
     x, mu, g = _data()
     s = torch.randn(2, 1, 4, 5, generator=g, dtype=torch.float64).requires_grad_(True)
@@ -306,8 +332,10 @@ def test_faithful_stops_the_extra_distance_in_the_map_branch():
 
 
 def test_faithful_is_refused_where_it_means_nothing():
-    with pytest.raises(ValueError, match="faithful=True needs granularity 'pixel' and beta 0"):
+    with pytest.raises(ValueError, match="faithful=True needs granularity 'pixel' or 'channel' and beta 0"):
         HeteroscedasticNLL("global", faithful=True)
+    with pytest.raises(ValueError, match="beta=0.5"):
+        HeteroscedasticNLL("channel", faithful=True, beta=0.5)
     with pytest.raises(ValueError, match="beta=0.5"):
         HeteroscedasticNLL("pixel", faithful=True, beta=0.5)
     assert "faithful=True" in repr(HeteroscedasticNLL("pixel", faithful=True))
