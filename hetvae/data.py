@@ -418,7 +418,9 @@ class ImageDataset(torch.utils.data.Dataset):
     the same seed gives the same crops in one process and across ``DataLoader`` workers. Call
     ``set_epoch(epoch)`` before each epoch (like ``DistributedSampler``) to get fresh crops;
     workers receive the epoch when the ``DataLoader`` iterator is created, so do not combine it
-    with ``persistent_workers=True``.
+    with ``persistent_workers=True``. Or index with ``(epoch, index)`` pairs: ``dataset[(e, i)]``
+    is ``dataset[i]`` after ``set_epoch(e)``, so one loader, whose workers keep their decoded
+    files and dead-leaves images, can serve every epoch (the trainer's does).
     """
 
     def __init__(
@@ -629,7 +631,11 @@ class ImageDataset(torch.utils.data.Dataset):
         shown = ", ".join(self.names[:5]) + (", ..." if n > 5 else "")
         raise ValueError(f"every image became unusable (unreadable or changed) during the run ({n} images: {shown})")
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int | tuple[int, int]) -> torch.Tensor:
+        """Sample ``index`` of the current epoch, or ``(epoch, index)``: that epoch's."""
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = index
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         r = self.resolution
@@ -643,7 +649,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 top, left = (pixels.shape[0] - r) // 2, (pixels.shape[1] - r) // 2
         else:
             if self.random_crop or self.random_flip:
-                rng = np.random.default_rng((self.seed, self.epoch, index))
+                rng = np.random.default_rng((self.seed, epoch, index))
             if self.procedural > 0 and rng.random() < self.procedural:
                 pixels = self._procedural_image(int(rng.integers(self.procedural_pool)))
             else:

@@ -123,6 +123,10 @@ def test_crops_do_not_depend_on_access_order_or_workers():
     assert torch.equal(forward, backward)
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
     assert torch.equal(torch.cat(list(loader)), forward)
+    # an (epoch, index) key is that epoch's sample, whatever the current epoch
+    ds.set_epoch(0)
+    assert torch.equal(torch.stack([ds[(2, i)] for i in range(12)]), forward)
+    assert not torch.equal(torch.stack([ds[i] for i in range(12)]), forward)
 
 
 def test_center_crop_in_eval_mode():

@@ -731,3 +731,32 @@ def test_head_lr_moves_only_the_head_at_its_rate(images, tmp_path):
     assert not torch.allclose(decoder.conv_out.weight, other)
     without = Trainer(make_cfg(images, tmp_path / "n", "log_scale.granularity=pixel"), progress=False)
     assert len(without.g_opt.param_groups) == 2  # unset: the head trains in the autoencoder's group
+
+
+class _WhoLoads(torch.utils.data.Dataset):
+    """``(epoch, index)`` -> ``[pid of the loading process, epoch, index]``."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, key):
+        epoch, index = key
+        return torch.tensor([os.getpid(), epoch, index])
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_one_loader_serves_every_epoch(num_workers):
+    """Batches follow the documented order (epoch e: the permutation of (seed, e), cut into full
+    batches, this rank's columns), and one set of loader workers serves them across epochs."""
+    from hetvae.train import _local_batches
+
+    stream = _local_batches(_WhoLoads(), global_batch=4, seed=7, start=3, rank=1, world_size=2, num_workers=num_workers)
+    got = [next(stream) for _ in range(6)]  # 2 full batches per epoch: from epoch 1's second, into epoch 4
+    expected = []
+    for epoch in (1, 2, 3, 4):
+        order = np.random.default_rng((7, epoch)).permutation(10)[:8].reshape(2, 4)
+        expected += [[(epoch, int(i)) for i in row[2:4]] for row in order]
+    expected = expected[1:7]
+    assert [[(int(e), int(i)) for _, e, i in b.tolist()] for b in got] == expected
+    pids = {int(p) for b in got for p in b[:, 0]}
+    assert len(pids) == 1 and (pids == {os.getpid()}) == (num_workers == 0)
