@@ -364,8 +364,26 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the metrics as JSON (replaces an earlier hetvae JSON; any other existing "
                              "file is an error)")
+    parser.add_argument("--per-image", action="store_true",
+                        help="also print (and write to --json, as \"images\") each image's metrics, to find the "
+                             "photographs a model reconstructs or covers worst")
     _add_tile(parser)
     _add_uncalibrated(parser)
+
+
+def _per_image_table(rows: list[dict]) -> str:
+    """Each image's metrics as aligned text columns (the file's name, not its folder)."""
+    from pathlib import Path
+
+    columns = [("psnr", "PSNR", 2), ("nll_bpd", "bits/dim", 3), ("coverage_90", "cov90", 3),
+               ("calibration_error", "calib", 3), ("spearman", "spearman", 3), ("chroma_kept", "chroma", 2)]
+    names = [Path(r["image"]).name for r in rows]
+    width = max(len("image"), *map(len, names))
+    lines = [f"{'image':<{width}}  " + "  ".join(f"{title:>8}" for _, title, _ in columns)]
+    for name, row in zip(names, rows):
+        cells = ["n/a" if row[key] is None else f"{row[key]:.{digits}f}" for key, _, digits in columns]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>8}" for c in cells))
+    return "\n".join(lines)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -378,7 +396,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, args.checkpoint)
         _note_skipped(images)
-        result = evaluate(predictor, images, progress=True)
+        result = evaluate(predictor, images, progress=True, per_image=args.per_image)
         if args.json:
             check_output_file(args.json, "--json")  # again: the run may be long
     except (FileNotFoundError, ValueError) as error:
@@ -389,7 +407,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         return f"{value:.4f}" if isinstance(value, float) else str(value)
 
     before = result.get("uncalibrated")
-    rows = {k: v for k, v in result.items() if k not in ("uncalibrated", "calibration")}
+    rows = {k: v for k, v in result.items() if k not in ("uncalibrated", "calibration", "images")}
     width = max(map(len, rows))
     if before is None:
         for key, value in rows.items():
@@ -402,6 +420,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     colour = _colour_note(result)
     if colour:
         print(colour)
+    if args.per_image:
+        print(_per_image_table(result["images"]))
     if args.json:
         print(f"wrote {write_json(result, args.json)}")
     return 0

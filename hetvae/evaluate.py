@@ -440,20 +440,40 @@ def predict_all(predictor: Predictor, images: Iterable, progress: bool = False) 
     return [p for _, p in iter_predictions(predictor, images, progress)]
 
 
-def evaluate(predictor: Predictor, images: Iterable, progress: bool = False) -> dict:
+PER_IMAGE_KEYS = (
+    "psnr", "nll_bpd", "coverage_50", "coverage_90", "calibration_error", "spearman", "ause", "chroma_kept",
+)
+"""The metrics of each image in ``evaluate(..., per_image=True)["images"]`` (with ``"image"``, its
+source). The pooled PSNR and ``chroma_kept`` are the means of these, the pooled bits/dim their mean
+weighted by the images' element counts; coverage and the rank metrics pool elements instead."""
+
+
+def evaluate(predictor: Predictor, images: Iterable, progress: bool = False, per_image: bool = False) -> dict:
     """Predict every image (``(C, H, W)`` in [-1, 1], ``(name, image)`` pairs or an
     :class:`ImageList`), one at a time, and :func:`summarize` them.
 
     With a calibrated predictor the metrics are the calibrated ones, plus ``"calibration"`` (its
-    description) and ``"uncalibrated"``: the same metrics without the correction (one pass)."""
+    description) and ``"uncalibrated"``: the same metrics without the correction (one pass).
+    ``per_image``: also ``"images"``, one dict per image in order: ``"image"`` (its file, or its
+    name or ``#k`` for images given in memory) and the :data:`PER_IMAGE_KEYS`, measured as if it
+    were the only image (so a reader finds which photograph is washed out or badly covered)."""
     cal = predictor.calibration
     pool = _Pool(predictor.family, cal)
     raw = _Pool(predictor.family) if cal is not None else None
-    for _, p in iter_predictions(predictor, images, progress):
+    rows: list[dict] | None = [] if per_image else None
+    for source, p in iter_predictions(predictor, images, progress):
         pool.add(p)
         if raw is not None:
             raw.add(_uncalibrated(p))
+        if rows is not None:
+            alone = _Pool(predictor.family, cal)
+            alone.add(p)
+            summary = alone.summary(predictor.granularity)
+            name = source if source is not None else f"#{len(rows)}"
+            rows.append({"image": name, **{k: summary[k] for k in PER_IMAGE_KEYS}})
     result = pool.summary(predictor.granularity)
+    if rows is not None:
+        result["images"] = rows
     if raw is not None:
         result["calibration"] = cal.describe()
         result["uncalibrated"] = raw.summary(predictor.granularity)

@@ -217,3 +217,31 @@ def test_calibrating_a_training_checkpoint_writes_a_new_export_and_leaves_the_st
     assert {f.name: f.read_bytes() for f in step.iterdir()} == before
     calibrated = load_predictor(tmp_path / "cal")
     assert calibrated.calibration is not None and calibrated.granularity == "pixel"
+
+
+def test_eval_per_image_rows_pool_to_the_totals(runs, image_dir, tmp_path, capsys):
+    """Each row is the image scored alone; the pooled PSNR and chroma kept are their means, the
+    pooled bits/dim their mean weighted by element counts, coverage the weighted hit rate."""
+    from hetvae.evaluate import PER_IMAGE_KEYS, evaluate, load_images
+
+    out = tmp_path / "metrics.json"
+    args = ["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out), "--per-image"]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    rows = result["images"]
+    assert [Path(r["image"]).name for r in rows] == ["img0.png", "img1.png"]
+    assert all(set(r) == {"image", *PER_IMAGE_KEYS} for r in rows)
+    predictor = load_predictor(runs["pixel"])
+    for row in rows:
+        alone = evaluate(predictor, load_images(row["image"]))
+        assert {k: row[k] for k in PER_IMAGE_KEYS} == pytest.approx({k: alone[k] for k in PER_IMAGE_KEYS})
+    assert result["psnr"] == pytest.approx(sum(r["psnr"] for r in rows) / 2)
+    assert result["chroma_kept"] == pytest.approx(sum(r["chroma_kept"] for r in rows) / 2)
+    # both images are 44 x 60: equal weights
+    assert result["nll_bpd"] == pytest.approx(sum(r["nll_bpd"] for r in rows) / 2)
+    assert result["coverage_90"] == pytest.approx(sum(r["coverage_90"] for r in rows) / 2)
+    printed = capsys.readouterr().out
+    assert "img0.png" in printed and "bits/dim" in printed and f"{rows[1]['psnr']:.2f}" in printed
+    # without the flag: no rows, and the summary keys as before
+    assert main(args[:-1]) == 0
+    assert "images" not in json.loads(out.read_text())
