@@ -29,6 +29,12 @@ from hetvae.data import build_dataset, sample_images
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
+def write_photo_folder(folder: str | Path) -> None:
+    """The embedded default's training photographs as PNG files in ``folder`` (a user's ``data.path``)."""
+    for name, pixels in sample_images("train"):
+        Image.fromarray(pixels).save(Path(folder) / f"{name.replace('[', '_').replace(']', '')}.png")
+
+
 def batch_loader(data, batch: int):
     dataset = build_dataset(data, train=True, seed=0)
     for k in range(dataset.procedural_pool if dataset.procedural > 0 else 0):
@@ -55,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_config(CONFIGS / "tiny.yaml").data
     print(f"# a batch of {args.batch} crops, configs/tiny.yaml's data section, {machine()}")
     with tempfile.TemporaryDirectory() as folder:
-        for name, pixels in sample_images("train"):
-            Image.fromarray(pixels).save(Path(folder) / f"{name.replace('[', '_').replace(']', '')}.png")
+        write_photo_folder(folder)
         uncached = batch_loader(dataclasses.replace(data, path=folder, cache_mb=0.0), args.batch)
         candidates = {
             f"folder, cache_mb={data.cache_mb:g} (default)": batch_loader(dataclasses.replace(data, path=folder), args.batch),

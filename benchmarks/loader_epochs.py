@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from _timing import compare, machine, table
+from data_cache import write_photo_folder
 
 from hetvae.config import load_config
-from hetvae.data import build_dataset, sample_images
+from hetvae.data import build_dataset
 from hetvae.train import _local_batches
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         f"configs/tiny.yaml's data section on a folder, {machine()}"
     )
     with tempfile.TemporaryDirectory() as folder:
-        for name, pixels in sample_images("train"):
-            Image.fromarray(pixels).save(Path(folder) / f"{name.replace('[', '_').replace(']', '')}.png")
+        write_photo_folder(folder)
         cfg = dataclasses.replace(data, path=folder, samples_per_epoch=args.steps_per_epoch * args.batch)
         dataset = build_dataset(cfg, train=True, seed=0)
         old = drawing(per_epoch_loaders, dataset, args.batch, args.workers, args.steps)

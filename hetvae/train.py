@@ -305,30 +305,25 @@ def _ignore_sigint(_: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class _EpochBatches:
+def _epoch_batches(
+    n: int, *, global_batch: int, seed: int, start: int, rank: int, world_size: int
+) -> Iterator[list[tuple[int, int]]]:
     """This rank's share of global batches ``start, start + 1, ...`` forever, as lists of
     ``(epoch, index)`` keys (:class:`~hetvae.data.ImageDataset` draws each crop from them).
 
-    Epoch ``e`` is the permutation of the dataset drawn from ``(seed, e)`` cut into
-    ``per_epoch = len(dataset) // global_batch`` full batches (the remainder is dropped, so every
-    batch has the same size and the position of batch ``k`` is ``(k // per_epoch, k % per_epoch)``).
+    Epoch ``e`` is the permutation of the ``n`` samples drawn from ``(seed, e)`` cut into
+    ``per_epoch = n // global_batch`` full batches (the remainder is dropped, so every batch has
+    the same size and the position of batch ``k`` is ``(k // per_epoch, k % per_epoch)``).
     """
-
-    def __init__(self, n: int, *, global_batch: int, seed: int, start: int, rank: int, world_size: int) -> None:
-        self.n, self.global_batch, self.seed, self.start = n, global_batch, seed, start
-        self.local = global_batch // world_size
-        self.rank = rank
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        per_epoch = self.n // self.global_batch
-        epoch, skip = divmod(self.start, per_epoch)
-        lo, hi = self.rank * self.local, (self.rank + 1) * self.local
-        while True:
-            # a separate stream from the crops' (seed, epoch, index): different entropy tuple
-            order = np.random.default_rng((self.seed, epoch)).permutation(self.n)[: per_epoch * self.global_batch]
-            for row in order.reshape(per_epoch, self.global_batch)[skip:, lo:hi].tolist():
-                yield [(epoch, i) for i in row]
-            epoch, skip = epoch + 1, 0
+    per_epoch = n // global_batch
+    local = global_batch // world_size
+    epoch, skip = divmod(start, per_epoch)
+    while True:
+        # a separate stream from the crops' (seed, epoch, index): different entropy tuple
+        order = np.random.default_rng((seed, epoch)).permutation(n)[: per_epoch * global_batch]
+        for row in order.reshape(per_epoch, global_batch)[skip:, rank * local : (rank + 1) * local].tolist():
+            yield [(epoch, i) for i in row]
+        epoch, skip = epoch + 1, 0
 
 
 def _local_batches(
@@ -341,24 +336,24 @@ def _local_batches(
     world_size: int,
     num_workers: int,
 ) -> Iterator[Tensor]:
-    """This rank's share of global batches ``start, start + 1, ...`` forever (:class:`_EpochBatches`).
+    """This rank's share of global batches ``start, start + 1, ...`` forever (:func:`_epoch_batches`).
 
     One ``DataLoader`` serves every epoch: the batches carry their epoch, so its workers live as
     long as the stream, keeping their decoded files and dead-leaves images. (A loader per epoch
     started its workers again at every epoch boundary, every few dozen steps for a folder of a few
     hundred photographs, each decoding its files anew.)
     """
-    if len(dataset) // global_batch < 1:
+    if len(dataset) < global_batch:
         raise ValueError(
             f"the dataset has {len(dataset)} samples per epoch, fewer than one global batch of {global_batch}: "
             "set data.samples_per_epoch (crops per epoch, cycling through the images) or lower train.batch_size"
         )
-    sampler = _EpochBatches(
+    keys = _epoch_batches(
         len(dataset), global_batch=global_batch, seed=seed, start=start, rank=rank, world_size=world_size
     )
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=keys,
         num_workers=num_workers,
         worker_init_fn=_ignore_sigint if num_workers else None,
     )
