@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from hetvae.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
 from hetvae.cli import main as cli_main
@@ -760,3 +761,64 @@ def test_one_loader_serves_every_epoch(num_workers):
     assert [[(int(e), int(i)) for _, e, i in b.tolist()] for b in got] == expected
     pids = {int(p) for b in got for p in b[:, 0]}
     assert len(pids) == 1 and (pids == {os.getpid()}) == (num_workers == 0)
+
+
+def test_adamw_is_fused_where_the_device_has_the_kernel_and_matches_the_loop(images, tmp_path):
+    """The trainer's AdamW uses PyTorch's fused kernel on the CPU (PyTorch >= 2.4): the same update as
+    the per-tensor loop it replaces, within float rounding, over steps with weight decay and
+    several groups; and it takes an optimiser state written by the per-tensor loop (older runs)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    from hetvae.train import _adamw
+
+    if "cpu" not in _get_fused_kernels_supported_devices():
+        pytest.skip("this PyTorch has no fused AdamW on the CPU")
+    trainer = Trainer(make_cfg(images, tmp_path / "f", "log_scale.granularity=channel"), progress=False)
+    assert trainer.g_opt.defaults["fused"]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 4, 3, 3), (8,), (3,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
+
+    def steps(make, params, grads, state=None):
+        groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0, "lr": 3e-2}]
+        opt = make(groups, lr=1e-2, betas=(0.5, 0.9))
+        if state is not None:
+            opt.load_state_dict(state)
+        for g in grads:
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+            opt.step()
+        return opt
+
+    def fresh():
+        return [nn.Parameter(t.clone()) for t in start]
+
+    loop, fused = fresh(), fresh()
+    steps(torch.optim.AdamW, loop, grads)
+    assert steps(_adamw, fused, grads).defaults["fused"]
+    for a, b in zip(fused, loop):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # 3 steps of the per-tensor loop, its state resumed by the fused optimiser for the last 2
+    resumed = fresh()
+    state = steps(torch.optim.AdamW, resumed, grads[:3]).state_dict()
+    steps(_adamw, resumed, grads[3:], state=state)
+    for a, b in zip(resumed, loop):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_update_is_the_moving_average():
+    """ema <- decay * ema + (1 - decay) * param for every parameter; buffers are copied."""
+    from hetvae.train import EMA
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = EMA(model, decay=0.9)
+    start = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.5)
+        model[1].running_mean.fill_(2.0)
+    ema.update(model)
+    for e, s, p in zip(ema.module.parameters(), start, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * s + 0.1 * p.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
