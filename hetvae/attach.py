@@ -14,7 +14,9 @@ reads that head (or the head of any hetvae export or model file) and returns a
 
 The head reads what hetvae's ``Decoder`` feeds it: the activated features that go into
 ``decoder.conv_out`` (after ``conv_norm_out`` and ``conv_act``), and with
-``log_scale_head_sees_mean`` also ``conv_out``'s output, the mean. A forward hook on the stock
+``log_scale_head_sees_mean`` also ``conv_out``'s output, the mean, and with
+``log_scale_head_sees_latent`` the decoder's input latent, each latent pixel repeated over its block
+(a forward pre-hook on ``vae.decoder`` keeps it, tile by tile). A forward hook on the stock
 ``decoder.conv_out``, held only during :meth:`LogScaleDecoder.decode`, appends the head's raw maps to
 ``conv_out``'s output as extra channels, so the stock ``vae.decode`` runs unchanged (its slicing,
 tiling and offloading hooks included; tiles blend the raw maps as they blend the image, as hetvae's
@@ -51,9 +53,11 @@ from hetvae.convert import (
     DIFFUSERS_CONFIG,
     DIFFUSERS_HEAD_FILE,
     DIFFUSERS_LIKELIHOOD_KEY,
+    HEAD_KEY,
     HEAD_PREFIX,
     TRUNK_PREFIX,
     CheckpointError,
+    head_fields,
     is_head_key,
     trunk_indices,
 )
@@ -97,16 +101,19 @@ class LogScaleDecoder(nn.Module):
 
     ``likelihood``: the :class:`hetvae.Likelihood` whose bounds (and calibration) shape the map.
     ``use_calibration``: apply a stored calibration (default True; see :attr:`calibration`).
-    ``sees_mean``: whether the head also reads the decoded image.
+    ``sees_mean``: whether the head also reads the decoded image; ``sees_latent``: the decoder's
+    input latent.
     """
 
     def __init__(self, vae: nn.Module, head: _Head, *, likelihood: Likelihood, sees_mean: bool,
-                 use_calibration: bool = True, source: str = "") -> None:
+                 use_calibration: bool = True, source: str = "", sees_latent: bool = False) -> None:
         super().__init__()
         self.vae = vae
         self.head = head
         self.likelihood = likelihood
         self.sees_mean = sees_mean
+        self.sees_latent = sees_latent
+        self._latent: Tensor | None = None
         self.use_calibration = use_calibration
         self.source = source
         self._calibration = likelihood.calibrator()
@@ -136,7 +143,13 @@ class LogScaleDecoder(nn.Module):
         h = inputs[0]
         if self.sees_mean:
             h = torch.cat([h, output], dim=1)
+        if self.sees_latent:
+            up = nn.functional.interpolate(self._latent.to(h.dtype), size=output.shape[-2:], mode="nearest")
+            h = torch.cat([h, up], dim=1)
         return torch.cat([output, self.head(h.to(self.head.log_scale_head.weight.dtype)).to(output.dtype)], dim=1)
+
+    def _keep_latent(self, module: nn.Module, args: tuple) -> None:
+        self._latent = args[0]
 
     def bound(self, raw: Tensor) -> Tensor:
         """The head's raw output -> the likelihood's bounded log-scale (in float32 at least) ->
@@ -149,11 +162,15 @@ class LogScaleDecoder(nn.Module):
         as diffusers' decode gives ``(sample,)``). ``generator`` is accepted as diffusers' is (unused)."""
         self._follow_vae()
         conv_out = self.vae.decoder.conv_out
-        handle = conv_out.register_forward_hook(self._append_maps)
+        handles = [conv_out.register_forward_hook(self._append_maps)]
+        if self.sees_latent:  # the latent each decoder call (each tile) reads, after post_quant_conv
+            handles.append(self.vae.decoder.register_forward_pre_hook(self._keep_latent))
         try:
             decoded = self.vae.decode(z, return_dict=False)[0]
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
+            self._latent = None
         channels = conv_out.out_channels
         sample, raw = decoded[:, :channels], decoded[:, channels:]
         out = ScaledDecoderOutput(sample=sample.contiguous(), log_scale=self.bound(raw).contiguous())
@@ -214,9 +231,10 @@ def _likelihood(record: Any, source: Path | str) -> Likelihood | None:
         raise ValueError(f"{source}: invalid {DIFFUSERS_LIKELIHOOD_KEY} ({e})") from e
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor | None]:
+def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor | None, dict[str, Any]]:
     """``(head tensors, recorded likelihood or None, where it came from, the export's conv_out
-    weight or None)`` from a head file or any model ``hetvae.load_autoencoder`` reads."""
+    weight or None, the head's recorded inputs)`` from a head file or any model
+    ``hetvae.load_autoencoder`` reads."""
     from safetensors.torch import load_file
 
     from hetvae.convert import _read_checkpoint, expected_head_file
@@ -226,7 +244,11 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
     found = _safetensors_keys(path) if path.is_file() else None
     if found is not None and found[0] and all(is_head_key(k) for k in found[0]):
         likelihood, source = _likelihood_beside(path)
-        return load_file(str(path)), likelihood, source, None
+        try:
+            settings = json.loads(found[1].get(HEAD_KEY, "{}"))
+        except json.JSONDecodeError as e:
+            raise _error(path, f"invalid {HEAD_KEY} metadata ({e})") from None
+        return load_file(str(path)), likelihood, source, None, settings if isinstance(settings, dict) else {}
     info, sd = _read_checkpoint(path)
     head = {k: v for k, v in sd.items() if is_head_key(k)}
     if not head:
@@ -235,25 +257,39 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
         except (CheckpointError, FileNotFoundError):
             where = ""
         raise _error(path, f"no log-scale head: the {info.format} model there has none{where}")
-    return head, info.config.likelihood, str(info.weights_file), sd.get("decoder.conv_out.weight")
+    settings = {"sees_mean": info.config.log_scale_head_sees_mean, "sees_latent": info.config.log_scale_head_sees_latent}
+    return head, info.config.likelihood, str(info.weights_file), sd.get("decoder.conv_out.weight"), settings
 
 
-def _build_head(tensors: dict[str, Tensor], conv_out: nn.Conv2d, path: Path) -> tuple[_Head, bool]:
-    """The head modules with ``tensors`` loaded, checked against the stock ``conv_out``."""
+def _build_head(tensors: dict[str, Tensor], decoder: nn.Module, path: Path,
+                settings: dict[str, Any]) -> tuple[_Head, bool, bool]:
+    """The head modules with ``tensors`` loaded, checked against the stock decoder's ``conv_out`` (and
+    ``conv_in``: the latent's channels), and whether the head reads the mean and the latent."""
+    conv_out, conv_in = decoder.conv_out, getattr(decoder, "conv_in", None)
     features, image_channels = conv_out.in_channels, conv_out.out_channels
+    latent = conv_in.in_channels if isinstance(conv_in, nn.Conv2d) else None
     weight = tensors.get(HEAD_PREFIX + "weight")
     if weight is None or HEAD_PREFIX + "bias" not in tensors:
         raise _error(path, f"no log-scale head: expected {HEAD_PREFIX}weight and bias; keys: {sorted(tensors)[:5]}")
     trunk = trunk_indices(tensors)
     first = tensors[f"{TRUNK_PREFIX}{trunk[0]}.weight"] if trunk else weight
     first_in, maps = int(first.shape[1]), int(weight.shape[0])
-    if weight.ndim != 4 or first.ndim != 4 or first_in not in (features, features + image_channels):
+    shapes = {"decoder.conv_out.weight": conv_out.weight}
+    if latent is not None:
+        shapes["decoder.conv_in.weight"] = conv_in.weight
+    try:
+        fields = head_fields({**tensors, **shapes}, settings) if weight.ndim == 4 and first.ndim == 4 else None
+    except ValueError:
+        fields = None
+    if fields is None:
+        latent_text = f", or {latent} more for one that sees the latent" if latent is not None else ""
         raise _error(
             path,
             f"the head does not fit this VAE: its first layer reads {first_in} channels "
             f"({'decoder.log_scale_trunk.' + str(trunk[0]) if trunk else 'decoder.log_scale_head'}.weight "
             f"{tuple(first.shape)}), the VAE's decoder.conv_out reads {features} features and writes "
-            f"{image_channels} channels (so {features}, or {features + image_channels} for a head that sees the mean)",
+            f"{image_channels} channels (so {features}, {image_channels} more for a head that sees the mean"
+            f"{latent_text})",
         )
     if maps not in (1, image_channels):
         raise _error(path, f"the head does not fit this VAE: it predicts {maps} maps, expected 1 or "
@@ -266,7 +302,7 @@ def _build_head(tensors: dict[str, Tensor], conv_out: nn.Conv2d, path: Path) -> 
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
         raise _error(path, f"the head's tensors do not fit together: {'; '.join(lines[:3])}") from None
-    return head, first_in == features + image_channels
+    return head, fields["log_scale_head_sees_mean"], fields["log_scale_head_sees_latent"]
 
 
 def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool = True) -> LogScaleDecoder:
@@ -297,8 +333,8 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
             f"vae must be a diffusers AutoencoderKL (with decode() and a decoder.conv_out convolution), "
             f"got {type(vae).__name__}"
         )
-    tensors, likelihood, source, export_conv_out = _read(path)
-    head, sees_mean = _build_head(tensors, conv_out, path)
+    tensors, likelihood, source, export_conv_out, settings = _read(path)
+    head, sees_mean, sees_latent = _build_head(tensors, vae.decoder, path, settings)
     if likelihood is None:
         config = getattr(vae, "config", None)
         record = config.get(DIFFUSERS_LIKELIHOOD_KEY) if hasattr(config, "get") else None
@@ -314,5 +350,5 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
             )
     ref = conv_out.weight
     head.to(device=ref.device, dtype=ref.dtype).eval()
-    return LogScaleDecoder(vae, head, likelihood=likelihood, sees_mean=sees_mean,
+    return LogScaleDecoder(vae, head, likelihood=likelihood, sees_mean=sees_mean, sees_latent=sees_latent,
                            use_calibration=calibrated, source=source or str(path))

@@ -143,6 +143,10 @@ class AutoencoderConfig:
     ``log_scale_head_channels``: their width (None: the decoder's full-resolution width).
     ``log_scale_head_sees_mean``: the head also reads the decoder's mean output (detached: the head
     reads the reconstruction, it never shapes it), where edges and texture are plain to see.
+    ``log_scale_head_sees_latent``: the head also reads the decoder's input latent (after
+    ``post_quant_conv``), repeated over each latent pixel's ``downsample_factor`` x
+    ``downsample_factor`` block (detached with ``log_scale_detach``): what the code holds about a
+    region, including detail the decoder cannot draw, which its last features need not keep.
 
     Not architecture, kept so that nothing read is lost on the way out: ``sample_size``,
     ``force_upcast``, ``latents_mean``, ``latents_std`` are diffusers ``config.json`` keys (diffusers'
@@ -168,6 +172,7 @@ class AutoencoderConfig:
     log_scale_head_layers: int = 0
     log_scale_head_channels: int | None = None
     log_scale_head_sees_mean: bool = False
+    log_scale_head_sees_latent: bool = False
     sample_size: int | tuple[int, ...] = 512
     force_upcast: bool = True
     latents_mean: tuple[float, ...] | None = None
@@ -195,7 +200,7 @@ class AutoencoderConfig:
                 f"{self.block_out_channels} (GroupNorm splits the channels into equal groups)"
             )
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_attention", "force_upcast", "log_scale_detach",
-                     "log_scale_head_sees_mean"):
+                     "log_scale_head_sees_mean", "log_scale_head_sees_latent"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("scaling_factor", "shift_factor", "log_scale_init"):
@@ -316,7 +321,7 @@ def _head_arguments(config: AutoencoderConfig) -> dict[str, Any]:
     return dict(
         channels=config.head_channels, init=config.log_scale_init, detach=config.log_scale_detach,
         layers=config.log_scale_head_layers, hidden=config.log_scale_head_channels,
-        sees_mean=config.log_scale_head_sees_mean,
+        sees_mean=config.log_scale_head_sees_mean, sees_latent=config.log_scale_head_sees_latent,
     )
 
 
@@ -438,6 +443,7 @@ class Decoder(nn.Module):
         self.log_scale_trunk: nn.Sequential | None = None
         self.log_scale_detach = False
         self.log_scale_sees_mean = False
+        self.log_scale_sees_latent = False
         self.gradient_checkpointing = False
         self.channels_last_on_cpu = True  # see activation_layout
 
@@ -450,15 +456,18 @@ class Decoder(nn.Module):
         layers: int = 0,
         hidden: int | None = None,
         sees_mean: bool = False,
+        sees_latent: bool = False,
     ) -> None:
         """Create ``log_scale_head`` (zero weights, bias ``init``) and, with ``layers`` > 0, the
         ``log_scale_trunk`` before it (``layers`` x [3x3 conv to ``hidden`` channels, SiLU], default
         init), on ``conv_out``'s device and dtype. The zero output conv makes the map ``init``
-        everywhere at creation, whatever the trunk computes."""
+        everywhere at creation, whatever the trunk computes. The head reads the last features, then
+        the mean (``sees_mean``), then the up-sampled latent (``sees_latent``), in that channel order."""
         if self.log_scale_head is not None:
             raise ValueError("the decoder already has a log_scale_head")
         ref = self.conv_out.weight
-        width = self.conv_out.in_channels + (self.conv_out.out_channels if sees_mean else 0)
+        width = (self.conv_out.in_channels + (self.conv_out.out_channels if sees_mean else 0)
+                 + (self.conv_in.in_channels if sees_latent else 0))
         trunk, head = log_scale_layers(width, channels, layers, hidden or self.conv_out.in_channels)
         self.log_scale_trunk = None if trunk is None else trunk.to(device=ref.device, dtype=ref.dtype)
         head.to(device=ref.device, dtype=ref.dtype)
@@ -468,6 +477,7 @@ class Decoder(nn.Module):
         self.log_scale_head = head
         self.log_scale_detach = detach
         self.log_scale_sees_mean = sees_mean
+        self.log_scale_sees_latent = sees_latent
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         h = self.conv_in(activation_layout(z, self.channels_last_on_cpu))
@@ -479,8 +489,12 @@ class Decoder(nn.Module):
         if self.log_scale_head is None:
             return mean, None
         h = features.detach() if self.log_scale_detach else features
-        if self.log_scale_sees_mean:
-            h = torch.cat([h, activation_layout(mean.detach(), self.channels_last_on_cpu)], dim=1)
+        extra = [mean.detach()] if self.log_scale_sees_mean else []
+        if self.log_scale_sees_latent:
+            up = F.interpolate(z, size=mean.shape[-2:], mode="nearest")  # each latent pixel over its block
+            extra.append(up.detach() if self.log_scale_detach else up)
+        if extra:
+            h = torch.cat([h, *(activation_layout(e, self.channels_last_on_cpu) for e in extra)], dim=1)
         if self.log_scale_trunk is not None:
             h = self.log_scale_trunk(h)
         return mean, self.log_scale_head(h).contiguous()
@@ -619,16 +633,17 @@ class AutoencoderKL(nn.Module):
         layers: int = 0,
         hidden: int | None = None,
         sees_mean: bool = False,
+        sees_latent: bool = False,
     ) -> None:
         """Graft a per-pixel log-scale head (zero output weights, bias ``init``): the mean output is
         unchanged bit for bit and ``log_scale == init`` everywhere until the head is trained.
         ``channels``: None for ``out_channels`` maps, 1 for one shared map. ``layers``, ``hidden``,
-        ``sees_mean``: the head's hidden layers, their width and whether it reads the mean output
-        (``AutoencoderConfig.log_scale_head_*``)."""
+        ``sees_mean``, ``sees_latent``: the head's hidden layers, their width and whether it reads the
+        mean output and the latent (``AutoencoderConfig.log_scale_head_*``)."""
         config = dataclasses.replace(
             self.config, log_scale="pixel", log_scale_channels=channels, log_scale_init=float(init),
             log_scale_detach=bool(detach), log_scale_head_layers=int(layers), log_scale_head_channels=hidden,
-            log_scale_head_sees_mean=bool(sees_mean),
+            log_scale_head_sees_mean=bool(sees_mean), log_scale_head_sees_latent=bool(sees_latent),
         )
         self.decoder.add_log_scale_head(**_head_arguments(config))
         self.config = config
@@ -639,6 +654,7 @@ class AutoencoderKL(nn.Module):
         self.decoder.log_scale_trunk = None
         self.decoder.log_scale_detach = False
         self.decoder.log_scale_sees_mean = False
+        self.decoder.log_scale_sees_latent = False
         self.config = self.config.without_head()
 
     @torch.no_grad()

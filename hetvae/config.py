@@ -531,6 +531,9 @@ class LogScaleConfig:
             (0: the single conv on the decoder's last features).
         head_channels: pixel only: their width (null: the decoder's full-resolution width).
         head_sees_mean: pixel only: the head also reads the (detached) mean output.
+        head_sees_latent: pixel only: the head also reads the decoder's input latent, up-sampled
+            to full resolution (detached with ``detach_features``): detail the code holds that
+            the decoder cannot draw.
         faithful: pixel and channel: the mean gets the gradient of the NLL with one scale, the
             average of the map (of the channel scales), exactly what a global scale would give
             it, and the head (the channel scales) gets the NLL around the stopped mean (Stirn et
@@ -555,6 +558,7 @@ class LogScaleConfig:
     head_layers: int = 0
     head_channels: int | None = None
     head_sees_mean: bool = False
+    head_sees_latent: bool = False
     faithful: bool = False
     include_constant: bool = False
     trainable: bool = True
@@ -1097,6 +1101,7 @@ def _head_kwargs(log_scale: LogScaleConfig) -> dict[str, Any]:
         "log_scale_head_layers": log_scale.head_layers,
         "log_scale_head_channels": log_scale.head_channels,
         "log_scale_head_sees_mean": log_scale.head_sees_mean,
+        "log_scale_head_sees_latent": log_scale.head_sees_latent,
     }
 
 

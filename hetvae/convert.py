@@ -337,23 +337,40 @@ def trunk_indices(keys: Iterable[str]) -> list[int]:
     return sorted(int(m.group(1)) for k in keys if (m := re.fullmatch(re.escape(TRUNK_PREFIX) + r"(\d+)\.weight", k)))
 
 
-def head_fields(state_dict: dict[str, Tensor]) -> dict[str, Any]:
+def head_fields(state_dict: dict[str, Tensor], settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``AutoencoderConfig`` head fields read off the tensors' names and shapes: whether there is
-    a head, its map count, hidden layers and width, and whether it reads the mean output (its first
-    layer then takes ``conv_out``'s input channels plus the image channels)."""
+    a head, its map count, hidden layers and width, and what else its first layer reads besides
+    ``conv_out``'s input features: the mean output (``out_channels`` more channels) and the latent
+    (``decoder.conv_in``'s input channels more). ``settings`` (a head file's recorded
+    ``sees_mean`` / ``sees_latent``) decide where the shapes cannot: a model whose latent has as
+    many channels as its image, read without them, is taken to read the mean (the older option).
+    ``ValueError`` when the first layer's width fits no combination."""
     head = state_dict.get(HEAD_PREFIX + "weight")
     if head is None:
         return dict(log_scale=None)
     features = int(state_dict["decoder.conv_out.weight"].shape[1])
     out_channels = int(state_dict["decoder.conv_out.weight"].shape[0])
+    latent = int(state_dict["decoder.conv_in.weight"].shape[1]) if "decoder.conv_in.weight" in state_dict else None
     trunk = trunk_indices(state_dict)
-    first_in = int(state_dict[f"{TRUNK_PREFIX}{trunk[0]}.weight"].shape[1]) if trunk else int(head.shape[1])
+    first = f"{TRUNK_PREFIX}{trunk[0]}.weight" if trunk else HEAD_PREFIX + "weight"
+    first_in = int(state_dict[first].shape[1])
+    fits = [(m, z) for m, z in ((False, False), (True, False), (False, True), (True, True))
+            if features + (out_channels if m else 0) + ((latent or 0) if z else 0) == first_in and (latent or not z)]
+    settings = settings or {}
+    recorded = [f for f in fits if settings.get("sees_mean", f[0]) == f[0] and settings.get("sees_latent", f[1]) == f[1]]
+    if not recorded:
+        expected = f"{features} (features) + {out_channels} if it reads the mean" + (
+            f" + {latent} if it reads the latent" if latent else "")
+        raise ValueError(f"{first} takes {first_in} input channels; expected {expected}"
+                         + (f" (recorded: {settings})" if settings else ""))
+    sees_mean, sees_latent = recorded[0]  # (mean, not latent) before (latent, not mean) where both fit
     return dict(
         log_scale="pixel",
         log_scale_channels=None if head.shape[0] == out_channels else int(head.shape[0]),
         log_scale_head_layers=len(trunk),
         log_scale_head_channels=int(head.shape[1]) if trunk else None,
-        log_scale_head_sees_mean=first_in == features + out_channels,
+        log_scale_head_sees_mean=sees_mean,
+        log_scale_head_sees_latent=sees_latent,
     )
 
 
@@ -655,7 +672,8 @@ def _read_head(
         )
     try:
         settings = json.loads(metadata.get(HEAD_KEY, "{}"))
-        fields = head_fields({**tensors, "decoder.conv_out.weight": body["decoder.conv_out.weight"]})
+        shapes = {k: body[k] for k in ("decoder.conv_out.weight", "decoder.conv_in.weight") if k in body}
+        fields = head_fields({**tensors, **shapes}, settings)
         config = dataclasses.replace(
             config,
             **fields,
@@ -709,7 +727,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 
 _HEAD_FIELDS = (
     "log_scale_channels", "log_scale_init", "log_scale_detach", "log_scale_head_layers",
-    "log_scale_head_channels", "log_scale_head_sees_mean",
+    "log_scale_head_channels", "log_scale_head_sees_mean", "log_scale_head_sees_latent",
 )
 _HEAD_SHAPE_FIELDS = tuple(f for f in _HEAD_FIELDS if f != "log_scale_detach")
 
@@ -777,6 +795,7 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
             layers=head_overrides.get("log_scale_head_layers", 0),
             hidden=head_overrides.get("log_scale_head_channels"),
             sees_mean=head_overrides.get("log_scale_head_sees_mean", False),
+            sees_latent=head_overrides.get("log_scale_head_sees_latent", False),
         )
     return model.eval()
 
@@ -889,7 +908,8 @@ def save_autoencoder(
         result = weights
     sidecar = head_sidecar_path(weights, format)
     if format != "hetvae" and head:
-        settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach}
+        settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach,
+                    "sees_mean": config.log_scale_head_sees_mean, "sees_latent": config.log_scale_head_sees_latent}
         writes[sidecar] = lambda tmp: save_file(head, str(tmp), metadata={HEAD_KEY: json.dumps(settings)})
     # a head left by an earlier export would be loaded with these weights
     stale = sidecar if format != "hetvae" and not head else None

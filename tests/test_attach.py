@@ -63,6 +63,8 @@ HEADS = {
     "plain": dict(),
     "one-map-trunk-sees-mean": dict(channels=1, layers=1, hidden=16, sees_mean=True),
     "two-layer-trunk": dict(layers=2, hidden=8),
+    "trunk-sees-latent": dict(layers=2, hidden=8, sees_latent=True),
+    "trunk-sees-mean-and-latent": dict(layers=1, hidden=8, sees_mean=True, sees_latent=True),
 }
 
 

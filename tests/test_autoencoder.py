@@ -148,6 +148,38 @@ def test_deep_head_starts_at_init_and_reads_the_mean_without_shaping_it(sees_mea
             assert not torch.equal(changed(x)[0].log_scale, model(x)[0].log_scale)
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_head_reads_the_latent_each_pixel_of_it_over_its_block(detach):
+    """log_scale_head_sees_latent: the trunk's first conv reads the features, the mean, then the
+    decoder's input latent (after post_quant_conv) repeated over each latent pixel's f x f block;
+    with log_scale_detach the map cannot reach the encoder through it."""
+    model = tiny_model(log_scale="pixel", log_scale_init=-2.0, log_scale_head_layers=1, log_scale_head_channels=8,
+                       log_scale_head_sees_mean=True, log_scale_head_sees_latent=True, log_scale_detach=detach)
+    first = model.decoder.log_scale_trunk[0]
+    latent, f = model.config.latent_channels, model.config.downsample_factor
+    assert first.in_channels == 32 + 3 + latent
+    seen = []
+    first.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach()))
+    x = images(b=1, size=64)
+    rec, posterior = model(x, sample_posterior=False)
+    assert torch.all(rec.log_scale == -2.0)  # zero output conv, as every head
+    z = model.post_quant_conv(posterior.mode()).detach()
+    want = z.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
+    torch.testing.assert_close(seen[-1][:, -latent:], want, rtol=0, atol=0)
+    torch.testing.assert_close(seen[-1][:, 32:35], rec.mean.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        model.decoder.log_scale_head.weight.normal_(std=0.1)
+    model.zero_grad()
+    rec, _ = model(x)
+    rec.log_scale.sum().backward()
+    grad = model.encoder.conv_in.weight.grad
+    assert first.weight.grad[:, -latent:].abs().sum() > 0
+    if detach:
+        assert grad is None or torch.all(grad == 0)
+    else:
+        assert grad.abs().sum() > 0
+
+
 def test_zero_init_residual_makes_every_block_the_identity():
     from hetvae.layers import ResnetBlock
 

@@ -255,10 +255,11 @@ def test_head_settings_conflicting_with_a_stored_head_are_refused(tmp_path):
         load_autoencoder(tmp_path / "plain", log_scale_init=1.0)
 
 
+@pytest.mark.parametrize("sees_latent", [False, True])
 @pytest.mark.parametrize("fmt", ["hetvae", "diffusers", "ldm"])
-def test_deep_head_that_reads_the_mean_round_trips_through_every_format(tmp_path, fmt):
+def test_deep_head_that_reads_the_mean_round_trips_through_every_format(tmp_path, fmt, sees_latent):
     model = tiny_model()
-    model.add_log_scale_head(init=-2.0, layers=2, hidden=8, sees_mean=True)
+    model.add_log_scale_head(init=-2.0, layers=2, hidden=8, sees_mean=True, sees_latent=sees_latent)
     with torch.no_grad():
         model.decoder.log_scale_head.weight.normal_(std=0.05)
     written = save_autoencoder(model, tmp_path / fmt, format=fmt)
@@ -270,7 +271,33 @@ def test_deep_head_that_reads_the_mean_round_trips_through_every_format(tmp_path
     back = load_autoencoder(written)
     assert back.config == model.config
     assert back.config.log_scale_head_layers == 2 and back.config.log_scale_head_sees_mean
+    assert back.config.log_scale_head_sees_latent is sees_latent
     same_outputs(back, model, images(), exact=fmt != "diffusers")
+
+
+def test_head_inputs_read_off_the_shapes_and_the_recorded_settings():
+    """head_fields: the first layer's width tells what the head reads (features + mean 3 + latent L);
+    where a latent has as many channels as the image the recorded settings decide, and without them
+    the older option (the mean) is assumed; a width no combination gives is refused by name."""
+    from hetvae.convert import head_fields
+
+    def state(first_in, latent=4):
+        return {"decoder.conv_out.weight": torch.zeros(3, 32, 3, 3), "decoder.conv_in.weight": torch.zeros(64, latent, 3, 3),
+                "decoder.log_scale_trunk.0.weight": torch.zeros(8, first_in, 3, 3),
+                "decoder.log_scale_head.weight": torch.zeros(3, 8, 3, 3)}
+
+    def reads(first_in, latent=4, settings=None):
+        f = head_fields(state(first_in, latent), settings)
+        return f["log_scale_head_sees_mean"], f["log_scale_head_sees_latent"]
+
+    assert reads(32) == (False, False) and reads(35) == (True, False)
+    assert reads(36) == (False, True) and reads(39) == (True, True)
+    assert reads(35, latent=3) == (True, False)  # 3 latent channels: mean or latent, the older option
+    assert reads(35, latent=3, settings={"sees_mean": False, "sees_latent": True}) == (False, True)
+    with pytest.raises(ValueError, match=r"log_scale_trunk\.0\.weight takes 37 input channels; expected 32"):
+        reads(37)
+    with pytest.raises(ValueError, match="recorded"):
+        reads(35, settings={"sees_latent": True})
 
 
 def test_deep_head_shape_settings_only_shape_a_new_head(tmp_path):
