@@ -511,6 +511,30 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
     return fit_calibration(target, mean, log_scale, predictor.family, method, **kwargs)
 
 
+def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLike | None = None) -> None:
+    """Raise :class:`CalibrationError` where :func:`store_calibration` would refuse to write next to
+    ``path`` without ``out``: a run's training checkpoint, or a single file hetvae did not write.
+    Cheap (no model is read), so a caller checks before spending time on a fit."""
+    from hetvae.checkpoint import is_checkpoint
+    from hetvae.convert import inspect_checkpoint
+    from hetvae.evaluate import is_run_folder
+
+    path = Path(path).expanduser()
+    if out is not None or is_run_folder(path):
+        return
+    if is_checkpoint(path):
+        raise CalibrationError(
+            f"{path} is a training checkpoint (the state a run resumes from): it is not rewritten. Pass --out DIR "
+            "to write the model of that step with its calibration as a new hetvae export"
+        )
+    info = inspect_checkpoint(path)
+    if info.format == "ldm" and info.config_source != "file metadata":
+        raise CalibrationError(
+            f"{info.weights_file} is a {info.format} checkpoint hetvae did not write (it may hold more than the "
+            "VAE): it is not rewritten. Pass --out DIR to write the model with its calibration as a new hetvae export"
+        )
+
+
 def store_calibration(predictor: Any, calibration: Calibration | None, path: str | os.PathLike,
                       out: str | os.PathLike | None = None) -> Path:
     """Write ``calibration`` (None: remove it) with the model ``predictor`` was loaded from.
@@ -526,10 +550,10 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     import dataclasses
 
     from hetvae.convert import inspect_checkpoint, likelihood_from_nll, save_autoencoder
-    from hetvae.checkpoint import is_checkpoint
     from hetvae.evaluate import is_run_folder
 
     path = Path(path).expanduser()
+    check_calibration_destination(path, out)
     model = predictor.model
     record = model.config.likelihood
     if record is None or record.granularity != predictor.granularity or record.family != predictor.family:
@@ -539,11 +563,6 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
         return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
     if is_run_folder(path):
         return save_autoencoder(model, path / "model.safetensors", format="hetvae", likelihood=record)
-    if is_checkpoint(path):
-        raise CalibrationError(
-            f"{path} is a training checkpoint (the state a run resumes from): it is not rewritten. Pass --out DIR "
-            "to write the model of that step with its calibration as a new hetvae export"
-        )
     info = inspect_checkpoint(path)
     if info.format == "hetvae":
         return save_autoencoder(model, info.weights_file, format="hetvae", likelihood=record)

@@ -520,12 +520,14 @@ def _add_calibrate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from hetvae.calibration import DEFAULT_METHOD, CalibrationError, calibrate, store_calibration
+    from hetvae.calibration import (DEFAULT_METHOD, CalibrationError, calibrate, check_calibration_destination,
+                                    store_calibration)
     from hetvae.convert import CheckpointError
     from hetvae.evaluate import load_images, load_predictor
 
     try:
         predictor = load_predictor(args.checkpoint, calibrated=False)
+        check_calibration_destination(args.checkpoint, args.out)  # before the fit: where it would go is refused
         if args.remove:
             written = store_calibration(predictor, None, args.checkpoint, args.out)
             print(f"removed the calibration: wrote {written}")
