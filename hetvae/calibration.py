@@ -511,17 +511,18 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
     return fit_calibration(target, mean, log_scale, predictor.family, method, **kwargs)
 
 
-def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLike | None = None) -> None:
+def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Any:
     """Raise :class:`CalibrationError` where :func:`store_calibration` would refuse to write next to
     ``path`` without ``out``: a run's training checkpoint, or a single file hetvae did not write.
-    Cheap (no model is read), so a caller checks before spending time on a fit."""
+    Cheap (no model is read), so a caller checks before spending time on a fit. Returns the
+    ``CheckpointInfo`` of the model file to rewrite in place, None for ``out`` or a run folder."""
     from hetvae.checkpoint import is_checkpoint
     from hetvae.convert import inspect_checkpoint
     from hetvae.evaluate import is_run_folder
 
     path = Path(path).expanduser()
     if out is not None or is_run_folder(path):
-        return
+        return None
     if is_checkpoint(path):
         raise CalibrationError(
             f"{path} is a training checkpoint (the state a run resumes from): it is not rewritten. Pass --out DIR "
@@ -533,6 +534,7 @@ def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLik
             f"{info.weights_file} is a {info.format} checkpoint hetvae did not write (it may hold more than the "
             "VAE): it is not rewritten. Pass --out DIR to write the model with its calibration as a new hetvae export"
         )
+    return info
 
 
 def store_calibration(predictor: Any, calibration: Calibration | None, path: str | os.PathLike,
@@ -549,11 +551,10 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     """
     import dataclasses
 
-    from hetvae.convert import inspect_checkpoint, likelihood_from_nll, save_autoencoder
-    from hetvae.evaluate import is_run_folder
+    from hetvae.convert import likelihood_from_nll, save_autoencoder
 
     path = Path(path).expanduser()
-    check_calibration_destination(path, out)
+    info = check_calibration_destination(path, out)
     model = predictor.model
     record = model.config.likelihood
     if record is None or record.granularity != predictor.granularity or record.family != predictor.family:
@@ -561,16 +562,9 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     record = dataclasses.replace(record, calibration=None if calibration is None else calibration.to_dict())
     if out is not None:
         return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
-    if is_run_folder(path):
+    if info is None:  # a run folder
         return save_autoencoder(model, path / "model.safetensors", format="hetvae", likelihood=record)
-    info = inspect_checkpoint(path)
-    if info.format == "hetvae":
-        return save_autoencoder(model, info.weights_file, format="hetvae", likelihood=record)
     if info.format == "diffusers":
         return save_autoencoder(model, info.weights_file.parent, format="diffusers", likelihood=record)
-    if info.format == "ldm" and info.config_source == "file metadata":  # an ldm export hetvae wrote
-        return save_autoencoder(model, info.weights_file, format="ldm", likelihood=record)
-    raise CalibrationError(
-        f"{info.weights_file} is a {info.format} checkpoint hetvae did not write (it may hold more than the "
-        "VAE): it is not rewritten. Pass --out DIR to write the model with its calibration as a new hetvae export"
-    )
+    # hetvae, or an ldm export hetvae wrote (any other ldm file was refused above)
+    return save_autoencoder(model, info.weights_file, format=info.format, likelihood=record)

@@ -527,11 +527,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
     try:
         predictor = load_predictor(args.checkpoint, calibrated=False)
-        check_calibration_destination(args.checkpoint, args.out)  # before the fit: where it would go is refused
         if args.remove:
             written = store_calibration(predictor, None, args.checkpoint, args.out)
             print(f"removed the calibration: wrote {written}")
             return 0
+        check_calibration_destination(args.checkpoint, args.out)  # before the fit: where it would go is refused
         _set_tile(predictor, args.tile, args.checkpoint)
         images = load_images(args.images)
         calibration = calibrate(predictor, images, method=args.method or DEFAULT_METHOD)
