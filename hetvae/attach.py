@@ -53,11 +53,11 @@ from hetvae.convert import (
     DIFFUSERS_CONFIG,
     DIFFUSERS_HEAD_FILE,
     DIFFUSERS_LIKELIHOOD_KEY,
-    HEAD_KEY,
     HEAD_PREFIX,
     TRUNK_PREFIX,
     CheckpointError,
     head_fields,
+    head_settings,
     is_head_key,
     trunk_indices,
 )
@@ -245,10 +245,10 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
     if found is not None and found[0] and all(is_head_key(k) for k in found[0]):
         likelihood, source = _likelihood_beside(path)
         try:
-            settings = json.loads(found[1].get(HEAD_KEY, "{}"))
-        except json.JSONDecodeError as e:
-            raise _error(path, f"invalid {HEAD_KEY} metadata ({e})") from None
-        return load_file(str(path)), likelihood, source, None, settings if isinstance(settings, dict) else {}
+            settings = head_settings(found[1])
+        except ValueError as e:
+            raise _error(path, str(e)) from None
+        return load_file(str(path)), likelihood, source, None, settings
     info, sd = _read_checkpoint(path)
     head = {k: v for k, v in sd.items() if is_head_key(k)}
     if not head:

@@ -337,6 +337,21 @@ def trunk_indices(keys: Iterable[str]) -> list[int]:
     return sorted(int(m.group(1)) for k in keys if (m := re.fullmatch(re.escape(TRUNK_PREFIX) + r"(\d+)\.weight", k)))
 
 
+def head_settings(metadata: dict[str, str]) -> dict[str, Any]:
+    """A head file's recorded settings: its ``HEAD_KEY`` metadata, a JSON object (``{}`` when the
+    file records none). ``ValueError`` naming the key when it is not valid JSON or not an object."""
+    text = metadata.get(HEAD_KEY)
+    if text is None:
+        return {}
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid {HEAD_KEY} metadata ({e})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"invalid {HEAD_KEY} metadata: expected a JSON object, got {text[:60]!r}")
+    return settings
+
+
 def head_fields(state_dict: dict[str, Tensor], settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``AutoencoderConfig`` head fields read off the tensors' names and shapes: whether there is
     a head, its map count, hidden layers and width, and what else its first layer reads besides
@@ -671,7 +686,7 @@ def _read_head(
             f"expected {sorted(required)} and optionally {TRUNK_PREFIX}N.weight/bias; keys: {_keys_text(sorted(tensors))}",
         )
     try:
-        settings = json.loads(metadata.get(HEAD_KEY, "{}"))
+        settings = head_settings(metadata)
         shapes = {k: body[k] for k in ("decoder.conv_out.weight", "decoder.conv_in.weight") if k in body}
         fields = head_fields({**tensors, **shapes}, settings)
         config = dataclasses.replace(

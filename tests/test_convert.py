@@ -412,3 +412,23 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match=r"format must be one of \('hetvae', 'diffusers', 'ldm'\), got 'onnx'"):
         tiny_model().save_pretrained(tmp_path / "x", format="onnx")
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("record, message", [("[true]", r"metadata: expected a JSON object, got '\[true\]'"),
+                                             ("{not json", r"metadata \(Expecting property name")])
+def test_head_file_with_bad_recorded_settings_is_a_clear_error(tmp_path, record, message):
+    """A head file whose recorded settings are not a JSON object is refused naming the file and the
+    key, by the loader and by attach_log_scale_head alike (one parser, hetvae.convert.head_settings)."""
+    from hetvae.convert import HEAD_KEY
+
+    message = rf"invalid {HEAD_KEY} {message}"
+    with_trained_head().save_pretrained(tmp_path / "d", format="diffusers")
+    head_file = tmp_path / "d" / "log_scale_head.safetensors"
+    save_file(load_file(str(head_file)), str(head_file), metadata={HEAD_KEY: record})
+    with pytest.raises(CheckpointError, match=rf"log_scale_head\.safetensors.*{message}"):
+        load_autoencoder(tmp_path / "d")
+    import hetvae
+
+    vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "d").eval()
+    with pytest.raises(ValueError, match=rf"log_scale_head\.safetensors.*{message}"):
+        hetvae.attach_log_scale_head(vae, head_file)
