@@ -741,6 +741,13 @@ class TrainConfig:
         ema_decay: decay of an exponential moving average of the weights; ``None``: no EMA.
         precision: ``"fp32"``, or autocast to ``"bf16"`` / ``"fp16"`` (fp16 with a grad scaler).
         grad_clip: max global gradient norm; ``None``: no clipping.
+        head_grad_clip: with a value, the log-scale's parameters (the per-pixel head's layers and
+            bias, the global / per-channel scale) are clipped to this norm on their own and
+            ``grad_clip`` covers the autoencoder alone; ``None``: one norm over all of them. Clipping
+            is active on nearly every step of a from-scratch run (norms of ~1e4 against 1), so in
+            one norm the map's gradient rescales the mean's step by step: a change to the head's
+            training then re-draws the mean. Apart, with ``log_scale.faithful`` and
+            ``detach_features``, the mean's update no longer depends on the head at all.
         decoder_only: train only the decoder (and log-scale), keeping the latent space fixed.
         zero_init_residual: a model built from scratch starts with the last convolution of every
             ResNet block at zero, so each block is the identity at step 0 (as in ADM / guided
@@ -811,6 +818,7 @@ class TrainConfig:
     ema_decay: float | None = None
     precision: Precision = "fp32"
     grad_clip: float | None = 1.0
+    head_grad_clip: float | None = None
     decoder_only: bool = False
     zero_init_residual: bool = False
     init_logvar: float | None = None
@@ -867,11 +875,9 @@ class TrainConfig:
             "ema_decay",
             f"must be in (0, 1) or null, got {self.ema_decay}",
         )
-        _require(
-            self.grad_clip is None or self.grad_clip > 0,
-            "grad_clip",
-            f"must be > 0 or null, got {self.grad_clip}",
-        )
+        for name in ("grad_clip", "head_grad_clip"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, f"must be > 0 or null, got {value}")
         _require(
             self.final_steps <= self.steps,
             "final_steps",

@@ -19,7 +19,8 @@
 * ``final_steps``: the last steps (and the head phase) train on ``final_resolution`` crops in
   batches of the same pixels, so GroupNorm adapts to statistics closer to a whole image's; that
   phase's batches are a stream of their own, counted from the switch;
-* gradient accumulation, linear lr warm-up, gradient clipping, EMA of the autoencoder, autocast
+* gradient accumulation, linear lr warm-up, gradient clipping (with ``head_grad_clip``, of the
+  log-scale's parameters apart from the autoencoder's), EMA of the autoencoder, autocast
   to bf16/fp16 (fp16 with a ``GradScaler``; the NLL upcasts to float32 itself);
 * a non-finite loss or gradient skips the step (counted, logged); ``max_nonfinite`` in a row stop
   training with :class:`NonFiniteLossError` naming the last finite step and the likely causes;
@@ -150,7 +151,7 @@ RESUME_MAY_CHANGE = frozenset({
     "train.resume", "train.max_nonfinite",
     # optimiser settings: a resume takes the configured ones (see _load_optimizer), e.g. a lower lr
     "train.lr", "train.betas", "train.weight_decay", "train.warmup_steps", "train.lr_schedule", "train.disc_lr",
-    "train.log_scale_lr", "train.grad_clip",
+    "train.log_scale_lr", "train.grad_clip", "train.head_grad_clip",
     "train.head_steps",  # e.g. a finished run resumed to fit its head on the converged mean
     "train.device",  # a run moved to another machine (a checkpoint is device-independent)
     # how, not what: same data, same gradients
@@ -475,6 +476,14 @@ class Trainer:
         special = offsets + head_params
         ae_params = [p for p in self.model.parameters() if p.requires_grad and not any(p is o for o in special)]
         self.g_params = ae_params + head_params + scale_params
+        # train.head_grad_clip: the log-scale's parameters (the pixel head whole, the global /
+        # channel scale) are clipped on their own, so the map's gradient never rescales the mean's
+        trunk = self.model.decoder.log_scale_trunk
+        map_params = [*(trunk.parameters() if trunk is not None else ()), *(head.parameters() if head is not None else ())]
+        self.clip_groups = [self.g_params]
+        if t.head_grad_clip is not None:
+            scale = [p for p in self.g_params if any(p is q for q in map_params + scale_params)]
+            self.clip_groups = [[p for p in self.g_params if not any(p is q for q in scale)], scale]
         groups = [{"params": ae_params, "weight_decay": t.weight_decay, "base_lr": t.lr}]
         if head_params:
             groups.append({"params": head_params, "weight_decay": t.weight_decay, "base_lr": t.head_lr})
@@ -957,11 +966,13 @@ class Trainer:
         if finite:
             self._sync_grads(use_disc)
             self.scaler.unscale_(self.g_opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.g_params, t.grad_clip or float("inf"))
-            sums["grad_norm"] = float(grad_norm)
-            # fp16: the scaler skips overflowing steps itself (and lowers its scale); that is normal
-            if not math.isfinite(sums["grad_norm"]) and self.amp_dtype is not torch.float16:
-                finite = False
+            limits = (t.grad_clip, t.head_grad_clip)
+            for name, group, limit in zip(("grad_norm", "head_grad_norm"), self.clip_groups, limits):
+                norm = torch.nn.utils.clip_grad_norm_(group, limit or float("inf")) if group else torch.zeros(())
+                sums[name] = float(norm)
+                # fp16: the scaler skips overflowing steps itself (and lowers its scale); that is normal
+                if not math.isfinite(sums[name]) and self.amp_dtype is not torch.float16:
+                    finite = False
         if not finite:
             self.g_opt.zero_grad(set_to_none=True)
             if self.d_opt is not None:
