@@ -341,25 +341,35 @@ def _subsample(n: int, limit: int, seed: int) -> Tensor | None:
 def _fit_affine(x: Tensor, mu: Tensor, s: Tensor, family: str, constant: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel ``(a, c)`` minimising the discretized NLL; ``x, mu, s``: ``(C, N)`` float64."""
     channels = x.shape[0]
-    log_a = torch.zeros(channels, 1, dtype=torch.float64, requires_grad=True)
-    c = torch.zeros(channels, 1, dtype=torch.float64, requires_grad=True)
-    # centre s per channel so that slope and offset are not strongly coupled
+    keep_a = (~constant).double().view(channels, 1)
+    # standardise s per channel: slope and offset are then not coupled, and the fit is equally well
+    # conditioned for a map that barely varies (a head after a few steps: spread 1e-5, best slope
+    # 1e4, which an unscaled exp(log_a) overshot to inf) as for one that varies by units
     centre = s.mean(dim=1, keepdim=True)
+    spread = torch.where(constant.view(channels, 1), 1.0, s.std(dim=1, keepdim=True))
+    z = (s - centre) / spread
+    # the slope on z starts at spread (the identity) where that is a usual spread, else at the
+    # nearest of e^-2, e^1 (the loss's curvature in log_a scales with a^2: from a = 1e-5 the fit
+    # is ill-conditioned); clamped so that a map the errors rank backwards (best slope 0, a
+    # constant level) ends on a tiny positive slope, not on exp(-inf)
+    log_a = torch.log(spread).clamp(-2.0, 1.0).requires_grad_(True)
+    c = torch.zeros(channels, 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_a, c], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
-    keep_a = (~constant).double().view(channels, 1)
+
+    def slope_on_z():
+        return torch.exp(log_a.clamp(-30.0, 30.0) * keep_a)
 
     def closure():
         opt.zero_grad()
-        a = torch.exp(log_a * keep_a)
-        s_new = a * (s - centre) + centre + c
+        s_new = slope_on_z() * z + centre + c
         loss = discretized_nll(x.unsqueeze(0), mu.unsqueeze(0), s_new.unsqueeze(0), family).mean()
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        a = torch.exp(log_a * keep_a).flatten()
+        a = (slope_on_z() / spread).flatten()
         offset = c.flatten() + (1 - a) * centre.flatten()
     return a.detach(), offset.detach()
 

@@ -55,6 +55,32 @@ def test_affine_recovers_a_known_offset_and_slope():
     assert (fixed - s_true).abs().mean() < 0.05
 
 
+
+def test_a_map_that_barely_varies_gets_its_large_slope():
+    """A head after a few steps: its map varies by 1e-5 around its init, in the right order. The
+    affine fit must find the slope of ~1e5 that spreads it (the unstandardised fit overshot to an
+    infinite slope and refused its own result)."""
+    shape = (4, 3, 56, 56)
+    s_true = _pixel_log_scale(shape)
+    target, mean = _laplace_data(s_true)
+    faint = (s_true + 3.0) * 1e-5
+    cal = fit_calibration(target, mean, faint, "laplace", "affine")
+    torch.testing.assert_close(cal.slope, torch.full((3,), 1e5, dtype=torch.float64), rtol=0.1, atol=0)
+    assert (cal.apply(faint) - s_true).abs().mean() < 0.1 and cal.bpd_after < cal.bpd_before
+
+
+def test_a_map_that_ranks_the_errors_backwards_is_flattened_not_refused():
+    """A map that is large exactly where the errors are small: the best slope that keeps the map's
+    order is 0, a constant level. The fit ends near it on a valid calibration that improves bits/dim."""
+    shape = (4, 3, 56, 56)
+    s_true = _pixel_log_scale(shape)
+    target, mean = _laplace_data(s_true)
+    backwards = -(s_true + 3.0) - 3.0
+    cal = fit_calibration(target, mean, backwards, "laplace", "affine")
+    assert (cal.slope > 0).all() and (cal.slope < 1e-2).all()
+    assert cal.bpd_after < cal.bpd_before
+
+
 @pytest.mark.parametrize("family", ["laplace", "gaussian"])
 def test_scales_off_by_a_known_factor_are_corrected_to_it(family):
     shape = (8, 3, 64, 64)
