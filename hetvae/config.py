@@ -783,8 +783,9 @@ class TrainConfig:
             get there in hundreds without touching the network's lr.
         head_lr: learning rate of the per-pixel head's layers (its hidden convs and the output
             conv's weight; the bias is an offset and takes ``log_scale_lr``); ``None``: ``lr``. With
-            ``log_scale.faithful`` and ``detach_features`` the head's loss never reaches the mean,
-            so a larger value only lets the map keep up with the mean it judges.
+            ``log_scale.faithful`` and ``detach_features`` the head's loss never reaches the mean;
+            with ``head_grad_clip`` too, a larger value only lets the map keep up with the mean it
+            judges (under one clipping norm it also re-draws the mean).
         head_steps: after ``steps``, this many more steps train only the log-scale (the per-pixel
             head's layers, or the global / per-channel scale) on the frozen autoencoder: the EMA
             weights when there is an EMA, so the map learns the errors of the very mean that is
