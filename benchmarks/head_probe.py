@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from hetvae.config import load_config
 from hetvae.evaluate import evaluate, load_images, load_predictor
+from hetvae.functional import laplace_nll
 from hetvae.train import Trainer
 
 METRICS = ("psnr", "nll_bpd", "coverage_90", "spearman", "ause")
@@ -107,10 +108,6 @@ VARIANTS = {
 }
 
 
-def laplace_nll(log_scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    return (log_scale + math.log(2.0) + residual.abs() * torch.exp(-log_scale)).mean()
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run")
@@ -142,7 +139,6 @@ def main(argv=None):
                     if model.post_quant_conv is not None:
                         z = model.post_quant_conv(z)
                     parts = tap(z)
-                    residual = x - parts["mean"]
                 if not heads:
                     for name in args.variants:
                         spec = VARIANTS[name]
@@ -153,7 +149,7 @@ def main(argv=None):
                 for name, head in heads.items():
                     for group in optimizers[name].param_groups:
                         group["lr"] = lr
-                    loss = laplace_nll(head(parts), residual)
+                    loss = laplace_nll(x, parts["mean"], head(parts)).mean()
                     optimizers[name].zero_grad()
                     loss.backward()
                     optimizers[name].step()

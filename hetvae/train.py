@@ -464,26 +464,22 @@ class Trainer:
         self.ema = EMA(self.model, decay=t.ema_decay) if t.ema_decay is not None else None
 
         # log-scale offsets (the loss's global/channel values, the pixel head's bias) get their own lr
-        head = self.model.decoder.log_scale_head
+        head, trunk = self.model.decoder.log_scale_head, self.model.decoder.log_scale_trunk
         offsets = [head.bias] if head is not None and head.bias is not None and head.bias.requires_grad else []
         scale_params = self.objective.trainable_parameters() + offsets
-        # the head's other weights get train.head_lr in a group of their own, when it is set
-        head_params = []
-        if t.head_lr is not None and head is not None:
-            trunk = self.model.decoder.log_scale_trunk
-            layers = [*(trunk.parameters() if trunk is not None else ()), head.weight]
-            head_params = [p for p in layers if p.requires_grad]
+        # the head's other weights: with train.head_lr a group of their own at that lr
+        layers = [*(trunk.parameters() if trunk is not None else ()), *([head.weight] if head is not None else [])]
+        head_weights = [p for p in layers if p.requires_grad]
+        head_params = head_weights if t.head_lr is not None else []
         special = offsets + head_params
         ae_params = [p for p in self.model.parameters() if p.requires_grad and not any(p is o for o in special)]
         self.g_params = ae_params + head_params + scale_params
         # train.head_grad_clip: the log-scale's parameters (the pixel head whole, the global /
         # channel scale) are clipped on their own, so the map's gradient never rescales the mean's
-        trunk = self.model.decoder.log_scale_trunk
-        map_params = [*(trunk.parameters() if trunk is not None else ()), *(head.parameters() if head is not None else ())]
         self.clip_groups = [self.g_params]
         if t.head_grad_clip is not None:
-            scale = [p for p in self.g_params if any(p is q for q in map_params + scale_params)]
-            self.clip_groups = [[p for p in self.g_params if not any(p is q for q in scale)], scale]
+            log_scale = head_weights + scale_params
+            self.clip_groups = [[p for p in self.g_params if not any(p is q for q in log_scale)], log_scale]
         groups = [{"params": ae_params, "weight_decay": t.weight_decay, "base_lr": t.lr}]
         if head_params:
             groups.append({"params": head_params, "weight_decay": t.weight_decay, "base_lr": t.head_lr})

@@ -827,7 +827,6 @@ def test_ema_update_is_the_moving_average():
     assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
 
 
-
 def _autoencoder_after(images: Path, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
     trainer = Trainer(make_cfg(images, out, "log_scale.granularity=pixel", "log_scale.faithful=true",
                                "log_scale.detach_features=true", "log_scale.head_layers=1",
