@@ -540,6 +540,12 @@ class LogScaleConfig:
             al. 2023). The loss value is the per-pixel (per-channel) NLL. Ignored for ``global``
             (one scale gives the mean that gradient anyway), so one config serves every
             granularity.
+        mean_scale: with ``faithful``, the scale the mean's gradient sees: ``"map"`` the map's
+            (the channel scales') stopped level, ``log mean exp(s)``; ``"global"`` a learned global
+            log-scale of its own (initialised at ``init``), trained exactly as granularity
+            ``global`` trains its scale. With ``train.head_grad_clip`` set the autoencoder then
+            takes the very steps of its global twin (``--set log_scale.granularity=global``), so
+            both reconstruct alike and only the map differs. Ignored for ``global``.
         include_constant: add the density's constant (``log 2`` / ``0.5 log 2 pi``) so the loss is
             a true NLL (needed for bits/dim; irrelevant to the gradients).
         trainable: global / channel: ``false`` freezes the learned log-scale at ``init`` (not in the
@@ -560,6 +566,7 @@ class LogScaleConfig:
     head_sees_mean: bool = False
     head_sees_latent: bool = False
     faithful: bool = False
+    mean_scale: Literal["map", "global"] = "map"
     include_constant: bool = False
     trainable: bool = True
 
@@ -596,6 +603,14 @@ class LogScaleConfig:
             not (self.faithful and self.beta > 0 and self.granularity != "global"),
             "faithful",
             "and beta > 0 both reweight the mean's gradient; use one of them",
+        )
+        _require(
+            self.mean_scale in ("map", "global"), "mean_scale", f"must be 'map' or 'global', got {self.mean_scale!r}"
+        )
+        _require(
+            self.mean_scale == "map" or self.faithful or self.granularity == "global",
+            "mean_scale",
+            "'global' names the scale the mean's gradient sees under log_scale.faithful; set faithful: true",
         )
         _require(
             not (self.fit == "optimal" and self.granularity == "pixel"),
@@ -1214,6 +1229,8 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
         fit=ls.fit,
         faithful=ls.faithful and ls.granularity != "global",
         trainable=ls.trainable,
+        mean_scale=ls.mean_scale if ls.faithful and ls.granularity != "global" else "map",
+        mean_scale_init=ls.init,
     )
 
 

@@ -58,6 +58,13 @@ class HeteroscedasticNLL(nn.Module):
     larger one: without it a channel scale weights each channel's L1 by ``1 / b_c``, so the
     channel the model reconstructs worst is trained least.
 
+    ``mean_scale="global"`` (with ``faithful``): the mean's scale is not the map's level but a
+    learned global log-scale of its own (``mean_head``, initialised at ``mean_scale_init``, default
+    ``init``), which the mean's NLL trains exactly as ``granularity="global"`` trains its scale.
+    The mean and that scale then receive the very gradients of a global-scale model, so a model
+    whose map is trained beside them (and clipped apart from them) keeps the global model's mean
+    step for step, and the map is fitted around it.
+
     ``trainable=False`` (``"global"`` / ``"channel"``): the log-scale stays ``init`` exactly; its
     parameter takes no gradient, as SD's ``logvar``, which SD's optimiser never held.
 
@@ -83,6 +90,8 @@ class HeteroscedasticNLL(nn.Module):
         reduction: Reduction = "batch",
         faithful: bool = False,
         trainable: bool = True,
+        mean_scale: str = "map",
+        mean_scale_init: float | None = None,
     ) -> None:
         super().__init__()
         for name, flag in (("include_constant", include_constant), ("faithful", faithful), ("trainable", trainable)):
@@ -98,11 +107,29 @@ class HeteroscedasticNLL(nn.Module):
             )
         if reduction not in ("batch", "mean"):
             raise ValueError(f"reduction must be 'batch' or 'mean', got {reduction!r}")
+        if mean_scale not in ("map", "global"):
+            raise ValueError(f"mean_scale must be 'map' or 'global', got {mean_scale!r}")
+        if mean_scale == "global" and not faithful:
+            raise ValueError(
+                "mean_scale='global' needs faithful=True: it names the scale the mean's gradient sees, "
+                "which only a faithful loss keeps apart from the map"
+            )
         self.family = check_family(family)
         self.head = create_head(
             granularity, channels=channels, init=init, bounds=bounds, margin=margin, family=family, fit=fit,
             trainable=trainable,
         )
+        # mean_scale="global": the mean's scale is a learned global log-scale of its own, built and
+        # trained exactly as granularity="global"'s, instead of the map's stopped level
+        self.mean_head = (
+            create_head(
+                "global", channels=channels, init=init if mean_scale_init is None else mean_scale_init,
+                bounds=bounds, margin=margin, family=family, fit=fit, trainable=trainable,
+            )
+            if mean_scale == "global"
+            else None
+        )
+        self.mean_scale = mean_scale
         self.granularity = granularity
         self.include_constant = include_constant
         self.beta = float(beta)
@@ -154,8 +181,11 @@ class HeteroscedasticNLL(nn.Module):
         # the map's NLL around the stopped mean, and the mean's NLL under one stopped scale
         stopped_extra = None if extra_distance is None else extra_distance.detach()
         loss, nll = compute(target, mean.detach(), s, weights, stopped_extra, spec)
-        with torch.no_grad():
-            s_bar = torch.logsumexp(s.flatten(), 0) - math.log(s.numel())
+        if self.mean_head is not None:  # the mean's own learned scale, which this NLL trains too
+            s_bar = self.mean_head(target, mean, None, weights)
+        else:
+            with torch.no_grad():
+                s_bar = torch.logsumexp(s.flatten(), 0) - math.log(s.numel())
         s_bar = broadcast_log_scale(s_bar.to(dtype), target)
         mean_loss, mean_nll = compute(target, mean, s_bar, weights, extra_distance, spec)
         return NLLOutput(loss=loss + (mean_loss - mean_loss.detach()), nll=nll, log_scale=s, mean_nll=mean_nll)
@@ -186,6 +216,7 @@ class HeteroscedasticNLL(nn.Module):
         return (
             f"granularity={self.granularity!r}, family={self.family!r}, include_constant={self.include_constant}, "
             f"beta={self.beta}, reduction={self.reduction!r}" + (", faithful=True" if self.faithful else "")
+            + (f", mean_scale={self.mean_scale!r}" if self.mean_head is not None else "")
             + ("" if self.head.trainable else ", trainable=False")
         )
 

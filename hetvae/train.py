@@ -476,10 +476,19 @@ class Trainer:
         self.g_params = ae_params + head_params + scale_params
         # train.head_grad_clip: the log-scale's parameters (the pixel head whole, the global /
         # channel scale) are clipped on their own, so the map's gradient never rescales the mean's
-        self.clip_groups = [self.g_params]
+        # log_scale.mean_scale=global: the mean's own scale is clipped alone, as a global model's is
+        mean_scale = [] if self.objective.nll.mean_head is None else [
+            p for p in self.objective.nll.mean_head.parameters() if p.requires_grad
+        ]
+        self.clip_groups = [("grad_norm", self.g_params, t.grad_clip)]
         if t.head_grad_clip is not None:
-            log_scale = head_weights + scale_params
-            self.clip_groups = [[p for p in self.g_params if not any(p is q for q in log_scale)], log_scale]
+            log_scale = [p for p in head_weights + scale_params if not any(p is q for q in mean_scale)]
+            self.clip_groups = [
+                ("grad_norm", [p for p in self.g_params if not any(p is q for q in log_scale + mean_scale)], t.grad_clip),
+                ("head_grad_norm", log_scale, t.head_grad_clip),
+            ]
+            if mean_scale:
+                self.clip_groups.append(("mean_scale_grad_norm", mean_scale, t.head_grad_clip))
         groups = [{"params": ae_params, "weight_decay": t.weight_decay, "base_lr": t.lr}]
         if head_params:
             groups.append({"params": head_params, "weight_decay": t.weight_decay, "base_lr": t.head_lr})
@@ -962,8 +971,7 @@ class Trainer:
         if finite:
             self._sync_grads(use_disc)
             self.scaler.unscale_(self.g_opt)
-            limits = (t.grad_clip, t.head_grad_clip)
-            for name, group, limit in zip(("grad_norm", "head_grad_norm"), self.clip_groups, limits):
+            for name, group, limit in self.clip_groups:
                 norm = torch.nn.utils.clip_grad_norm_(group, limit or float("inf")) if group else torch.zeros(())
                 sums[name] = float(norm)
                 # fp16: the scaler skips overflowing steps itself (and lowers its scale); that is normal

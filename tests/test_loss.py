@@ -320,6 +320,49 @@ def test_faithful_channel_scale_splits_the_gradients(family):
     assert not torch.allclose(plain_mu, expected_mu)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("granularity", ["pixel", "channel"])
+def test_faithful_mean_scale_global_gives_the_mean_a_global_models_gradients(family, granularity):
+    """mean_scale='global': the value is still the map's (the channel scales') NLL, but the mean and
+    the loss's own global log-scale get exactly the gradients of HeteroscedasticNLL('global') with
+    that scale, written out here with torch.distributions."""
+    x, mu, g = _data()
+    log_scale = _map_for(granularity, g)
+    crit = _crit(granularity, family=family, faithful=True, mean_scale="global", init=-0.5, bounds=(-9.0, 5.0),
+                 include_constant=True)
+    assert "mean_scale='global'" in repr(crit)
+    with torch.no_grad():
+        crit.mean_head.free.fill_(-0.7)
+    mu.requires_grad_(True)
+    out = crit(x, mu, log_scale=log_scale)
+    s_map = crit.head(x, mu.detach(), log_scale).detach()
+    reference = -DIST[family](mu.detach(), s_map.exp().expand(SHAPE)).log_prob(x)
+    torch.testing.assert_close(out.loss, reference.sum() / 2, rtol=1e-12, atol=1e-12)
+    g_mu, g_free = torch.autograd.grad(out.loss, [mu, crit.mean_head.free])
+    # the global model: its scale at init -0.5 + free -0.7, the same bounded value
+    s_global = torch.tensor(-1.2, dtype=torch.float64, requires_grad=True)
+    shared = -DIST[family](mu, s_global.exp()).log_prob(x)
+    expected_mu, expected_s = torch.autograd.grad(shared.sum() / 2, [mu, s_global])
+    torch.testing.assert_close(g_mu, expected_mu, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_free, expected_s, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.mean_nll, shared.detach(), rtol=1e-12, atol=1e-12)
+    # and the global granularity itself, same init and value: the same two gradients
+    global_crit = _crit("global", family=family, init=-0.5, bounds=(-9.0, 5.0), include_constant=True)
+    with torch.no_grad():
+        global_crit.head.free.fill_(-0.7)
+    g_mu2, g_free2 = torch.autograd.grad(global_crit(x, mu).loss, [mu, global_crit.head.free])
+    torch.testing.assert_close(g_mu, g_mu2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_free, g_free2, rtol=1e-12, atol=1e-12)
+
+
+def test_mean_scale_global_needs_faithful():
+    with pytest.raises(ValueError, match="mean_scale='global' needs faithful=True"):
+        HeteroscedasticNLL("pixel", mean_scale="global")
+    with pytest.raises(ValueError, match="mean_scale must be 'map' or 'global', got 'pixelwise'"):
+        HeteroscedasticNLL("pixel", faithful=True, mean_scale="pixelwise")
+    assert HeteroscedasticNLL("pixel", faithful=True).mean_head is None
+
+
 def test_faithful_stops_the_extra_distance_in_the_map_branch():
     x, mu, g = _data()
     s = torch.randn(2, 1, 4, 5, generator=g, dtype=torch.float64).requires_grad_(True)

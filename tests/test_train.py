@@ -852,6 +852,44 @@ def test_head_grad_clip_makes_the_mean_independent_of_the_head(images, tmp_path)
     assert apart < 1e-4 and shared > 1e-3, (apart, shared)
 
 
+def test_mean_scale_global_trains_the_global_models_autoencoder(images, tmp_path):
+    """log_scale.mean_scale=global with train.head_grad_clip: the per-pixel model's autoencoder
+    takes the very steps of its global twin (the same config, granularity global): bit for bit
+    equal weights after training, the mean's own scale equal to the twin's, and the map trained
+    beside them. With the map's level as the mean's scale (the default) they drift apart."""
+    common = ("log_scale.faithful=true", "log_scale.detach_features=true", "log_scale.head_layers=1",
+              "log_scale.head_channels=8", "train.log_scale_lr=1e-2", "train.head_grad_clip=1.0",
+              "train.grad_clip=1.0", "train.steps=6", "log_scale.mean_scale=global")
+
+    def run(name, *overrides):
+        trainer = Trainer(make_cfg(images, tmp_path / name, *common, *overrides), progress=False)
+        trainer.run()
+        return trainer
+
+    twin = run("global", "log_scale.granularity=global")
+    pixel = run("pixel", "log_scale.granularity=pixel")
+    drifted = run("map", "log_scale.granularity=pixel", "log_scale.mean_scale=map")
+    weights = {n: p.detach() for n, p in twin.model.named_parameters()}
+    for other, equal in ((pixel, True), (drifted, False)):
+        named = dict(other.model.named_parameters())
+        assert all(torch.equal(named[n], w) for n, w in weights.items()) == equal
+    (twin_scale,) = twin.objective.trainable_parameters()
+    assert torch.equal(pixel.objective.nll.mean_head.free, twin_scale)
+    assert pixel.objective.nll.mean_head.free.item() != 0.0
+    record = json.loads((tmp_path / "pixel" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["mean_scale_grad_norm"] > 0 and record["head_grad_norm"] > 0
+
+
+def test_mean_scale_global_is_refused_without_faithful(images, tmp_path):
+    with pytest.raises(ConfigError, match="log_scale.mean_scale"):
+        make_cfg(images, tmp_path, "log_scale.granularity=pixel", "log_scale.mean_scale=global")
+    with pytest.raises(ConfigError, match="log_scale.mean_scale"):
+        make_cfg(images, tmp_path, "log_scale.granularity=pixel", "log_scale.faithful=true",
+                 "log_scale.mean_scale=everywhere")
+    # one config for every granularity: the global one ignores it, like faithful
+    make_cfg(images, tmp_path, "log_scale.granularity=global", "log_scale.mean_scale=global")
+
+
 def test_head_grad_clip_clips_each_group_to_its_own_norm(images, tmp_path):
     cfg = make_cfg(images, tmp_path / "c", "log_scale.granularity=global", "train.grad_clip=0.5",
                    "train.head_grad_clip=1e-3")
