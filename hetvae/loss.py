@@ -178,7 +178,8 @@ class HeteroscedasticNLL(nn.Module):
         if not self.faithful:
             loss, nll = compute(target, mean, s, weights, extra_distance, spec)
             return NLLOutput(loss=loss, nll=nll, log_scale=s)
-        # the map's NLL around the stopped mean, and the mean's NLL under one stopped scale
+        # the map's NLL around the stopped mean, and the mean's NLL under one scale: the map's
+        # stopped level, or (mean_scale='global') the mean's own learned global scale
         stopped_extra = None if extra_distance is None else extra_distance.detach()
         loss, nll = compute(target, mean.detach(), s, weights, stopped_extra, spec)
         if self.mean_head is not None:  # the mean's own learned scale, which this NLL trains too
