@@ -605,9 +605,6 @@ class LogScaleConfig:
             "and beta > 0 both reweight the mean's gradient; use one of them",
         )
         _require(
-            self.mean_scale in ("map", "global"), "mean_scale", f"must be 'map' or 'global', got {self.mean_scale!r}"
-        )
-        _require(
             self.mean_scale == "map" or self.faithful or self.granularity == "global",
             "mean_scale",
             "'global' names the scale the mean's gradient sees under log_scale.faithful; set faithful: true",
@@ -1212,6 +1209,7 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
 
     ls = cfg.log_scale
     init = ls.init
+    faithful = ls.faithful and ls.granularity != "global"  # one scale gives the mean that gradient anyway
     if ls.granularity == "pixel":
         if not model.has_log_scale_head:
             raise ValueError(
@@ -1227,9 +1225,9 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
         beta=ls.beta,
         bounds=ls.bounds,
         fit=ls.fit,
-        faithful=ls.faithful and ls.granularity != "global",
+        faithful=faithful,
         trainable=ls.trainable,
-        mean_scale=ls.mean_scale if ls.faithful and ls.granularity != "global" else "map",
+        mean_scale=ls.mean_scale if faithful else "map",
         mean_scale_init=ls.init,
     )
 

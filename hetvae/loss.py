@@ -129,7 +129,6 @@ class HeteroscedasticNLL(nn.Module):
             if mean_scale == "global"
             else None
         )
-        self.mean_scale = mean_scale
         self.granularity = granularity
         self.include_constant = include_constant
         self.beta = float(beta)
@@ -217,7 +216,7 @@ class HeteroscedasticNLL(nn.Module):
         return (
             f"granularity={self.granularity!r}, family={self.family!r}, include_constant={self.include_constant}, "
             f"beta={self.beta}, reduction={self.reduction!r}" + (", faithful=True" if self.faithful else "")
-            + (f", mean_scale={self.mean_scale!r}" if self.mean_head is not None else "")
+            + (", mean_scale='global'" if self.mean_head is not None else "")
             + ("" if self.head.trainable else ", trainable=False")
         )
 

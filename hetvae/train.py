@@ -484,7 +484,7 @@ class Trainer:
         if t.head_grad_clip is not None:
             log_scale = [p for p in head_weights + scale_params if not any(p is q for q in mean_scale)]
             self.clip_groups = [
-                ("grad_norm", [p for p in self.g_params if not any(p is q for q in log_scale + mean_scale)], t.grad_clip),
+                ("grad_norm", [p for p in self.g_params if not any(p is q for q in head_weights + scale_params)], t.grad_clip),
                 ("head_grad_norm", log_scale, t.head_grad_clip),
             ]
             if mean_scale:

@@ -55,7 +55,6 @@ def test_affine_recovers_a_known_offset_and_slope():
     assert (fixed - s_true).abs().mean() < 0.05
 
 
-
 def test_a_map_that_barely_varies_gets_its_large_slope():
     """A head after a few steps: its map varies by 1e-5 around its init, in the right order. The
     affine fit must find the slope of ~1e5 that spreads it (the unstandardised fit overshot to an
