@@ -549,7 +549,7 @@ def test_cli_train_a_run_folder(images, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_tiny_demo_config(tmp_path):
-    """configs/tiny.yaml, the README's first command, end to end (5.5-6 minutes on 2 quiet cores)."""
+    """configs/tiny.yaml, the README's first command, end to end (about 5 minutes on 2 quiet cores)."""
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     result = train(cfg, out_dir=tmp_path / "tiny", progress=False)
     assert result.step == cfg.train.steps + cfg.train.head_steps and not result.interrupted
