@@ -133,3 +133,14 @@ def test_head_probe_reads_exactly_the_shipped_heads_inputs(bench):
         assert probe.ProbeHead.gather(parts, probe.SHIPPED + ("levels",)).shape[1] == 32 + 3 + 4 + 64
         model(x)  # the run's own forward: the tap keeps nothing
         assert len(tap.levels) == 2 and tap.levels[0] is parts["levels"][0]
+
+
+def test_tiny_step_candidates_parse_and_refuse(bench):
+    """tiny_step's --candidate splits a name from ';'-separated overrides (commas stay inside list
+    values) and refuses a value without both, naming it."""
+    tiny_step = bench("tiny_step")
+    assert tiny_step.parse_candidate("old: layout:model.block_out_channels=[32,64,64];train.steps=900") == (
+        "old: layout", ["model.block_out_channels=[32,64,64]", "train.steps=900"])
+    for bad in ("bad", ":train.steps=1", "name:"):
+        with pytest.raises(SystemExit, match=f"--candidate '{bad}'"):
+            tiny_step.parse_candidate(bad)
