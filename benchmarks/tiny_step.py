@@ -1,14 +1,16 @@
-"""tiny.yaml's training step as shipped, as a ratio to the same step with other settings.
+"""A shipped config's training step (tiny.yaml by default), as a ratio to the same step with other settings.
 
 Times ``hetvae.train.Trainer._train_step`` (forward, loss, backward, both gradient clips, AdamW, EMA)
-on a fixed batch of tiny.yaml's shape (16 crops of 32 px, or with ``--final`` one 128 px crop, the
-last phase's batch). Each candidate is tiny.yaml with ``--set``-style overrides; the defaults are
-the channel layout it shipped with before (32, 64, 64: the full-resolution level then receives 64
-channels and upsamples them with a 64 -> 64 convolution at full resolution) and its global-scale
-twin (what the per-pixel head costs).
+on a fixed batch of the config's shape (``train.batch_size`` crops of ``data.resolution`` px, or
+with ``--final`` the last phase's batch of ``train.final_resolution`` px crops). Each candidate is
+the config with ``--set``-style overrides. For tiny.yaml the defaults are the channel layout it
+shipped with before (32, 64, 64: the full-resolution level then receives 64 channels and
+upsamples them with a 64 -> 64 convolution at full resolution) and its global-scale twin (what
+the per-pixel head costs); another ``--config`` needs its ``--candidate``.
 
     python benchmarks/tiny_step.py
     python benchmarks/tiny_step.py --final --candidate "head 16, 1 layer:log_scale.head_channels=16;log_scale.head_layers=1"
+    python benchmarks/tiny_step.py --config pixel.yaml --candidate "(32, 64, 128):model.block_out_channels=[32,64,128]"
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import tempfile
 import torch
 
 from _timing import compare, machine, table
-from train_step import make_step
+from train_step import CONFIGS, make_step
+
+from hetvae.config import load_config
 
 DEFAULT_CANDIDATES = (
     "channels (32, 64, 64), as before:model.block_out_channels=[32,64,64]",
@@ -35,33 +39,49 @@ def parse_candidate(text: str) -> tuple[str, list[str]]:
     return name, overrides.split(";")
 
 
+def step_shape(cfg, final: bool) -> tuple[int, int]:
+    """(crops, px) of one step: the main phase's, or the final phase's as the Trainer sizes it."""
+    if not final:
+        return cfg.train.batch_size, cfg.data.resolution
+    resolution = cfg.train.final_resolution
+    return max(1, round(cfg.train.batch_size * cfg.data.resolution**2 / resolution**2)), resolution
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--final", action="store_true", help="time the last phase's batch (one 128 px crop)")
+    parser.add_argument("--config", default="tiny.yaml", help="a file under configs/ (default: tiny.yaml)")
+    parser.add_argument("--final", action="store_true", help="time the last phase's batch (train.final_resolution crops)")
     parser.add_argument("--candidate", action="append", default=None,
-                        help="NAME:key=value[;key=value...] (repeatable; default: the previous channels, global)")
+                        help="NAME:key=value[;key=value...] (repeatable; tiny.yaml's default: the previous channels, global)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--inner", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.candidate is None and args.config != "tiny.yaml":
+        parser.error(f"--config {args.config}: give at least one --candidate (the defaults are tiny.yaml's)")
     candidates = [parse_candidate(c) for c in (args.candidate or DEFAULT_CANDIDATES)]
+    if not (CONFIGS / args.config).is_file():
+        parser.error(f"--config {args.config}: no such file in {CONFIGS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("hetvae").setLevel(logging.WARNING)
-    batch, resolution = (1, 128) if args.final else (16, 32)
+    cfg = load_config(CONFIGS / args.config)
+    if args.final and not cfg.train.final_steps:
+        parser.error(f"--final: {args.config} has no final phase (train.final_steps is 0)")
+    batch, resolution = step_shape(cfg, args.final)
     # the crops' size and count are the step's shape; warm-up and dead-leaves crops are not timed
     shape = [f"train.batch_size={batch}", f"data.resolution={resolution}", "train.warmup_steps=0", "data.procedural=0.0"]
     x = torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    print(f"# training step: configs/tiny.yaml, batch {batch} x 3 x {resolution}^2, fp32")
+    print(f"# training step: configs/{args.config}, batch {batch} x 3 x {resolution}^2, fp32")
     print(f"# {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
-        base = make_step("tiny.yaml", shape, x, f"{tmp}/base")
-        steps = {name: make_step("tiny.yaml", shape + overrides, x, f"{tmp}/{i}")
+        base = make_step(args.config, shape, x, f"{tmp}/base")
+        steps = {name: make_step(args.config, shape + overrides, x, f"{tmp}/{i}")
                  for i, (name, overrides) in enumerate(candidates)}
         seconds, ratios = compare(base, steps, rounds=args.rounds, inner=args.inner)
-    rows = [["tiny.yaml (baseline)", f"{seconds * 1e3:.0f}", "1.000x"]]
+    rows = [[f"{args.config} (baseline)", f"{seconds * 1e3:.0f}", "1.000x"]]
     rows += [[name, "", f"{ratio:.3f}x"] for name, ratio in ratios.items()]
-    print(table(["step", "ms", "time / tiny.yaml"], rows))
+    print(table(["step", "ms", f"time / {args.config}"], rows))
 
 
 if __name__ == "__main__":

@@ -144,3 +144,21 @@ def test_tiny_step_candidates_parse_and_refuse(bench):
     for bad in ("bad", ":train.steps=1", "name:"):
         with pytest.raises(SystemExit, match=f"--candidate '{bad}'"):
             tiny_step.parse_candidate(bad)
+
+
+def test_tiny_step_reads_the_config_and_refuses_without_candidates(bench, capsys):
+    """--config times another shipped config at its own batch shape; without a --candidate (the
+    defaults are tiny.yaml's) or with a file that is not there it stops, naming the file."""
+    from hetvae.config import load_config
+
+    tiny_step = bench("tiny_step")
+    pixel = load_config(tiny_step.CONFIGS / "pixel.yaml")
+    assert tiny_step.step_shape(pixel, final=False) == (pixel.train.batch_size, pixel.data.resolution) == (16, 32)
+    # the final phase keeps the pixels per step: 16 crops of 32 px -> one of 128 px
+    assert tiny_step.step_shape(pixel, final=True) == (1, 128)
+    with pytest.raises(SystemExit) as exit_:
+        tiny_step.main(["--config", "pixel.yaml"])
+    assert exit_.value.code == 2 and "--config pixel.yaml: give at least one --candidate" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        tiny_step.main(["--config", "nope.yaml", "--candidate", "a:train.steps=1"])
+    assert exit_.value.code == 2 and "--config nope.yaml: no such file" in capsys.readouterr().err
