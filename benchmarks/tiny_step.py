@@ -25,6 +25,7 @@ from _timing import compare, machine, table
 from train_step import CONFIGS, make_step
 
 from hetvae.config import load_config
+from hetvae.train import final_batch_size
 
 DEFAULT_CANDIDATES = (
     "channels (32, 64, 64), as before:model.block_out_channels=[32,64,64]",
@@ -43,8 +44,7 @@ def step_shape(cfg, final: bool) -> tuple[int, int]:
     """(crops, px) of one step: the main phase's, or the final phase's as the Trainer sizes it."""
     if not final:
         return cfg.train.batch_size, cfg.data.resolution
-    resolution = cfg.train.final_resolution
-    return max(1, round(cfg.train.batch_size * cfg.data.resolution**2 / resolution**2)), resolution
+    return final_batch_size(cfg), cfg.train.final_resolution
 
 
 def main(argv=None):
@@ -72,7 +72,7 @@ def main(argv=None):
     # the crops' size and count are the step's shape; warm-up and dead-leaves crops are not timed
     shape = [f"train.batch_size={batch}", f"data.resolution={resolution}", "train.warmup_steps=0", "data.procedural=0.0"]
     x = torch.rand(batch, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    print(f"# training step: configs/{args.config}, batch {batch} x 3 x {resolution}^2, fp32")
+    print(f"# training step: configs/{args.config}, batch {batch} x 3 x {resolution}^2, {cfg.train.precision}")
     print(f"# {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
         base = make_step(args.config, shape, x, f"{tmp}/base")

@@ -405,6 +405,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def final_batch_size(cfg: Config) -> int:
+    """The global batch of the last ``train.final_steps``: about the pixels of a normal step at
+    ``train.final_resolution`` (16 crops of 32 px -> one of 128 px)."""
+    t = cfg.train
+    return max(1, round(t.batch_size * cfg.data.resolution**2 / t.final_resolution**2))
+
+
 class Trainer:
     """Everything a run needs, built from ``cfg``; :meth:`run` trains.
 
@@ -531,8 +538,7 @@ class Trainer:
             self.final_dataset = build_dataset(
                 dataclasses.replace(cfg.data, resolution=t.final_resolution), train=True, seed=t.seed
             )
-            # about the pixels of a normal step: 16 crops of 32 px -> one of 128 px
-            self.final_batch = max(1, round(t.batch_size * cfg.data.resolution**2 / t.final_resolution**2))
+            self.final_batch = final_batch_size(cfg)
             if self.final_batch % self.dist.world_size:
                 raise ValueError(
                     f"train.final_resolution={t.final_resolution} gives global batches of {self.final_batch} crops, "
