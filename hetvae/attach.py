@@ -16,7 +16,8 @@ The head reads what hetvae's ``Decoder`` feeds it: the activated features that g
 ``decoder.conv_out`` (after ``conv_norm_out`` and ``conv_act``), and with
 ``log_scale_head_sees_mean`` also ``conv_out``'s output, the mean, and with
 ``log_scale_head_sees_latent`` the decoder's input latent, each latent pixel repeated over its block
-(a forward pre-hook on ``vae.decoder`` keeps it, tile by tile). A forward hook on the stock
+(a forward pre-hook on ``vae.decoder`` keeps it, tile by tile), and with ``log_scale_head_sees_edges``
+the mean's :func:`hetvae.autoencoder.log_edge_magnitude`. A forward hook on the stock
 ``decoder.conv_out``, held only during :meth:`LogScaleDecoder.decode`, appends the head's raw maps to
 ``conv_out``'s output as extra channels, so the stock ``vae.decode`` runs unchanged (its slicing,
 tiling and offloading hooks included; tiles blend the raw maps as they blend the image, as hetvae's
@@ -47,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hetvae.autoencoder import Likelihood, log_scale_layers
+from hetvae.autoencoder import Likelihood, log_edge_magnitude, log_scale_layers
 from hetvae.convert import (
     CONFIG_KEY,
     DIFFUSERS_CONFIG,
@@ -102,17 +103,19 @@ class LogScaleDecoder(nn.Module):
     ``likelihood``: the :class:`hetvae.Likelihood` whose bounds (and calibration) shape the map.
     ``use_calibration``: apply a stored calibration (default True; see :attr:`calibration`).
     ``sees_mean``: whether the head also reads the decoded image; ``sees_latent``: the decoder's
-    input latent.
+    input latent; ``sees_edges``: the decoded image's edge magnitude.
     """
 
     def __init__(self, vae: nn.Module, head: _Head, *, likelihood: Likelihood, sees_mean: bool,
-                 use_calibration: bool = True, source: str = "", sees_latent: bool = False) -> None:
+                 use_calibration: bool = True, source: str = "", sees_latent: bool = False,
+                 sees_edges: bool = False) -> None:
         super().__init__()
         self.vae = vae
         self.head = head
         self.likelihood = likelihood
         self.sees_mean = sees_mean
         self.sees_latent = sees_latent
+        self.sees_edges = sees_edges
         self._latent: Tensor | None = None
         self.use_calibration = use_calibration
         self.source = source
@@ -146,6 +149,8 @@ class LogScaleDecoder(nn.Module):
         if self.sees_latent:
             up = nn.functional.interpolate(self._latent.to(h.dtype), size=output.shape[-2:], mode="nearest")
             h = torch.cat([h, up], dim=1)
+        if self.sees_edges:
+            h = torch.cat([h, log_edge_magnitude(output)], dim=1)
         return torch.cat([output, self.head(h.to(self.head.log_scale_head.weight.dtype)).to(output.dtype)], dim=1)
 
     def _keep_latent(self, module: nn.Module, args: tuple) -> None:
@@ -257,14 +262,15 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
         except (CheckpointError, FileNotFoundError):
             where = ""
         raise _error(path, f"no log-scale head: the {info.format} model there has none{where}")
-    settings = {"sees_mean": info.config.log_scale_head_sees_mean, "sees_latent": info.config.log_scale_head_sees_latent}
+    settings = {"sees_mean": info.config.log_scale_head_sees_mean, "sees_latent": info.config.log_scale_head_sees_latent,
+                "sees_edges": info.config.log_scale_head_sees_edges}
     return head, info.config.likelihood, str(info.weights_file), sd.get("decoder.conv_out.weight"), settings
 
 
 def _build_head(tensors: dict[str, Tensor], decoder: nn.Module, path: Path,
-                settings: dict[str, Any]) -> tuple[_Head, bool, bool]:
+                settings: dict[str, Any]) -> tuple[_Head, bool, bool, bool]:
     """The head modules with ``tensors`` loaded, checked against the stock decoder's ``conv_out`` (and
-    ``conv_in``: the latent's channels), and whether the head reads the mean and the latent."""
+    ``conv_in``: the latent's channels), and whether the head reads the mean, the latent and the edges."""
     conv_out, conv_in = decoder.conv_out, getattr(decoder, "conv_in", None)
     features, image_channels = conv_out.in_channels, conv_out.out_channels
     latent = conv_in.in_channels if isinstance(conv_in, nn.Conv2d) else None
@@ -289,7 +295,7 @@ def _build_head(tensors: dict[str, Tensor], decoder: nn.Module, path: Path,
             f"({'decoder.log_scale_trunk.' + str(trunk[0]) if trunk else 'decoder.log_scale_head'}.weight "
             f"{tuple(first.shape)}), the VAE's decoder.conv_out reads {features} features and writes "
             f"{image_channels} channels (so {features}, {image_channels} more for a head that sees the mean"
-            f"{latent_text})",
+            f"{latent_text}, {image_channels} more for one that sees the edges)",
         )
     if maps not in (1, image_channels):
         raise _error(path, f"the head does not fit this VAE: it predicts {maps} maps, expected 1 or "
@@ -302,7 +308,8 @@ def _build_head(tensors: dict[str, Tensor], decoder: nn.Module, path: Path,
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
         raise _error(path, f"the head's tensors do not fit together: {'; '.join(lines[:3])}") from None
-    return head, fields["log_scale_head_sees_mean"], fields["log_scale_head_sees_latent"]
+    return (head, fields["log_scale_head_sees_mean"], fields["log_scale_head_sees_latent"],
+            fields["log_scale_head_sees_edges"])
 
 
 def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool = True) -> LogScaleDecoder:
@@ -334,7 +341,7 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
             f"got {type(vae).__name__}"
         )
     tensors, likelihood, source, export_conv_out, settings = _read(path)
-    head, sees_mean, sees_latent = _build_head(tensors, vae.decoder, path, settings)
+    head, sees_mean, sees_latent, sees_edges = _build_head(tensors, vae.decoder, path, settings)
     if likelihood is None:
         config = getattr(vae, "config", None)
         record = config.get(DIFFUSERS_LIKELIHOOD_KEY) if hasattr(config, "get") else None
@@ -351,4 +358,4 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
     ref = conv_out.weight
     head.to(device=ref.device, dtype=ref.dtype).eval()
     return LogScaleDecoder(vae, head, likelihood=likelihood, sees_mean=sees_mean, sees_latent=sees_latent,
-                           use_calibration=calibrated, source=source or str(path))
+                           sees_edges=sees_edges, use_calibration=calibrated, source=source or str(path))

@@ -147,6 +147,9 @@ class AutoencoderConfig:
     ``post_quant_conv``), repeated over each latent pixel's ``downsample_factor`` x
     ``downsample_factor`` block (detached with ``log_scale_detach``): what the code holds about a
     region, including detail the decoder cannot draw, which its last features need not keep.
+    ``log_scale_head_sees_edges``: the head also reads :func:`log_edge_magnitude` of the (detached)
+    mean, the log of its local gradient magnitude: the level of detail drawn around each pixel, on a
+    log scale that carries over to images with more or less detail than the training crops.
 
     Not architecture, kept so that nothing read is lost on the way out: ``sample_size``,
     ``force_upcast``, ``latents_mean``, ``latents_std`` are diffusers ``config.json`` keys (diffusers'
@@ -173,6 +176,7 @@ class AutoencoderConfig:
     log_scale_head_channels: int | None = None
     log_scale_head_sees_mean: bool = False
     log_scale_head_sees_latent: bool = False
+    log_scale_head_sees_edges: bool = False
     sample_size: int | tuple[int, ...] = 512
     force_upcast: bool = True
     latents_mean: tuple[float, ...] | None = None
@@ -200,7 +204,7 @@ class AutoencoderConfig:
                 f"{self.block_out_channels} (GroupNorm splits the channels into equal groups)"
             )
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_attention", "force_upcast", "log_scale_detach",
-                     "log_scale_head_sees_mean", "log_scale_head_sees_latent"):
+                     "log_scale_head_sees_mean", "log_scale_head_sees_latent", "log_scale_head_sees_edges"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("scaling_factor", "shift_factor", "log_scale_init"):
@@ -322,6 +326,7 @@ def _head_arguments(config: AutoencoderConfig) -> dict[str, Any]:
         channels=config.head_channels, init=config.log_scale_init, detach=config.log_scale_detach,
         layers=config.log_scale_head_layers, hidden=config.log_scale_head_channels,
         sees_mean=config.log_scale_head_sees_mean, sees_latent=config.log_scale_head_sees_latent,
+        sees_edges=config.log_scale_head_sees_edges,
     )
 
 
@@ -390,6 +395,21 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h))).contiguous()  # callers get the usual layout
 
 
+EDGE_FLOOR = 0.01
+"""Added to the gradient magnitude before its log in :func:`log_edge_magnitude` ([-1, 1] units: about
+1.3 levels of an 8-bit image): below it, a flat region's error is noise and quantisation, not detail."""
+
+
+def log_edge_magnitude(image: Tensor) -> Tensor:
+    """``log(EDGE_FLOOR + m)`` per channel, ``m`` the local gradient magnitude of ``image``
+    ``(B, C, H, W)``: ``|x[i, j+1] - x[i, j]| + |x[i+1, j] - x[i, j]|`` (0 past the last column and
+    row) averaged over the 5 x 5 window around each pixel (the window cut at the border, not padded).
+    What the per-pixel head reads with ``log_scale_head_sees_edges``; same shape as ``image``."""
+    gx = F.pad((image[..., :, 1:] - image[..., :, :-1]).abs(), (0, 1))
+    gy = F.pad((image[..., 1:, :] - image[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return torch.log(F.avg_pool2d(gx + gy, 5, stride=1, padding=2, count_include_pad=False) + EDGE_FLOOR)
+
+
 def log_scale_layers(in_channels: int, maps: int, layers: int, hidden: int) -> tuple[nn.Sequential | None, nn.Conv2d]:
     """The per-pixel head's modules: ``log_scale_trunk`` (``layers`` x [3x3 conv to ``hidden``
     channels, SiLU], None for 0 layers) and the output 3x3 conv ``log_scale_head`` to ``maps``
@@ -444,6 +464,7 @@ class Decoder(nn.Module):
         self.log_scale_detach = False
         self.log_scale_sees_mean = False
         self.log_scale_sees_latent = False
+        self.log_scale_sees_edges = False
         self.gradient_checkpointing = False
         self.channels_last_on_cpu = True  # see activation_layout
 
@@ -457,17 +478,20 @@ class Decoder(nn.Module):
         hidden: int | None = None,
         sees_mean: bool = False,
         sees_latent: bool = False,
+        sees_edges: bool = False,
     ) -> None:
         """Create ``log_scale_head`` (zero weights, bias ``init``) and, with ``layers`` > 0, the
         ``log_scale_trunk`` before it (``layers`` x [3x3 conv to ``hidden`` channels, SiLU], default
         init), on ``conv_out``'s device and dtype. The zero output conv makes the map ``init``
         everywhere at creation, whatever the trunk computes. The head reads the last features, then
-        the mean (``sees_mean``), then the up-sampled latent (``sees_latent``), in that channel order."""
+        the mean (``sees_mean``), then the up-sampled latent (``sees_latent``), then the mean's
+        :func:`log_edge_magnitude` (``sees_edges``), in that channel order."""
         if self.log_scale_head is not None:
             raise ValueError("the decoder already has a log_scale_head")
         ref = self.conv_out.weight
         width = (self.conv_out.in_channels + (self.conv_out.out_channels if sees_mean else 0)
-                 + (self.conv_in.in_channels if sees_latent else 0))
+                 + (self.conv_in.in_channels if sees_latent else 0)
+                 + (self.conv_out.out_channels if sees_edges else 0))
         trunk, head = log_scale_layers(width, channels, layers, hidden or self.conv_out.in_channels)
         self.log_scale_trunk = None if trunk is None else trunk.to(device=ref.device, dtype=ref.dtype)
         head.to(device=ref.device, dtype=ref.dtype)
@@ -478,6 +502,7 @@ class Decoder(nn.Module):
         self.log_scale_detach = detach
         self.log_scale_sees_mean = sees_mean
         self.log_scale_sees_latent = sees_latent
+        self.log_scale_sees_edges = sees_edges
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
         h = self.conv_in(activation_layout(z, self.channels_last_on_cpu))
@@ -493,6 +518,8 @@ class Decoder(nn.Module):
         if self.log_scale_sees_latent:
             up = F.interpolate(z, size=mean.shape[-2:], mode="nearest")  # each latent pixel over its block
             extra.append(up.detach() if self.log_scale_detach else up)
+        if self.log_scale_sees_edges:
+            extra.append(log_edge_magnitude(mean.detach()))
         if extra:
             h = torch.cat([h, *(activation_layout(e, self.channels_last_on_cpu) for e in extra)], dim=1)
         if self.log_scale_trunk is not None:
@@ -634,16 +661,19 @@ class AutoencoderKL(nn.Module):
         hidden: int | None = None,
         sees_mean: bool = False,
         sees_latent: bool = False,
+        sees_edges: bool = False,
     ) -> None:
         """Graft a per-pixel log-scale head (zero output weights, bias ``init``): the mean output is
         unchanged bit for bit and ``log_scale == init`` everywhere until the head is trained.
         ``channels``: None for ``out_channels`` maps, 1 for one shared map. ``layers``, ``hidden``,
-        ``sees_mean``, ``sees_latent``: the head's hidden layers, their width and whether it reads the
-        mean output and the latent (``AutoencoderConfig.log_scale_head_*``)."""
+        ``sees_mean``, ``sees_latent``, ``sees_edges``: the head's hidden layers, their width and
+        whether it reads the mean output, the latent and the mean's edge magnitude
+        (``AutoencoderConfig.log_scale_head_*``)."""
         config = dataclasses.replace(
             self.config, log_scale="pixel", log_scale_channels=channels, log_scale_init=float(init),
             log_scale_detach=bool(detach), log_scale_head_layers=int(layers), log_scale_head_channels=hidden,
             log_scale_head_sees_mean=bool(sees_mean), log_scale_head_sees_latent=bool(sees_latent),
+            log_scale_head_sees_edges=bool(sees_edges),
         )
         self.decoder.add_log_scale_head(**_head_arguments(config))
         self.config = config
@@ -655,6 +685,7 @@ class AutoencoderKL(nn.Module):
         self.decoder.log_scale_detach = False
         self.decoder.log_scale_sees_mean = False
         self.decoder.log_scale_sees_latent = False
+        self.decoder.log_scale_sees_edges = False
         self.config = self.config.without_head()
 
     @torch.no_grad()

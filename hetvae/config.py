@@ -534,6 +534,10 @@ class LogScaleConfig:
         head_sees_latent: pixel only: the head also reads the decoder's input latent, up-sampled
             to full resolution (detached with ``detach_features``): detail the code holds that
             the decoder cannot draw.
+        head_sees_edges: pixel only: the head also reads the log of the mean's local gradient
+            magnitude (``hetvae.autoencoder.log_edge_magnitude``, computed on the detached mean):
+            the level of detail drawn around each pixel, on a scale that carries over to images
+            with more detail than the training crops.
         faithful: pixel and channel: the mean gets the gradient of the NLL with one scale, the
             average of the map (of the channel scales), exactly what a global scale would give
             it, and the head (the channel scales) gets the NLL around the stopped mean (Stirn et
@@ -565,6 +569,7 @@ class LogScaleConfig:
     head_channels: int | None = None
     head_sees_mean: bool = False
     head_sees_latent: bool = False
+    head_sees_edges: bool = False
     faithful: bool = False
     mean_scale: Literal["map", "global"] = "map"
     include_constant: bool = False
@@ -1121,6 +1126,7 @@ def _head_kwargs(log_scale: LogScaleConfig) -> dict[str, Any]:
         "log_scale_head_channels": log_scale.head_channels,
         "log_scale_head_sees_mean": log_scale.head_sees_mean,
         "log_scale_head_sees_latent": log_scale.head_sees_latent,
+        "log_scale_head_sees_edges": log_scale.head_sees_edges,
     }
 
 

@@ -356,9 +356,10 @@ def head_fields(state_dict: dict[str, Tensor], settings: dict[str, Any] | None =
     """The ``AutoencoderConfig`` head fields read off the tensors' names and shapes: whether there is
     a head, its map count, hidden layers and width, and what else its first layer reads besides
     ``conv_out``'s input features: the mean output (``out_channels`` more channels) and the latent
-    (``decoder.conv_in``'s input channels more). ``settings`` (a head file's recorded
-    ``sees_mean`` / ``sees_latent``) decide where the shapes cannot: a model whose latent has as
-    many channels as its image, read without them, is taken to read the mean (the older option).
+    (``decoder.conv_in``'s input channels more) and the mean's edge magnitude (``out_channels``
+    more). ``settings`` (a head file's recorded ``sees_mean`` / ``sees_latent`` / ``sees_edges``)
+    decide where the shapes cannot: read without them, the older option wins (the mean before the
+    edges, the mean before a latent with as many channels as the image).
     ``ValueError`` when the first layer's width fits no combination."""
     head = state_dict.get(HEAD_PREFIX + "weight")
     if head is None:
@@ -369,16 +370,19 @@ def head_fields(state_dict: dict[str, Tensor], settings: dict[str, Any] | None =
     trunk = trunk_indices(state_dict)
     first = f"{TRUNK_PREFIX}{trunk[0]}.weight" if trunk else HEAD_PREFIX + "weight"
     first_in = int(state_dict[first].shape[1])
-    fits = [(m, z) for m, z in ((False, False), (True, False), (False, True), (True, True))
-            if features + (out_channels if m else 0) + ((latent or 0) if z else 0) == first_in and (latent or not z)]
+    # in order of preference: the options as they were added (edges last)
+    options = [(m, z, e) for e in (False, True) for z in (False, True) for m in (False, True)]
+    fits = [(m, z, e) for m, z, e in options
+            if features + (out_channels if m else 0) + ((latent or 0) if z else 0) + (out_channels if e else 0) == first_in
+            and (latent or not z)]
     settings = settings or {}
-    recorded = [f for f in fits if settings.get("sees_mean", f[0]) == f[0] and settings.get("sees_latent", f[1]) == f[1]]
+    recorded = [f for f in fits if all(settings.get(k, v) == v for k, v in zip(("sees_mean", "sees_latent", "sees_edges"), f))]
     if not recorded:
         expected = f"{features} (features) + {out_channels} if it reads the mean" + (
-            f" + {latent} if it reads the latent" if latent else "")
+            f" + {latent} if it reads the latent" if latent else "") + f" + {out_channels} if it reads the edges"
         raise ValueError(f"{first} takes {first_in} input channels; expected {expected}"
                          + (f" (recorded: {settings})" if settings else ""))
-    sees_mean, sees_latent = recorded[0]  # (mean, not latent) before (latent, not mean) where both fit
+    sees_mean, sees_latent, sees_edges = recorded[0]
     return dict(
         log_scale="pixel",
         log_scale_channels=None if head.shape[0] == out_channels else int(head.shape[0]),
@@ -386,6 +390,7 @@ def head_fields(state_dict: dict[str, Tensor], settings: dict[str, Any] | None =
         log_scale_head_channels=int(head.shape[1]) if trunk else None,
         log_scale_head_sees_mean=sees_mean,
         log_scale_head_sees_latent=sees_latent,
+        log_scale_head_sees_edges=sees_edges,
     )
 
 
@@ -743,6 +748,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
 _HEAD_FIELDS = (
     "log_scale_channels", "log_scale_init", "log_scale_detach", "log_scale_head_layers",
     "log_scale_head_channels", "log_scale_head_sees_mean", "log_scale_head_sees_latent",
+    "log_scale_head_sees_edges",
 )
 _HEAD_SHAPE_FIELDS = tuple(f for f in _HEAD_FIELDS if f != "log_scale_detach")
 
@@ -811,6 +817,7 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
             hidden=head_overrides.get("log_scale_head_channels"),
             sees_mean=head_overrides.get("log_scale_head_sees_mean", False),
             sees_latent=head_overrides.get("log_scale_head_sees_latent", False),
+            sees_edges=head_overrides.get("log_scale_head_sees_edges", False),
         )
     return model.eval()
 
@@ -924,7 +931,8 @@ def save_autoencoder(
     sidecar = head_sidecar_path(weights, format)
     if format != "hetvae" and head:
         settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach,
-                    "sees_mean": config.log_scale_head_sees_mean, "sees_latent": config.log_scale_head_sees_latent}
+                    "sees_mean": config.log_scale_head_sees_mean, "sees_latent": config.log_scale_head_sees_latent,
+                    "sees_edges": config.log_scale_head_sees_edges}
         writes[sidecar] = lambda tmp: save_file(head, str(tmp), metadata={HEAD_KEY: json.dumps(settings)})
     # a head left by an earlier export would be loaded with these weights
     stale = sidecar if format != "hetvae" and not head else None

@@ -65,6 +65,7 @@ HEADS = {
     "two-layer-trunk": dict(layers=2, hidden=8),
     "trunk-sees-latent": dict(layers=2, hidden=8, sees_latent=True),
     "trunk-sees-mean-and-latent": dict(layers=1, hidden=8, sees_mean=True, sees_latent=True),
+    "trunk-sees-mean-latent-and-edges": dict(layers=1, hidden=8, sees_mean=True, sees_latent=True, sees_edges=True),
 }
 
 

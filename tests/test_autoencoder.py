@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import pytest
 import torch
 
@@ -178,6 +180,60 @@ def test_head_reads_the_latent_each_pixel_of_it_over_its_block(detach):
         assert grad is None or torch.all(grad == 0)
     else:
         assert grad.abs().sum() > 0
+
+
+def test_log_edge_magnitude_matches_a_pixel_by_pixel_reference():
+    """log(EDGE_FLOOR + the 5x5 mean, cut at the border, of |right - here| + |below - here|), with
+    0 past the last column and row: computed here one pixel at a time in float64."""
+    from hetvae.autoencoder import EDGE_FLOOR, log_edge_magnitude
+
+    x = torch.rand(2, 3, 9, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    b, c, h, w = x.shape
+    grad = torch.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            if j + 1 < w:
+                grad[..., i, j] += (x[..., i, j + 1] - x[..., i, j]).abs()
+            if i + 1 < h:
+                grad[..., i, j] += (x[..., i + 1, j] - x[..., i, j]).abs()
+    want = torch.empty_like(x)
+    for i in range(h):
+        for j in range(w):
+            window = grad[..., max(i - 2, 0):i + 3, max(j - 2, 0):j + 3]
+            want[..., i, j] = torch.log(window.mean(dim=(-2, -1)) + EDGE_FLOOR)
+    torch.testing.assert_close(log_edge_magnitude(x), want, rtol=0, atol=1e-12)
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    torch.testing.assert_close(log_edge_magnitude(flat), torch.full_like(flat, math.log(EDGE_FLOOR)))
+
+
+def test_head_reads_the_edges_of_the_detached_mean_last():
+    """log_scale_head_sees_edges: the trunk's first conv reads the features, the mean, the latent,
+    then log_edge_magnitude of the mean; the map never reaches the mean through it."""
+    from hetvae.autoencoder import log_edge_magnitude
+
+    model = tiny_model(log_scale="pixel", log_scale_init=-2.0, log_scale_head_layers=1, log_scale_head_channels=8,
+                       log_scale_head_sees_mean=True, log_scale_head_sees_latent=True, log_scale_head_sees_edges=True,
+                       log_scale_detach=True)
+    first = model.decoder.log_scale_trunk[0]
+    latent = model.config.latent_channels
+    assert first.in_channels == 32 + 3 + latent + 3
+    seen = []
+    first.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach()))
+    x = images(b=1, size=64)
+    rec, _ = model(x, sample_posterior=False)
+    assert torch.all(rec.log_scale == -2.0)
+    torch.testing.assert_close(seen[-1][:, -3:], log_edge_magnitude(rec.mean.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(seen[-1][:, 32:35], rec.mean.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        model.decoder.log_scale_head.weight.normal_(std=0.1)
+    model.zero_grad()
+    rec, _ = model(x)
+    rec.log_scale.sum().backward()
+    assert first.weight.grad[:, -3:].abs().sum() > 0
+    for p in (model.decoder.conv_out.weight, model.encoder.conv_in.weight):
+        assert p.grad is None or torch.all(p.grad == 0)
+    model.remove_log_scale_head()
+    assert not model.decoder.log_scale_sees_edges and not model.config.log_scale_head_sees_edges
 
 
 def test_zero_init_residual_makes_every_block_the_identity():

@@ -255,11 +255,11 @@ def test_head_settings_conflicting_with_a_stored_head_are_refused(tmp_path):
         load_autoencoder(tmp_path / "plain", log_scale_init=1.0)
 
 
-@pytest.mark.parametrize("sees_latent", [False, True])
+@pytest.mark.parametrize("sees_latent, sees_edges", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("fmt", ["hetvae", "diffusers", "ldm"])
-def test_deep_head_that_reads_the_mean_round_trips_through_every_format(tmp_path, fmt, sees_latent):
+def test_deep_head_that_reads_the_mean_round_trips_through_every_format(tmp_path, fmt, sees_latent, sees_edges):
     model = tiny_model()
-    model.add_log_scale_head(init=-2.0, layers=2, hidden=8, sees_mean=True, sees_latent=sees_latent)
+    model.add_log_scale_head(init=-2.0, layers=2, hidden=8, sees_mean=True, sees_latent=sees_latent, sees_edges=sees_edges)
     with torch.no_grad():
         model.decoder.log_scale_head.weight.normal_(std=0.05)
     written = save_autoencoder(model, tmp_path / fmt, format=fmt)
@@ -272,6 +272,7 @@ def test_deep_head_that_reads_the_mean_round_trips_through_every_format(tmp_path
     assert back.config == model.config
     assert back.config.log_scale_head_layers == 2 and back.config.log_scale_head_sees_mean
     assert back.config.log_scale_head_sees_latent is sees_latent
+    assert back.config.log_scale_head_sees_edges is sees_edges
     same_outputs(back, model, images(), exact=fmt != "diffusers")
 
 
@@ -298,6 +299,15 @@ def test_head_inputs_read_off_the_shapes_and_the_recorded_settings():
         reads(37)
     with pytest.raises(ValueError, match="recorded"):
         reads(35, settings={"sees_latent": True})
+    # the edges add as many channels as the mean: recorded, or the mean is assumed
+    def reads_edges(first_in, settings=None):
+        f = head_fields(state(first_in), settings)
+        return f["log_scale_head_sees_mean"], f["log_scale_head_sees_latent"], f["log_scale_head_sees_edges"]
+
+    assert reads_edges(35) == (True, False, False)
+    assert reads_edges(35, {"sees_mean": False, "sees_edges": True}) == (False, False, True)
+    assert reads_edges(38) == (True, False, True) and reads_edges(42) == (True, True, True)
+    assert reads_edges(39, {"sees_edges": True}) == (False, True, True)
 
 
 def test_deep_head_shape_settings_only_shape_a_new_head(tmp_path):

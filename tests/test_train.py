@@ -637,16 +637,19 @@ def test_init_chroma_gain_applies_to_scratch_models_only(images, tmp_path):
         make_cfg(images, tmp_path / "x", "train.init_chroma_gain=0")
 
 
-@pytest.mark.parametrize("sees_latent", [False, True])
-def test_faithful_deep_head_trains_end_to_end(images, tmp_path, sees_latent):
+@pytest.mark.parametrize("sees_latent, sees_edges", [(False, False), (True, False), (True, True)])
+def test_faithful_deep_head_trains_end_to_end(images, tmp_path, sees_latent, sees_edges):
     cfg = make_cfg(images, tmp_path / "f", "log_scale.granularity=pixel", "log_scale.faithful=true",
                    "log_scale.head_layers=2", "log_scale.head_channels=8", "log_scale.head_sees_mean=true",
-                   "log_scale.detach_features=true", f"log_scale.head_sees_latent={str(sees_latent).lower()}")
+                   "log_scale.detach_features=true", f"log_scale.head_sees_latent={str(sees_latent).lower()}",
+                   f"log_scale.head_sees_edges={str(sees_edges).lower()}")
     result = train(cfg, progress=False)
     model = load_autoencoder(tmp_path / "f" / "model.safetensors")
     assert model.config.log_scale_head_layers == 2 and model.config.log_scale_head_sees_mean
     assert model.config.log_scale_head_sees_latent is sees_latent
-    assert model.decoder.log_scale_trunk[0].in_channels == 16 + 3 + (model.config.latent_channels if sees_latent else 0)
+    assert model.config.log_scale_head_sees_edges is sees_edges
+    assert model.decoder.log_scale_trunk[0].in_channels == (
+        16 + 3 + (model.config.latent_channels if sees_latent else 0) + (3 if sees_edges else 0))
     assert model.decoder.log_scale_head.weight.abs().sum() > 0
     assert result.step == 4 and math.isfinite(result.logs["nll"])
 
