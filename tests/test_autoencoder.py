@@ -150,6 +150,22 @@ def test_deep_head_starts_at_init_and_reads_the_mean_without_shaping_it(sees_mea
             assert not torch.equal(changed(x)[0].log_scale, model(x)[0].log_scale)
 
 
+def head_input_then_backward(model, x):
+    """What the head's first trunk layer reads for ``x`` (the map still at its init), the
+    reconstruction and posterior of that pass; then, with a random output conv, the map's sum
+    back-propagated (the gradients are left on the model)."""
+    seen = []
+    handle = model.decoder.log_scale_trunk[0].register_forward_hook(
+        lambda m, inputs, out: seen.append(inputs[0].detach()))
+    rec, posterior = model(x, sample_posterior=False)
+    handle.remove()
+    with torch.no_grad():
+        model.decoder.log_scale_head.weight.normal_(std=0.1)
+    model.zero_grad()
+    model(x)[0].log_scale.sum().backward()
+    return seen[-1], rec, posterior
+
+
 @pytest.mark.parametrize("detach", [False, True])
 def test_head_reads_the_latent_each_pixel_of_it_over_its_block(detach):
     """log_scale_head_sees_latent: the trunk's first conv reads the features, the mean, then the
@@ -160,20 +176,12 @@ def test_head_reads_the_latent_each_pixel_of_it_over_its_block(detach):
     first = model.decoder.log_scale_trunk[0]
     latent, f = model.config.latent_channels, model.config.downsample_factor
     assert first.in_channels == 32 + 3 + latent
-    seen = []
-    first.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach()))
-    x = images(b=1, size=64)
-    rec, posterior = model(x, sample_posterior=False)
+    seen, rec, posterior = head_input_then_backward(model, images(b=1, size=64))
     assert torch.all(rec.log_scale == -2.0)  # zero output conv, as every head
     z = model.post_quant_conv(posterior.mode()).detach()
     want = z.repeat_interleave(f, dim=2).repeat_interleave(f, dim=3)
-    torch.testing.assert_close(seen[-1][:, -latent:], want, rtol=0, atol=0)
-    torch.testing.assert_close(seen[-1][:, 32:35], rec.mean.detach(), rtol=0, atol=0)
-    with torch.no_grad():
-        model.decoder.log_scale_head.weight.normal_(std=0.1)
-    model.zero_grad()
-    rec, _ = model(x)
-    rec.log_scale.sum().backward()
+    torch.testing.assert_close(seen[:, -latent:], want, rtol=0, atol=0)
+    torch.testing.assert_close(seen[:, 32:35], rec.mean.detach(), rtol=0, atol=0)
     grad = model.encoder.conv_in.weight.grad
     assert first.weight.grad[:, -latent:].abs().sum() > 0
     if detach:
@@ -217,18 +225,10 @@ def test_head_reads_the_edges_of_the_detached_mean_last():
     first = model.decoder.log_scale_trunk[0]
     latent = model.config.latent_channels
     assert first.in_channels == 32 + 3 + latent + 3
-    seen = []
-    first.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].detach()))
-    x = images(b=1, size=64)
-    rec, _ = model(x, sample_posterior=False)
+    seen, rec, _ = head_input_then_backward(model, images(b=1, size=64))
     assert torch.all(rec.log_scale == -2.0)
-    torch.testing.assert_close(seen[-1][:, -3:], log_edge_magnitude(rec.mean.detach()), rtol=0, atol=0)
-    torch.testing.assert_close(seen[-1][:, 32:35], rec.mean.detach(), rtol=0, atol=0)
-    with torch.no_grad():
-        model.decoder.log_scale_head.weight.normal_(std=0.1)
-    model.zero_grad()
-    rec, _ = model(x)
-    rec.log_scale.sum().backward()
+    torch.testing.assert_close(seen[:, -3:], log_edge_magnitude(rec.mean.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(seen[:, 32:35], rec.mean.detach(), rtol=0, atol=0)
     assert first.weight.grad[:, -3:].abs().sum() > 0
     for p in (model.decoder.conv_out.weight, model.encoder.conv_in.weight):
         assert p.grad is None or torch.all(p.grad == 0)
