@@ -33,18 +33,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hetvae.autoencoder import edge_magnitude
 from hetvae.calibration import Calibration, fit_calibration
 from hetvae.data import read_image
 from hetvae.evaluate import load_predictor
 from hetvae.metrics import nll_bpd, spearman_correlation
 
 EPS = 1e-3  # floor (in [-1, 1] units, ~0.13 of an 8-bit level) before taking logs of hand-made maps
-
-
-def edges(mean: torch.Tensor) -> torch.Tensor:
-    gx = F.pad((mean[..., :, 1:] - mean[..., :, :-1]).abs(), (0, 1))
-    gy = F.pad((mean[..., 1:, :] - mean[..., :-1, :]).abs(), (0, 0, 0, 1))
-    return F.avg_pool2d(gx + gy, 5, 1, 2, count_include_pad=False)
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -86,7 +81,7 @@ def main(argv=None) -> int:
         targets.append(pr.target)
         means.append(pr.mean)
         maps["model"].append(pr.log_scale.expand_as(pr.mean))
-        maps["edges of the mean"].append(torch.log(edges(pr.mean) + EPS))
+        maps["edges of the mean"].append(torch.log(edge_magnitude(pr.mean) + EPS))
         maps["oracle blur 2"].append(torch.log(blur(err, 2.0) + EPS))
         maps["oracle blur 4"].append(torch.log(blur(err, 4.0) + EPS))
     errors = [(t - m).abs() for t, m in zip(targets, means)]

@@ -58,6 +58,7 @@ from hetvae.convert import (
     TRUNK_PREFIX,
     CheckpointError,
     head_fields,
+    head_inputs,
     head_settings,
     is_head_key,
     trunk_indices,
@@ -262,9 +263,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
         except (CheckpointError, FileNotFoundError):
             where = ""
         raise _error(path, f"no log-scale head: the {info.format} model there has none{where}")
-    settings = {"sees_mean": info.config.log_scale_head_sees_mean, "sees_latent": info.config.log_scale_head_sees_latent,
-                "sees_edges": info.config.log_scale_head_sees_edges}
-    return head, info.config.likelihood, str(info.weights_file), sd.get("decoder.conv_out.weight"), settings
+    return head, info.config.likelihood, str(info.weights_file), sd.get("decoder.conv_out.weight"), head_inputs(info.config)
 
 
 def _build_head(tensors: dict[str, Tensor], decoder: nn.Module, path: Path,

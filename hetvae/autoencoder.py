@@ -400,14 +400,19 @@ EDGE_FLOOR = 0.01
 1.3 levels of an 8-bit image): below it, a flat region's error is noise and quantisation, not detail."""
 
 
-def log_edge_magnitude(image: Tensor) -> Tensor:
-    """``log(EDGE_FLOOR + m)`` per channel, ``m`` the local gradient magnitude of ``image``
-    ``(B, C, H, W)``: ``|x[i, j+1] - x[i, j]| + |x[i+1, j] - x[i, j]|`` (0 past the last column and
-    row) averaged over the 5 x 5 window around each pixel (the window cut at the border, not padded).
-    What the per-pixel head reads with ``log_scale_head_sees_edges``; same shape as ``image``."""
+def edge_magnitude(image: Tensor) -> Tensor:
+    """The local gradient magnitude of ``image`` ``(B, C, H, W)``, per channel:
+    ``|x[i, j+1] - x[i, j]| + |x[i+1, j] - x[i, j]|`` (0 past the last column and row) averaged over
+    the 5 x 5 window around each pixel (the window cut at the border, not padded); same shape."""
     gx = F.pad((image[..., :, 1:] - image[..., :, :-1]).abs(), (0, 1))
     gy = F.pad((image[..., 1:, :] - image[..., :-1, :]).abs(), (0, 0, 0, 1))
-    return torch.log(F.avg_pool2d(gx + gy, 5, stride=1, padding=2, count_include_pad=False) + EDGE_FLOOR)
+    return F.avg_pool2d(gx + gy, 5, stride=1, padding=2, count_include_pad=False)
+
+
+def log_edge_magnitude(image: Tensor) -> Tensor:
+    """``log(EDGE_FLOOR + edge_magnitude(image))``: what the per-pixel head reads with
+    ``log_scale_head_sees_edges``."""
+    return torch.log(edge_magnitude(image) + EDGE_FLOOR)
 
 
 def log_scale_layers(in_channels: int, maps: int, layers: int, hidden: int) -> tuple[nn.Sequential | None, nn.Conv2d]:

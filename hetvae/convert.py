@@ -352,6 +352,13 @@ def head_settings(metadata: dict[str, str]) -> dict[str, Any]:
     return settings
 
 
+def head_inputs(config: AutoencoderConfig) -> dict[str, bool]:
+    """What ``config``'s head reads besides the features, under the names a head file records
+    (``sees_mean``, ``sees_latent``, ``sees_edges``; :func:`head_fields` reads them back)."""
+    return {"sees_mean": config.log_scale_head_sees_mean, "sees_latent": config.log_scale_head_sees_latent,
+            "sees_edges": config.log_scale_head_sees_edges}
+
+
 def head_fields(state_dict: dict[str, Tensor], settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``AutoencoderConfig`` head fields read off the tensors' names and shapes: whether there is
     a head, its map count, hidden layers and width, and what else its first layer reads besides
@@ -931,8 +938,7 @@ def save_autoencoder(
     sidecar = head_sidecar_path(weights, format)
     if format != "hetvae" and head:
         settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach,
-                    "sees_mean": config.log_scale_head_sees_mean, "sees_latent": config.log_scale_head_sees_latent,
-                    "sees_edges": config.log_scale_head_sees_edges}
+                    **head_inputs(config)}
         writes[sidecar] = lambda tmp: save_file(head, str(tmp), metadata={HEAD_KEY: json.dumps(settings)})
     # a head left by an earlier export would be loaded with these weights
     stale = sidecar if format != "hetvae" and not head else None
