@@ -72,6 +72,44 @@ def test_map_ceiling_fits_a_known_affine_scale(bench):
     assert ceiling.blur(spike, 2.0).sum().item() == pytest.approx(1.0, abs=1e-9)
 
 
+def test_smooth_regions_against_closed_forms(bench):
+    """A region whose colour is shifted by a constant: signed error the shift, all of it low-pass,
+    inside the 90% interval exactly when the shift is at most ln(10) b; a +-d checkerboard: no
+    signed error and almost nothing low-pass."""
+    import math
+
+    import torch
+
+    regions = bench("smooth_regions")
+    ceiling = bench("map_ceiling")
+    shift = torch.tensor([4.0, -2.0, 1.0]).view(3, 1, 1) / regions.LEVELS
+    signed = shift.expand(3, 64, 64).clone()
+    checker = (torch.arange(64).view(-1, 1) + torch.arange(64)) % 2 * 2.0 - 1.0
+    signed[:, :, 32:] = checker[:, 32:] * 3.0 / regions.LEVELS
+    low = ceiling.blur(signed[None], 8.0)[0]
+    scale = torch.full_like(signed, 2.0 / regions.LEVELS)  # b = 2 levels: |shift| <= 4.6 levels is inside
+    inside = signed.abs() <= math.log(10) * scale
+    left = torch.zeros(64, 64, dtype=torch.bool)
+    left[:, :4] = True  # 28 px from the checkerboard: beyond the 8 px blur's 24 px reach
+    stats = regions.region_stats(signed, low, scale, inside, left)
+    assert stats["pixels"] == 256
+    assert stats["signed_levels"] == pytest.approx([4.0, -2.0, 1.0], abs=1e-4)
+    assert stats["abs_levels"] == pytest.approx(7.0 / 3.0, abs=1e-4)
+    assert stats["scale_levels"] == pytest.approx(2.0, abs=1e-5)
+    assert stats["cov90"] == 1.0
+    assert stats["low_pass"] == pytest.approx(1.0, abs=0.1)
+    right = ~torch.zeros(64, 64, dtype=torch.bool)
+    right[:, :32] = False
+    stats = regions.region_stats(signed, low, scale, inside, right)
+    assert stats["signed_levels"] == pytest.approx([0.0, 0.0, 0.0], abs=0.01)
+    assert stats["abs_levels"] == pytest.approx(3.0, abs=1e-4) and stats["cov90"] == 1.0
+    assert stats["low_pass"] < 0.3
+    scale = torch.full_like(signed, 1.0 / regions.LEVELS)  # b = 1 level: only |error| <= 2.3 levels
+    stats = regions.region_stats(signed, low, scale, signed.abs() <= math.log(10) * scale, left)
+    assert stats["cov90"] == pytest.approx(2 / 3)  # 4, -2, 1 levels against ln(10) = 2.3: one outside
+    assert regions.region_stats(signed, low, scale, inside, torch.zeros(64, 64, dtype=torch.bool)) is None
+
+
 def test_colour_fidelity_against_closed_forms(bench):
     """Identity keeps every colour (error 0, chroma 1); a grey reconstruction keeps no chroma and
     errs by exactly the mean distance to the grey axis; halving the chroma keeps half."""
