@@ -35,8 +35,7 @@ import torch.nn.functional as F
 
 from hetvae.autoencoder import edge_magnitude
 from hetvae.calibration import Calibration, fit_calibration
-from hetvae.data import read_image
-from hetvae.evaluate import load_predictor
+from hetvae.evaluate import load_images, load_predictor
 from hetvae.metrics import nll_bpd, spearman_correlation
 
 EPS = 1e-3  # floor (in [-1, 1] units, ~0.13 of an 8-bit level) before taking logs of hand-made maps
@@ -65,17 +64,17 @@ def fit_affine(targets: list[torch.Tensor], means: list[torch.Tensor], maps: lis
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run folder or model checkpoint")
-    parser.add_argument("images", help="folder of held-out photographs (*.png, *.jpg)")
+    parser.add_argument("images", help="folder of held-out photographs (read as `hetvae eval --images` reads one)")
     parser.add_argument("--json", help="also write the table as JSON")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     predictor = load_predictor(args.run, calibrated=False)
-    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        parser.error(f"{args.images}: no .png/.jpg images")
+    try:
+        images = load_images(args.images)  # as `hetvae eval --images` reads a folder
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     targets, means, maps = [], [], {"model": [], "edges of the mean": [], "oracle blur 2": [], "oracle blur 4": []}
-    for f in files:
-        x = torch.from_numpy(read_image(f).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    for _, x in images:
         pr = predictor.predict(x)
         err = (pr.target - pr.mean).abs()
         targets.append(pr.target)
@@ -104,13 +103,13 @@ def main(argv=None) -> int:
         cal = fitted.get(name.removesuffix(", affine")) if name != "model" else None
         table.append({"map": name, "bits_per_dim": bpd, "spearman_pooled": together, "spearman_per_image": per_image,
                       "affine": None if cal is None else {"slope": cal.slope.tolist(), "offset": cal.offset.tolist()}})
-    print(f"# {args.run} on {len(files)} images of {args.images}; affine fits in-sample (ceilings)")
+    print(f"# {args.run} on {len(images)} images of {args.images}; affine fits in-sample (ceilings)")
     print("| map | bits/dim | Spearman pooled | Spearman per image (mean) |")
     print("|---|---|---|---|")
     for r in table:
         print(f"| {r['map']} | {r['bits_per_dim']:.3f} | {r['spearman_pooled']:.3f} | {r['spearman_per_image']:.3f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"run": args.run, "images": [f.name for f in files], "rows": table}, indent=1))
+        Path(args.json).write_text(json.dumps({"run": args.run, "images": images.names, "rows": table}, indent=1))
     return 0
 
 

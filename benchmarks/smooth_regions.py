@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 
 from hetvae.autoencoder import edge_magnitude
-from hetvae.data import read_image
-from hetvae.evaluate import load_predictor
+from hetvae.evaluate import load_images, load_predictor
 from hetvae.metrics import interval_half_width
 from map_ceiling import blur  # this folder: run as `python benchmarks/smooth_regions.py`
 
@@ -42,28 +41,27 @@ REGIONS = ("smooth", "detailed")
 BLUR_SIGMA = 8.0  # px: the low-pass of the "low-pass" column
 
 
-def region_stats(signed: torch.Tensor, low: torch.Tensor, scale: torch.Tensor, inside: torch.Tensor,
-                 mask: torch.Tensor) -> dict[str, float | list[float]] | None:
-    """The table's columns for the pixels of ``mask`` ``(H, W)``; tensors are ``(C, H, W)``. None
+def region_stats(signed: torch.Tensor, low: torch.Tensor, scale: torch.Tensor,
+                 inside: torch.Tensor) -> dict[str, float | list[float]] | None:
+    """The table's columns for a region's pixels, each tensor ``(C, N)`` (``image[:, mask]``). None
     for an empty region."""
-    n = int(mask.sum())
+    n = signed.shape[1]
     if n == 0:
         return None
-    e = signed[:, mask]
     return {
         "pixels": n,
-        "signed_levels": (e.mean(1) * LEVELS).tolist(),
-        "abs_levels": e.abs().mean().item() * LEVELS,
-        "low_pass": (low[:, mask].abs().mean() / e.abs().mean().clamp_min(1e-12)).item(),
-        "scale_levels": scale[:, mask].mean().item() * LEVELS,
-        "cov90": inside[:, mask].double().mean().item(),
+        "signed_levels": (signed.mean(1) * LEVELS).tolist(),
+        "abs_levels": signed.abs().mean().item() * LEVELS,
+        "low_pass": (low.abs().mean() / signed.abs().mean().clamp_min(1e-12)).item(),
+        "scale_levels": scale.mean().item() * LEVELS,
+        "cov90": inside.double().mean().item(),
     }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run folder or model checkpoint")
-    parser.add_argument("images", help="folder of held-out photographs (*.png, *.jpg)")
+    parser.add_argument("images", help="folder of held-out photographs (read as `hetvae eval --images` reads one)")
     parser.add_argument("--threshold", type=float, default=0.02,
                         help="the photograph's 5x5 edge magnitude ([-1, 1] units) below which a pixel is smooth")
     parser.add_argument("--json", help="also write the table as JSON")
@@ -72,15 +70,15 @@ def main(argv=None) -> int:
         parser.error(f"--threshold must be > 0, got {args.threshold}")
     torch.set_grad_enabled(False)
     predictor = load_predictor(args.run, calibrated=False)
-    files = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        parser.error(f"{args.images}: no .png/.jpg images")
+    try:
+        images = load_images(args.images)  # as `hetvae eval --images` reads a folder
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
     width = interval_half_width(0.9, predictor.family)
     rows, pooled = [], {r: [] for r in REGIONS}
-    for f in files:
-        x = torch.from_numpy(read_image(f).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    for name, x in images:
         if min(x.shape[-2:]) <= 3 * BLUR_SIGMA:
-            parser.error(f"{f}: {x.shape[-1]}x{x.shape[-2]} is too small for the {BLUR_SIGMA:g} px low-pass "
+            parser.error(f"{name}: {x.shape[-1]}x{x.shape[-2]} is too small for the {BLUR_SIGMA:g} px low-pass "
                          f"(each side must exceed {3 * BLUR_SIGMA:g} px)")
         pr = predictor.predict(x)
         signed = (pr.mean - pr.target)[0]
@@ -89,19 +87,19 @@ def main(argv=None) -> int:
         inside = signed.abs() <= width * scale
         smooth = edge_magnitude(pr.target)[0].mean(0) < args.threshold
         for region, mask in zip(REGIONS, (smooth, ~smooth)):
-            stats = region_stats(signed, low, scale, inside, mask)
+            parts = tuple(t[:, mask] for t in (signed, low, scale, inside))
+            stats = region_stats(*parts)
             if stats is not None:
                 stats["share"] = stats["pixels"] / mask.numel()
-                rows.append({"image": f.name, "region": region, **stats})
-                pooled[region].append((signed[:, mask], low[:, mask], scale[:, mask], inside[:, mask]))
+                rows.append({"image": name, "region": region, **stats})
+                pooled[region].append(parts)
     total = sum(r["pixels"] for r in rows)
     for region, parts in pooled.items():
         if parts:
-            s, lo, sc, ins = (torch.cat(p, dim=1)[..., None] for p in zip(*parts))
-            stats = region_stats(s, lo, sc, ins, torch.ones(s.shape[1:], dtype=torch.bool))
+            stats = region_stats(*(torch.cat(p, dim=1) for p in zip(*parts)))
             stats["share"] = stats["pixels"] / total
             rows.append({"image": "all", "region": region, **stats})
-    print(f"# {args.run} on {len(files)} images of {args.images}; smooth: the photograph's edge magnitude < {args.threshold}")
+    print(f"# {args.run} on {len(images)} images of {args.images}; smooth: the photograph's edge magnitude < {args.threshold}")
     print("| image | region | share | signed R / G / B | abs error | low-pass | b | cov90 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
