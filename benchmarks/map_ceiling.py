@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from hetvae.autoencoder import edge_magnitude
 from hetvae.calibration import Calibration, fit_calibration
-from hetvae.evaluate import load_images, load_predictor
+from hetvae.evaluate import ImageList, load_images, load_predictor
 from hetvae.metrics import nll_bpd, spearman_correlation
 
 EPS = 1e-3  # floor (in [-1, 1] units, ~0.13 of an 8-bit level) before taking logs of hand-made maps
@@ -49,6 +49,15 @@ def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     c = x.shape[1]
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def read_folder(parser: argparse.ArgumentParser, path: str) -> ImageList:
+    """The images of ``path``, read as ``hetvae eval --images`` reads a folder; a missing or empty
+    folder is the parser's usage error, naming it."""
+    try:
+        return load_images(path)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
 
 
 def pooled(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -69,10 +78,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     predictor = load_predictor(args.run, calibrated=False)
-    try:
-        images = load_images(args.images)  # as `hetvae eval --images` reads a folder
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
+    images = read_folder(parser, args.images)
     targets, means, maps = [], [], {"model": [], "edges of the mean": [], "oracle blur 2": [], "oracle blur 4": []}
     for _, x in images:
         pr = predictor.predict(x)

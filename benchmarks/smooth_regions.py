@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 
 from hetvae.autoencoder import edge_magnitude
-from hetvae.evaluate import load_images, load_predictor
+from hetvae.evaluate import load_predictor
 from hetvae.metrics import interval_half_width
-from map_ceiling import blur  # this folder: run as `python benchmarks/smooth_regions.py`
+from map_ceiling import blur, read_folder  # this folder: run as `python benchmarks/smooth_regions.py`
 
 LEVELS = 127.5  # [-1, 1] units to 8-bit levels
 REGIONS = ("smooth", "detailed")
@@ -70,10 +70,7 @@ def main(argv=None) -> int:
         parser.error(f"--threshold must be > 0, got {args.threshold}")
     torch.set_grad_enabled(False)
     predictor = load_predictor(args.run, calibrated=False)
-    try:
-        images = load_images(args.images)  # as `hetvae eval --images` reads a folder
-    except (OSError, ValueError) as error:
-        parser.error(str(error))
+    images = read_folder(parser, args.images)
     width = interval_half_width(0.9, predictor.family)
     rows, pooled = [], {r: [] for r in REGIONS}
     for name, x in images:
