@@ -114,69 +114,6 @@ def test_smooth_regions_against_closed_forms(bench):
     assert region(torch.zeros(64, 64, dtype=torch.bool)) is None
 
 
-def test_colour_fidelity_against_closed_forms(bench):
-    """Identity keeps every colour (error 0, chroma 1); a grey reconstruction keeps no chroma and
-    errs by exactly the mean distance to the grey axis; halving the chroma keeps half."""
-    import torch
-    from types import SimpleNamespace
-
-    fidelity = bench("colour_fidelity")
-    colours = fidelity.test_colours(16, seed=1)
-    assert colours.shape == (16, 3) and colours.min() >= -1 and colours.max() <= 1
-    assert torch.equal(colours, fidelity.test_colours(16, seed=1))
-
-    def predictor(fn):
-        return SimpleNamespace(predict=lambda image: SimpleNamespace(mean=fn(image[None])))
-
-    grey_of = lambda x: x.mean(1, keepdim=True).expand_as(x)  # noqa: E731
-    for textured in (False, True):
-        x = fidelity.patches(colours, textured=textured)
-        same = fidelity.colour_fidelity(predictor(lambda x: x), x)
-        assert same["colour_error"] == pytest.approx(0, abs=1e-4) and same["chroma_kept"] == pytest.approx(1)
-        grey = fidelity.colour_fidelity(predictor(grey_of), x)
-        target = x.mean((2, 3))
-        expected = (target - target.mean(1, keepdim=True)).abs().mean().item() * 127.5
-        assert grey["chroma_kept"] == pytest.approx(0, abs=1e-6) and grey["colour_error"] == pytest.approx(expected, rel=1e-5)
-        half = fidelity.colour_fidelity(predictor(lambda x: grey_of(x) + 0.5 * (x - grey_of(x))), x)
-        assert half["chroma_kept"] == pytest.approx(0.5, rel=1e-5)
-
-
-def test_head_probe_reads_exactly_the_shipped_heads_inputs(bench):
-    """benchmarks/head_probe.py: its "shipped" probe, given the model's own head weights, gives the
-    model's own map (so the probe compares heads on the very inputs the option feeds), the tap
-    leaves the decoder's mean untouched, and "+ levels" gets every up level's output but the last."""
-    import torch
-
-    from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-
-    probe = bench("head_probe")
-    torch.manual_seed(0)
-    model = AutoencoderKL(AutoencoderConfig(
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, latent_channels=4,
-        mid_block_attention=False, log_scale="pixel", log_scale_head_layers=2, log_scale_head_channels=16,
-        log_scale_head_sees_mean=True, log_scale_head_sees_latent=True, log_scale_detach=True)).eval()
-    with torch.no_grad():  # a head that is not all zeros
-        for p in model.decoder.log_scale_head.parameters():
-            p.normal_(0, 0.1)
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    with torch.no_grad():
-        z = model.post_quant_conv(model.encode(x).mode())
-        own_mean, own_map = model.decoder(z)
-        tap = probe.DecoderTap(model.decoder)
-        parts = tap(z)
-        head = probe.ProbeHead(parts["features"].shape[1] + 3 + 4, probe.SHIPPED, layers=2, hidden=16)
-        trunk = model.decoder.log_scale_trunk
-        head.trunk.load_state_dict(trunk.state_dict())
-        head.out.load_state_dict(model.decoder.log_scale_head.state_dict())
-        torch.testing.assert_close(parts["mean"], own_mean, rtol=0, atol=0)
-        torch.testing.assert_close(head(parts), own_map, rtol=1e-5, atol=1e-5)
-        # two levels: the first (64 channels) only, which ends up-sampled to the full 32 px already
-        assert [tuple(h.shape[1:]) for h in parts["levels"]] == [(64, 32, 32)]
-        assert probe.ProbeHead.gather(parts, probe.SHIPPED + ("levels",)).shape[1] == 32 + 3 + 4 + 64
-        model(x)  # the run's own forward: the tap keeps nothing
-        assert len(tap.levels) == 2 and tap.levels[0] is parts["levels"][0]
-
-
 def test_tiny_step_candidates_parse_and_refuse(bench):
     """tiny_step's --candidate splits a name from ';'-separated overrides (commas stay inside list
     values) and refuses a value without both, naming it."""
