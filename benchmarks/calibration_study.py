@@ -23,7 +23,8 @@ import torch
 
 from hetvae import metrics as M
 from hetvae.calibration import calibrated_metrics, fit_calibration, pooled
-from hetvae.evaluate import load_images, load_predictor, predict_all
+from hetvae.images import load_images
+from hetvae.predictor import load_predictor, predict_all
 
 LEVELS = M.CALIBRATION_LEVELS
 METHODS = ("affine", "isotonic")

@@ -24,7 +24,8 @@ from PIL import Image
 from _timing import compare, machine, table
 
 from hetvae.config import load_config
-from hetvae.data import build_dataset, sample_images
+from hetvae.data import build_dataset
+from hetvae.images import sample_images
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

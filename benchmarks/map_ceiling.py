@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from hetvae.autoencoder import edge_magnitude
 from hetvae.calibration import Calibration, fit_calibration
-from hetvae.evaluate import ImageList, load_images, load_predictor
+from hetvae.images import ImageList, load_images
+from hetvae.predictor import load_predictor
 from hetvae.metrics import nll_bpd, spearman_correlation
 
 EPS = 1e-3  # floor (in [-1, 1] units, ~0.13 of an 8-bit level) before taking logs of hand-made maps

@@ -18,7 +18,8 @@ import torch
 
 from _timing import compare, machine, table
 
-from hetvae.config import build_model, load_config
+from hetvae.build import build_model
+from hetvae.config import load_config
 from hetvae.train import EMA, _adamw
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

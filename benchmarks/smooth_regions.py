@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from hetvae.autoencoder import edge_magnitude
-from hetvae.evaluate import load_predictor
+from hetvae.predictor import load_predictor
 from hetvae.metrics import interval_half_width
 from map_ceiling import blur, read_folder  # this folder: run as `python benchmarks/smooth_regions.py`
 

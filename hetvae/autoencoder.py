@@ -25,107 +25,13 @@ from torch import Tensor, nn
 
 from hetvae.distributions import DiagonalGaussian
 from hetvae.layers import Level, MidBlock, ResnetBlock, activation_layout, group_norm, run_maybe_checkpointed
+from hetvae.likelihood import Likelihood, finite_numbers, is_int, is_number
 
 LOG_SCALE_KINDS = (None, "pixel")
 
 
-LIKELIHOOD_GRANULARITIES = ("global", "channel", "pixel")
-LIKELIHOOD_FAMILIES = ("laplace", "gaussian")
 # diffusers config.json keys that AutoencoderConfig derives rather than stores
 DIFFUSERS_CONFIG_ALIASES = ("down_block_types", "up_block_types", "act_fn", "mid_block_add_attention")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _numbers(name: str, value: Any, length: int | None = None) -> tuple[float, ...]:
-    """``value`` as a tuple of floats; a ``ValueError`` naming ``name`` if it is not a list of numbers."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(map(_is_number, value)):
-        raise ValueError(f"{name} must be a list of finite numbers, got {value!r}")
-    if length is not None and len(value) != length:
-        raise ValueError(f"{name} must hold {length} numbers, got {len(value)}: {list(value)!r}")
-    return tuple(float(v) for v in value)
-
-
-@dataclass
-class Likelihood:
-    """The reconstruction likelihood a model was trained and is scored with, stored with the model.
-
-    ``granularity``: where the log-scale comes from: ``"global"`` / ``"channel"`` (a value of the
-    loss, stored here) or ``"pixel"`` (the decoder's head). ``family``, ``bounds``, ``margin``,
-    ``fit``, ``init`` as in :class:`hetvae.loss.HeteroscedasticNLL`; ``free``: the learned free
-    parameter(s) of a ``global`` (1 value) or ``channel`` (``out_channels`` values) scale with
-    ``fit="learned"``, so the bounded log-scale is ``soft_clamp(init + free, *bounds, margin)``;
-    None otherwise. Training-only settings (beta, faithful, the constant) do not change a score and
-    are not kept.
-    """
-
-    granularity: str = "global"
-    family: str = "laplace"
-    bounds: tuple[float, float] = (-7.0, 3.0)
-    margin: float = 1.0
-    fit: str = "learned"
-    init: float = 0.0
-    free: tuple[float, ...] | None = None
-    calibration: dict[str, Any] | None = None
-    """A post-hoc correction of the scale (:meth:`hetvae.calibration.Calibration.to_dict`), fitted
-    by ``hetvae calibrate``; None: uncalibrated."""
-
-    def __post_init__(self) -> None:
-        if self.granularity not in LIKELIHOOD_GRANULARITIES:
-            raise ValueError(f"likelihood.granularity must be one of {LIKELIHOOD_GRANULARITIES}, got {self.granularity!r}")
-        if self.family not in LIKELIHOOD_FAMILIES:
-            raise ValueError(f"likelihood.family must be one of {LIKELIHOOD_FAMILIES}, got {self.family!r}")
-        if self.fit not in ("learned", "optimal") or (self.fit == "optimal" and self.granularity == "pixel"):
-            raise ValueError(f"likelihood.fit must be 'learned' (or 'optimal' for global/channel), got {self.fit!r}")
-        self.bounds = _numbers("likelihood.bounds", self.bounds, 2)  # type: ignore[assignment]
-        for name in ("margin", "init"):
-            if not _is_number(getattr(self, name)):
-                raise ValueError(f"likelihood.{name} must be a finite number, got {getattr(self, name)!r}")
-            setattr(self, name, float(getattr(self, name)))
-        if self.free is not None:
-            self.free = _numbers("likelihood.free", self.free)
-        learned = self.fit == "learned" and self.granularity != "pixel"
-        if learned != (self.free is not None):
-            raise ValueError(
-                f"likelihood.free must hold the learned value(s) of a learned global/channel scale and be null "
-                f"otherwise; got {self.free!r} for granularity {self.granularity!r}, fit {self.fit!r}"
-            )
-        if self.granularity == "global" and self.free is not None and len(self.free) != 1:
-            raise ValueError(f"likelihood.free of a global scale must hold 1 value, got {len(self.free)}")
-        if self.calibration is not None:
-            cal = self.calibrator()
-            if cal.family != self.family:
-                raise ValueError(f"likelihood.calibration was fitted for {cal.family!r}, the likelihood is {self.family!r}")
-            self.calibration = cal.to_dict()  # normalised: lists of floats
-
-    def bound(self, raw: Tensor, calibration: Any = None) -> Tensor:
-        """A head's raw output -> this likelihood's bounded log-scale
-        ``soft_clamp(raw, *bounds, margin)`` (computed in at least float32) -> corrected by
-        ``calibration`` (a :class:`hetvae.calibration.Calibration`) when given; in ``raw``'s dtype.
-        What a calibrated model's decode and an attached head return."""
-        from hetvae.functional import soft_clamp
-
-        s = soft_clamp(raw.to(torch.promote_types(raw.dtype, torch.float32)), *self.bounds, self.margin)
-        if calibration is not None:
-            s = calibration.apply(s)
-        return s.to(raw.dtype)
-
-    def calibrator(self):
-        """The :class:`hetvae.calibration.Calibration` stored here, or None."""
-        if self.calibration is None:
-            return None
-        from hetvae.calibration import Calibration, CalibrationError
-
-        try:
-            return Calibration.from_dict(self.calibration, "likelihood.calibration")
-        except CalibrationError as e:
-            raise ValueError(str(e)) from None
 
 
 @dataclass
@@ -188,7 +94,7 @@ class AutoencoderConfig:
         # JSON and YAML hand back lists; the config compares and hashes as a tuple.
         channels = self.block_out_channels
         if isinstance(channels, (str, bytes)) or not isinstance(channels, (list, tuple)) or not all(
-            _is_int(c) and c >= 1 for c in channels
+            is_int(c) and c >= 1 for c in channels
         ):
             raise ValueError(f"block_out_channels must be a list of positive integers, got {channels!r}")
         self.block_out_channels = tuple(channels)
@@ -196,7 +102,7 @@ class AutoencoderConfig:
             raise ValueError("block_out_channels must name at least one level")
         for name in ("in_channels", "out_channels", "layers_per_block", "norm_num_groups", "latent_channels"):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= 1):
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(
@@ -208,19 +114,19 @@ class AutoencoderConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("scaling_factor", "shift_factor", "log_scale_init"):
-            if not _is_number(getattr(self, name)):
+            if not is_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
             setattr(self, name, float(getattr(self, name)))
         size = self.sample_size
         if isinstance(size, list):
             size = self.sample_size = tuple(size)
-        if not (_is_int(size) and size >= 1) and not (
-            isinstance(size, tuple) and size and all(_is_int(s) and s >= 1 for s in size)
+        if not (is_int(size) and size >= 1) and not (
+            isinstance(size, tuple) and size and all(is_int(s) and s >= 1 for s in size)
         ):
             raise ValueError(f"sample_size must be a positive integer or a list of them, got {self.sample_size!r}")
         for name in ("latents_mean", "latents_std"):
             if getattr(self, name) is not None:
-                setattr(self, name, _numbers(name, getattr(self, name), self.latent_channels))
+                setattr(self, name, finite_numbers(name, getattr(self, name), self.latent_channels))
         if isinstance(self.likelihood, dict):
             known = {f.name for f in dataclasses.fields(Likelihood)}
             unknown = sorted(set(self.likelihood) - known)
@@ -247,10 +153,10 @@ class AutoencoderConfig:
                 f"log_scale_channels must be None, 1 or out_channels={self.out_channels}, "
                 f"got {self.log_scale_channels!r}"
             )
-        if not _is_int(self.log_scale_head_layers) or self.log_scale_head_layers < 0:
+        if not is_int(self.log_scale_head_layers) or self.log_scale_head_layers < 0:
             raise ValueError(f"log_scale_head_layers must be an integer >= 0, got {self.log_scale_head_layers!r}")
         if self.log_scale_head_channels is not None and not (
-            _is_int(self.log_scale_head_channels) and self.log_scale_head_channels >= 1
+            is_int(self.log_scale_head_channels) and self.log_scale_head_channels >= 1
         ):
             raise ValueError(f"log_scale_head_channels must be None or >= 1, got {self.log_scale_head_channels!r}")
 
@@ -773,9 +679,9 @@ class AutoencoderKL(nn.Module):
         tile = self.tile_sample_size if tile_sample_size is None else tile_sample_size
         overlap = self.tile_overlap if overlap is None else overlap
         f = self.config.downsample_factor
-        if not _is_int(tile) or tile <= 0 or tile % f:
+        if not is_int(tile) or tile <= 0 or tile % f:
             raise ValueError(f"tile_sample_size must be a positive multiple of {f}, got {tile!r}")
-        if not _is_number(overlap) or not 0.0 <= overlap < 0.5:
+        if not is_number(overlap) or not 0.0 <= overlap < 0.5:
             raise ValueError(f"overlap must be in [0, 0.5), got {overlap!r}")
         self.use_tiling, self.tile_sample_size, self.tile_overlap = use_tiling, tile, float(overlap)
 

@@ -35,7 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
+
+from hetvae.files import write_atomically
 
 from hetvae.functional import (
     bits_per_dim,
@@ -44,6 +48,7 @@ from hetvae.functional import (
     discretized_nll,
     quantize_8bit,
 )
+from hetvae.metrics import CALIBRATION_LEVELS, half_width
 
 METHODS = ("affine", "isotonic")
 DEFAULT_METHOD = "affine"
@@ -81,13 +86,6 @@ def _folded_level(r: Tensor, family: str) -> tuple[Tensor, Tensor]:
         return -torch.expm1(-r), v
     v = torch.special.erfc(r / math.sqrt(2.0))
     return torch.special.erf(r / math.sqrt(2.0)), v
-
-
-def _half_width(u: Tensor, family: str) -> Tensor:
-    """Standardized half-width of the central ``u``-interval (inverse of :func:`_folded_level`)."""
-    if family == "laplace":
-        return -torch.log1p(-u)
-    return math.sqrt(2.0) * torch.special.erfinv(u)
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
@@ -189,8 +187,8 @@ class Calibration:
         if self.knots is None:
             return torch.ones(self.channels, dtype=torch.float64)
         u = self._affine_level(p)
-        ref = _half_width(torch.tensor(p, dtype=torch.float64), self.family)
-        return (_half_width(u.clamp(max=1 - 1e-12), self.family) / ref).flatten()
+        ref = half_width(torch.tensor(p, dtype=torch.float64), self.family)
+        return (half_width(u.clamp(max=1 - 1e-12), self.family) / ref).flatten()
 
     def apply(self, log_scale: Tensor) -> Tensor:
         """The calibrated log-scale a user sees: the affine correction, plus for isotonic the log of
@@ -252,17 +250,11 @@ class Calibration:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a ``.safetensors`` file atomically, holding :meth:`to_dict` as JSON in its
         metadata (the same record a model's likelihood carries; no tensors)."""
-        from safetensors.torch import save_file
-
-        from hetvae.checkpoint import write_atomically
-
         meta = {_META_KEY: json.dumps(self.to_dict())}
         return write_atomically(path, lambda tmp: save_file({}, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":
-        from safetensors import safe_open
-
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -456,8 +448,6 @@ def calibrated_metrics(target: Tensor, mean: Tensor, log_scale: Tensor, calibrat
     """The likelihood and coverage metrics of :mod:`hetvae.metrics` under ``calibration``
     (``log_scale`` uncalibrated): ``nll_bpd``, ``coverage_50``, ``coverage_90``,
     ``calibration_error`` and the reliability curve ``coverage_curve`` at ``levels``."""
-    from hetvae.metrics import CALIBRATION_LEVELS
-
     levels = CALIBRATION_LEVELS if levels is None else levels
     curve = calibration.coverage_curve(target, mean, log_scale, levels)
     c50, c90 = calibration.coverage_curve(target, mean, log_scale, (0.5, 0.9))
@@ -477,104 +467,3 @@ def pooled(predictions) -> tuple[Tensor, Tensor, Tensor]:
         return torch.cat([getattr(p, name).flatten(2) for p in predictions], dim=2).unsqueeze(-1)
 
     return cat("target"), cat("mean"), cat("log_scale")
-
-
-def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -> Calibration:
-    """Fit a :class:`Calibration` of ``model``'s scale on ``images``.
-
-    Args:
-        model: a :class:`hetvae.evaluate.Predictor` (a run folder's model and likelihood, as
-            :func:`hetvae.evaluate.load_predictor` returns), an :class:`hetvae.AutoencoderKL` with a
-            log-scale head, or a path either of those loads from. Any calibration it already
-            carries is ignored: the fit is on the uncalibrated scale (calibrating twice replaces).
-        images: ``(C, H, W)`` tensors in [-1, 1], file paths or a folder.
-        method: ``"affine"`` or ``"isotonic"``.
-        kwargs: passed to :func:`fit_calibration`.
-    """
-    from hetvae.autoencoder import AutoencoderKL
-    from hetvae.evaluate import Predictor, iter_predictions, load_images, load_predictor, model_nll
-
-    if isinstance(model, (str, os.PathLike)):
-        predictor = load_predictor(model)
-    elif isinstance(model, Predictor):
-        predictor = model
-    elif isinstance(model, AutoencoderKL):
-        if not model.has_log_scale_head:
-            raise CalibrationError(
-                "an AutoencoderKL without a log-scale head has no scale to calibrate: pass the run's "
-                "Predictor (hetvae.evaluate.load_predictor(run_dir)) for a global/channel scale"
-            )
-        predictor = Predictor(model=model.eval(), nll=model_nll(model).eval(), source="model")
-    else:
-        raise CalibrationError(f"model must be a Predictor, an AutoencoderKL or a path, got {type(model).__name__}")
-    if isinstance(images, (str, os.PathLike)):
-        images = load_images(images)
-    previous = predictor.calibration
-    predictor.calibration = None  # fit on the uncalibrated scale: calibrating again replaces
-    try:
-        predictions = [p for _, p in iter_predictions(predictor, images)]
-    finally:
-        predictor.calibration = previous
-    if not predictions:
-        raise CalibrationError("no images to calibrate on")
-    target, mean, log_scale = pooled(predictions)
-    return fit_calibration(target, mean, log_scale, predictor.family, method, **kwargs)
-
-
-def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Any:
-    """Raise :class:`CalibrationError` where :func:`store_calibration` would refuse to write next to
-    ``path`` without ``out``: a run's training checkpoint, or a single file hetvae did not write.
-    Cheap (no model is read), so a caller checks before spending time on a fit. Returns the
-    ``CheckpointInfo`` of the model file to rewrite in place, None for ``out`` or a run folder."""
-    from hetvae.checkpoint import is_checkpoint
-    from hetvae.convert import inspect_checkpoint
-    from hetvae.evaluate import is_run_folder
-
-    path = Path(path).expanduser()
-    if out is not None or is_run_folder(path):
-        return None
-    if is_checkpoint(path):
-        raise CalibrationError(
-            f"{path} is a training checkpoint (the state a run resumes from): it is not rewritten. Pass --out DIR "
-            "to write the model of that step with its calibration as a new hetvae export"
-        )
-    info = inspect_checkpoint(path)
-    if info.format == "ldm" and info.config_source != "file metadata":
-        raise CalibrationError(
-            f"{info.weights_file} is a {info.format} checkpoint hetvae did not write (it may hold more than the "
-            "VAE): it is not rewritten. Pass --out DIR to write the model with its calibration as a new hetvae export"
-        )
-    return info
-
-
-def store_calibration(predictor: Any, calibration: Calibration | None, path: str | os.PathLike,
-                      out: str | os.PathLike | None = None) -> Path:
-    """Write ``calibration`` (None: remove it) with the model ``predictor`` was loaded from.
-
-    ``path``: the run folder or model checkpoint the predictor came from (a run's training
-    checkpoint, ``checkpoints/step_N``, is never rewritten: it needs ``out``). The likelihood record of
-    the model file (``AutoencoderConfig.likelihood``) gets the calibration, replacing any earlier
-    one, so it travels through every export: a run folder's ``model.safetensors``, a hetvae file, a
-    diffusers folder (``config.json``) or an ldm file hetvae wrote (its metadata). Other single
-    files (an original SD checkpoint) are not rewritten: pass ``out``, a folder for a new hetvae
-    export of the model with its calibration. Returns the file or folder written.
-    """
-    import dataclasses
-
-    from hetvae.convert import likelihood_from_nll, save_autoencoder
-
-    path = Path(path).expanduser()
-    info = check_calibration_destination(path, out)
-    model = predictor.model
-    record = model.config.likelihood
-    if record is None or record.granularity != predictor.granularity or record.family != predictor.family:
-        record = likelihood_from_nll(predictor.nll)
-    record = dataclasses.replace(record, calibration=None if calibration is None else calibration.to_dict())
-    if out is not None:
-        return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
-    if info is None:  # a run folder
-        return save_autoencoder(model, path / "model.safetensors", format="hetvae", likelihood=record)
-    if info.format == "diffusers":
-        return save_autoencoder(model, info.weights_file.parent, format="diffusers", likelihood=record)
-    # hetvae, or an ldm export hetvae wrote (any other ldm file was refused above)
-    return save_autoencoder(model, info.weights_file, format=info.format, likelihood=record)

@@ -25,7 +25,8 @@ def _add_info(parser: argparse.ArgumentParser) -> None:
 def _run_info(args: argparse.Namespace) -> int:
     import json
 
-    from hetvae.convert import CheckpointError, inspect_checkpoint
+    from hetvae.convert import inspect_checkpoint
+    from hetvae.files import CheckpointError
 
     try:
         info = inspect_checkpoint(args.path)
@@ -90,7 +91,8 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from hetvae.convert import CheckpointError, load_autoencoder, save_autoencoder
+    from hetvae.convert import load_autoencoder, save_autoencoder
+    from hetvae.files import CheckpointError
 
     names = ("log_scale_init", "log_scale_channels", "scaling_factor", "shift_factor", "norm_num_groups")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -149,7 +151,7 @@ def _train_config(config: str, out_dir: str | None) -> tuple[str, str | None]:
     or copied) unless --out-dir says otherwise."""
     from pathlib import Path
 
-    from hetvae.config import ConfigError
+    from hetvae.schema import ConfigError
 
     folder = Path(config)
     if not folder.is_dir():
@@ -166,7 +168,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     import signal
 
-    from hetvae.config import ConfigError, load_config
+    from hetvae.config import load_config
+    from hetvae.schema import ConfigError
     from hetvae.train import NonFiniteLossError, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -280,10 +283,9 @@ def _run_uncertainty_latents(args: argparse.Namespace) -> int:
     the i-th latent of a batch)."""
     from pathlib import Path
 
-    from hetvae.evaluate import (
-        _relative_names, check_output_file, check_output_folder, load_latents, load_predictor, save_decoded_maps,
-        uncertainty_outputs,
-    )
+    from hetvae.images import load_latents, relative_names
+    from hetvae.outputs import check_output_file, check_output_folder, save_decoded_maps, uncertainty_outputs
+    from hetvae.predictor import load_predictor
     from hetvae.viz import save_decoded_panel, save_scale_map
 
     try:
@@ -293,7 +295,7 @@ def _run_uncertainty_latents(args: argparse.Namespace) -> int:
         _set_tile(predictor, args.tile, args.checkpoint)
         batches = [load_latents(f, predictor.model.config, scaled=args.scaled) for f in files]
         names = [[name] if len(z) == 1 else [f"{name}_{i}" for i in range(len(z))]
-                 for name, z in zip(_relative_names(files), batches)]
+                 for name, z in zip(relative_names(files), batches)]
         for name in (n for group in names for n in group):
             for path in uncertainty_outputs(out, name):
                 check_output_file(path, "--out")
@@ -318,10 +320,9 @@ def _run_uncertainty_latents(args: argparse.Namespace) -> int:
 
 
 def _run_uncertainty(args: argparse.Namespace) -> int:
-    from hetvae.evaluate import (
-        check_output_file, check_output_folder, is_latent_file, iter_predictions, load_images, load_predictor,
-        save_maps, uncertainty_outputs,
-    )
+    from hetvae.images import is_latent_file, load_images
+    from hetvae.outputs import check_output_file, check_output_folder, save_maps, uncertainty_outputs
+    from hetvae.predictor import iter_predictions, load_predictor
     from hetvae.viz import save_scale_map, save_uncertainty_panel
 
     latents = [p for p in args.images if is_latent_file(p)]
@@ -387,7 +388,10 @@ def _per_image_table(rows: list[dict]) -> str:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from hetvae.evaluate import check_output_file, evaluate, load_images, load_predictor, write_json
+    from hetvae.evaluate import evaluate
+    from hetvae.images import load_images
+    from hetvae.outputs import check_output_file, write_json
+    from hetvae.predictor import load_predictor
 
     try:
         if args.json:
@@ -464,8 +468,10 @@ _COMPARE_FILES = ("comparison.md", "comparison.json", "reliability.png", "sparsi
 def _run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hetvae.evaluate import check_output_file, check_output_folder, compare, load_images, load_predictor, write_json
-    from hetvae.evaluate import write_text
+    from hetvae.evaluate import compare
+    from hetvae.images import load_images
+    from hetvae.outputs import check_output_file, check_output_folder, write_json, write_text
+    from hetvae.predictor import load_predictor
     from hetvae.viz import save_reliability_diagram, save_sparsification_plot
 
     names = [Path(r).name or str(r) for r in args.runs]
@@ -520,10 +526,10 @@ def _add_calibrate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from hetvae.calibration import (DEFAULT_METHOD, CalibrationError, calibrate, check_calibration_destination,
-                                    store_calibration)
-    from hetvae.convert import CheckpointError
-    from hetvae.evaluate import load_images, load_predictor
+    from hetvae.calibration import DEFAULT_METHOD, CalibrationError
+    from hetvae.files import CheckpointError
+    from hetvae.images import load_images
+    from hetvae.predictor import calibrate, check_calibration_destination, load_predictor, store_calibration
 
     try:
         predictor = load_predictor(args.checkpoint, calibrated=False)

@@ -51,8 +51,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Likelihood, _is_int, _is_number
-from hetvae.checkpoint import fsync_dir, write_atomically
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
+from hetvae.likelihood import Likelihood, is_int, is_number, likelihood_from_nll
+from hetvae.files import CheckpointError, fsync_dir, write_atomically
 
 FORMATS = ("hetvae", "diffusers", "ldm")
 CONFIG_KEY = "hetvae_config"
@@ -88,11 +89,6 @@ FAMILIES = {
 }
 
 _SHOWN_KEYS = 5
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file,
-    the detected format and the keys involved."""
 
 
 def _keys_text(keys: Iterable[str]) -> str:
@@ -411,11 +407,11 @@ _DIFFUSERS_DEFAULTS = dict(
 
 
 def _positive_int(v: Any) -> bool:
-    return _is_int(v) and v >= 1
+    return is_int(v) and v >= 1
 
 
 def _numbers(n: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v is None or (isinstance(v, list) and len(v) == n and all(map(_is_number, v))),
+    return (lambda v: v is None or (isinstance(v, list) and len(v) == n and all(map(is_number, v))),
             f"null or a list of {n} numbers (one per latent channel)")
 
 
@@ -427,8 +423,8 @@ _DIFFUSERS_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
                            "a list of positive integers"),
     **{k: (lambda v: isinstance(v, bool), "true or false")
        for k in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention", "force_upcast")},
-    "scaling_factor": (_is_number, "a number"),
-    "shift_factor": (lambda v: v is None or _is_number(v), "a number or null"),
+    "scaling_factor": (is_number, "a number"),
+    "shift_factor": (lambda v: v is None or is_number(v), "a number or null"),
     "sample_size": (lambda v: _positive_int(v) or (isinstance(v, list) and bool(v) and all(map(_positive_int, v))),
                     "a positive integer or a list of them"),
     "act_fn": (lambda v: isinstance(v, str), "a string"),
@@ -528,37 +524,6 @@ def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
     if config.likelihood is not None:
         out[DIFFUSERS_LIKELIHOOD_KEY] = dataclasses.asdict(config.likelihood)
     return out
-
-
-def likelihood_from_nll(nll: Any) -> Likelihood:
-    """The :class:`Likelihood` record of a :class:`hetvae.loss.HeteroscedasticNLL`: granularity,
-    family, bounds, margin, fit, init and the learned value(s) of a global/channel scale."""
-    head = nll.head
-    free = getattr(head, "free", None)
-    return Likelihood(
-        granularity=nll.granularity, family=nll.family, bounds=head.bounds, margin=head.margin, fit=head.fit,
-        init=head.init, free=None if free is None else tuple(free.detach().cpu().flatten().tolist()),
-    )
-
-
-def nll_from_likelihood(likelihood: Likelihood, channels: int) -> Any:
-    """The :class:`hetvae.loss.HeteroscedasticNLL` a :class:`Likelihood` records (eval mode): it
-    gives the same log-scales, to the bit, as the loss it was recorded from."""
-    from hetvae.loss import HeteroscedasticNLL
-
-    lik = likelihood
-    nll = HeteroscedasticNLL(
-        lik.granularity, channels=channels, family=lik.family, init=lik.init, bounds=lik.bounds,
-        margin=lik.margin, fit=lik.fit,
-    )
-    if lik.free is not None:
-        free = nll.head.free
-        if len(lik.free) != free.numel():
-            raise ValueError(f"likelihood.free holds {len(lik.free)} value(s), a {lik.granularity} scale of "
-                             f"{channels} channels has {free.numel()}")
-        with torch.no_grad():
-            free.copy_(torch.tensor(lik.free, dtype=free.dtype).view_as(free))
-    return nll.eval()
 
 
 def _config_from_metadata(text: str, file: Path, fmt: str) -> AutoencoderConfig:

@@ -1,4 +1,5 @@
-"""Image data: folders of photographs, and scikit-image's bundled sample photographs.
+"""The training data: random crops of photographs with augmentations (rescaling, flips, colour
+jitter, tints of grayscale crops, procedural dead-leaves images), as a map-style dataset.
 
 Everything yields float tensors ``(3, R, R)`` in ``[-1, 1]`` (``x / 127.5 - 1`` of 8-bit RGB),
 the range Stable Diffusion's VAE is trained on.
@@ -13,11 +14,9 @@ scikit-image wheel, so a fresh install has real images and needs no download.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import math
 import os
-import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,274 +25,16 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from hetvae.images import list_images, read_image, sample_images, to_rgb_uint8
 from hetvae.metrics import LUMA_WEIGHTS
+from hetvae.procedural import dead_leaves
 
 if TYPE_CHECKING:
     from hetvae.config import DataConfig
 
 logger = logging.getLogger("hetvae.data")
-
-IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
-
-# ---------------------------------------------------------------------------------------------
-# folders
-# ---------------------------------------------------------------------------------------------
-
-
-def list_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files under ``paths`` (a folder, a file, or a list of either).
-
-    Folders are searched recursively; a file is kept when its extension, compared
-    case-insensitively, is one of :data:`IMAGE_EXTENSIONS` (png, jpg/jpeg, webp, bmp, tif/tiff).
-    Hidden files and folders (name starting with ``.``, e.g. macOS ``._photo.jpg`` forks) are
-    skipped. Only regular files (or links to them) are kept: a FIFO, device, socket or broken link
-    with an image name is skipped with one ``UserWarning`` naming them (opening a FIFO would wait
-    forever for a writer). Each folder's files are sorted by path; the result keeps the order of
-    ``paths`` and drops duplicates. Nothing is decoded here: readability is checked by
-    :class:`ImageDataset`.
-
-    Raises:
-        FileNotFoundError: a path does not exist (the message names it).
-        ValueError: a folder holds no image file, or a file given by name is not an image or not a
-            regular file (the message names it and the accepted extensions).
-    """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    found: dict[Path, None] = {}  # an ordered set
-    irregular: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"image path does not exist: {str(path)!r}")
-        if not path.is_dir():
-            if not path.is_file():
-                raise ValueError(f"{str(path)!r} is not a regular file ({_file_kind(path)}); only image files are read")
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise ValueError(
-                    f"{str(path)!r} is not an image file; accepted extensions: {', '.join(IMAGE_EXTENSIONS)}"
-                )
-            found[path] = None
-            continue
-        files = []
-        # os.walk does not follow symlinked folders, so a link cycle cannot loop forever.
-        for root, dirs, names in os.walk(path):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for n in names:
-                if n.startswith(".") or Path(n).suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                file = Path(root, n)
-                (files if file.is_file() else irregular).append(file)
-        if not files:
-            raise ValueError(
-                f"no image files in {str(path)!r} (searched recursively for "
-                f"{', '.join(IMAGE_EXTENSIONS)}, case-insensitive)"
-            )
-        found.update((f, None) for f in sorted(files))
-    if irregular:
-        shown = ", ".join(f"{f} ({_file_kind(f)})" for f in irregular[:5]) + (", ..." if len(irregular) > 5 else "")
-        warnings.warn(
-            f"skipped {len(irregular)} image name(s) that are not a regular file: {shown}", UserWarning, stacklevel=2
-        )
-    return list(found)
-
-
-def _file_kind(path: Path) -> str:
-    """What ``path`` is, for messages: "a FIFO", "a folder", "a broken link", ..."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return "a broken link" if path.is_symlink() else "unreadable"
-    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "a regular file")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def _to_rgb_uint8(array: np.ndarray, name: str) -> np.ndarray:
-    """``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 -> ``(H, W, 3)`` uint8."""
-    if array.dtype != np.uint8:
-        raise ValueError(f"image {name!r}: expected uint8 pixels, got {array.dtype}")
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise ValueError(f"image {name!r}: expected (H, W), (H, W, 1|3|4), got shape {array.shape}")
-    if array.shape[2] == 1:
-        return np.repeat(array, 3, axis=2)
-    return array[:, :, :3]  # alpha dropped, as PIL's convert("RGB") does
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode ``path`` into an ``(H, W, 3)`` uint8 RGB array.
-
-    The EXIF orientation is applied (phone photographs are stored sideways). Grayscale,
-    palette, CMYK and RGBA images are converted to RGB (alpha is dropped, not composited).
-    Only the first frame of a multi-frame file is read. Pixels other than 8-bit map by their range:
-
-    - 16-bit integers (PNG, TIFF): ``0..65535 -> 0..255`` (``round(v / 257)``); 16-bit RGB(A) PNGs
-      keep their high byte (Pillow's decoder);
-    - floats (TIFF): read only in ``0..1``, scaled by 255 and rounded; NaN or inf anywhere, or any
-      value outside ``0..1`` (an HDR or 0..255 float image), is refused: there is no safe guess;
-    - 32-bit integers (TIFF): refused, they have no standard white level.
-
-    Only a regular file is opened (a FIFO named ``x.png`` would block forever).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: not a regular file, not decodable (truncated, corrupt, not an image), or pixels
-            refused by the rules above; the message names the file and the problem.
-    """
-    path = Path(path)
-    with _open_regular(path) as file:
-        try:
-            with Image.open(file) as im:
-                im.load()
-                # TIFF says how many bits a sample has; Pillow widens 8/16-bit ints to mode "I" there
-                bits = max(getattr(im, "tag_v2", {}).get(258, (0,)) or (0,))
-                im = ImageOps.exif_transpose(im)
-                mode = im.mode
-                if mode == "F" or mode.startswith("I"):
-                    wide = np.asarray(im)
-                else:
-                    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, struct.error, ...)
-            raise ValueError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
-    return _to_rgb_uint8(_wide_to_uint8(wide, mode, bits, str(path)), str(path))
-
-
-def _open_regular(path: Path):
-    """``path`` opened for binary reading, refused unless it is a regular file. The check is on the
-    open descriptor, so a file swapped for a FIFO after listing cannot block the open or the read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError:
-        raise
-    except OSError as exc:  # a socket (ENXIO), no permission, ...
-        raise ValueError(f"cannot open image {str(path)!r}: {exc.strerror or exc}") from exc
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else _file_kind(path)
-            raise ValueError(f"{str(path)!r} is not a regular file ({kind}); only image files are read")
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _wide_to_uint8(wide: np.ndarray, mode: str, bits: int, name: str) -> np.ndarray:
-    """Float (mode ``F``) or 16/32-bit integer (``I``, ``I;16*``) pixels as uint8, by the rules of
-    :func:`read_image`; ``bits`` is the TIFF sample size (0 when unknown)."""
-    values = wide.astype(np.float64)
-    if mode == "F":
-        nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
-        if nan or inf:
-            found = " and ".join(t for t in (f"{nan} NaN" * bool(nan), f"{inf} infinite (inf)" * bool(inf)) if t)
-            raise ValueError(f"image {name!r}: {found} pixel value(s); a float image must hold finite values in 0..1")
-        lo, hi = float(values.min()), float(values.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(
-                f"image {name!r}: float pixels span [{lo:.6g}, {hi:.6g}]; float images are read only in 0..1 "
-                "(scaled by 255): save it as 8- or 16-bit integers, or scale it to 0..1"
-            )
-        return np.rint(values * 255.0).astype(np.uint8)
-    if mode == "I" and bits > 16:
-        raise ValueError(
-            f"image {name!r}: {bits}-bit integer pixels have no standard white level; "
-            "save it as 8- or 16-bit integers, or as floats in 0..1"
-        )
-    lo, hi = float(values.min()), float(values.max())
-    if lo < 0.0 or hi > 65535.0:
-        raise ValueError(f"image {name!r}: integer pixels span [{lo:g}, {hi:g}]; 16-bit images hold 0..65535")
-    # PIL's convert("RGB") clips 16-bit values at 255 instead of scaling them.
-    return np.rint(values / 257.0).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# scikit-image sample photographs
-# ---------------------------------------------------------------------------------------------
-
-# name -> where it goes. Every name is a skimage.data function whose file ships inside the wheel (no
-# pooch download), except "motorcycle", the left view of skimage.data.stereo_motorcycle(); the right
-# view is left out because it is a near-duplicate that would leak across the split.
-#
-# The held-out ("test") set is colour photographs only: the whole motorcycle photograph, and the
-# right-hand quarter of the four other colour photographs ("region" entries: columns left of
-# HOLDOUT_FRACTION of the width train, the rest is held out; the two parts never overlap, so no
-# training crop sees a held-out pixel). Grayscale photographs train as they are (R = G = B): they
-# teach luminance structure and texture; colour comes from the colour photographs and, when the
-# config asks for it, procedural dead-leaves images (hetvae.procedural).
-_SAMPLE_SPLIT: dict[str, Literal["train", "test", "region"]] = {
-    "astronaut": "region",            # 512x512 RGB, portrait with flag and suit
-    "chelsea": "region",              # 300x451 RGB, cat (fur, whiskers)
-    "coffee": "region",               # 400x600 RGB, cup on a table
-    "rocket": "region",               # 427x640 RGB, launch pad, sky
-    "motorcycle": "test",             # 500x741 RGB, motorcycle in a workshop
-    "immunohistochemistry": "train",  # 512x512 RGB, stained tissue micrograph
-    "retina": "train",                # 1411x1411 RGB, fundus photograph
-    "hubble_deep_field": "train",     # 872x1000 RGB, galaxies on black
-    "camera": "train",                # 512x512 gray, cameraman
-    "moon": "train",                  # 512x512 gray, lunar surface
-    "clock": "train",                 # 300x400 gray, motion-blurred clock
-    "coins": "train",                 # 303x384 gray, coins on a flat background
-    "brick": "train",                 # 512x512 gray, brick wall texture
-    "grass": "train",                 # 512x512 gray, texture
-    "gravel": "train",                # 512x512 gray, texture
-    "cell": "train",                  # 660x550 gray, cell in saline (microscope)
-}
-HOLDOUT_FRACTION = 0.75
-"""Region entries of the sample split: columns ``[0, 0.75 W)`` train, ``[0.75 W, W)`` are held out."""
-
-SAMPLE_NAMES: tuple[str, ...] = tuple(_SAMPLE_SPLIT)
-
-
-@functools.lru_cache(maxsize=None)
-def _load_sample(name: str) -> np.ndarray:
-    import skimage.data  # imported here: ~0.3 s, and only the embedded default needs it
-
-    array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
-    array = _to_rgb_uint8(np.asarray(array), name)
-    array.flags.writeable = False  # the cached copy is shared
-    return array
-
-
-def sample_images(split: Literal["all", "train", "test"] = "all") -> list[tuple[str, np.ndarray]]:
-    """scikit-image's bundled sample photographs, as ``[(name, (H, W, 3) uint8 RGB), ...]``.
-
-    Sixteen natural photographs (no synthetic images such as checkerboard or binary blobs), all
-    stored inside the scikit-image package, so nothing is downloaded. Grayscale ones are repeated
-    to three channels. Every image (and every part of one) is at least 110 pixels on each side.
-
-    The split is fixed by name and region, and the held-out part is never in the training split:
-
-    - ``test``: colour photographs only: ``motorcycle`` (left view of ``stereo_motorcycle``) whole,
-      and the right-hand quarter (:data:`HOLDOUT_FRACTION`) of astronaut, chelsea, coffee and
-      rocket, named ``"<name>[right]"``;
-    - ``train``: the left three quarters of those four (``"<name>[left]"``) and every other
-      photograph: immunohistochemistry, retina, hubble_deep_field (colour), camera, moon, clock,
-      coins, brick, grass, gravel, cell (grayscale).
-
-    ``"all"`` returns the sixteen whole photographs in the order of :data:`SAMPLE_NAMES` (no held-out
-    part: for training a model that will only be judged on other images). Each call returns fresh
-    (writable) copies.
-    """
-    if split not in ("all", "train", "test"):
-        raise ValueError(f"split must be one of 'all', 'train', 'test', got {split!r}")
-    out = []
-    for name, where in _SAMPLE_SPLIT.items():
-        if split == "all":
-            out.append((name, _load_sample(name).copy()))
-        elif where == "region":
-            image = _load_sample(name)
-            cut = int(round(image.shape[1] * HOLDOUT_FRACTION))
-            part = image[:, :cut] if split == "train" else image[:, cut:]
-            out.append((f"{name}[{'left' if split == 'train' else 'right'}]", part.copy()))
-        elif where == split:
-            out.append((name, _load_sample(name).copy()))
-    return out
-
 
 def jitter_colors(crop: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """Mild colour jitter of an ``(H, W, 3)`` uint8 crop, returned as uint8 (8-bit values stay 8-bit).
@@ -543,7 +284,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 item = _Item(name=str(entry), height=decoded.shape[0], width=decoded.shape[1], path=entry)
             else:
                 name, array = entry
-                pixels = _to_rgb_uint8(np.asarray(array), name)
+                pixels = to_rgb_uint8(np.asarray(array), name)
                 item = _Item(name=name, height=pixels.shape[0], width=pixels.shape[1], pixels=pixels)
             if min(item.height, item.width) < self.resolution:
                 logger.info("skipping %s: %dx%d is smaller than the crop", item.name, item.width, item.height)
@@ -683,8 +424,6 @@ class ImageDataset(torch.utils.data.Dataset):
         """Pool entry ``k``: a dead-leaves image of twice the crop side, a pure function of
         ``(seed, k)``, made on first use and kept (the crops, flips and jitter drawn from it vary)."""
         if k not in self._pool:
-            from hetvae.procedural import dead_leaves
-
             image = dead_leaves(2 * self.resolution, np.random.default_rng((self.seed, 0x5EED, k)))
             image.flags.writeable = False
             self._pool[k] = image

@@ -91,16 +91,22 @@ def nll_bpd(target: Tensor, mean: Tensor, log_scale: Tensor, family: Family = "l
     return bits_per_dim(discretized_nll(x, mean.double(), torch.as_tensor(log_scale).double(), family)).item()
 
 
-def interval_half_width(p: float, family: Family) -> float:
-    """Half-width, in units of the scale, of the central ``p``-interval of a standard distribution.
+def half_width(u: Tensor, family: Family) -> Tensor:
+    """Half-width, in units of the scale, of the central ``u``-interval of a standard distribution,
+    elementwise for a tensor of levels ``u`` in [0, 1).
 
-    Laplace: ``-log(1 - p)``; Gaussian: ``sqrt(2) erfinv(p)``.
+    Laplace: ``-log(1 - u)``; Gaussian: ``sqrt(2) erfinv(u)``.
     """
+    if check_family(family) == "laplace":
+        return -torch.log1p(-u)
+    return math.sqrt(2.0) * torch.special.erfinv(u)
+
+
+def interval_half_width(p: float, family: Family) -> float:
+    """:func:`half_width` of one level ``p`` in (0, 1), as a float (computed in float64)."""
     if not 0.0 < p < 1.0:
         raise ValueError(f"coverage level p must be in (0, 1), got {p}")
-    if check_family(family) == "laplace":
-        return -math.log1p(-p)
-    return math.sqrt(2.0) * torch.erfinv(torch.tensor(p, dtype=torch.float64)).item()
+    return half_width(torch.tensor(p, dtype=torch.float64), family).item()
 
 
 def coverage(target: Tensor, mean: Tensor, log_scale: Tensor, p: float, family: Family = "laplace") -> float:

@@ -19,7 +19,7 @@ comparing granularities.
 
 Drawn with matplotlib's object API on an Agg canvas (no ``pyplot``, no global backend switch), so
 it is safe in training loops, threads and headless machines. Every file is written atomically
-(:func:`write_atomically`) and every PNG carries the text chunk :data:`OUTPUT_MARKER`, by which
+(:func:`write_atomically`) and every PNG carries the text chunk :data:`hetvae.outputs.OUTPUT_MARKER`, by which
 ``hetvae`` recognises its own outputs (it overwrites them, skips them as inputs, and refuses to
 overwrite anything else).
 """
@@ -36,12 +36,14 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
+from PIL import Image, PngImagePlugin
 from torch import Tensor
 
-from hetvae.checkpoint import write_atomically
+from hetvae.files import write_atomically
+from hetvae.metrics import CALIBRATION_LEVELS
+from hetvae.outputs import OUTPUT_MARKER
 
 __all__ = [
-    "OUTPUT_MARKER",
     "decoded_panel",
     "save_decoded_panel",
     "save_reliability_diagram",
@@ -51,9 +53,6 @@ __all__ = [
     "uncertainty_panel",
     "write_atomically",
 ]
-
-OUTPUT_MARKER = "hetvae"
-"""Key of the PNG text chunk (and safetensors metadata entry) that marks a file hetvae wrote."""
 
 _COLUMNS = ("input", "reconstruction", "|error|", "predicted scale", "|error| / scale")
 LEVELS_PER_UNIT = 127.5  # 8-bit grey levels per unit of the [-1, 1] image scale
@@ -211,7 +210,7 @@ def save_decoded_panel(
 
 
 def _save(fig: Figure, path: str | os.PathLike, dpi: int = 100, what: str = "figure") -> Path:
-    """Write ``fig`` as a PNG marked with :data:`OUTPUT_MARKER`, atomically."""
+    """Write ``fig`` as a PNG marked with :data:`hetvae.outputs.OUTPUT_MARKER`, atomically."""
     return write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png", metadata={OUTPUT_MARKER: what}))
 
 
@@ -225,8 +224,6 @@ def save_reliability_diagram(
     path: str | os.PathLike, curves: dict[str, list[float]], levels: tuple[float, ...] | None = None
 ) -> Path:
     """Observed vs nominal coverage of central intervals, one line per model (the diagonal is calibrated)."""
-    from hetvae.metrics import CALIBRATION_LEVELS
-
     levels = levels or CALIBRATION_LEVELS
     fig = _figure(4.2, 4.0)
     ax = fig.add_subplot()
@@ -256,8 +253,6 @@ def save_scale_map(path: str | os.PathLike, log_scale: Tensor, cmap: str = "magm
     """The predicted scale ``exp(log_scale)`` of one image ``(1|C, H, W)`` or ``(1, C|1, H, W)``,
     averaged over channels, as a plain colormapped PNG at the image's own size, on a logarithmic
     range from its 1st to its 99th percentile (at most a factor 1000: a constant map is one colour)."""
-    from PIL import Image, PngImagePlugin
-
     scale = log_scale.detach().float().cpu().exp()
     scale = scale.reshape(-1, *scale.shape[-2:]).mean(dim=0).numpy()
     hi = max(float(np.percentile(scale, 99)), 1e-12)

@@ -6,16 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from hetvae.config import (
-    Config,
-    ConfigError,
-    apply_overrides,
-    build_model,
-    build_nll,
-    build_objective,
-    config_to_dict,
-    load_config,
-)
+from hetvae.build import build_model, build_nll, build_objective
+from hetvae.config import Config, load_config
+from hetvae.schema import ConfigError, apply_overrides, config_to_dict
 from hetvae.discriminator import NLayerDiscriminator
 from hetvae.perceptual import LPIPS
 

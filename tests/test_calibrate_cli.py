@@ -11,11 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from hetvae.calibration import Calibration, calibrate, calibrated_metrics, pooled
+from hetvae.calibration import Calibration, calibrated_metrics, pooled
+from hetvae.predictor import calibrate
 from hetvae.cli import main
-from hetvae.config import build_model, load_config
+from hetvae.build import build_model
+from hetvae.config import load_config
 from hetvae.convert import load_autoencoder
-from hetvae.evaluate import evaluate, load_images, load_predictor, predict_all
+from hetvae.evaluate import evaluate
+from hetvae.images import load_images
+from hetvae.predictor import load_predictor, predict_all
 from hetvae.functional import soft_clamp
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -187,7 +191,7 @@ def test_fine_tuning_a_calibrated_model_drops_the_calibration(pixel_run, photos,
 
 
 def test_a_stored_calibration_for_another_family_is_refused():
-    from hetvae.autoencoder import Likelihood
+    from hetvae.likelihood import Likelihood
 
     cal = Calibration("affine", "gaussian", torch.ones(3), torch.zeros(3))
     with pytest.raises(ValueError, match="gaussian"):

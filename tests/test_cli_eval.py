@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 from hetvae.cli import main
 from hetvae.config import load_config
-from hetvae.evaluate import COLOUR_KEYS, METRIC_KEYS, load_predictor
+from hetvae.evaluate import COLOUR_KEYS
+from hetvae.outputs import METRIC_KEYS
+from hetvae.predictor import load_predictor
 from hetvae.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -79,7 +81,8 @@ def test_eval_json_has_every_key(runs, image_dir, tmp_path, capsys):
 
 def test_eval_reports_the_chroma_kept(runs, image_dir, tmp_path, capsys):
     from hetvae import metrics as M
-    from hetvae.evaluate import iter_predictions, load_images
+    from hetvae.images import load_images
+    from hetvae.predictor import iter_predictions
 
     out = tmp_path / "metrics.json"
     assert main(["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out)]) == 0
@@ -188,7 +191,7 @@ def test_an_unreadable_training_checkpoint_is_a_clear_error(checkpointed, tmp_pa
 
     from safetensors.torch import save_file
 
-    from hetvae.convert import CheckpointError
+    from hetvae.files import CheckpointError
 
     step = tmp_path / "step_00000002"
     shutil.copytree(checkpointed["ema"] / "checkpoints" / "step_00000002", step)
@@ -208,12 +211,12 @@ def test_calibrating_a_training_checkpoint_writes_a_new_export_and_leaves_the_st
     map is nearly constant (std ~3e-5), which the affine fit rightly refuses, so the fit is fixed."""
     import torch
 
-    import hetvae.calibration
+    import hetvae.predictor
     from hetvae.calibration import Calibration
 
     fitted = Calibration("affine", "laplace", torch.full((3,), 1.2), torch.full((3,), 0.1))
     fits = []
-    monkeypatch.setattr(hetvae.calibration, "calibrate", lambda *a, **k: fits.append(1) or fitted)
+    monkeypatch.setattr(hetvae.predictor, "calibrate", lambda *a, **k: fits.append(1) or fitted)
     step = checkpointed["ema"] / "checkpoints" / "step_00000002"
     image_dir = tmp_path / "images"  # enough values per channel to fit (10,000)
     image_dir.mkdir()
@@ -233,7 +236,8 @@ def test_calibrating_a_training_checkpoint_writes_a_new_export_and_leaves_the_st
 def test_eval_per_image_rows_pool_to_the_totals(runs, image_dir, tmp_path, capsys):
     """Each row is the image scored alone; the pooled PSNR and chroma kept are their means, the
     pooled bits/dim their mean weighted by element counts, coverage the weighted hit rate."""
-    from hetvae.evaluate import PER_IMAGE_KEYS, evaluate, load_images
+    from hetvae.evaluate import PER_IMAGE_KEYS, evaluate
+    from hetvae.images import load_images
 
     out = tmp_path / "metrics.json"
     args = ["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out), "--per-image"]

@@ -2,20 +2,9 @@ import dataclasses
 
 import pytest
 
-from hetvae.config import (
-    Config,
-    ConfigError,
-    DataConfig,
-    LogScaleConfig,
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    config_to_dict,
-    from_dict,
-    load_config,
-    model_architecture_kwargs,
-    save_config,
-)
+from hetvae.build import model_architecture_kwargs
+from hetvae.config import Config, DataConfig, LogScaleConfig, ModelConfig, TrainConfig, load_config, save_config
+from hetvae.schema import ConfigError, apply_overrides, config_to_dict, from_dict
 
 
 def _write(tmp_path, text):

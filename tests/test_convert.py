@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.convert import CheckpointError, inspect_checkpoint, load_autoencoder, save_autoencoder
+from hetvae.convert import inspect_checkpoint, load_autoencoder, save_autoencoder
+from hetvae.files import CheckpointError
 
 diffusers = pytest.importorskip("diffusers")
 

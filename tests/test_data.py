@@ -6,14 +6,8 @@ import torch
 from PIL import Image
 
 from hetvae.config import DataConfig
-from hetvae.data import (
-    IMAGE_EXTENSIONS,
-    ImageDataset,
-    build_dataset,
-    list_images,
-    read_image,
-    sample_images,
-)
+from hetvae.data import ImageDataset, build_dataset
+from hetvae.images import IMAGE_EXTENSIONS, list_images, read_image, sample_images
 
 R = 16
 
@@ -203,7 +197,7 @@ def test_extension_set():
 
 
 def test_held_out_split_is_colour_photographs_never_seen_in_training():
-    from hetvae.data import HOLDOUT_FRACTION, _load_sample
+    from hetvae.images import HOLDOUT_FRACTION, _load_sample
 
     train, test = dict(sample_images("train")), dict(sample_images("test"))
     for name, img in test.items():
@@ -368,7 +362,7 @@ def test_cache_size_is_checked():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="cache_mb"):
             ImageDataset([np.zeros((R, R, 3), np.uint8)], resolution=R, cache_mb=bad)
-    from hetvae.config import ConfigError
+    from hetvae.schema import ConfigError
 
     with pytest.raises(ConfigError, match="cache_mb: must be >= 0"):
         DataConfig(cache_mb=-1)

@@ -14,7 +14,8 @@ import dataclasses
 import pytest
 import torch
 
-from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Likelihood, Reconstruction
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Reconstruction
+from hetvae.likelihood import Likelihood
 from hetvae.distributions import DiagonalGaussian
 from hetvae.functional import soft_clamp
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import hetvae.evaluate as E
+import hetvae.images
+import hetvae.predictor as P
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 from hetvae.cli import main
 from hetvae.convert import save_autoencoder
@@ -201,8 +202,8 @@ def test_eval_and_compare_take_tile(model_file, tmp_path, monkeypatch, command):
 def test_large_images_are_tiled_automatically_unless_tile_is_0(model_file, tmp_path, monkeypatch):
     _photo(tmp_path / "in" / "big.png", 0, size=(40, 56))
     _photo(tmp_path / "in" / "small.png", 1, size=(8, 8))
-    monkeypatch.setattr(E, "AUTO_TILE_PIXELS", 20 * 20)
-    monkeypatch.setattr(E, "AUTO_TILE_SIZE", 16)
+    monkeypatch.setattr(P, "AUTO_TILE_PIXELS", 20 * 20)
+    monkeypatch.setattr(P, "AUTO_TILE_SIZE", 16)
     seen = _count_tiles(monkeypatch)
     args = ["eval", "--checkpoint", str(model_file), "--images", str(tmp_path / "in")]  # no panels: faster
     assert main(args) == 0
@@ -214,17 +215,15 @@ def test_large_images_are_tiled_automatically_unless_tile_is_0(model_file, tmp_p
 
 
 def test_images_are_decoded_one_at_a_time(model_file, tmp_path, monkeypatch):
-    import hetvae.data
-
     for i in range(3):
         _photo(tmp_path / "in" / f"{i}.png", i)
     events = []
-    read_image = hetvae.data.read_image
-    monkeypatch.setattr(hetvae.data, "read_image", lambda path: events.append("read") or read_image(path))
-    images = E.load_images(tmp_path / "in")
+    read_image = hetvae.images.read_image
+    monkeypatch.setattr(hetvae.images, "read_image", lambda path: events.append("read") or read_image(path))
+    images = hetvae.images.load_images(tmp_path / "in")
     assert len(images) == 3 and events == []  # listed, not decoded
-    predict = E.Predictor.predict
-    monkeypatch.setattr(E.Predictor, "predict", lambda self, image: events.append("predict") or predict(self, image))
+    predict = P.Predictor.predict
+    monkeypatch.setattr(P.Predictor, "predict", lambda self, image: events.append("predict") or predict(self, image))
     assert main(["eval", "--checkpoint", str(model_file), "--images", str(tmp_path / "in")]) == 0
     assert events == ["read", "predict"] * 3
 

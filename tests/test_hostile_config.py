@@ -10,16 +10,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hetvae.config import (
-    Config,
-    ConfigError,
-    ModelConfig,
-    TrainConfig,
-    apply_overrides,
-    config_to_dict,
-    load_config,
-    save_config,
-)
+from hetvae.config import Config, ModelConfig, TrainConfig, load_config, save_config
+from hetvae.schema import ConfigError, apply_overrides, config_to_dict
 
 
 def _write(tmp_path, text, name="cfg.yaml"):
@@ -193,7 +185,7 @@ def _tiny_checkpoint(tmp_path, *, metadata: bool):
 
 @pytest.mark.parametrize("metadata", [False, True])
 def test_explicit_scaling_factor_overrides_the_checkpoint(tmp_path, metadata):
-    from hetvae.config import build_model
+    from hetvae.build import build_model
 
     file = _tiny_checkpoint(tmp_path, metadata=metadata)
     base = ["data.resolution=32", f"model.init_from={file}"]
@@ -211,7 +203,7 @@ def test_explicit_scaling_factor_overrides_the_checkpoint(tmp_path, metadata):
 
 
 def test_scratch_model_scaling_factor():
-    from hetvae.config import build_model
+    from hetvae.build import build_model
 
     small = ["model.block_out_channels=[32, 64]", "data.resolution=32"]
     assert build_model(apply_overrides(Config(), small)).config.scaling_factor == 0.18215

@@ -21,14 +21,15 @@ from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 from hetvae.cli import main
 from hetvae.config import load_config
 from hetvae.convert import (
-    CheckpointError,
     config_from_diffusers,
     config_to_diffusers,
     inspect_checkpoint,
     load_autoencoder,
     save_autoencoder,
 )
-from hetvae.evaluate import evaluate, load_predictor
+from hetvae.files import CheckpointError
+from hetvae.evaluate import evaluate
+from hetvae.predictor import load_predictor
 from hetvae.loss import HeteroscedasticNLL
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -229,7 +230,7 @@ _FLOATS = st.floats(-4, 4, allow_nan=False, width=32)
 def test_item12_property_config_to_diffusers_and_back_is_the_identity(
     channels, latent, quant, sample_size, upcast, stats, scaling, shift
 ):
-    from hetvae.autoencoder import Likelihood
+    from hetvae.likelihood import Likelihood
 
     config = AutoencoderConfig(
         block_out_channels=channels, latent_channels=latent, use_quant_conv=quant, use_post_quant_conv=quant,

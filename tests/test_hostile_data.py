@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from hetvae.data import ImageDataset, list_images, read_image
+from hetvae.data import ImageDataset
+from hetvae.images import list_images, read_image
 
 R = 16
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 
 from hetvae.autoencoder import Reconstruction
 from hetvae.cli import main as cli_main
-from hetvae.config import ConfigError, build_model, build_objective, load_config
+from hetvae.build import build_model, build_objective
+from hetvae.config import load_config
+from hetvae.schema import ConfigError
 from hetvae.loss import HeteroscedasticNLL
 from hetvae.objective import AutoencoderObjective
 from hetvae.perceptual import LPIPS

@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 from hetvae import AutoencoderConfig, AutoencoderKL, Likelihood
 from hetvae.cli import main
-from hetvae.evaluate import is_hetvae_output, load_latents, load_predictor
+from hetvae.images import load_latents
+from hetvae.outputs import is_hetvae_output
+from hetvae.predictor import load_predictor
 
 TINY = dict(block_out_channels=(32, 64), norm_num_groups=16, layers_per_block=1, latent_channels=4)
 

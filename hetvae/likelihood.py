@@ -1,0 +1,154 @@
+"""The reconstruction likelihood stored with a model, and its one mapping to and from the loss.
+
+:class:`Likelihood` is the record every model file carries (``AutoencoderConfig.likelihood``):
+granularity, family, bounds, soft-clamp margin, fit, init, the learned value(s) of a global or
+channel scale and any post-hoc calibration. :func:`likelihood_from_nll` reads it off a
+:class:`hetvae.loss.HeteroscedasticNLL`; :func:`nll_from_likelihood` builds that loss back, giving
+the same log-scales to the bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hetvae.calibration import Calibration, CalibrationError
+from hetvae.functional import soft_clamp
+from hetvae.loss import HeteroscedasticNLL
+
+__all__ = [
+    "LIKELIHOOD_FAMILIES",
+    "LIKELIHOOD_GRANULARITIES",
+    "Likelihood",
+    "finite_numbers",
+    "is_int",
+    "is_number",
+    "likelihood_from_nll",
+    "nll_from_likelihood",
+]
+
+LIKELIHOOD_GRANULARITIES = ("global", "channel", "pixel")
+LIKELIHOOD_FAMILIES = ("laplace", "gaussian")
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_numbers(name: str, value: Any, length: int | None = None) -> tuple[float, ...]:
+    """``value`` as a tuple of floats; a ``ValueError`` naming ``name`` if it is not a list of numbers."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not all(map(is_number, value)):
+        raise ValueError(f"{name} must be a list of finite numbers, got {value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must hold {length} numbers, got {len(value)}: {list(value)!r}")
+    return tuple(float(v) for v in value)
+
+
+@dataclass
+class Likelihood:
+    """The reconstruction likelihood a model was trained and is scored with, stored with the model.
+
+    ``granularity``: where the log-scale comes from: ``"global"`` / ``"channel"`` (a value of the
+    loss, stored here) or ``"pixel"`` (the decoder's head). ``family``, ``bounds``, ``margin``,
+    ``fit``, ``init`` as in :class:`hetvae.loss.HeteroscedasticNLL`; ``free``: the learned free
+    parameter(s) of a ``global`` (1 value) or ``channel`` (``out_channels`` values) scale with
+    ``fit="learned"``, so the bounded log-scale is ``soft_clamp(init + free, *bounds, margin)``;
+    None otherwise. Training-only settings (beta, faithful, the constant) do not change a score and
+    are not kept.
+    """
+
+    granularity: str = "global"
+    family: str = "laplace"
+    bounds: tuple[float, float] = (-7.0, 3.0)
+    margin: float = 1.0
+    fit: str = "learned"
+    init: float = 0.0
+    free: tuple[float, ...] | None = None
+    calibration: dict[str, Any] | None = None
+    """A post-hoc correction of the scale (:meth:`hetvae.calibration.Calibration.to_dict`), fitted
+    by ``hetvae calibrate``; None: uncalibrated."""
+
+    def __post_init__(self) -> None:
+        if self.granularity not in LIKELIHOOD_GRANULARITIES:
+            raise ValueError(f"likelihood.granularity must be one of {LIKELIHOOD_GRANULARITIES}, got {self.granularity!r}")
+        if self.family not in LIKELIHOOD_FAMILIES:
+            raise ValueError(f"likelihood.family must be one of {LIKELIHOOD_FAMILIES}, got {self.family!r}")
+        if self.fit not in ("learned", "optimal") or (self.fit == "optimal" and self.granularity == "pixel"):
+            raise ValueError(f"likelihood.fit must be 'learned' (or 'optimal' for global/channel), got {self.fit!r}")
+        self.bounds = finite_numbers("likelihood.bounds", self.bounds, 2)  # type: ignore[assignment]
+        for name in ("margin", "init"):
+            if not is_number(getattr(self, name)):
+                raise ValueError(f"likelihood.{name} must be a finite number, got {getattr(self, name)!r}")
+            setattr(self, name, float(getattr(self, name)))
+        if self.free is not None:
+            self.free = finite_numbers("likelihood.free", self.free)
+        learned = self.fit == "learned" and self.granularity != "pixel"
+        if learned != (self.free is not None):
+            raise ValueError(
+                f"likelihood.free must hold the learned value(s) of a learned global/channel scale and be null "
+                f"otherwise; got {self.free!r} for granularity {self.granularity!r}, fit {self.fit!r}"
+            )
+        if self.granularity == "global" and self.free is not None and len(self.free) != 1:
+            raise ValueError(f"likelihood.free of a global scale must hold 1 value, got {len(self.free)}")
+        if self.calibration is not None:
+            cal = self.calibrator()
+            if cal.family != self.family:
+                raise ValueError(f"likelihood.calibration was fitted for {cal.family!r}, the likelihood is {self.family!r}")
+            self.calibration = cal.to_dict()  # normalised: lists of floats
+
+    def bound(self, raw: Tensor, calibration: Any = None) -> Tensor:
+        """A head's raw output -> this likelihood's bounded log-scale
+        ``soft_clamp(raw, *bounds, margin)`` (computed in at least float32) -> corrected by
+        ``calibration`` (a :class:`hetvae.calibration.Calibration`) when given; in ``raw``'s dtype.
+        What a calibrated model's decode and an attached head return."""
+        s = soft_clamp(raw.to(torch.promote_types(raw.dtype, torch.float32)), *self.bounds, self.margin)
+        if calibration is not None:
+            s = calibration.apply(s)
+        return s.to(raw.dtype)
+
+    def calibrator(self):
+        """The :class:`hetvae.calibration.Calibration` stored here, or None."""
+        if self.calibration is None:
+            return None
+        try:
+            return Calibration.from_dict(self.calibration, "likelihood.calibration")
+        except CalibrationError as e:
+            raise ValueError(str(e)) from None
+
+
+
+def likelihood_from_nll(nll: HeteroscedasticNLL) -> Likelihood:
+    """The :class:`Likelihood` record of a :class:`hetvae.loss.HeteroscedasticNLL`: granularity,
+    family, bounds, margin, fit, init and the learned value(s) of a global/channel scale."""
+    head = nll.head
+    free = getattr(head, "free", None)
+    return Likelihood(
+        granularity=nll.granularity, family=nll.family, bounds=head.bounds, margin=head.margin, fit=head.fit,
+        init=head.init, free=None if free is None else tuple(free.detach().cpu().flatten().tolist()),
+    )
+
+
+def nll_from_likelihood(likelihood: Likelihood, channels: int) -> HeteroscedasticNLL:
+    """The :class:`hetvae.loss.HeteroscedasticNLL` a :class:`Likelihood` records (eval mode): it
+    gives the same log-scales, to the bit, as the loss it was recorded from."""
+    lik = likelihood
+    nll = HeteroscedasticNLL(
+        lik.granularity, channels=channels, family=lik.family, init=lik.init, bounds=lik.bounds,
+        margin=lik.margin, fit=lik.fit,
+    )
+    if lik.free is not None:
+        free = nll.head.free
+        if len(lik.free) != free.numel():
+            raise ValueError(f"likelihood.free holds {len(lik.free)} value(s), a {lik.granularity} scale of "
+                             f"{channels} channels has {free.numel()}")
+        with torch.no_grad():
+            free.copy_(torch.tensor(lik.free, dtype=free.dtype).view_as(free))
+    return nll.eval()

@@ -1,0 +1,402 @@
+"""Predicting with a trained model: :class:`Predictor` (a model and the likelihood its scale is
+judged with), :func:`load_predictor`, streaming predictions, and fitting and storing a post-hoc
+calibration of its scale (:func:`calibrate`; the math lives in :mod:`hetvae.calibration`).
+
+:func:`load_predictor` opens either
+
+* a **run folder** written by ``hetvae train`` (``config.yaml``, ``model.safetensors``,
+  ``loss.safetensors``): the model plus its trained likelihood, whatever the granularity;
+* one of its **training checkpoints** (``checkpoints/step_XXXXXXXX``): the model and likelihood
+  the run would have exported at that step (EMA weights when the run keeps them); or
+* any **model** :func:`hetvae.convert.load_autoencoder` reads (diffusers folder, SD single file,
+  hetvae checkpoint). With a per-pixel head, its map is the scale (soft-bounded with the default
+  bounds); without one, the scale is the closed-form global optimum of each image (sigma-VAE), so
+  the metrics then describe the mean with the best possible single scale.
+
+An image larger than :data:`AUTO_TILE_PIXELS` is reconstructed in tiles of :data:`AUTO_TILE_SIZE`
+pixels unless the predictor says otherwise (:attr:`Predictor.tile`), and running out of memory is a
+``ValueError`` that says to tile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
+from hetvae.build import build_nll, model_nll
+from hetvae.calibration import DEFAULT_METHOD, Calibration, CalibrationError, fit_calibration, pooled
+from hetvae.checkpoint import WEIGHTS_FILE, is_checkpoint, read_checkpoint_weights, tensors_under
+from hetvae.config import Config, load_config
+from hetvae.convert import CONFIG_KEY, inspect_checkpoint, load_autoencoder, save_autoencoder
+from hetvae.files import CheckpointError
+from hetvae.images import ImageList, load_images
+from hetvae.likelihood import likelihood_from_nll
+from hetvae.loss import HeteroscedasticNLL
+from hetvae.schema import ConfigError, from_dict
+from hetvae.train import TRAIN_CONFIG_KEY
+
+RUN_FILES = ("config.yaml", "model.safetensors")
+
+AUTO_TILE_PIXELS = 2048 * 2048
+"""Images with more pixels than this are reconstructed in tiles when :attr:`Predictor.tile` is
+``None`` (automatic): an untiled SD decoder holds several 128-channel float32 activations at full
+resolution, 0.5 kB per pixel each (4 MP: a few GB)."""
+AUTO_TILE_SIZE = 512
+"""Tile size of automatic tiling, in pixels (as ``AutoencoderKL.enable_tiling``'s default)."""
+
+
+@dataclass
+class Prediction:
+    """One image's reconstruction and its scale, all ``(1, C, H, W)`` on the [-1, 1] scale."""
+
+    target: Tensor
+    mean: Tensor
+    log_scale: Tensor
+    raw_log_scale: Tensor | None = None
+    """The model's uncalibrated log-scale when :attr:`Predictor.calibration` is set (``log_scale``
+    is then the calibrated one); ``None`` otherwise."""
+
+    @property
+    def error(self) -> Tensor:
+        return (self.target - self.mean).abs()
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
+
+
+@dataclass
+class Decoded:
+    """One decoded latent: its image and scale, ``(1, C, H, W)`` on the [-1, 1] scale (no target)."""
+
+    mean: Tensor
+    log_scale: Tensor
+    raw_log_scale: Tensor | None = None
+    """The uncalibrated log-scale when :attr:`Predictor.calibration` is set; ``None`` otherwise."""
+
+    @property
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
+
+
+@dataclass
+class Predictor:
+    """An autoencoder and the likelihood whose scale it is judged with."""
+
+    model: AutoencoderKL
+    nll: HeteroscedasticNLL
+    source: str
+    tile: int | None = None
+    """Tiling of :meth:`predict`: ``None`` automatic (tiles of :data:`AUTO_TILE_SIZE` above
+    :data:`AUTO_TILE_PIXELS`, unless the model's own ``enable_tiling`` is on), ``0`` never, ``N``
+    tiles of ``N`` pixels (a multiple of the model's ``downsample_factor``)."""
+    calibration: Calibration | None = None
+    """A post-hoc correction of the scale (:mod:`hetvae.calibration`): :meth:`predict` returns the
+    calibrated log-scale and the metrics use the calibrated distribution. ``None``: uncalibrated."""
+
+    @property
+    def granularity(self) -> str:
+        return self.nll.granularity
+
+    @property
+    def family(self) -> str:
+        return self.nll.family
+
+    @torch.no_grad()
+    def predict(self, image: Tensor) -> Prediction:
+        """Reconstruct one image ``(C, H, W)`` or ``(1, C, H, W)`` in [-1, 1] (any size: the model
+        pads to its down-sampling factor and crops back) from the posterior mode."""
+        x = image if image.ndim == 4 else image.unsqueeze(0)
+        x = x.to(next(self.model.parameters()).device, torch.float32)
+        rec, _ = self._run(lambda: self.model(x, sample_posterior=False), *x.shape[-2:], "reconstructing")
+        mean, s, uncalibrated = self._scales(x, rec)
+        return Prediction(x, mean, s, raw_log_scale=uncalibrated)
+
+    def _scales(self, like: Tensor, rec) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(mean, log-scale, uncalibrated log-scale or None)`` of a reconstruction, the scales
+        broadcast to the mean's shape and calibrated when :attr:`calibration` is set. ``like``: the
+        target (its values matter only to a closed-form scale; its shape is the mean's)."""
+        mean = rec.mean.float()
+        raw = rec.log_scale.float() if self.granularity == "pixel" else None
+        s = torch.broadcast_to(self.nll.log_scale(like, mean, raw), mean.shape).contiguous()
+        if self.calibration is None:
+            return mean, s, None
+        return mean, torch.broadcast_to(self.calibration.apply(s), mean.shape).contiguous(), s
+
+    @torch.no_grad()
+    def decode_latents(self, z: Tensor) -> Decoded:
+        """Decode one unscaled latent ``(C, h, w)`` or ``(1, C, h, w)`` (see :func:`load_latents`)
+        into its image and scale, tiled as :meth:`predict` tiles. There is no target, so a model
+        whose scale is fitted to each image's error (no head, no learned scale) has no map to give:
+        ``ValueError``."""
+        z = z if z.ndim == 4 else z.unsqueeze(0)
+        channels = self.model.config.latent_channels
+        if z.ndim != 4 or z.shape[0] != 1 or z.shape[1] != channels:
+            raise ValueError(f"expected one latent (1, {channels}, h, w) for this model (latent_channels={channels}), "
+                             f"got shape {tuple(z.shape)}")
+        if getattr(self.nll.head, "fit", None) == "optimal":
+            raise ValueError(
+                f"{self.source} has no per-pixel log-scale head and no learned scale: its scale is fitted to each "
+                "image's reconstruction error, and decoded latents have no image to compare with. Use a model "
+                "trained with a log-scale (hetvae train, or an export of one)"
+            )
+        z = z.to(next(self.model.parameters()).device, torch.float32)
+        f = self.model.config.downsample_factor
+        rec = self._run(lambda: self.model.decode(z), z.shape[-2] * f, z.shape[-1] * f, "decoding")
+        mean, s, uncalibrated = self._scales(rec.mean.float(), rec)  # no target: the mean gives the shape
+        return Decoded(mean, s, raw_log_scale=uncalibrated)
+
+    def _run(self, call: Callable, height: int, width: int, doing: str):
+        """``call()`` with the model tiled for an image of ``height x width`` (:meth:`_tile_for`) and its
+        calibration off (the head's raw map); running out of memory is a ``ValueError`` that says to tile."""
+        model = self.model
+        saved = model.use_tiling, model.tile_sample_size, model.tile_overlap, model.use_calibration
+        tile = self._tile_for(height, width)
+        model.use_calibration = False  # the raw head output: the likelihood bounds it, then self.calibration
+        try:
+            if tile:
+                model.enable_tiling(tile_sample_size=tile)
+            elif tile == 0:
+                model.disable_tiling()
+            return call()
+        except (RuntimeError, MemoryError) as error:
+            if not _out_of_memory(error):
+                raise
+            how = f"in tiles of {model.tile_sample_size} px" if model.use_tiling else "whole (untiled)"
+            raise ValueError(
+                f"out of memory {doing} a {height}x{width} image ({height * width / 1e6:.1f} MP) {how}: "
+                f"reconstruct it in smaller tiles (--tile PX on the command line, Predictor.tile in Python; "
+                f"a multiple of {model.config.downsample_factor}, e.g. 256) or free memory ({error})"
+            ) from None
+        finally:
+            model.use_tiling, model.tile_sample_size, model.tile_overlap, model.use_calibration = saved
+
+    def _tile_for(self, height: int, width: int) -> int | None:
+        """Tile size for one image: ``None`` leaves the model as it is, ``0`` turns tiling off."""
+        if self.tile is not None:
+            return self.tile
+        if self.model.use_tiling or height * width <= AUTO_TILE_PIXELS:
+            return None
+        f = self.model.config.downsample_factor
+        return max(AUTO_TILE_SIZE // f * f, f)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure (torch raises ``RuntimeError`` on the CPU)."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return any(m in text for m in ("out of memory", "not enough memory", "can't allocate memory", "failed to allocate"))
+
+
+def is_run_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in RUN_FILES)
+
+
+def _training_checkpoint_parts(path: Path) -> tuple[AutoencoderKL, HeteroscedasticNLL]:
+    """The model and likelihood a run would have exported at the step saved in ``path``: the EMA
+    weights when the run keeps them (as ``model.safetensors``), else the trained ones, and the
+    learned log-scale. Reads ``weights.safetensors`` only (never the training state)."""
+    tensors, metadata = read_checkpoint_weights(path)
+    weights = path / WEIGHTS_FILE
+    missing = [k for k in (CONFIG_KEY, TRAIN_CONFIG_KEY) if k not in metadata]
+    if missing:
+        raise CheckpointError(f"{weights}: lacks the {' and '.join(missing)} metadata that `hetvae train` writes")
+    try:
+        model_config = AutoencoderConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        cfg = from_dict(Config, json.loads(metadata[TRAIN_CONFIG_KEY]))
+    except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: its config metadata cannot be read by this version ({exc})") from exc
+    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "autoencoder."
+    model = AutoencoderKL(model_config)
+    nll = build_nll(cfg, model)
+    for module, name in ((model, prefix), (nll, "loss.")):
+        try:
+            module.load_state_dict(tensors_under(tensors, name), strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{weights}: the {name}* tensors do not fit the config stored with them: {str(exc).splitlines()[-1].strip()}"
+            ) from exc
+    return model, nll
+
+
+def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibrated: bool = True) -> Predictor:
+    """A :class:`Predictor` from a run folder, one of its training checkpoints
+    (``RUN/checkpoints/step_XXXXXXXX``: the model the run would have exported at that step) or any
+    model checkpoint (module docstring).
+
+    ``calibrated``: use the post-hoc calibration stored with the model (``hetvae calibrate``), if
+    any; False scores the model as trained (``--uncalibrated``)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run folder or a model checkpoint)")
+    if is_run_folder(path):
+        cfg = load_config(path / "config.yaml")
+        model = load_autoencoder(path / "model.safetensors")
+        nll = build_nll(cfg, model)
+        loss_file = path / "loss.safetensors"
+        if loss_file.is_file():
+            try:
+                state = load_file(str(loss_file))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ValueError(f"{loss_file}: cannot read the run's learned log-scale, the file is truncated or corrupt ({e})") from e
+            try:
+                nll.load_state_dict(state)
+            except RuntimeError as e:
+                raise ValueError(
+                    f"{loss_file} does not fit log_scale in {path / 'config.yaml'} "
+                    f"({nll.granularity}, {model.config.out_channels} channels): {str(e).splitlines()[-1].strip()}"
+                ) from e
+        elif list(nll.parameters()):
+            raise FileNotFoundError(
+                f"{loss_file} is missing: the run's {nll.granularity!r} log-scale was learned and lives there"
+            )
+    elif is_checkpoint(path):
+        model, nll = _training_checkpoint_parts(path)
+    else:
+        model = load_autoencoder(path)
+        nll = model_nll(model, path)
+    model.eval().to(device)
+    nll.eval().to(device)
+    calibration = model.calibration if calibrated else None
+    if calibration is not None and calibration.family != nll.family:
+        raise ValueError(f"{path}: the stored calibration was fitted for {calibration.family!r}, the model is scored as {nll.family!r}")
+    return Predictor(model=model, nll=nll, source=str(path), calibration=calibration)
+
+
+def _named(images: Iterable) -> Iterator[tuple[str | None, Tensor]]:
+    """``(source, image)`` pairs from an :class:`ImageList` (source: the file), ``(name, image)``
+    pairs, or bare images (source ``None``)."""
+    if isinstance(images, ImageList):
+        for i in range(len(images)):
+            yield str(images.sources[i]), images.load(i)
+        return
+    for item in images:
+        yield item if isinstance(item, tuple) else (None, item)
+
+
+def iter_predictions(
+    predictor: Predictor, images: Iterable, progress: bool = False, desc: str = "predict"
+) -> Iterator[tuple[str | None, Prediction]]:
+    """``(source, prediction)`` for each image, one image in memory at a time. ``images``: an
+    :class:`ImageList`, ``(name, image)`` pairs or images ``(C, H, W)`` in [-1, 1]. An error
+    (out of memory, say) names the image's file."""
+    named = _named(images)
+    if progress:
+        named = tqdm(named, desc=desc, unit="img", total=len(images) if isinstance(images, Sequence) else None)
+    for source, image in named:
+        try:
+            prediction = predictor.predict(image)
+        except ValueError as error:
+            if source is None:
+                raise
+            raise ValueError(f"image {source}: {error}") from None
+        yield source, prediction
+
+
+def predict_all(predictor: Predictor, images: Iterable, progress: bool = False) -> list[Prediction]:
+    """Every prediction in a list (all in memory: :func:`iter_predictions` streams them)."""
+    return [p for _, p in iter_predictions(predictor, images, progress)]
+
+
+def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -> Calibration:
+    """Fit a :class:`Calibration` of ``model``'s scale on ``images``.
+
+    Args:
+        model: a :class:`hetvae.predictor.Predictor` (a run folder's model and likelihood, as
+            :func:`hetvae.predictor.load_predictor` returns), an :class:`hetvae.AutoencoderKL` with a
+            log-scale head, or a path either of those loads from. Any calibration it already
+            carries is ignored: the fit is on the uncalibrated scale (calibrating twice replaces).
+        images: ``(C, H, W)`` tensors in [-1, 1], file paths or a folder.
+        method: ``"affine"`` or ``"isotonic"``.
+        kwargs: passed to :func:`fit_calibration`.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        predictor = load_predictor(model)
+    elif isinstance(model, Predictor):
+        predictor = model
+    elif isinstance(model, AutoencoderKL):
+        if not model.has_log_scale_head:
+            raise CalibrationError(
+                "an AutoencoderKL without a log-scale head has no scale to calibrate: pass the run's "
+                "Predictor (hetvae.predictor.load_predictor(run_dir)) for a global/channel scale"
+            )
+        predictor = Predictor(model=model.eval(), nll=model_nll(model).eval(), source="model")
+    else:
+        raise CalibrationError(f"model must be a Predictor, an AutoencoderKL or a path, got {type(model).__name__}")
+    if isinstance(images, (str, os.PathLike)):
+        images = load_images(images)
+    previous = predictor.calibration
+    predictor.calibration = None  # fit on the uncalibrated scale: calibrating again replaces
+    try:
+        predictions = [p for _, p in iter_predictions(predictor, images)]
+    finally:
+        predictor.calibration = previous
+    if not predictions:
+        raise CalibrationError("no images to calibrate on")
+    target, mean, log_scale = pooled(predictions)
+    return fit_calibration(target, mean, log_scale, predictor.family, method, **kwargs)
+
+
+def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Any:
+    """Raise :class:`CalibrationError` where :func:`store_calibration` would refuse to write next to
+    ``path`` without ``out``: a run's training checkpoint, or a single file hetvae did not write.
+    Cheap (no model is read), so a caller checks before spending time on a fit. Returns the
+    ``CheckpointInfo`` of the model file to rewrite in place, None for ``out`` or a run folder."""
+    path = Path(path).expanduser()
+    if out is not None or is_run_folder(path):
+        return None
+    if is_checkpoint(path):
+        raise CalibrationError(
+            f"{path} is a training checkpoint (the state a run resumes from): it is not rewritten. Pass --out DIR "
+            "to write the model of that step with its calibration as a new hetvae export"
+        )
+    info = inspect_checkpoint(path)
+    if info.format == "ldm" and info.config_source != "file metadata":
+        raise CalibrationError(
+            f"{info.weights_file} is a {info.format} checkpoint hetvae did not write (it may hold more than the "
+            "VAE): it is not rewritten. Pass --out DIR to write the model with its calibration as a new hetvae export"
+        )
+    return info
+
+
+def store_calibration(predictor: Any, calibration: Calibration | None, path: str | os.PathLike,
+                      out: str | os.PathLike | None = None) -> Path:
+    """Write ``calibration`` (None: remove it) with the model ``predictor`` was loaded from.
+
+    ``path``: the run folder or model checkpoint the predictor came from (a run's training
+    checkpoint, ``checkpoints/step_N``, is never rewritten: it needs ``out``). The likelihood record of
+    the model file (``AutoencoderConfig.likelihood``) gets the calibration, replacing any earlier
+    one, so it travels through every export: a run folder's ``model.safetensors``, a hetvae file, a
+    diffusers folder (``config.json``) or an ldm file hetvae wrote (its metadata). Other single
+    files (an original SD checkpoint) are not rewritten: pass ``out``, a folder for a new hetvae
+    export of the model with its calibration. Returns the file or folder written.
+    """
+    path = Path(path).expanduser()
+    info = check_calibration_destination(path, out)
+    model = predictor.model
+    record = model.config.likelihood
+    if record is None or record.granularity != predictor.granularity or record.family != predictor.family:
+        record = likelihood_from_nll(predictor.nll)
+    record = dataclasses.replace(record, calibration=None if calibration is None else calibration.to_dict())
+    if out is not None:
+        return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
+    if info is None:  # a run folder
+        return save_autoencoder(model, path / "model.safetensors", format="hetvae", likelihood=record)
+    if info.format == "diffusers":
+        return save_autoencoder(model, info.weights_file.parent, format="diffusers", likelihood=record)
+    # hetvae, or an ldm export hetvae wrote (any other ldm file was refused above)
+    return save_autoencoder(model, info.weights_file, format=info.format, likelihood=record)
