@@ -1,10 +1,11 @@
-"""Variants of hetvae's AutoencoderKL for the benchmarks, applied to one model instance only.
+"""Variants of hetvae's AutoencoderKL (one instance patched) for docs/performance.md#the-autoencoder-against-diffusers.
+
+Variants of hetvae's AutoencoderKL for the benchmarks, applied to one model instance only.
 
 The shipped model runs its CPU activations channels_last, gives attention contiguous tokens and
-uses in-place SiLU at inference (docs/performance.md, section 2). Each ``no_*`` variant switches one
+uses in-place SiLU at inference (docs/performance.md). Each ``no_*`` variant switches one
 of those off, so a benchmark measures that change's effect against diffusers in the same process;
-``previous`` switches off the first two (the model as it was before them). The others are options
-that were tried and not shipped. Patches replace the ``forward`` of one instance's blocks
+``previous`` switches off the first two. The others are options that were tried and not shipped. Patches replace the ``forward`` of one instance's blocks
 (``types.MethodType``); nothing in the library changes.
 """
 

@@ -1,4 +1,6 @@
-"""Timing helpers shared by the benchmarks: ratios measured in one process, interleaved.
+"""Timing helpers shared by the benchmarks: interleaved in-process ratios, docs/performance.md#method.
+
+Timing helpers shared by the benchmarks: ratios measured in one process, interleaved.
 
 Other work on the machine changes absolute times from one minute to the next, but affects two
 candidates timed alternately within a few milliseconds of each other almost equally. So every

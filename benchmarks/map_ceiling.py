@@ -1,4 +1,6 @@
-"""How much can a per-pixel scale map gain on these photographs at all? Ceilings for issue [1/4].
+"""How much a per-pixel scale map can gain at all (in-sample and oracle maps); backs docs/results.md#how-much-any-map-can-gain.
+
+How much can a per-pixel scale map gain on these photographs at all?
 
 For a trained model and a folder of held-out photographs, the reconstruction's absolute error is
 scored against several maps of the log-scale, each given the per-channel affine correction

@@ -1,11 +1,13 @@
-"""Peak memory of tiled vs untiled decoding, one child process per configuration.
+"""Peak memory of tiled and untiled decoding, a child each; backs docs/performance.md#memory-of-tiled-and-untiled-decoding.
+
+Peak memory of tiled vs untiled decoding, one child process per configuration.
 
 torch allocates outside Python's allocator, so ``tracemalloc`` sees nothing; the peak resident set
 size of a fresh process does. Each configuration runs in its own child (``--child``), and the
 parent reads that child's ``ru_maxrss`` from ``os.wait4``. A child that builds the model and the
 latent but decodes nothing gives the baseline (interpreter, torch, weights), reported beside.
 ``+previous`` rows patch the model back to NCHW activations and strided attention tokens
-(``_patches.previous``, the model before those changes): CPU SDPA then takes its math kernel,
+(``_patches.previous``): CPU SDPA then takes its math kernel,
 which materialises the ``HW x HW`` scores, instead of its flash kernel.
 
 The model is the SD layout scaled for a CPU (``--channels 64 128 256 256``, random weights);

@@ -1,4 +1,6 @@
-"""NLL forward+backward time as a multiple of ``F.l1_loss`` forward+backward on the same tensors.
+"""NLL forward+backward time as a multiple of F.l1_loss's; backs docs/performance.md#the-nll.
+
+NLL forward+backward time as a multiple of ``F.l1_loss`` forward+backward on the same tensors.
 
 For each family, granularity and beta, three things are timed, interleaved in one process:
 ``F.l1_loss(mean, target)`` and its gradient (the baseline), then ``HeteroscedasticNLL`` end to

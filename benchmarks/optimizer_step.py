@@ -1,4 +1,6 @@
-"""The trainer's per-step bookkeeping after backward: AdamW and the EMA update, as the trainer does
+"""AdamW + EMA after backward, the trainer's against PyTorch's CPU defaults; backs docs/performance.md#data-and-optimiser.
+
+The trainer's per-step bookkeeping after backward: AdamW and the EMA update, as the trainer does
 them (fused AdamW where the device has the kernel, one multi-tensor EMA lerp) against PyTorch's
 defaults on a CPU (AdamW's per-tensor loop, a Python loop of ``lerp_``), on the parameters of the
 models of ``configs/tiny.yaml`` and ``configs/pixel.yaml`` with random gradients.

@@ -1,4 +1,6 @@
-"""Where is the map over-confident? Smooth against detailed regions of the photograph.
+"""Error, scale and coverage in smooth and detailed regions; backs docs/results.md#where-the-map-is-right-and-where-it-is-not.
+
+Where is the map over-confident? Smooth against detailed regions of the photograph.
 
 For a trained model and a folder of held-out photographs, every pixel is put in one of two regions
 by the detail of the *photograph itself* (:func:`hetvae.autoencoder.edge_magnitude` of the input,
@@ -17,7 +19,7 @@ the 5x5 average of ``|right - here| + |below - here|``, averaged over the colour
 
 A map read from the decoder's output sees the detail the reconstruction draws. An error that is
 low-pass inside a smooth region is a shift the reconstruction does not show, so there ``cov90``
-falls below 0.90 while the detailed region stays calibrated (docs/results.md, fourteenth session:
+falls below 0.90 while the detailed region stays calibrated (docs/results.md:
 flower's background).
 
     python benchmarks/smooth_regions.py RUN HELDOUT_DIR [--threshold 0.02] [--json out.json]

@@ -1,4 +1,6 @@
-"""A training step in images/s: hetvae (model + objective) against diffusers + Stable Diffusion's loss.
+"""A training step against diffusers + Stable Diffusion's loss; backs docs/performance.md#training-steps, #h100, #h200.
+
+A training step in images/s: hetvae (model + objective) against diffusers + Stable Diffusion's loss.
 
 The baseline is what a fine-tuner runs without hetvae: ``diffusers.AutoencoderKL`` and the
 generator half of SD's ``LPIPSWithDiscriminator`` (before ``disc_start``), written out here::
@@ -12,7 +14,7 @@ against hetvae's ``AutoencoderKL`` loaded from the same weights with ``Autoencod
 per-pixel head. Each step: sampled posterior, decode, loss, backward, AdamW. Random VGG weights on
 both sides (nothing is downloaded), so the LPIPS value is not meaningful, its cost is.
 
-On a GPU (``--device cuda``, default when one is present) it runs the issue's figure: 256 px,
+On a GPU (``--device cuda``, default when one is present) it runs docs/performance.md's GPU figure: 256 px,
 bf16 autocast, the SD VAE's channels ``(128, 256, 512, 512)``. On a CPU pass a small setting:
 
     python benchmarks/step_vs_diffusers.py                                   # GPU: SD VAE, 256 px, bf16

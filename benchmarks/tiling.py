@@ -1,4 +1,6 @@
-"""How far a tiled decode lies from the untiled one, for the mean and the log-scale map, and seams.
+"""How far a tiled decode (mean and map) lies from the untiled one; backs docs/performance.md#tiled-against-untiled-output.
+
+How far a tiled decode lies from the untiled one, for the mean and the log-scale map, and seams.
 
 The model is the SD 1.x VAE layout (``AutoencoderConfig()``: channels 128/256/512/512, 2 blocks,
 kl-f8) with random weights (seed 0) and a per-pixel head whose output conv gets PyTorch's default

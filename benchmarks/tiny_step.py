@@ -1,10 +1,12 @@
-"""A shipped config's training step (tiny.yaml by default), as a ratio to the same step with other settings.
+"""A shipped config's step against the same with overrides; backs docs/performance.md#the-shipped-configs-step-and-runs.
+
+A shipped config's training step (tiny.yaml by default), as a ratio to the same step with other settings.
 
 Times ``hetvae.train.Trainer._train_step`` (forward, loss, backward, both gradient clips, AdamW, EMA)
 on a fixed batch of the config's shape (``train.batch_size`` crops of ``data.resolution`` px, or
 with ``--final`` the last phase's batch of ``train.final_resolution`` px crops). Each candidate is
-the config with ``--set``-style overrides. For tiny.yaml the defaults are the channel layout it
-shipped with before (32, 64, 64: the full-resolution level then receives 64 channels and
+the config with ``--set``-style overrides. For tiny.yaml the defaults are the channel layout
+(32, 64, 64: the full-resolution level then receives 64 channels and
 upsamples them with a 64 -> 64 convolution at full resolution) and its global-scale twin (what
 the per-pixel head costs); another ``--config`` needs its ``--candidate``.
 

@@ -1,4 +1,6 @@
-"""One training step with the per-pixel log-scale head, as a ratio to the same step with one global scale.
+"""A training step with the per-pixel head against one with a global scale; backs docs/performance.md#training-steps.
+
+One training step with the per-pixel log-scale head, as a ratio to the same step with one global scale.
 
 Times ``hetvae.train.Trainer._train_step`` (forward, ``AutoencoderObjective.generator_loss``,
 backward, gradient clipping, AdamW, EMA) on a fixed batch, built from the project's granularity
