@@ -7,7 +7,7 @@ The public names below are imported on first use (PEP 562), so ``import hetvae``
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -70,29 +70,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
-
-if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from hetvae.attach import attach_log_scale_head
-    from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL, Reconstruction
-    from hetvae.build import build_model, build_nll, build_objective
-    from hetvae.calibration import Calibration, CalibrationError, fit_calibration
-    from hetvae.config import Config, load_config
-    from hetvae.convert import CheckpointInfo, inspect_checkpoint, load_autoencoder, save_autoencoder
-    from hetvae.discriminator import NLayerDiscriminator, hinge_d_loss, vanilla_d_loss
-    from hetvae.distributions import DiagonalGaussian
-    from hetvae.files import CheckpointError
-    from hetvae.functional import (
-        bits_per_dim,
-        discretized_log_likelihood,
-        discretized_nll,
-        gaussian_nll,
-        laplace_nll,
-        optimal_log_scale,
-    )
-    from hetvae.heads import ChannelLogScale, GlobalLogScale, PixelLogScale, create_head
-    from hetvae.likelihood import Likelihood
-    from hetvae.loss import HeteroscedasticNLL, NLLOutput
-    from hetvae.objective import AutoencoderObjective
-    from hetvae.perceptual import LPIPS
-    from hetvae.predictor import calibrate
-    from hetvae.train import NonFiniteLossError, Trainer, TrainResult

@@ -46,9 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from hetvae.autoencoder import Likelihood, log_edge_magnitude, log_scale_layers
+from hetvae.autoencoder import log_edge_magnitude, log_scale_layers
 from hetvae.convert import (
     CONFIG_KEY,
     DIFFUSERS_CONFIG,
@@ -56,13 +58,17 @@ from hetvae.convert import (
     DIFFUSERS_LIKELIHOOD_KEY,
     HEAD_PREFIX,
     TRUNK_PREFIX,
-    CheckpointError,
+    config_from_metadata,
+    expected_head_file,
     head_fields,
     head_inputs,
     head_settings,
     is_head_key,
+    read_model_file,
     trunk_indices,
 )
+from hetvae.files import CheckpointError
+from hetvae.likelihood import Likelihood
 
 __all__ = ["LogScaleDecoder", "ScaledDecoderOutput", "attach_log_scale_head"]
 
@@ -197,8 +203,6 @@ def _safetensors_keys(file: Path) -> tuple[list[str], dict[str, str]] | None:
     """Keys and metadata of a safetensors file, or None if ``file`` is not one."""
     if file.suffix != ".safetensors":
         return None
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             return list(f.keys()), dict(f.metadata() or {})
@@ -209,7 +213,6 @@ def _safetensors_keys(file: Path) -> tuple[list[str], dict[str, str]] | None:
 def _likelihood_beside(head_file: Path) -> tuple[Likelihood | None, str]:
     """The likelihood recorded with the model a head file was exported beside: ``config.json``
     of a diffusers folder, or the metadata of the ldm weights ``<stem>.safetensors``."""
-    from hetvae.convert import _config_from_metadata
 
     config_file = head_file.parent / DIFFUSERS_CONFIG
     if head_file.name == DIFFUSERS_HEAD_FILE and config_file.is_file():
@@ -222,7 +225,7 @@ def _likelihood_beside(head_file: Path) -> tuple[Likelihood | None, str]:
         weights = head_file.with_name(head_file.name[: -len(_LDM_HEAD_SUFFIX)] + ".safetensors")
         found = _safetensors_keys(weights) if weights.is_file() else None
         if found is not None and CONFIG_KEY in found[1]:
-            return _config_from_metadata(found[1][CONFIG_KEY], weights, "ldm").likelihood, str(weights)
+            return config_from_metadata(found[1][CONFIG_KEY], weights, "ldm").likelihood, str(weights)
     return None, ""
 
 
@@ -241,10 +244,6 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
     """``(head tensors, recorded likelihood or None, where it came from, the export's conv_out
     weight or None, the head's recorded inputs)`` from a head file or any model
     ``hetvae.load_autoencoder`` reads."""
-    from safetensors.torch import load_file
-
-    from hetvae.convert import _read_checkpoint, expected_head_file
-
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory (expected a hetvae export folder or head file)")
     found = _safetensors_keys(path) if path.is_file() else None
@@ -255,7 +254,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
         except ValueError as e:
             raise _error(path, str(e)) from None
         return load_file(str(path)), likelihood, source, None, settings
-    info, sd = _read_checkpoint(path)
+    info, sd = read_model_file(path)
     head = {k: v for k, v in sd.items() if is_head_key(k)}
     if not head:
         try:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.config import Config, LogScaleConfig, ModelConfig, require_crop_sides
+from hetvae.config import Config, ModelConfig, require_crop_sides
 from hetvae.convert import expected_head_file, inspect_checkpoint, load_autoencoder
 from hetvae.discriminator import NLayerDiscriminator
-from hetvae.likelihood import nll_from_likelihood
+from hetvae.likelihood import head_config_fields, nll_from_config, nll_from_likelihood
 from hetvae.loss import HeteroscedasticNLL
 from hetvae.objective import AutoencoderObjective
 from hetvae.perceptual import LPIPS
@@ -37,20 +37,6 @@ def model_architecture_kwargs(model: ModelConfig) -> dict[str, Any]:
 
 
 _LATENT_FACTORS = ("scaling_factor", "shift_factor")
-
-
-def _head_kwargs(log_scale: LogScaleConfig) -> dict[str, Any]:
-    """``AutoencoderConfig`` fields of the per-pixel head described by ``log_scale``."""
-    return {
-        "log_scale_channels": 1 if log_scale.shared else None,
-        "log_scale_init": log_scale.init,
-        "log_scale_detach": log_scale.detach_features,
-        "log_scale_head_layers": log_scale.head_layers,
-        "log_scale_head_channels": log_scale.head_channels,
-        "log_scale_head_sees_mean": log_scale.head_sees_mean,
-        "log_scale_head_sees_latent": log_scale.head_sees_latent,
-        "log_scale_head_sees_edges": log_scale.head_sees_edges,
-    }
 
 
 def build_model(cfg: Config) -> AutoencoderKL:
@@ -81,7 +67,7 @@ def build_model(cfg: Config) -> AutoencoderKL:
         config = AutoencoderConfig(
             **model_architecture_kwargs(cfg.model),
             log_scale="pixel" if pixel else None,
-            **(_head_kwargs(cfg.log_scale) if pixel else {}),
+            **(head_config_fields(cfg.log_scale) if pixel else {}),
         )
         model = AutoencoderKL(config)
         if cfg.train.zero_init_residual:
@@ -102,7 +88,7 @@ def build_model(cfg: Config) -> AutoencoderKL:
         # its trained head is kept: only the detach switch can change
         model = load_autoencoder(path, log_scale_detach=cfg.log_scale.detach_features, **factors)
     elif pixel:
-        model = load_autoencoder(path, log_scale="pixel", **_head_kwargs(cfg.log_scale), **factors)
+        model = load_autoencoder(path, log_scale="pixel", **head_config_fields(cfg.log_scale), **factors)
     else:
         model = load_autoencoder(path, **factors)
         if model.has_log_scale_head:
@@ -128,29 +114,14 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
     Raises:
         ValueError: ``"pixel"`` granularity but ``model`` has no log-scale head.
     """
-    ls = cfg.log_scale
-    init = ls.init
-    faithful = ls.faithful and ls.granularity != "global"  # one scale gives the mean that gradient anyway
-    if ls.granularity == "pixel":
+    init = None
+    if cfg.log_scale.granularity == "pixel":
         if not model.has_log_scale_head:
             raise ValueError(
                 "log_scale.granularity is 'pixel' but the model has no log-scale head; build it with build_model(cfg)"
             )
         init = model.config.log_scale_init
-    return HeteroscedasticNLL(
-        ls.granularity,
-        channels=model.config.out_channels,
-        family=ls.family,
-        init=init,
-        include_constant=ls.include_constant,
-        beta=ls.beta,
-        bounds=ls.bounds,
-        fit=ls.fit,
-        faithful=faithful,
-        trainable=ls.trainable,
-        mean_scale=ls.mean_scale if faithful else "map",
-        mean_scale_init=ls.init,
-    )
+    return nll_from_config(cfg.log_scale, model.config.out_channels, init=init)
 
 
 def build_objective(cfg: Config, model: AutoencoderKL) -> AutoencoderObjective:

@@ -151,14 +151,15 @@ def _train_config(config: str, out_dir: str | None) -> tuple[str, str | None]:
     or copied) unless --out-dir says otherwise."""
     from pathlib import Path
 
+    from hetvae.runs import CONFIG_FILE
     from hetvae.schema import ConfigError
 
     folder = Path(config)
     if not folder.is_dir():
         return config, out_dir
-    saved = folder / "config.yaml"
+    saved = folder / CONFIG_FILE
     if not saved.is_file():
-        raise ConfigError("", f"{folder}: is a folder without a config.yaml; expected a YAML config or a run folder "
+        raise ConfigError("", f"{folder}: is a folder without a {CONFIG_FILE}; expected a YAML config or a run folder "
                               "written by `hetvae train`")
     return str(saved), out_dir if out_dir is not None else str(folder)
 
@@ -284,7 +285,7 @@ def _run_uncertainty_latents(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from hetvae.images import load_latents, relative_names
-    from hetvae.outputs import check_output_file, check_output_folder, save_decoded_maps, uncertainty_outputs
+    from hetvae.outputs import check_output_file, check_output_folder, save_marked_maps, uncertainty_outputs
     from hetvae.predictor import load_predictor
     from hetvae.viz import save_decoded_panel, save_scale_map
 
@@ -311,7 +312,7 @@ def _run_uncertainty_latents(args: argparse.Namespace) -> int:
                 title = f"{name} (decoded, {predictor.granularity} scale, {predictor.family}{calibrated})"
                 save_decoded_panel(panel, decoded.mean, decoded.log_scale, title=title)
                 save_scale_map(scale, decoded.log_scale[0])
-                save_decoded_maps(maps, latent, decoded, predictor.family, predictor.granularity)
+                save_marked_maps(maps, decoded.maps(latent), predictor.family, predictor.granularity, "decoded latent maps")
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
     count = sum(map(len, names))
@@ -321,7 +322,7 @@ def _run_uncertainty_latents(args: argparse.Namespace) -> int:
 
 def _run_uncertainty(args: argparse.Namespace) -> int:
     from hetvae.images import is_latent_file, load_images
-    from hetvae.outputs import check_output_file, check_output_folder, save_maps, uncertainty_outputs
+    from hetvae.outputs import check_output_file, check_output_folder, save_marked_maps, uncertainty_outputs
     from hetvae.predictor import iter_predictions, load_predictor
     from hetvae.viz import save_scale_map, save_uncertainty_panel
 
@@ -350,7 +351,7 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
             title = f"{name} ({predictor.granularity} scale, {predictor.family}{calibrated})"
             save_uncertainty_panel(panel, p.target, p.mean, p.log_scale, title=title, standardized=True)
             save_scale_map(scale, p.log_scale[0])
-            save_maps(maps, p, predictor.family, predictor.granularity)
+            save_marked_maps(maps, p.maps(), predictor.family, predictor.granularity, "uncertainty maps")
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
     print(f"wrote {len(images)} panel(s), scale maps and raw maps to {out}")

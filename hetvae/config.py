@@ -701,10 +701,3 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     )
     return atomic_write_text(path, text)
 
-
-def __getattr__(name: str) -> Any:  # TRANSITIONAL: removed once train.py imports hetvae.build
-    if name in ("build_model", "build_nll", "build_objective"):
-        import hetvae.build
-
-        return getattr(hetvae.build, name)
-    raise AttributeError(name)

@@ -526,7 +526,7 @@ def config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
     return out
 
 
-def _config_from_metadata(text: str, file: Path, fmt: str) -> AutoencoderConfig:
+def config_from_metadata(text: str, file: Path, fmt: str) -> AutoencoderConfig:
     try:
         return AutoencoderConfig.from_dict(json.loads(text))
     except (ValueError, TypeError) as e:
@@ -638,7 +638,7 @@ def _read_single_file(file: Path) -> tuple[dict[str, Tensor], str, AutoencoderCo
         )
     sd = diffusers_to_ldm(tensors) if layout == "diffusers" else _attention_as_conv(tensors)
     if CONFIG_KEY in metadata:
-        return sd, fmt, _config_from_metadata(metadata[CONFIG_KEY], file, fmt), "file metadata"
+        return sd, fmt, config_from_metadata(metadata[CONFIG_KEY], file, fmt), "file metadata"
     if fmt == "hetvae":
         raise _error(file, fmt, f"the {CONFIG_KEY} metadata is missing")
     try:
@@ -677,7 +677,7 @@ def _read_head(
     return tensors, config
 
 
-def _read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor]]:
+def read_model_file(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor]]:
     path = Path(path)
     file, config_file = _locate(path)
     if config_file is not None:
@@ -712,7 +712,7 @@ def _read_checkpoint(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor
 
 def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     """Detect the format of ``path`` and read (or infer) its config, without building a model."""
-    return _read_checkpoint(path)[0]
+    return read_model_file(path)[0]
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -760,7 +760,7 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; valid: {sorted(valid)}")
-    info, sd = _read_checkpoint(path)
+    info, sd = read_model_file(path)
     head_overrides = {k: overrides.pop(k) for k in _HEAD_FIELDS if k in overrides}
     config = dataclasses.replace(info.config, **overrides)
     has_head = config.log_scale == "pixel"

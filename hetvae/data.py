@@ -21,18 +21,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
+from hetvae.config import DataConfig
 from hetvae.images import list_images, read_image, sample_images, to_rgb_uint8
 from hetvae.metrics import LUMA_WEIGHTS
 from hetvae.procedural import dead_leaves
-
-if TYPE_CHECKING:
-    from hetvae.config import DataConfig
 
 logger = logging.getLogger("hetvae.data")
 

@@ -1,10 +1,13 @@
-"""The reconstruction likelihood stored with a model, and its one mapping to and from the loss.
+"""The log-scale's settings in their three forms, and the one converter between each pair.
 
-:class:`Likelihood` is the record every model file carries (``AutoencoderConfig.likelihood``):
-granularity, family, bounds, soft-clamp margin, fit, init, the learned value(s) of a global or
-channel scale and any post-hoc calibration. :func:`likelihood_from_nll` reads it off a
-:class:`hetvae.loss.HeteroscedasticNLL`; :func:`nll_from_likelihood` builds that loss back, giving
-the same log-scales to the bit.
+* :class:`hetvae.config.LogScaleConfig`: the ``log_scale`` section of a run's YAML (what a user
+  writes). :func:`nll_from_config` builds the training loss from it, :func:`head_config_fields`
+  the ``AutoencoderConfig.log_scale_*`` fields of the per-pixel head it describes.
+* :class:`hetvae.loss.HeteroscedasticNLL`: the loss (its arguments are the settings).
+* :class:`Likelihood`: the record every model file carries (``AutoencoderConfig.likelihood``):
+  granularity, family, bounds, soft-clamp margin, fit, init, the learned value(s) of a global or
+  channel scale and any post-hoc calibration. :func:`likelihood_from_nll` reads it off a loss;
+  :func:`nll_from_likelihood` builds that loss back, giving the same log-scales to the bit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 
 from hetvae.calibration import Calibration, CalibrationError
+from hetvae.config import LogScaleConfig
 from hetvae.functional import soft_clamp
 from hetvae.loss import HeteroscedasticNLL
 
@@ -25,9 +29,11 @@ __all__ = [
     "LIKELIHOOD_GRANULARITIES",
     "Likelihood",
     "finite_numbers",
+    "head_config_fields",
     "is_int",
     "is_number",
     "likelihood_from_nll",
+    "nll_from_config",
     "nll_from_likelihood",
 ]
 
@@ -152,3 +158,39 @@ def nll_from_likelihood(likelihood: Likelihood, channels: int) -> Heteroscedasti
         with torch.no_grad():
             free.copy_(torch.tensor(lik.free, dtype=free.dtype).view_as(free))
     return nll.eval()
+
+
+def head_config_fields(log_scale: LogScaleConfig) -> dict[str, Any]:
+    """``AutoencoderConfig`` fields of the per-pixel head described by ``log_scale``."""
+    return {
+        "log_scale_channels": 1 if log_scale.shared else None,
+        "log_scale_init": log_scale.init,
+        "log_scale_detach": log_scale.detach_features,
+        "log_scale_head_layers": log_scale.head_layers,
+        "log_scale_head_channels": log_scale.head_channels,
+        "log_scale_head_sees_mean": log_scale.head_sees_mean,
+        "log_scale_head_sees_latent": log_scale.head_sees_latent,
+        "log_scale_head_sees_edges": log_scale.head_sees_edges,
+    }
+
+
+def nll_from_config(log_scale: LogScaleConfig, channels: int, init: float | None = None) -> HeteroscedasticNLL:
+    """The training loss a ``log_scale`` section describes, for ``channels`` output channels.
+    ``init``: the per-pixel head's actual bias when it differs from ``log_scale.init`` (a loaded
+    head); the faithful mean's single scale still starts at ``log_scale.init``."""
+    ls = log_scale
+    faithful = ls.faithful and ls.granularity != "global"  # one scale gives the mean that gradient anyway
+    return HeteroscedasticNLL(
+        ls.granularity,
+        channels=channels,
+        family=ls.family,
+        init=ls.init if init is None else init,
+        include_constant=ls.include_constant,
+        beta=ls.beta,
+        bounds=ls.bounds,
+        fit=ls.fit,
+        faithful=faithful,
+        trainable=ls.trainable,
+        mean_scale=ls.mean_scale if faithful else "map",
+        mean_scale_init=ls.init,
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image
 from safetensors import safe_open
@@ -18,9 +17,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hetvae.files import atomic_write_text, write_atomically
-
-if TYPE_CHECKING:  # annotations only: the predictor reads images, which skip these outputs
-    from hetvae.predictor import Decoded, Prediction
 
 OUTPUT_MARKER = "hetvae"
 """Metadata key of every PNG and safetensors file hetvae writes: what lets a later command tell
@@ -106,14 +102,6 @@ def uncertainty_outputs(out: str | Path, name: str) -> tuple[Path, Path, Path]:
     return out / f"{name}_panel.png", out / f"{name}_scale.png", out / f"{name}_maps.safetensors"
 
 
-def save_maps(path: str | Path, prediction: Prediction, family: str, granularity: str) -> Path:
-    """The raw ``(C, H, W)`` maps of one prediction (input, mean, log_scale, error) as safetensors,
-    written atomically, with the family, granularity and :data:`OUTPUT_MARKER`."""
-    p = prediction
-    maps = {"input": p.target[0], "mean": p.mean[0], "log_scale": p.log_scale[0], "error": p.error[0]}
-    return save_marked_maps(path, maps, family, granularity, "uncertainty maps")
-
-
 def write_text(text: str, path: str | Path) -> Path:
     """Write ``text`` to ``path`` atomically (:func:`hetvae.files.atomic_write_text`)."""
     return atomic_write_text(path, text)
@@ -121,13 +109,6 @@ def write_text(text: str, path: str | Path) -> Path:
 
 def write_json(result: dict, path: str | Path) -> Path:
     return write_text(json.dumps(result, indent=2) + "\n", path)
-
-
-def save_decoded_maps(path: str | Path, latent: Tensor, decoded: Decoded, family: str, granularity: str) -> Path:
-    """The raw maps of one decoded latent (``latents`` as decoded, ``mean``, ``log_scale``) as
-    safetensors, written atomically, with the family, granularity and :data:`OUTPUT_MARKER`."""
-    maps = {"latents": latent.reshape(-1, *latent.shape[-2:]), "mean": decoded.mean[0], "log_scale": decoded.log_scale[0]}
-    return save_marked_maps(path, {k: v.float() for k, v in maps.items()}, family, granularity, "decoded latent maps")
 
 
 def save_marked_maps(path: str | Path, maps: dict[str, Tensor], family: str, granularity: str, what: str) -> Path:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from hetvae.layers import activation_layout
@@ -89,8 +90,6 @@ def _load_file(path: str | Path, what: str) -> dict[str, Tensor]:
         how = _HOW_TO_SUPPLY_VGG if what == "VGG16" else _HOW_TO_SUPPLY_CALIBRATION
         raise FileNotFoundError(f"LPIPS {what} weights file not found: {path}. {how}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         state = load_file(str(path), device="cpu")
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -45,9 +45,7 @@ from hetvae.images import ImageList, load_images
 from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
 from hetvae.schema import ConfigError, from_dict
-from hetvae.train import TRAIN_CONFIG_KEY
-
-RUN_FILES = ("config.yaml", "model.safetensors")
+from hetvae.runs import CONFIG_FILE, LOSS_FILE, MODEL_FILE, TRAIN_CONFIG_KEY
 
 AUTO_TILE_PIXELS = 2048 * 2048
 """Images with more pixels than this are reconstructed in tiles when :attr:`Predictor.tile` is
@@ -72,6 +70,10 @@ class Prediction:
     def error(self) -> Tensor:
         return (self.target - self.mean).abs()
 
+    def maps(self) -> dict[str, Tensor]:
+        """The raw ``(C, H, W)`` maps ``hetvae uncertainty`` writes: input, mean, log_scale, error."""
+        return {"input": self.target[0], "mean": self.mean[0], "log_scale": self.log_scale[0], "error": self.error[0]}
+
     @property
     def scale(self) -> Tensor:
         return self.log_scale.exp()
@@ -89,6 +91,12 @@ class Decoded:
     @property
     def scale(self) -> Tensor:
         return self.log_scale.exp()
+
+    def maps(self, latent: Tensor) -> dict[str, Tensor]:
+        """The raw maps ``hetvae uncertainty`` writes for a decoded ``latent``: the latent as decoded,
+        mean, log_scale (float32)."""
+        maps = {"latents": latent.reshape(-1, *latent.shape[-2:]), "mean": self.mean[0], "log_scale": self.log_scale[0]}
+        return {k: v.float() for k, v in maps.items()}
 
 
 @dataclass
@@ -203,7 +211,7 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def is_run_folder(path: str | Path) -> bool:
     path = Path(path)
-    return path.is_dir() and all((path / name).is_file() for name in RUN_FILES)
+    return path.is_dir() and all((path / name).is_file() for name in (CONFIG_FILE, MODEL_FILE))
 
 
 def _training_checkpoint_parts(path: Path) -> tuple[AutoencoderKL, HeteroscedasticNLL]:
@@ -244,10 +252,10 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibra
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run folder or a model checkpoint)")
     if is_run_folder(path):
-        cfg = load_config(path / "config.yaml")
-        model = load_autoencoder(path / "model.safetensors")
+        cfg = load_config(path / CONFIG_FILE)
+        model = load_autoencoder(path / MODEL_FILE)
         nll = build_nll(cfg, model)
-        loss_file = path / "loss.safetensors"
+        loss_file = path / LOSS_FILE
         if loss_file.is_file():
             try:
                 state = load_file(str(loss_file))
@@ -257,7 +265,7 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibra
                 nll.load_state_dict(state)
             except RuntimeError as e:
                 raise ValueError(
-                    f"{loss_file} does not fit log_scale in {path / 'config.yaml'} "
+                    f"{loss_file} does not fit log_scale in {path / CONFIG_FILE} "
                     f"({nll.granularity}, {model.config.out_channels} channels): {str(e).splitlines()[-1].strip()}"
                 ) from e
         elif list(nll.parameters()):
@@ -395,7 +403,7 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     if out is not None:
         return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
     if info is None:  # a run folder
-        return save_autoencoder(model, path / "model.safetensors", format="hetvae", likelihood=record)
+        return save_autoencoder(model, path / MODEL_FILE, format="hetvae", likelihood=record)
     if info.format == "diffusers":
         return save_autoencoder(model, info.weights_file.parent, format="diffusers", likelihood=record)
     # hetvae, or an ldm export hetvae wrote (any other ldm file was refused above)

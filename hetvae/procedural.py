@@ -15,7 +15,7 @@ gives the same image.
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 __all__ = ["dead_leaves"]
 
@@ -127,8 +127,6 @@ def dead_leaves(
         image = image.resize((size, size), Image.Resampling.BOX)
     out = np.asarray(image, dtype=np.float32)
     if rng.random() < 0.3:
-        from PIL import ImageFilter
-
         out = np.asarray(Image.fromarray(out.astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))),
                          dtype=np.float32)
         out = out + rng.normal(0.0, rng.uniform(0.5, 2.0), out.shape)
