@@ -616,7 +616,7 @@ class AutoencoderKL(nn.Module):
         ``P`` the projection onto the grey axis ``(1, 1, 1) / sqrt(3)``. Luminance is read as
         before. For training from scratch: chroma is a small share of a photograph's variance, so
         a randomly initialised encoder starts nearly blind to it and learns colour last (the model
-        reconstructs grey first and saturated colours washed out; docs/results.md)."""
+        reconstructs grey first and saturated colours washed out; CHANGELOG.md)."""
         if not (math.isfinite(gain) and gain > 0):
             raise ValueError(f"gain must be finite and > 0, got {gain}")
         weight = self.encoder.conv_in.weight

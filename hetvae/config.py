@@ -388,7 +388,7 @@ class TrainConfig:
             log-variance ~0, i.e. latent noise of std ~1, which the reconstruction loss shrinks only
             slowly (the KL at SD's weight 1e-6 barely pushes back). SD's trained VAEs end with a
             small posterior variance. In a 900-step CPU run it helped two seeds of three and made
-            the third fail on whole images (docs/results.md), so no shipped config uses it.
+            the third fail on whole images (CHANGELOG.md), so no shipped config uses it.
             Loaded models are not touched.
         init_chroma_gain: a model built from scratch starts with its encoder's first convolution
             reading the input's chroma (RGB minus its grey component) this many times amplified
@@ -423,13 +423,13 @@ class TrainConfig:
             over these steps (no warm-up); the discriminator does not train. With
             ``log_scale.faithful`` and ``detach_features`` the head never shaped the mean, so this
             only lets it finish judging the converged one (the situation of a head grafted onto a
-            pretrained VAE). 0: no such phase (the shipped configs: docs/results.md has the runs).
+            pretrained VAE). 0: no such phase (as in the shipped configs; CHANGELOG.md says why).
         final_steps, final_resolution: the last ``final_steps`` of the ``steps`` (and the
             ``head_steps`` after them) train on crops of ``final_resolution`` px instead of
             ``data.resolution``, in batches of ``batch_size * (data.resolution / final_resolution) ** 2``
             images (rounded, at least 1), about the same pixels per step. GroupNorm normalises over the whole image, so a model
             trained only on small crops meets other statistics on a whole photograph; a short
-            phase on large crops adapts it (docs/results.md: +0.4 to +0.6 dB on whole unseen
+            phase on large crops adapts it (CHANGELOG.md: +0.4 to +0.6 dB on whole unseen
             photographs for 32 px training crops). With ``objective`` reductions that sum over pixels
             (SD's) the loss per image grows with the crop; ``grad_clip`` keeps the step size. 0 /
             ``None``: off.

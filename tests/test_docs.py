@@ -69,10 +69,7 @@ def test_config_md_lists_every_key_with_its_default():
 
 
 def test_runs_md_lists_exactly_the_keys_a_resume_may_change():
-    try:  # the run-folder module holds it once the package is split; hetvae.train before
-        from hetvae.runs import RESUME_MAY_CHANGE
-    except ImportError:
-        from hetvae.train import RESUME_MAY_CHANGE
+    from hetvae.runs import RESUME_MAY_CHANGE
 
     rows = table_rows((DOCS / "runs.md").read_text(), "## Resuming a run")
     documented = [code(row[0]) for row in rows]
