@@ -293,7 +293,7 @@ class DataConfig:
 
     Attributes:
         path: a folder, an image file, or a list of them; ``None``: scikit-image's bundled
-            sample photographs (``hetvae.data.sample_images``).
+            sample photographs (``hetvae.images.sample_images``).
         resolution: square crop side in pixels; a multiple of 8 and of the model's
             down-sampling factor.
         random_crop, random_flip: training augmentation (evaluation always centre-crops).
