@@ -14,7 +14,7 @@ then the folder is renamed to its final name (one ``rename``, atomic on POSIX) a
 fsynced. A crash or ``kill -9`` at any moment leaves either no new folder or a complete one, and
 the previous checkpoints untouched; leftover ``.tmp-*`` folders are ignored and cleaned up by the
 next save. A failed save (a full disk) removes its temporary folder and raises
-:class:`~hetvae.convert.CheckpointError` naming the folder, the cause and the newest checkpoint, which
+:class:`~hetvae.files.CheckpointError` naming the folder, the cause and the newest checkpoint, which
 is intact.
 
 A folder that cannot be read back (torn by a failing disk, edited by hand) makes :func:`load_checkpoint`
@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,22 +36,25 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from hetvae.files import CheckpointError, fsync_dir, fsync_file
+
 __all__ = [
-    "WEIGHTS_FILE",
+    "CORRUPT_GLOB",
     "STATE_FILE",
+    "STEP_GLOB",
+    "TMP_GLOB",
+    "WEIGHTS_FILE",
     "Checkpoint",
-    "save_checkpoint",
-    "load_checkpoint",
-    "read_checkpoint_weights",
+    "folder_name",
     "is_checkpoint",
-    "tensors_under",
-    "list_checkpoints",
     "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
     "prune_checkpoints",
-    "fsync_file",
-    "fsync_dir",
-    "atomic_write_text",
+    "read_checkpoint_weights",
+    "save_checkpoint",
     "set_aside",
+    "tensors_under",
 ]
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -60,6 +62,9 @@ STATE_FILE = "state.pt"
 _NAME = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = ".tmp-"
 _CORRUPT_PREFIX = "corrupt-"
+STEP_GLOB = "step_*"  # the checkpoints under a root (and anything else named like one)
+TMP_GLOB = _TMP_PREFIX + "*"  # saves a crash left unfinished
+CORRUPT_GLOB = _CORRUPT_PREFIX + STEP_GLOB  # folders set aside by set_aside
 
 
 @dataclass
@@ -74,61 +79,8 @@ class Checkpoint:
     state: dict[str, Any]
 
 
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush ``path``'s data to disk (a rename is only durable once the data is)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Flush a folder's entries (makes a rename inside it durable); a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on folders; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _checkpoint_error(message: str) -> ValueError:
-    # convert.py (the home of CheckpointError) imports this module: import it when needed
-    from hetvae.convert import CheckpointError
-
-    return CheckpointError(message)
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, fsync it, and ``os.replace``
-    it onto ``path``: whatever happens (a kill, a full disk), ``path`` holds either its old content
-    or the whole new one, and no temporary file is left behind by an error. The one atomic writer
-    of the package (checkpoints, exports, outputs, metrics). Creates ``path``'s folder. Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Replace ``path`` with ``text`` (UTF-8) atomically (:func:`write_atomically`)."""
-    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def _folder_name(step: int) -> str:
+def folder_name(step: int) -> str:
+    """The name of step ``step``'s checkpoint folder: ``step_XXXXXXXX``."""
     return f"step_{step:08d}"
 
 
@@ -151,12 +103,12 @@ def save_checkpoint(
             checkpoint is left and the older ones are untouched.
     """
     root = Path(root)
-    final = root / _folder_name(step)
+    final = root / folder_name(step)
     try:
         return _save(root, final, tensors, metadata, state)
     except OSError as exc:
         newest = latest_checkpoint(root)
-        raise _checkpoint_error(
+        raise CheckpointError(
             f"{root}: could not write checkpoint {final.name}: {exc.strerror or exc}. Nothing of it was left "
             f"behind; the newest complete checkpoint is {newest.name if newest else 'none'}, intact"
         ) from exc
@@ -166,7 +118,7 @@ def _save(root: Path, final: Path, tensors: dict[str, Tensor], metadata: dict[st
     root.mkdir(parents=True, exist_ok=True)
     if final.is_dir():
         return final
-    for stale in root.glob(_TMP_PREFIX + "*"):  # left by a crash mid-save
+    for stale in root.glob(TMP_GLOB):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
     tmp.mkdir()
@@ -231,7 +183,7 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
 
 def _unreadable(file: Path, exc: Exception) -> ValueError:
     detail = " ".join(str(exc).split())[:300]
-    return _checkpoint_error(f"{file}: truncated or corrupt ({type(exc).__name__}: {detail})")
+    return CheckpointError(f"{file}: truncated or corrupt ({type(exc).__name__}: {detail})")
 
 
 def read_checkpoint_weights(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -271,7 +223,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except Exception as exc:  # zip, unpickling and I/O errors all mean "unreadable"
         raise _unreadable(state_file, exc) from exc
     if not isinstance(state, dict):
-        raise _checkpoint_error(f"{state_file}: expected a dict of training state, got {type(state).__name__}")
+        raise CheckpointError(f"{state_file}: expected a dict of training state, got {type(state).__name__}")
     match = _NAME.match(path.name)
     step = int(state.get("step", match.group(1) if match else -1))
     return Checkpoint(path=path, step=step, tensors=tensors, metadata=metadata, state=state)
