@@ -7,7 +7,7 @@ A loader per epoch starts its worker processes again at every epoch boundary, an
 decodes the files it touches again (the decoded-file cache, ``data.cache_mb``, lives in the
 worker) and renders its dead-leaves images again. For a folder of a few hundred photographs
 (``data.samples_per_epoch`` unset: one crop per photograph) an epoch is a few dozen steps. The
-trainer now passes ``(epoch, index)`` keys through one loader (``hetvae.train._local_batches``).
+trainer now passes ``(epoch, index)`` keys through one loader (``hetvae.distributed.local_batches``).
 
 The folder is the embedded default's training photographs written as PNG files (fifteen, 300 x 400
 to 1411 x 1411), read with configs/tiny.yaml's data section; each timed call draws ``--steps``
@@ -33,7 +33,7 @@ from data_cache import write_photo_folder
 
 from hetvae.config import load_config
 from hetvae.data import build_dataset
-from hetvae.train import _local_batches
+from hetvae.distributed import local_batches
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -48,7 +48,7 @@ def per_epoch_loaders(dataset, batch: int, seed: int, workers: int):
 
 
 def one_loader(dataset, batch: int, seed: int, workers: int):
-    return _local_batches(dataset, global_batch=batch, seed=seed, start=0, rank=0, world_size=1, num_workers=workers)
+    return local_batches(dataset, global_batch=batch, seed=seed, start=0, rank=0, world_size=1, num_workers=workers)
 
 
 def drawing(make, dataset, batch: int, workers: int, steps: int):

@@ -22,7 +22,7 @@ from _timing import compare, machine, table
 
 from hetvae.build import build_model
 from hetvae.config import load_config
-from hetvae.train import EMA, _adamw
+from hetvae.optim import EMA, adamw
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -34,7 +34,7 @@ def bookkeeping(config: str, *, hetvae_way: bool):
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     groups = [{"params": params, "weight_decay": 0.01}]
-    opt = _adamw(groups, lr=1e-4) if hetvae_way else torch.optim.AdamW(groups, lr=1e-4)
+    opt = adamw(groups, lr=1e-4) if hetvae_way else torch.optim.AdamW(groups, lr=1e-4)
     ema = EMA(model, decay=0.99)
     ema_params = list(ema.module.parameters())
 

@@ -1,84 +1,15 @@
 """Training and fine-tuning of a heteroscedastic autoencoder from a :class:`hetvae.config.Config`.
 
-``train(cfg)`` (or ``hetvae train CONFIG``) builds the model and objective with
-``build_model`` / ``build_objective``, then runs ``cfg.train.steps`` optimiser steps:
+``train(cfg)`` (or ``hetvae train CONFIG``) builds the model and objective with ``build_model`` /
+``build_objective`` and runs ``cfg.train.steps`` optimiser steps, then ``train.head_steps`` that fit
+the log-scale alone; docs/config.md describes each ``train.*`` setting. docs/runs.md says what a run
+writes, how it resumes, what a failure or a signal leaves behind, and the exit codes. The pieces
+live beside this module: :mod:`hetvae.runs` (the run folder), :mod:`hetvae.optim` (parameter and
+clip groups, AdamW, the lr schedule, EMA), :mod:`hetvae.distributed` (torchrun, the data order).
 
-* two AdamW optimisers: the generator's holds the autoencoder's trainable parameters *and* the
-  objective's learned log-scales (``objective.trainable_parameters()``); those and the pixel
-  head's bias (the log-scale offsets) form a group with ``log_scale_lr`` and no weight decay
-  (a frozen log-scale, ``log_scale.trainable: false`` as in SD, is in no optimiser and never moves);
-  with ``head_lr`` set, the pixel head's other weights form a group of their own at that lr;
-  the discriminator's runs only once ``objective.gan_factor(step) > 0``;
-* ``decoder_only``: the encoder and ``quant_conv`` are frozen (no gradient, not in the optimiser),
-  so the latent space of a pretrained VAE stays exactly what its diffusion model expects;
-* ``head_steps``: after ``steps``, a phase that trains only the log-scale (the pixel head's layers
-  and offsets, or the global / per-channel scale) on the frozen autoencoder, which first takes the
-  EMA weights when there is an EMA, so the map is fitted to the mean that is exported; the lr
-  restarts and follows ``lr_schedule`` over the phase; the discriminator rests. Under DDP the phase
-  bypasses the wrapper and averages the few trainable gradients by hand;
-* ``final_steps``: the last steps (and the head phase) train on ``final_resolution`` crops in
-  batches of the same pixels, so GroupNorm adapts to statistics closer to a whole image's; that
-  phase's batches are a stream of their own, counted from the switch;
-* gradient accumulation, linear lr warm-up, gradient clipping (with ``head_grad_clip``, of the
-  log-scale's parameters apart from the autoencoder's), EMA of the autoencoder, autocast
-  to bf16/fp16 (fp16 with a ``GradScaler``; the NLL upcasts to float32 itself);
-* a non-finite loss or gradient skips the step (counted, logged); ``max_nonfinite`` in a row stop
-  training with :class:`NonFiniteLossError` naming the last finite step and the likely causes;
-* SIGINT / SIGTERM finish the current step, write a checkpoint and the model, and return with
-  ``TrainResult.interrupted`` and ``.signal`` set (``hetvae train`` then exits 130 / 143, as a shell
-  reports a process killed by that signal, so a script never mistakes it for a finished run);
-* any other error during training first writes a checkpoint of the last finished step (unless the
-  error struck mid-update, or the weights are not finite), then propagates with a note naming it;
-  nothing is exported;
-* weights that stop being finite are never checkpointed nor exported: training stops with
-  :class:`NonFiniteLossError` naming the tensors and the newest (finite) checkpoint;
-* under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel (gloo on CPU, NCCL on GPU), each
-  rank takes its contiguous share of every global batch (``batch_size`` is the global micro-batch
-  and must divide by the world size), all file output on rank 0 only. The loss's log-scales and
-  the discriminator stay outside DDP and have their gradients averaged by hand. Two things remain
-  per rank: the discriminator's BatchNorm statistics (rank 0's are saved; ``disc_norm: actnorm``
-  avoids them) and the adaptive GAN weight, computed from each rank's local gradient norms.
-
-Determinism: epoch ``e`` visits the dataset in the permutation drawn from ``(seed, e)``, cut into
-full global batches; crops come from ``(seed, e, index)`` (``hetvae.data``); the posterior noise of
-the whole global batch comes from one seeded generator on every rank (each rank keeps its slice).
-So the data and noise of step ``s`` are a pure function of ``(seed, s)``, and a resumed run
-continues exactly: on the CPU, N steps + resume + N steps give bit-identical weights to 2N steps,
-and a 2-process run matches a 1-process one up to float summation order.
-
-Run folder (``cfg.out_dir``, or ``out_dir=``). Nothing is written before the first step has
-trained: a run that fails to start leaves no folder (or a user's folder as it was)::
-
-    config.yaml               the resolved config, every key (load_config(...) gives it back)
-    metrics.jsonl             one JSON object per log interval: step, lr, losses, log-scale stats,
-                              grad norm, steps/s, non-finite counts (averaged over the interval of
-                              ``steps_averaged`` steps; a resumed run continues the interval it was
-                              stopped in, so its records equal an uninterrupted run's)
-    samples/step_XXXXXXX.png  uncertainty panels (EMA model when enabled): input | reconstruction |
-                              |error| | predicted scale, on crops of the built-in held-out photographs;
-                              with data.path set there is no held-out split, so they are crops of
-                              your training images (fixed crops, not held out)
-    samples/latest.png        a copy of the newest panel
-    checkpoints/step_XXXXXXXX/
-        weights.safetensors   autoencoder.*, ema.*, loss.*, discriminator.* (+ config metadata)
-        state.pt              optimisers, grad scaler, RNG states, counters (weights_only-loadable)
-    model.safetensors         the final model (EMA weights when enabled) in hetvae format:
-                              hetvae.convert.load_autoencoder(run_dir) reads it
-    loss.safetensors          the NLL's learned log-scale parameters (global / channel) + its config
-    tensorboard/              scalars, when the ``tensorboard`` package is installed
-
-Resuming: ``resume=True`` (``--resume``) continues from the newest checkpoint and fails if there is
-none; ``cfg.train.resume == "auto"`` continues when one exists; ``"never"`` refuses a folder that
-already holds checkpoints rather than mixing two runs. ``overwrite=True`` (``--overwrite``) starts
-over instead, deleting the previous run's files (checkpoints, metrics, samples, exports; nothing
-else) once the first step has trained.
-
-A resume may change only what :data:`RESUME_MAY_CHANGE` lists (steps, logging and checkpoint
-cadence, optimiser settings, data workers); any other difference from the checkpoint's embedded
-config is a :class:`~hetvae.config.ConfigError` naming the keys, so ``config.yaml`` never describes
-a model that was trained otherwise. A newest checkpoint that cannot be read is skipped with a
-warning (and renamed ``corrupt-step_...`` once training starts): the run resumes from the previous
-intact one. A fresh start replaces a stale ``metrics.jsonl`` (from a run that never checkpointed).
+Determinism: the data and posterior noise of step ``s`` are a pure function of ``(seed, s)``, so a
+resumed run continues exactly: on the CPU, N steps + resume + N steps give bit-identical weights to
+2N steps, and a 2-process run matches a 1-process one up to float summation order.
 """
 
 from __future__ import annotations
@@ -86,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -101,68 +31,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from hetvae import optim, runs
 from hetvae.autoencoder import AutoencoderKL, Reconstruction
-from hetvae.checkpoint import (
-    STATE_FILE,
-    Checkpoint,
-    atomic_write_text,
-    fsync_file,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    set_aside,
-    tensors_under,
-)
-from hetvae.config import (
-    Config,
-    ConfigError,
-    build_model,
-    build_objective,
-    config_to_dict,
-    from_dict,
-    save_config,
-)
-from hetvae.convert import CheckpointError
+from hetvae.build import build_model, build_objective
+from hetvae.checkpoint import Checkpoint
+from hetvae.config import Config
 from hetvae.data import ImageDataset, build_dataset
+from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed
 from hetvae.distributions import DiagonalGaussian
+from hetvae.files import CheckpointError
+from hetvae.viz import save_uncertainty_panel
 
-__all__ = ["train", "Trainer", "TrainResult", "NonFiniteLossError", "EMA", "TRAIN_CONFIG_KEY", "RESUME_MAY_CHANGE"]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "final_batch_size", "train"]
 
 logger = logging.getLogger("hetvae.train")
 
-TRAIN_CONFIG_KEY = "hetvae_train_config"
-"""safetensors metadata key holding the run's resolved config (JSON) in every checkpoint."""
 _PANEL_IMAGES = 4
 _PANEL_RESOLUTION = 128  # side of the held-out crops in the training panels
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-RESUME_MAY_CHANGE = frozenset({
-    "out_dir",  # the run folder may have been moved
-    # how long, and how often to log, sample and checkpoint
-    "train.steps", "train.log_every", "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.resume", "train.max_nonfinite",
-    # optimiser settings: a resume takes the configured ones (see _load_optimizer), e.g. a lower lr
-    "train.lr", "train.betas", "train.weight_decay", "train.warmup_steps", "train.lr_schedule", "train.disc_lr",
-    "train.log_scale_lr", "train.grad_clip", "train.head_grad_clip",
-    "train.head_steps",  # e.g. a finished run resumed to fit its head on the converged mean
-    "train.device",  # a run moved to another machine (a checkpoint is device-independent)
-    # how, not what: same data, same gradients
-    "train.gradient_checkpointing", "data.num_workers", "data.cache_mb",
-})
-"""Dotted config keys a resumed run may change; any other difference from the run's config is refused."""
-_STATE_KEYS = ("step", "generator_optimizer", "scaler", "rng", "nonfinite_total", "nonfinite_run", "last_finite_step")
-# files a run writes (and --overwrite deletes), relative to the run folder
-_RUN_FILES = ("metrics.jsonl", "model.safetensors", "loss.safetensors", "config.yaml")
-_RUN_GLOBS = (("checkpoints", "step_*"), ("checkpoints", ".tmp-*"), ("checkpoints", "corrupt-step_*"),
-              ("samples", "step_*.png"), ("samples", "latest.png"), ("tensorboard", "events.out.tfevents.*"))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -183,96 +73,6 @@ class TrainResult:
     model_file: Path | None = None
     logs: dict[str, float] = field(default_factory=dict)
     signal: int | None = None
-
-
-class EMA:
-    """Exponential moving average of a model: ``ema = decay * ema + (1 - decay) * param`` per step.
-
-    ``module`` is a frozen deep copy of the model (buffers copied as they are); export or
-    evaluate it directly.
-    """
-
-    def __init__(self, model: nn.Module, *, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay}")
-        self.decay = float(decay)
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        # one multi-tensor call, not a Python loop over ~140 small tensors (half the time on a CPU)
-        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1.0 - self.decay)
-        for ema_b, b in zip(self.module.buffers(), model.buffers()):
-            ema_b.copy_(b)
-
-
-# ---------------------------------------------------------------------------------------------
-# distributed plumbing
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    owns_group: bool = False  # we initialised the process group, so we tear it down
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def _setup_distributed(device: str = "auto") -> _Dist:
-    """Process group from torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) on
-    ``device`` (``train.device``): ``"auto"`` is CUDA when available, else CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    cuda = device.startswith("cuda")
-    if cuda and not torch.cuda.is_available():
-        raise ConfigError("train.device", f"is {device!r} but torch sees no CUDA device; use 'cpu' or 'auto'")
-    if world_size <= 1:
-        return _Dist(device=torch.device(device))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        if device != "cuda":
-            raise ConfigError(
-                "train.device",
-                f"is {device!r} under torchrun (WORLD_SIZE={world_size}): each process takes "
-                "the GPU of its LOCAL_RANK, so use 'cuda' or 'auto' (or CUDA_VISIBLE_DEVICES to choose GPUs)"
-            )
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise ConfigError(
-                "train.device",
-                f"is '{device}' but process LOCAL_RANK={local_rank} has no GPU of its own: this machine shows {count} CUDA "
-                f"device(s); start at most {count} processes per node, or set train.device=cpu to train "
-                "on the CPU with gloo"
-            )
-        torch.cuda.set_device(local_rank)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    placed = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return _Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), device=placed, owns_group=owns)
-
-
-def _all_reduce_mean(tensors: list[Tensor], world_size: int) -> None:
-    """Average ``tensors`` in place across ranks (one flattened collective)."""
-    if not tensors or world_size <= 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 class _Generator(nn.Module):
@@ -296,115 +96,6 @@ class _Generator(nn.Module):
         return rec.mean, rec.log_scale, posterior.parameters
 
 
-# ---------------------------------------------------------------------------------------------
-# data order
-# ---------------------------------------------------------------------------------------------
-
-
-def _ignore_sigint(_: int) -> None:
-    # DataLoader workers share the terminal's process group; the main process handles Ctrl-C.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _epoch_batches(
-    n: int, *, global_batch: int, seed: int, start: int, rank: int, world_size: int
-) -> Iterator[list[tuple[int, int]]]:
-    """This rank's share of global batches ``start, start + 1, ...`` forever, as lists of
-    ``(epoch, index)`` keys (:class:`~hetvae.data.ImageDataset` draws each crop from them).
-
-    Epoch ``e`` is the permutation of the ``n`` samples drawn from ``(seed, e)`` cut into
-    ``per_epoch = n // global_batch`` full batches (the remainder is dropped, so every batch has
-    the same size and the position of batch ``k`` is ``(k // per_epoch, k % per_epoch)``).
-    """
-    per_epoch = n // global_batch
-    local = global_batch // world_size
-    epoch, skip = divmod(start, per_epoch)
-    while True:
-        # a separate stream from the crops' (seed, epoch, index): different entropy tuple
-        order = np.random.default_rng((seed, epoch)).permutation(n)[: per_epoch * global_batch]
-        for row in order.reshape(per_epoch, global_batch)[skip:, rank * local : (rank + 1) * local].tolist():
-            yield [(epoch, i) for i in row]
-        epoch, skip = epoch + 1, 0
-
-
-def _local_batches(
-    dataset: ImageDataset,
-    *,
-    global_batch: int,
-    seed: int,
-    start: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-) -> Iterator[Tensor]:
-    """This rank's share of global batches ``start, start + 1, ...`` forever (:func:`_epoch_batches`).
-
-    One ``DataLoader`` serves every epoch: the batches carry their epoch, so its workers live as
-    long as the stream, keeping their decoded files and dead-leaves images. (A loader per epoch
-    started its workers again at every epoch boundary, every few dozen steps for a folder of a few
-    hundred photographs, each decoding its files anew.)
-    """
-    if len(dataset) < global_batch:
-        raise ValueError(
-            f"the dataset has {len(dataset)} samples per epoch, fewer than one global batch of {global_batch}: "
-            "set data.samples_per_epoch (crops per epoch, cycling through the images) or lower train.batch_size"
-        )
-    keys = _epoch_batches(
-        len(dataset), global_batch=global_batch, seed=seed, start=start, rank=rank, world_size=world_size
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=keys,
-        num_workers=num_workers,
-        worker_init_fn=_ignore_sigint if num_workers else None,
-    )
-    yield from loader
-
-
-def _adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` with its fused kernel where every parameter's device has one (CPU and
-    CUDA among them): the same update as the default per-tensor loop, up to float rounding, in one
-    kernel. The per-tensor loop took 16 ms a step for tiny.yaml's 138 tensors on 2 CPU cores, the
-    fused one 3 ms (benchmarks/optimizer_step.py); checkpoints load either way."""
-    try:  # the devices with fused kernels depend on the PyTorch version (CPU from 2.4)
-        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-        devices = set(_get_fused_kernels_supported_devices())
-    except ImportError:
-        devices = set()
-    params = [p for group in groups for p in group["params"]]
-    fused = bool(params) and all(p.device.type in devices and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(groups, fused=fused or None, **kwargs)
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Restore moments and step counts, but keep the *configured* hyper-parameters.
-
-    ``Optimizer.load_state_dict`` also restores each group's lr, betas and weight decay; a run
-    resumed with a changed ``train.lr`` would silently keep the old one.
-    """
-    configured = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
-    opt.load_state_dict(state)
-    for group, settings in zip(opt.param_groups, configured):
-        group.update(settings)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-# ---------------------------------------------------------------------------------------------
-# the trainer
-# ---------------------------------------------------------------------------------------------
-
-
 def final_batch_size(cfg: Config) -> int:
     """The global batch of the last ``train.final_steps``: about the pixels of a normal step at
     ``train.final_resolution`` (16 crops of 32 px -> one of 128 px)."""
@@ -422,11 +113,20 @@ class Trainer:
             None: follow ``cfg.train.resume``.
         progress: show a tqdm bar (rank 0).
         overwrite: start fresh even where ``out_dir`` holds a previous run; its files are deleted
-            (see ``_RUN_FILES``) once the first step has trained. Contradicts ``resume=True``.
+            (:func:`hetvae.runs.claim`) once the first step has trained. Contradicts ``resume=True``.
 
     Raises (besides config errors):
-        ConfigError: resuming with a config that differs in a key outside :data:`RESUME_MAY_CHANGE`.
+        ConfigError: resuming with a config that differs in a key outside
+            :data:`~hetvae.runs.RESUME_MAY_CHANGE`.
         CheckpointError: no checkpoint can be read, or the checkpoint does not fit the model.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``): DistributedDataParallel (gloo on CPU, NCCL on GPU),
+    ``batch_size`` is the global micro-batch and must divide by the world size, all file output on
+    rank 0 only. The loss's log-scales and the discriminator stay outside DDP and have their
+    gradients averaged by hand; the posterior noise of the whole global batch comes from one
+    seeded generator on every rank (each keeps its slice). Two things remain per rank: the
+    discriminator's BatchNorm statistics (rank 0's are saved; ``disc_norm: actnorm`` avoids them)
+    and the adaptive GAN weight, computed from each rank's local gradient norms.
 
     Attributes of interest to tests and tools: ``model`` (the autoencoder), ``objective``,
     ``ema`` (or None), ``g_opt``, ``d_opt``, ``step``, ``run_dir``.
@@ -445,10 +145,9 @@ class Trainer:
             cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
         self.cfg = cfg
         t = cfg.train
-        self.dist = _setup_distributed(t.device)
+        self.dist = setup_distributed(t.device)
         self.device = self.dist.device
         self.run_dir = Path(cfg.out_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.progress = progress
         if t.batch_size % self.dist.world_size:
             raise ValueError(
@@ -468,45 +167,13 @@ class Trainer:
             if self.model.quant_conv is not None:
                 self.model.quant_conv.requires_grad_(False)
         self.discriminator = self.objective.discriminator
-        self.ema = EMA(self.model, decay=t.ema_decay) if t.ema_decay is not None else None
-
-        # log-scale offsets (the loss's global/channel values, the pixel head's bias) get their own lr
-        head, trunk = self.model.decoder.log_scale_head, self.model.decoder.log_scale_trunk
-        offsets = [head.bias] if head is not None and head.bias is not None and head.bias.requires_grad else []
-        scale_params = self.objective.trainable_parameters() + offsets
-        # the head's other weights: with train.head_lr a group of their own at that lr
-        layers = [*(trunk.parameters() if trunk is not None else ()), *([head.weight] if head is not None else [])]
-        head_weights = [p for p in layers if p.requires_grad]
-        head_params = head_weights if t.head_lr is not None else []
-        special = offsets + head_params
-        ae_params = [p for p in self.model.parameters() if p.requires_grad and not any(p is o for o in special)]
-        self.g_params = ae_params + head_params + scale_params
-        # train.head_grad_clip: the log-scale's parameters (the pixel head whole, the global /
-        # channel scale) are clipped on their own, so the map's gradient never rescales the mean's
-        # log_scale.mean_scale=global: the mean's own scale is clipped alone, as a global model's is
-        mean_scale = [] if self.objective.nll.mean_head is None else [
-            p for p in self.objective.nll.mean_head.parameters() if p.requires_grad
-        ]
-        self.clip_groups = [("grad_norm", self.g_params, t.grad_clip)]
-        if t.head_grad_clip is not None:
-            log_scale = [p for p in head_weights + scale_params if not any(p is q for q in mean_scale)]
-            self.clip_groups = [
-                ("grad_norm", [p for p in self.g_params if not any(p is q for q in head_weights + scale_params)], t.grad_clip),
-                ("head_grad_norm", log_scale, t.head_grad_clip),
-            ]
-            if mean_scale:
-                self.clip_groups.append(("mean_scale_grad_norm", mean_scale, t.head_grad_clip))
-        groups = [{"params": ae_params, "weight_decay": t.weight_decay, "base_lr": t.lr}]
-        if head_params:
-            groups.append({"params": head_params, "weight_decay": t.weight_decay, "base_lr": t.head_lr})
-        if scale_params:
-            # decay would pull the log-scale towards its init: a prior nobody asked for
-            groups.append({"params": scale_params, "weight_decay": 0.0, "base_lr": t.log_scale_lr or t.lr})
-        self.g_opt = _adamw(groups, lr=t.lr, betas=t.betas)
+        self.ema = optim.EMA(self.model, decay=t.ema_decay) if t.ema_decay is not None else None
+        self.clip_groups = optim.clip_groups(t, self.model, self.objective.nll)
+        self.g_opt = optim.adamw(optim.parameter_groups(t, self.model, self.objective.nll), lr=t.lr, betas=t.betas)
         self.d_params = self.objective.discriminator_parameters()
         self.d_opt = (
-            _adamw(
-                [{"params": self.d_params, "base_lr": t.disc_lr or t.lr}],
+            optim.adamw(
+                optim.discriminator_groups(t, self.d_params),
                 lr=t.disc_lr or t.lr,
                 betas=t.betas,
                 weight_decay=t.weight_decay,
@@ -521,9 +188,7 @@ class Trainer:
                 self.generator, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
             # the loss's log-scales and the discriminator live outside DDP: synchronised by hand
-            with torch.no_grad():
-                for tensor in list(self.objective.nll.state_dict().values()) + self._discriminator_state():
-                    dist.broadcast(tensor, src=0)
+            self.dist.broadcast(list(self.objective.nll.state_dict().values()) + self._discriminator_state())
 
         self.amp_dtype = _DTYPES[t.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "fp16")
@@ -571,13 +236,12 @@ class Trainer:
         return [] if self.discriminator is None else list(self.discriminator.state_dict().values())
 
     def _tensors(self) -> dict[str, Tensor]:
-        tensors = {f"autoencoder.{k}": v for k, v in self.model.state_dict().items()}
-        if self.ema is not None:
-            tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
-        tensors.update({f"loss.{k}": v for k, v in self.objective.nll.state_dict().items()})
-        if self.discriminator is not None:
-            tensors.update({f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()})
-        return tensors
+        return runs.step_tensors({
+            "autoencoder": self.model,
+            "ema": self.ema.module if self.ema is not None else None,
+            "loss": self.objective.nll,
+            "discriminator": self.discriminator,
+        })
 
     def _state(self) -> dict[str, Any]:
         rng: dict[str, Any] = {
@@ -603,78 +267,15 @@ class Trainer:
 
     def _pick_checkpoint(self, resume: bool | None, overwrite: bool) -> Checkpoint | None:
         """The checkpoint to resume from (loaded), or None for a fresh start."""
-        found = list_checkpoints(self.ckpt_dir)
-        if overwrite:
-            if resume is True:
-                raise ValueError("resume=True (--resume) and overwrite=True (--overwrite) contradict each other")
-            return None
-        if resume is False or (resume is None and self.cfg.train.resume == "never"):
-            if found:
-                raise FileExistsError(
-                    f"{self.run_dir} already holds checkpoints (newest: {found[-1][1].name}) and resuming is off: "
-                    "resume it (--resume or train.resume=auto), start over there with --overwrite (deletes that "
-                    "run's checkpoints, metrics, samples and exports), or choose another out_dir"
-                )
-            return None
-        if not found:
-            if resume is True:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_dir}")
-            return None
-        bad: list[tuple[Path, Exception]] = []
-        for _, path in reversed(found):
-            try:
-                ckpt = load_checkpoint(path)
-                missing = [k for k in _STATE_KEYS if k not in ckpt.state]
-                if missing:
-                    raise CheckpointError(f"{path / STATE_FILE}: not a training state (lacks {', '.join(missing)})")
-            except (CheckpointError, FileNotFoundError) as exc:
-                bad.append((path, exc))
-                continue
-            if bad and self.dist.main:
-                logger.warning(
-                    "skipping unreadable checkpoint(s) %s; resuming from the previous intact one, %s (the unreadable "
-                    "ones are renamed corrupt-step_... once training starts)",
-                    "; ".join(f"{p} ({e})" for p, e in bad), path,
-                )
-            self._corrupt = [p for p, _ in bad]
-            return ckpt
-        raise CheckpointError(
-            f"no intact checkpoint under {self.ckpt_dir}: "
-            + "; ".join(f"{p.name}: {e}" for p, e in bad)
-            + ". Move the folder away to keep it, then start over with --overwrite, or choose another out_dir"
-        )
-
-    def _check_resume_config(self, ckpt: Checkpoint) -> dict[str, tuple[Any, Any]]:
-        """Refuse a config that differs from the checkpoint's beyond :data:`RESUME_MAY_CHANGE`;
-        returns the (allowed) changes as ``{key: (old, new)}``."""
-        text = ckpt.metadata.get(TRAIN_CONFIG_KEY)
-        if text is None:  # not written by Trainer: only the weights' shapes can be checked
-            return {}
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(
-                f"{ckpt.path / 'weights.safetensors'}: corrupt {TRAIN_CONFIG_KEY} metadata: {exc}"
-            ) from None
-        try:  # defaults filled in, values normalised as today's schema reads them
-            raw = config_to_dict(from_dict(Config, raw))
-        except (ConfigError, TypeError):
-            pass  # a schema that has moved on: compare the keys both sides still have
-        saved = _flatten(json.loads(json.dumps(raw)))
-        now = _flatten(json.loads(json.dumps(config_to_dict(self.cfg))))
-        differ = sorted(k for k in now if k in saved and saved[k] != now[k])
-        refused = [k for k in differ if k not in RESUME_MAY_CHANGE]
-        if refused:
-            details = "; ".join(f"{k}: the run used {saved[k]!r}, this config says {now[k]!r}" for k in refused)
-            raise ConfigError(
-                ", ".join(refused),
-                f"resuming the run in {self.run_dir} (checkpoint {ckpt.path.name}) with a config that differs from "
-                f"the run's: {details}. A resume may change only the steps, the logging and checkpoint cadence and "
-                f"the optimiser settings ({', '.join(sorted(RESUME_MAY_CHANGE))}). To train this config, give it a "
-                "new out_dir, or start over in this folder with --overwrite (train(..., overwrite=True)), which "
-                "deletes the previous run's checkpoints, metrics, samples and exported model",
+        found = runs.find_checkpoint(self.run_dir, resume=resume, policy=self.cfg.train.resume, overwrite=overwrite)
+        if found.skipped and self.dist.main:
+            logger.warning(
+                "skipping unreadable checkpoint(s) %s; resuming from the previous intact one, %s (the unreadable "
+                "ones are renamed corrupt-step_... once training starts)",
+                "; ".join(f"{p} ({e})" for p, e in found.skipped), found.checkpoint.path,
             )
-        return {k: (saved[k], now[k]) for k in differ if k != "out_dir"}
+        self._corrupt = [p for p, _ in found.skipped]
+        return found.checkpoint
 
     def _restore_noise(self, rng: dict[str, Any], path: Path) -> None:
         """Continue the posterior-noise stream of the checkpoint, or, when the run resumes on another
@@ -698,7 +299,7 @@ class Trainer:
 
     def _restore(self, ckpt: Checkpoint) -> None:
         path = ckpt.path
-        changes = self._check_resume_config(ckpt)
+        changes = runs.check_resume_config(self.cfg, ckpt)
         if self.dist.main:
             logger.info("resuming from %s (step %d)", path, ckpt.step)
             if changes:
@@ -707,27 +308,27 @@ class Trainer:
                     "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items()),
                 )
 
-        def part(prefix: str) -> dict[str, Tensor]:
-            return tensors_under(ckpt.tensors, prefix)
+        def part(owner: str) -> dict[str, Tensor]:
+            return runs.step_part(ckpt.tensors, owner)
 
         try:
-            self.model.load_state_dict(part("autoencoder."), strict=True)
+            self.model.load_state_dict(part("autoencoder"), strict=True)
             if self.ema is not None:
-                ema = part("ema.")
+                ema = part("ema")
                 # a run that turns EMA on at resume starts the average from the current weights
                 self.ema.module.load_state_dict(ema or self.model.state_dict(), strict=True)
-            self.objective.nll.load_state_dict(part("loss."), strict=True)
+            self.objective.nll.load_state_dict(part("loss"), strict=True)
             if self.discriminator is not None:
-                disc = part("discriminator.")
+                disc = part("discriminator")
                 if disc:
                     self.discriminator.load_state_dict(disc, strict=True)
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())
             raise CheckpointError(f"{path}: the checkpoint does not fit the configured model: {detail}") from None
         state = ckpt.state
-        _load_optimizer(self.g_opt, state["generator_optimizer"])
+        optim.load_optimizer_state(self.g_opt, state["generator_optimizer"])
         if self.d_opt is not None and state.get("discriminator_optimizer") is not None:
-            _load_optimizer(self.d_opt, state["discriminator_optimizer"])
+            optim.load_optimizer_state(self.d_opt, state["discriminator_optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         self.step = int(state["step"])
@@ -748,85 +349,22 @@ class Trainer:
                            "(see steps_averaged)", path)
         self._resumed_from = path
         if self.dist.main:
-            self._truncate_metrics(self.step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines past the resumed step (written by a run killed after its last checkpoint).
-
-        Atomic: a kill during the rewrite leaves the old file, never an empty or half one."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.is_file():
-            return
-        text = path.read_text(encoding="utf-8")
-        kept = []
-        for line in text.splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a half-written last line
-        new = "".join(line + "\n" for line in kept)
-        if new != text:
-            atomic_write_text(path, new)
+            runs.trim_metrics(self.run_dir, self.step)
 
     # -- the run folder ----------------------------------------------------------------------
 
     def _begin_outputs(self) -> None:
-        """Once the first step has trained: clear a previous run (overwrite) or stale metrics, set
-        unreadable checkpoints aside and write ``config.yaml``. A failure here removes the run
-        folder again if this call created it (and it is empty)."""
+        """Once the first step has trained: claim the run folder (:func:`hetvae.runs.claim`)."""
         self._started = True
         if not self.dist.main:
             return
-        created = not self.run_dir.exists()
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.overwrite:
-                self._remove_previous_run()
-            elif self._resumed_from is None and (self.run_dir / "metrics.jsonl").is_file():
-                logger.warning("%s: replacing metrics.jsonl of an earlier start that left no checkpoint",
-                               self.run_dir)
-                (self.run_dir / "metrics.jsonl").unlink()
-            for path in self._corrupt:
-                if path.is_dir():
-                    logger.warning("unreadable checkpoint %s renamed %s", path, set_aside(path).name)
-            self._corrupt = []
-            self._save_config()
+            runs.claim(self.run_dir, self.cfg, overwrite=self.overwrite, fresh=self._resumed_from is None,
+                       corrupt=self._corrupt, warn=logger.warning)
         except BaseException:
             self._started = False
-            if created:
-                with contextlib.suppress(OSError):
-                    self.run_dir.rmdir()  # only if empty: never a file this run did not write
             raise
-
-    def _remove_previous_run(self) -> None:
-        removed = 0
-        for name in _RUN_FILES:
-            if (self.run_dir / name).is_file():
-                (self.run_dir / name).unlink()
-                removed += 1
-        for folder, pattern in _RUN_GLOBS:
-            for path in (self.run_dir / folder).glob(pattern):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-                removed += 1
-        for folder in {f for f, _ in _RUN_GLOBS}:
-            with contextlib.suppress(OSError):
-                (self.run_dir / folder).rmdir()  # only if nothing else is in it
-        if removed:
-            logger.warning("--overwrite: deleted %d files or folders of the previous run in %s", removed, self.run_dir)
-
-    def _save_config(self) -> None:
-        path = self.run_dir / "config.yaml"
-        try:
-            save_config(self.cfg, path)
-        except OSError as exc:
-            for tmp in self.run_dir.glob("*config.yaml.tmp*"):
-                tmp.unlink(missing_ok=True)
-            detail = f"could not write {path}: {exc.strerror or exc}; no half-written file was left"
-            raise OSError(exc.errno, detail) from exc
+        self._corrupt = []
 
     def _nonfinite_tensors(self) -> list[str]:
         """Names of the run's tensors (model, EMA, log-scales, discriminator) holding inf or NaN."""
@@ -841,7 +379,7 @@ class Trainer:
         if not bad:
             return
         t = self.cfg.train
-        newest = latest_checkpoint(self.ckpt_dir)
+        newest = runs.newest_checkpoint(self.run_dir)
         shown = ", ".join(bad[:6]) + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
         raise NonFiniteLossError(
             f"training stopped at step {self.step}: the weights are no longer finite ({shown}). Nothing was "
@@ -859,42 +397,20 @@ class Trainer:
         """
         self._check_finite_weights()
         path = self._write_checkpoint() if self.dist.main else None
-        self._barrier()
+        self.dist.barrier()
         return path
 
     def _write_checkpoint(self) -> Path:
-        metadata = {
-            TRAIN_CONFIG_KEY: json.dumps(config_to_dict(self.cfg)),
-            "hetvae_config": json.dumps(self.model.config.to_dict()),
-            "step": str(self.step),
-        }
-        path = save_checkpoint(self.ckpt_dir, self.step, tensors=self._tensors(), metadata=metadata, state=self._state())
-        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
-        return path
+        return runs.save_step(self.run_dir, self.step, cfg=self.cfg, model_config=self.model.config,
+                              tensors=self._tensors(), state=self._state())
 
     def export(self) -> Path | None:
         """Write ``model.safetensors`` (EMA when enabled) and ``loss.safetensors`` into the run folder."""
         if not self.dist.main:
             return None
-        from safetensors.torch import save_file
-
         model = self.ema.module if self.ema is not None else self.model
-        final = self.run_dir / "model.safetensors"
-        tmp = self.run_dir / ".model.tmp.safetensors"
-        model.save_pretrained(tmp, format="hetvae", likelihood=self.objective.nll)  # the likelihood travels with it
-        fsync_file(tmp)
-        os.replace(tmp, final)
-        loss_sd = {k: v.detach().cpu().contiguous() for k, v in self.objective.nll.state_dict().items()}
-        meta = {"hetvae_log_scale": json.dumps(config_to_dict(self.cfg.log_scale)), "step": str(self.step)}
-        tmp = self.run_dir / ".loss.tmp.safetensors"
-        save_file(loss_sd, str(tmp), metadata=meta)
-        fsync_file(tmp)
-        os.replace(tmp, self.run_dir / "loss.safetensors")
-        return final
-
-    def _barrier(self) -> None:
-        if self.dist.enabled:
-            dist.barrier()
+        # the likelihood travels with the model
+        return runs.export(self.run_dir, model, self.objective.nll, cfg=self.cfg, step=self.step)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -929,17 +445,6 @@ class Trainer:
         if self.dist.main:
             logger.info("step %d: head-only phase, %d steps: only the log-scale trains", self.step, self.cfg.train.head_steps)
 
-    def _lr_factor(self, step: int) -> float:
-        t = self.cfg.train
-        if step >= t.steps:  # the head-only phase: a restart without warm-up
-            factor, progress = 1.0, (step - t.steps) / max(t.head_steps, 1)
-        else:
-            factor = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
-            progress = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1) if step >= t.warmup_steps else None
-        if t.lr_schedule == "cosine" and progress is not None:
-            factor *= 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return factor
-
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -948,11 +453,10 @@ class Trainer:
     def _train_step(self, batches: Iterator[Tensor]) -> tuple[bool, dict[str, float]]:
         """One optimiser step over ``grad_accum`` micro-batches; returns ``(applied, logs)``."""
         t, step = self.cfg.train, self.step
-        factor = self._lr_factor(step)
+        factor = optim.lr_factor(t, step)
         for opt in (self.g_opt, self.d_opt):
             if opt is not None:
-                for group in opt.param_groups:
-                    group["lr"] = group["base_lr"] * factor
+                optim.set_lr(opt, factor)
         self.g_opt.zero_grad(set_to_none=True)
         if self.d_opt is not None:
             self.d_opt.zero_grad(set_to_none=True)
@@ -970,14 +474,11 @@ class Trainer:
             for key, value in {**g_logs, **d_logs}.items():
                 sums[key] = sums.get(key, 0.0) + value / t.grad_accum
 
-        if self.dist.enabled:  # every rank must take the same decision
-            flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
-            dist.all_reduce(flag)
-            finite = flag.item() == 0.0
+        finite = not self.dist.any(not finite)  # every rank must take the same decision
         if finite:
             self._sync_grads(use_disc)
             self.scaler.unscale_(self.g_opt)
-            for name, group, limit in self.clip_groups:
+            for name, group, limit in self.clip_groups:  # optim.clip_groups
                 norm = torch.nn.utils.clip_grad_norm_(group, limit or float("inf")) if group else torch.zeros(())
                 sums[name] = float(norm)
                 # fp16: the scaler skips overflowing steps itself (and lowers its scale); that is normal
@@ -1038,27 +539,17 @@ class Trainer:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        _all_reduce_mean([p.grad for p in params], self.dist.world_size)
+        all_reduce_mean([p.grad for p in params], self.dist.world_size)
 
     # -- logging / samples -------------------------------------------------------------------
 
-    def _reduce_logs(self, logs: dict[str, float]) -> dict[str, float]:
-        if not self.dist.enabled or not logs:
-            return logs
-        keys = sorted(logs)
-        values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(values)
-        values /= self.dist.world_size
-        return dict(zip(keys, values.tolist()))
-
     def _write_metrics(self, record: dict[str, float]) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        runs.append_metrics(self.run_dir, record)
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(self.run_dir / runs.TENSORBOARD_DIR))
             except ImportError:  # tensorboard not installed: metrics.jsonl is enough
                 self._tb = False
         if self._tb:
@@ -1071,8 +562,6 @@ class Trainer:
         """Write the uncertainty panel of the current step (rank 0); returns its path."""
         if not self.dist.main:
             return None
-        from hetvae.viz import save_uncertainty_panel
-
         if not hasattr(self, "_panel_inputs"):
             # crops large enough to see structure in (training crops may be 32 px), where the images allow
             data = dataclasses.replace(self.cfg.data, resolution=max(self.cfg.data.resolution, _PANEL_RESOLUTION))
@@ -1093,10 +582,10 @@ class Trainer:
         log_scale = self.objective.nll.log_scale(
             x, rec.mean.float(), rec.log_scale.float() if self.objective.nll.granularity == "pixel" else None
         )
-        path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+        path = runs.sample_file(self.run_dir, self.step)
         title = f"step {self.step}  ({self.cfg.log_scale.granularity} log-scale{', EMA' if self.ema else ''})"
         save_uncertainty_panel(path, x, rec.mean, log_scale, title=title)
-        shutil.copyfile(path, path.with_name("latest.png"))
+        shutil.copyfile(path, runs.latest_sample_file(self.run_dir))
         return path
 
     # -- signals -----------------------------------------------------------------------------
@@ -1128,19 +617,14 @@ class Trainer:
                 signal.signal(s, handler)
 
     def _should_stop(self) -> bool:
-        stop = self._stop_requested
-        if self.dist.enabled:  # a signal may reach one rank only
-            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = flag.item() > 0
-        return stop
+        return self.dist.any(self._stop_requested)  # a signal may reach one rank only
 
     # -- the loop ----------------------------------------------------------------------------
 
     def _nonfinite_error(self) -> NonFiniteLossError:
         t, ls = self.cfg.train, self.cfg.log_scale
         last = "none (not one finite step)" if self.last_finite_step is None else f"step {self.last_finite_step}"
-        newest = latest_checkpoint(self.ckpt_dir)
+        newest = runs.newest_checkpoint(self.run_dir)
         causes = [
             f"a learning rate too high for this model (train.lr={t.lr}, warmup_steps={t.warmup_steps})",
             f"log-scales pinned at their bounds (log_scale.bounds={list(ls.bounds)}; see log_scale_min/max in metrics.jsonl)",
@@ -1212,7 +696,7 @@ class Trainer:
 
                     done = self.step >= self.total_steps
                     if self._records_after(self.step):
-                        record = self._reduce_logs({k: v / counts[k] for k, v in sums.items()})
+                        record = self.dist.mean({k: v / counts[k] for k, v in sums.items()})
                         elapsed = time.perf_counter() - interval_start
                         record.update(
                             step=self.step,
@@ -1245,7 +729,7 @@ class Trainer:
             bar.close()
         model_file = self.export()  # the loop checked the weights are finite at its last step
         if main and interrupted:
-            print(f"stopped at step {self.step}; resume with --resume (checkpoint {latest_checkpoint(self.ckpt_dir)})",
+            print(f"stopped at step {self.step}; resume with --resume (checkpoint {runs.newest_checkpoint(self.run_dir)})",
                   file=sys.stderr)
         self._close()
         return TrainResult(run_dir=self.run_dir, step=self.step, interrupted=interrupted, model_file=model_file,
@@ -1264,7 +748,7 @@ class Trainer:
         t = self.cfg.train
         final_from = self._final_from
         final = final_from is not None and step >= final_from
-        return _local_batches(
+        return local_batches(
             self.final_dataset if final else self.dataset,
             global_batch=self.final_batch if final else t.batch_size,
             seed=t.seed,
@@ -1289,7 +773,7 @@ class Trainer:
         collective: the other ranks may be gone). Skipped where it would be wrong or pointless."""
         if not self.dist.main:
             return
-        newest = latest_checkpoint(self.ckpt_dir)
+        newest = runs.newest_checkpoint(self.run_dir)
         why_not = None
         if isinstance(exc, (NonFiniteLossError, CheckpointError)):
             why_not = "skipped"  # the newest checkpoint is already the last good one / saving is what failed
@@ -1299,7 +783,7 @@ class Trainer:
             why_not = "the error struck during the weight update, so the weights may be half-updated"
         elif self.nonfinite_run or self._nonfinite_tensors():
             why_not = "the current weights are not finite"
-        elif newest is not None and newest.name == f"step_{self.step:08d}":
+        elif newest is not None and newest.name == runs.step_dir(self.run_dir, self.step).name:
             why_not = "already saved"
         if why_not is None:
             if self._step_start is not None:  # roll back what the unfinished step drew / changed
@@ -1322,7 +806,7 @@ class Trainer:
         elif why_not == "already saved":
             exc.add_note(f"the newest checkpoint holds step {self.step}: {newest} (resume with --resume)")
         elif why_not != "skipped":
-            newest = latest_checkpoint(self.ckpt_dir)
+            newest = runs.newest_checkpoint(self.run_dir)
             exc.add_note(
                 f"no checkpoint written at step {self.step} ({why_not}); newest checkpoint: {newest or 'none'}"
             )
@@ -1330,9 +814,7 @@ class Trainer:
     def _close(self) -> None:
         if self._tb:
             self._tb.close()
-        if self.dist.owns_group:
-            dist.destroy_process_group()
-            self.dist.owns_group = False
+        self.dist.close()
 
 
 def train(
@@ -1349,7 +831,7 @@ def train(
         NonFiniteLossError: ``train.max_nonfinite`` consecutive non-finite steps, or non-finite weights.
         FileNotFoundError: ``resume=True`` and no checkpoint.
         FileExistsError: the run folder holds checkpoints, resuming is off and ``overwrite`` is not set.
-        ConfigError: resuming with a config that differs beyond :data:`RESUME_MAY_CHANGE`.
+        ConfigError: resuming with a config that differs beyond :data:`~hetvae.runs.RESUME_MAY_CHANGE`.
         CheckpointError: no readable checkpoint, one that does not fit the model, or a failed save.
     """
     trainer = Trainer(cfg, out_dir=out_dir, resume=resume, progress=progress, overwrite=overwrite)

@@ -22,8 +22,9 @@ import hetvae.checkpoint as checkpoint_module
 from hetvae.checkpoint import WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
 from hetvae.cli import build_parser
 from hetvae.cli import main as cli_main
-from hetvae.config import Config, ConfigError, apply_overrides, load_config, save_config
-from hetvae.convert import CheckpointError
+from hetvae.config import Config, load_config, save_config
+from hetvae.schema import ConfigError, apply_overrides
+from hetvae.files import CheckpointError
 from hetvae.train import NonFiniteLossError, Trainer, train
 
 

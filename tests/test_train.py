@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from hetvae.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
 from hetvae.cli import main as cli_main
-from hetvae.config import Config, ConfigError, apply_overrides, from_dict, load_config, save_config
+from hetvae.config import Config, load_config, save_config
+from hetvae.schema import ConfigError, apply_overrides, from_dict
 from hetvae.convert import load_autoencoder
 from hetvae.train import NonFiniteLossError, Trainer, train
 
@@ -367,7 +367,7 @@ def test_ddp_two_processes_match_one(images, tmp_path):
     assert first is not None and load_checkpoint(latest_checkpoint(tmp_path / "one" / "checkpoints")).step == 3
     # the two runs trained (compare to a fresh init with the same seed)
     torch.manual_seed(3)
-    from hetvae.config import build_model
+    from hetvae.build import build_model
 
     init = build_model(make_cfg(images, tmp_path / "x", *common)).state_dict()
     moved = sum(not torch.allclose(init[k], a[f"autoencoder.{k}"]) for k in init)
@@ -560,18 +560,6 @@ def test_tiny_demo_config(tmp_path):
 # --- recipe switches ------------------------------------------------------------------------------
 
 
-def test_cosine_schedule_warms_up_then_decays_to_zero(images, tmp_path):
-    cfg = make_cfg(images, tmp_path / "run", "train.steps=12", "train.warmup_steps=2", "train.lr_schedule=cosine")
-    trainer = Trainer(cfg, progress=False)
-    factors = [trainer._lr_factor(step) for step in range(12)]
-    assert factors[:2] == [0.5, 1.0]  # linear warm-up, then the cosine starts at its top
-    assert factors[2] == 1.0 and all(a > b for a, b in zip(factors[2:], factors[3:]))
-    assert factors[7] == pytest.approx(0.5)  # half-way through the decay
-    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 10)))
-    constant = Trainer(make_cfg(images, tmp_path / "c", "train.warmup_steps=2"), progress=False)
-    assert [constant._lr_factor(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
-
-
 def test_zero_init_residual_applies_to_scratch_models_only(images, tmp_path):
     from hetvae.layers import ResnetBlock
 
@@ -590,7 +578,7 @@ def test_init_logvar_applies_to_scratch_models_only(images, tmp_path):
     """train.init_logvar: a scratch model's posterior starts with log-variance near the value (the
     weights add a little), for the EMA copy too; a loaded model keeps its own; out of the
     posterior's clamp is a ConfigError naming the key."""
-    from hetvae.config import ConfigError
+    from hetvae.schema import ConfigError
 
     trainer = Trainer(make_cfg(images, tmp_path / "v", "train.init_logvar=-8", "train.ema_decay=0.9"), progress=False)
     half = trainer.model.quant_conv.out_channels // 2
@@ -614,7 +602,8 @@ def test_init_chroma_gain_applies_to_scratch_models_only(images, tmp_path):
     """train.init_chroma_gain: a scratch model's first convolution is the same seed's plain init
     times T = P + g (I - P) and nothing else differs (no random draw added); a loaded model keeps its
     own; a non-positive gain is a ConfigError naming the key."""
-    from hetvae.config import ConfigError, build_model
+    from hetvae.build import build_model
+    from hetvae.schema import ConfigError
 
     plain_cfg = make_cfg(images, tmp_path / "c", "train.zero_init_residual=true")
     gain_cfg = make_cfg(images, tmp_path / "c", "train.zero_init_residual=true", "train.init_chroma_gain=4")
@@ -656,7 +645,7 @@ def test_faithful_deep_head_trains_end_to_end(images, tmp_path, sees_latent, see
 
 @pytest.mark.parametrize("bad", ["gpu", "cuda:-1", "cuda:x", "mps", ""])
 def test_train_device_is_validated(bad):
-    from hetvae.config import ConfigError
+    from hetvae.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"train\.device: .*'auto', 'cpu', 'cuda' or 'cuda:N'"):
         apply_overrides(Config(), [f"train.device={bad!s}" if bad else "train.device=''"])
@@ -666,24 +655,24 @@ def test_train_device_places_the_run(monkeypatch):
     """'cpu' trains on the CPU wherever a GPU is; asking for CUDA where torch sees none, or more
     torchrun processes per node than GPUs, is a ConfigError naming train.device (it used to be
     CUDA's 'invalid device ordinal' from inside the trainer)."""
-    from hetvae.config import ConfigError
-    from hetvae.train import _setup_distributed
+    from hetvae.schema import ConfigError
+    from hetvae.distributed import setup_distributed
 
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    assert _setup_distributed("cpu").device == torch.device("cpu")
+    assert setup_distributed("cpu").device == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _setup_distributed("auto").device == torch.device("cpu")
+    assert setup_distributed("auto").device == torch.device("cpu")
     with pytest.raises(ConfigError, match=r"train\.device: is 'cuda:1' but torch sees no CUDA device"):
-        _setup_distributed("cuda:1")
+        setup_distributed("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 has no GPU of its own: this machine shows 1 CUDA"):
-        _setup_distributed("auto")
+        setup_distributed("auto")
     with pytest.raises(ConfigError, match=r"is 'cuda:0' under torchrun"):
-        _setup_distributed("cuda:0")
+        setup_distributed("cuda:0")
 
 
 def test_resume_may_move_to_another_device(images, tmp_path):
@@ -755,9 +744,9 @@ class _WhoLoads(torch.utils.data.Dataset):
 def test_one_loader_serves_every_epoch(num_workers):
     """Batches follow the documented order (epoch e: the permutation of (seed, e), cut into full
     batches, this rank's columns), and one set of loader workers serves them across epochs."""
-    from hetvae.train import _local_batches
+    from hetvae.distributed import local_batches
 
-    stream = _local_batches(_WhoLoads(), global_batch=4, seed=7, start=3, rank=1, world_size=2, num_workers=num_workers)
+    stream = local_batches(_WhoLoads(), global_batch=4, seed=7, start=3, rank=1, world_size=2, num_workers=num_workers)
     got = [next(stream) for _ in range(6)]  # 2 full batches per epoch: from epoch 1's second, into epoch 4
     expected = []
     for epoch in (1, 2, 3, 4):
@@ -769,65 +758,14 @@ def test_one_loader_serves_every_epoch(num_workers):
     assert len(pids) == 1 and (pids == {os.getpid()}) == (num_workers == 0)
 
 
-def test_adamw_is_fused_where_the_device_has_the_kernel_and_matches_the_loop(images, tmp_path):
-    """The trainer's AdamW uses PyTorch's fused kernel on the CPU (PyTorch >= 2.4): the same update as
-    the per-tensor loop it replaces, within float rounding, over steps with weight decay and
-    several groups; and it takes an optimiser state written by the per-tensor loop (older runs)."""
+def test_the_trainers_adamw_is_fused_where_the_device_has_the_kernel(images, tmp_path):
+    """hetvae.optim.adamw in the Trainer (its parity with the per-tensor loop: tests/test_optim.py)."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    from hetvae.train import _adamw
 
     if "cpu" not in _get_fused_kernels_supported_devices():
         pytest.skip("this PyTorch has no fused AdamW on the CPU")
     trainer = Trainer(make_cfg(images, tmp_path / "f", "log_scale.granularity=channel"), progress=False)
     assert trainer.g_opt.defaults["fused"]
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(8, 4, 3, 3), (8,), (3,)]
-    start = [torch.randn(s, generator=gen) for s in shapes]
-    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(5)]
-
-    def steps(make, params, grads, state=None):
-        groups = [{"params": params[:2], "weight_decay": 0.1}, {"params": params[2:], "weight_decay": 0.0, "lr": 3e-2}]
-        opt = make(groups, lr=1e-2, betas=(0.5, 0.9))
-        if state is not None:
-            opt.load_state_dict(state)
-        for g in grads:
-            for p, gp in zip(params, g):
-                p.grad = gp.clone()
-            opt.step()
-        return opt
-
-    def fresh():
-        return [nn.Parameter(t.clone()) for t in start]
-
-    loop, fused = fresh(), fresh()
-    steps(torch.optim.AdamW, loop, grads)
-    assert steps(_adamw, fused, grads).defaults["fused"]
-    for a, b in zip(fused, loop):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    # 3 steps of the per-tensor loop, its state resumed by the fused optimiser for the last 2
-    resumed = fresh()
-    state = steps(torch.optim.AdamW, resumed, grads[:3]).state_dict()
-    steps(_adamw, resumed, grads[3:], state=state)
-    for a, b in zip(resumed, loop):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-
-
-def test_ema_update_is_the_moving_average():
-    """ema <- decay * ema + (1 - decay) * param for every parameter; buffers are copied."""
-    from hetvae.train import EMA
-
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    ema = EMA(model, decay=0.9)
-    start = [p.detach().clone() for p in ema.module.parameters()]
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.5)
-        model[1].running_mean.fill_(2.0)
-    ema.update(model)
-    for e, s, p in zip(ema.module.parameters(), start, model.parameters()):
-        torch.testing.assert_close(e, 0.9 * s + 0.1 * p.detach(), rtol=1e-6, atol=1e-7)
-    assert torch.equal(ema.module[1].running_mean, model[1].running_mean)
 
 
 def _autoencoder_after(images: Path, out: Path, *overrides: str) -> dict[str, torch.Tensor]:
