@@ -21,7 +21,6 @@ pixels unless the predictor says otherwise (:attr:`Predictor.tile`), and running
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,23 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.build import build_nll, model_nll
+from hetvae.autoencoder import AutoencoderKL
+from hetvae.build import model_nll
 from hetvae.calibration import DEFAULT_METHOD, Calibration, CalibrationError, fit_calibration, pooled
-from hetvae.checkpoint import WEIGHTS_FILE, is_checkpoint, read_checkpoint_weights, tensors_under
-from hetvae.config import Config, load_config
-from hetvae.convert import CONFIG_KEY, inspect_checkpoint, load_autoencoder, save_autoencoder
-from hetvae.files import CheckpointError
+from hetvae.checkpoint import is_checkpoint
+from hetvae.convert import inspect_checkpoint, load_autoencoder, save_autoencoder
 from hetvae.images import ImageList, load_images
 from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
-from hetvae.schema import ConfigError, from_dict
-from hetvae.runs import CONFIG_FILE, LOSS_FILE, MODEL_FILE, TRAIN_CONFIG_KEY
+from hetvae.runs import MODEL_FILE, is_run_folder, read_run, read_step
 
 AUTO_TILE_PIXELS = 2048 * 2048
 """Images with more pixels than this are reconstructed in tiles when :attr:`Predictor.tile` is
@@ -209,38 +203,6 @@ def _out_of_memory(error: BaseException) -> bool:
     return any(m in text for m in ("out of memory", "not enough memory", "can't allocate memory", "failed to allocate"))
 
 
-def is_run_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_dir() and all((path / name).is_file() for name in (CONFIG_FILE, MODEL_FILE))
-
-
-def _training_checkpoint_parts(path: Path) -> tuple[AutoencoderKL, HeteroscedasticNLL]:
-    """The model and likelihood a run would have exported at the step saved in ``path``: the EMA
-    weights when the run keeps them (as ``model.safetensors``), else the trained ones, and the
-    learned log-scale. Reads ``weights.safetensors`` only (never the training state)."""
-    tensors, metadata = read_checkpoint_weights(path)
-    weights = path / WEIGHTS_FILE
-    missing = [k for k in (CONFIG_KEY, TRAIN_CONFIG_KEY) if k not in metadata]
-    if missing:
-        raise CheckpointError(f"{weights}: lacks the {' and '.join(missing)} metadata that `hetvae train` writes")
-    try:
-        model_config = AutoencoderConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
-        cfg = from_dict(Config, json.loads(metadata[TRAIN_CONFIG_KEY]))
-    except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: its config metadata cannot be read by this version ({exc})") from exc
-    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "autoencoder."
-    model = AutoencoderKL(model_config)
-    nll = build_nll(cfg, model)
-    for module, name in ((model, prefix), (nll, "loss.")):
-        try:
-            module.load_state_dict(tensors_under(tensors, name), strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"{weights}: the {name}* tensors do not fit the config stored with them: {str(exc).splitlines()[-1].strip()}"
-            ) from exc
-    return model, nll
-
-
 def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibrated: bool = True) -> Predictor:
     """A :class:`Predictor` from a run folder, one of its training checkpoints
     (``RUN/checkpoints/step_XXXXXXXX``: the model the run would have exported at that step) or any
@@ -252,28 +214,9 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibra
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run folder or a model checkpoint)")
     if is_run_folder(path):
-        cfg = load_config(path / CONFIG_FILE)
-        model = load_autoencoder(path / MODEL_FILE)
-        nll = build_nll(cfg, model)
-        loss_file = path / LOSS_FILE
-        if loss_file.is_file():
-            try:
-                state = load_file(str(loss_file))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise ValueError(f"{loss_file}: cannot read the run's learned log-scale, the file is truncated or corrupt ({e})") from e
-            try:
-                nll.load_state_dict(state)
-            except RuntimeError as e:
-                raise ValueError(
-                    f"{loss_file} does not fit log_scale in {path / CONFIG_FILE} "
-                    f"({nll.granularity}, {model.config.out_channels} channels): {str(e).splitlines()[-1].strip()}"
-                ) from e
-        elif list(nll.parameters()):
-            raise FileNotFoundError(
-                f"{loss_file} is missing: the run's {nll.granularity!r} log-scale was learned and lives there"
-            )
+        model, nll = read_run(path)
     elif is_checkpoint(path):
-        model, nll = _training_checkpoint_parts(path)
+        model, nll = read_step(path)
     else:
         model = load_autoencoder(path)
         nll = model_nll(model, path)

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
+from hetvae.build import build_nll
 from hetvae.checkpoint import (
     CORRUPT_GLOB,
     STATE_FILE,
@@ -40,12 +42,13 @@ from hetvae.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
+    read_checkpoint_weights,
     save_checkpoint,
     set_aside,
     tensors_under,
 )
-from hetvae.config import Config, save_config
-from hetvae.convert import CONFIG_KEY, HETVAE_FILE, save_autoencoder
+from hetvae.config import Config, load_config, save_config
+from hetvae.convert import CONFIG_KEY, HETVAE_FILE, load_autoencoder, save_autoencoder
 from hetvae.files import CheckpointError, atomic_write_text, write_atomically
 from hetvae.loss import HeteroscedasticNLL
 from hetvae.schema import ConfigError, config_to_dict, from_dict
@@ -70,9 +73,12 @@ __all__ = [
     "claim",
     "export",
     "find_checkpoint",
+    "is_run_folder",
     "latest_sample_file",
     "metrics_file",
     "newest_checkpoint",
+    "read_run",
+    "read_step",
     "sample_file",
     "save_step",
     "step_dir",
@@ -356,6 +362,68 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------
 # step checkpoints and the export
 # ---------------------------------------------------------------------------------------------
+
+
+# --- reading what a run wrote ---------------------------------------------------------------
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a run folder ``hetvae train`` exported into (its config and model are there)."""
+    path = Path(path)
+    return path.is_dir() and all((path / name).is_file() for name in (CONFIG_FILE, MODEL_FILE))
+
+
+def read_step(path: Path) -> tuple[AutoencoderKL, HeteroscedasticNLL]:
+    """The model and likelihood a run would have exported at the step saved in ``path``: the EMA
+    weights when the run keeps them (as ``model.safetensors``), else the trained ones, and the
+    learned log-scale. Reads ``weights.safetensors`` only (never the training state)."""
+    tensors, metadata = read_checkpoint_weights(path)
+    weights = path / WEIGHTS_FILE
+    missing = [k for k in (CONFIG_KEY, TRAIN_CONFIG_KEY) if k not in metadata]
+    if missing:
+        raise CheckpointError(f"{weights}: lacks the {' and '.join(missing)} metadata that `hetvae train` writes")
+    try:
+        model_config = AutoencoderConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        cfg = from_dict(Config, json.loads(metadata[TRAIN_CONFIG_KEY]))
+    except (json.JSONDecodeError, ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: its config metadata cannot be read by this version ({exc})") from exc
+    owner = "ema" if any(k.startswith("ema.") for k in tensors) else "autoencoder"
+    model = AutoencoderKL(model_config)
+    nll = build_nll(cfg, model)
+    for module, name in ((model, owner), (nll, "loss")):
+        try:
+            module.load_state_dict(step_part(tensors, name), strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"{weights}: the {name}.* tensors do not fit the config stored with them: {str(exc).splitlines()[-1].strip()}"
+            ) from exc
+    return model, nll
+
+
+def read_run(path: Path) -> tuple[AutoencoderKL, HeteroscedasticNLL]:
+    """The exported model of run folder ``path`` and the likelihood it trained: the config's
+    ``log_scale`` with the learned value(s) of ``loss.safetensors``."""
+    cfg = load_config(path / CONFIG_FILE)
+    model = load_autoencoder(path / MODEL_FILE)
+    nll = build_nll(cfg, model)
+    loss_file = path / LOSS_FILE
+    if loss_file.is_file():
+        try:
+            state = load_file(str(loss_file))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{loss_file}: cannot read the run's learned log-scale, the file is truncated or corrupt ({e})") from e
+        try:
+            nll.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{loss_file} does not fit log_scale in {path / CONFIG_FILE} "
+                f"({nll.granularity}, {model.config.out_channels} channels): {str(e).splitlines()[-1].strip()}"
+            ) from e
+    elif list(nll.parameters()):
+        raise FileNotFoundError(
+            f"{loss_file} is missing: the run's {nll.granularity!r} log-scale was learned and lives there"
+        )
+    return model, nll
 
 
 def step_tensors(modules: dict[str, nn.Module | None]) -> dict[str, Tensor]:
