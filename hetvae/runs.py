@@ -16,6 +16,7 @@ caller's ``logger.warning``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -48,8 +49,9 @@ from hetvae.checkpoint import (
     tensors_under,
 )
 from hetvae.config import Config, load_config, save_config
-from hetvae.convert import CONFIG_KEY, HETVAE_FILE, load_autoencoder, save_autoencoder
+from hetvae.convert import CONFIG_KEY, HETVAE_FILE, inspect_checkpoint, load_autoencoder, save_autoencoder
 from hetvae.files import CheckpointError, atomic_write_text, write_atomically
+from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
 from hetvae.schema import ConfigError, config_to_dict, from_dict
 
@@ -72,7 +74,9 @@ __all__ = [
     "checkpoints_dir",
     "claim",
     "export",
+    "check_fresh_start",
     "find_checkpoint",
+    "foreign_files",
     "is_run_folder",
     "latest_sample_file",
     "metrics_file",
@@ -301,6 +305,45 @@ def append_metrics(run_dir: str | os.PathLike, record: dict[str, float]) -> None
 # ---------------------------------------------------------------------------------------------
 
 
+_RESOLVED_HEADER = "# hetvae resolved config"  # the first line of every config.yaml save_config writes
+_DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model*")  # a diffusers export's
+
+
+def foreign_files(run_dir: str | os.PathLike) -> list[str]:
+    """What in ``run_dir`` a run did not write but a new run there would replace or shadow: a
+    ``config.yaml`` that :func:`hetvae.config.save_config` did not write (a hand-written one), a
+    ``model.safetensors`` with no ``loss.safetensors`` beside it (an export, not a run's), a
+    diffusers export (a run's ``model.safetensors`` would be read instead of it)."""
+    run_dir = Path(run_dir)
+    found = []
+    config = run_dir / CONFIG_FILE
+    if config.is_file():
+        try:
+            with config.open(encoding="utf-8", errors="replace") as f:
+                ours = f.readline().startswith(_RESOLVED_HEADER)
+        except OSError:
+            ours = False
+        if not ours:
+            found.append(f"{CONFIG_FILE} (not a config `hetvae train` wrote)")
+    if (run_dir / MODEL_FILE).exists() and not (run_dir / LOSS_FILE).is_file():
+        found.append(f"{MODEL_FILE} (an export, not a run's: no {LOSS_FILE} beside it)")
+    diffusers = sorted(p.name for pattern in _DIFFUSERS_FILES for p in run_dir.glob(pattern))
+    if diffusers:
+        found.append(f"{', '.join(diffusers)} (a diffusers export, which a run's {MODEL_FILE} would shadow)")
+    return found
+
+
+def check_fresh_start(run_dir: str | os.PathLike) -> None:
+    """Refuse a fresh run (or ``--overwrite``) in a folder holding files a run did not write
+    (:func:`foreign_files`): a user's files are never replaced. Raises ``FileExistsError``."""
+    found = foreign_files(run_dir)
+    if found:
+        raise FileExistsError(
+            f"{run_dir} holds files that `hetvae train` did not write and a run there would replace or shadow: "
+            f"{'; '.join(found)}. Choose another out_dir (--out-dir), or move those files away"
+        )
+
+
 def claim(
     run_dir: str | os.PathLike, cfg: Config, *, overwrite: bool, fresh: bool, corrupt: list[Path], warn: Warn
 ) -> None:
@@ -357,11 +400,6 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
             tmp.unlink(missing_ok=True)
         detail = f"could not write {path}: {exc.strerror or exc}; no half-written file was left"
         raise OSError(exc.errno, detail) from exc
-
-
-# ---------------------------------------------------------------------------------------------
-# step checkpoints and the export
-# ---------------------------------------------------------------------------------------------
 
 
 # --- reading what a run wrote ---------------------------------------------------------------
@@ -426,6 +464,11 @@ def read_run(path: Path) -> tuple[AutoencoderKL, HeteroscedasticNLL]:
     return model, nll
 
 
+# ---------------------------------------------------------------------------------------------
+# step checkpoints and the export
+# ---------------------------------------------------------------------------------------------
+
+
 def step_tensors(modules: dict[str, nn.Module | None]) -> dict[str, Tensor]:
     """The tensors of a step checkpoint: each module's state dict under ``<owner>.``, owners from
     :data:`OWNERS` in the order given; a None module is left out."""
@@ -462,14 +505,43 @@ def save_step(
     return path
 
 
+def _stored_calibration(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``(calibration, step)`` of the run's current export: the post-hoc calibration recorded in
+    ``model.safetensors`` (``hetvae calibrate``) and the step ``loss.safetensors`` says it was
+    exported at; ``(None, None)`` when there is none or it cannot be read (the export replaces it)."""
+    try:
+        info = inspect_checkpoint(run_dir / MODEL_FILE)
+        with safe_open(str(run_dir / LOSS_FILE), framework="pt") as f:
+            step = (f.metadata() or {}).get("step")
+    except (CheckpointError, OSError, SafetensorError, ValueError):
+        return None, None
+    likelihood = info.config.likelihood
+    return (likelihood.calibration if likelihood is not None else None), step
+
+
 def export(
-    run_dir: str | os.PathLike, model: AutoencoderKL, nll: HeteroscedasticNLL, *, cfg: Config, step: int
+    run_dir: str | os.PathLike, model: AutoencoderKL, nll: HeteroscedasticNLL, *, cfg: Config, step: int,
+    warn: Warn | None = None,
 ) -> Path:
     """Write ``model.safetensors`` (``model`` in hetvae format, ``nll``'s likelihood in its config)
     and ``loss.safetensors`` (``nll``'s parameters, the ``log_scale`` section, the step), each
-    atomically; returns the model file."""
+    atomically; returns the model file.
+
+    A post-hoc calibration stored in the previous export (``hetvae calibrate RUN``) is kept when that
+    export is of the same ``step`` (a resume with nothing left to train changes no weight); otherwise
+    it described a scale that training has since changed, and it is dropped with a ``warn``ing that
+    says to calibrate again."""
     run_dir = Path(run_dir)
-    model_file = save_autoencoder(model, run_dir / MODEL_FILE, format="hetvae", likelihood=nll)
+    likelihood = likelihood_from_nll(nll)
+    calibration, calibrated_step = _stored_calibration(run_dir)
+    if calibration is not None:
+        if calibrated_step == str(step):
+            likelihood = dataclasses.replace(likelihood, calibration=calibration)
+        elif warn is not None:
+            warn("%s carried a post-hoc calibration of the model exported at step %s; the model trained on to "
+                 "step %d, so the new export drops it (run `hetvae calibrate %s` again)",
+                 run_dir / MODEL_FILE, calibrated_step, step, run_dir)
+    model_file = save_autoencoder(model, run_dir / MODEL_FILE, format="hetvae", likelihood=likelihood)
     loss_sd = {k: v.detach().cpu().contiguous() for k, v in nll.state_dict().items()}
     meta = {LOG_SCALE_KEY: json.dumps(config_to_dict(cfg.log_scale)), "step": str(step)}
     write_atomically(run_dir / LOSS_FILE, lambda tmp: save_file(loss_sd, str(tmp), metadata=meta))

@@ -275,6 +275,8 @@ class Trainer:
                 "; ".join(f"{p} ({e})" for p, e in found.skipped), found.checkpoint.path,
             )
         self._corrupt = [p for p, _ in found.skipped]
+        if found.checkpoint is None:
+            runs.check_fresh_start(self.run_dir)
         return found.checkpoint
 
     def _restore_noise(self, rng: dict[str, Any], path: Path) -> None:
@@ -410,7 +412,7 @@ class Trainer:
             return None
         model = self.ema.module if self.ema is not None else self.model
         # the likelihood travels with the model
-        return runs.export(self.run_dir, model, self.objective.nll, cfg=self.cfg, step=self.step)
+        return runs.export(self.run_dir, model, self.objective.nll, cfg=self.cfg, step=self.step, warn=logger.warning)
 
     # -- one step ----------------------------------------------------------------------------
 

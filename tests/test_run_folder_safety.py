@@ -1,0 +1,116 @@
+"""A run folder never loses what it holds: a user's files are not replaced by a fresh run, and a
+stored calibration survives a resume that trains nothing (and is dropped with a warning otherwise)."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
+from hetvae.calibration import Calibration
+from hetvae.cli import main as cli_main
+from hetvae.config import Config, save_config
+from hetvae.convert import inspect_checkpoint, save_autoencoder
+from hetvae.predictor import load_predictor, store_calibration
+from hetvae.schema import apply_overrides
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> pathlib.Path:
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def make_cfg(images: pathlib.Path, out_dir: pathlib.Path, *overrides: str) -> Config:
+    base = [
+        "model.block_out_channels=[8, 16]", "model.norm_num_groups=4", "model.layers_per_block=1",
+        "model.mid_block_attention=false", f"data.path={images}", "data.resolution=16",
+        "data.samples_per_epoch=8", "train.steps=2", "train.batch_size=4", "train.log_every=1",
+        "train.sample_every=0", "train.checkpoint_every=2", "train.keep_checkpoints=0", "train.seed=5",
+        "log_scale.granularity=pixel", f"out_dir={out_dir}",
+    ]
+    return apply_overrides(Config(), base + list(overrides))
+
+
+def train(cfg: Config, tmp_path: pathlib.Path, *extra: str) -> int:
+    return cli_main(["train", str(save_config(cfg, tmp_path / "cfg.yaml")), "--no-progress", *extra])
+
+
+def stored_calibration(run: pathlib.Path):
+    return inspect_checkpoint(run / "model.safetensors").config.likelihood.calibration
+
+
+@pytest.fixture
+def calibrated_run(images, tmp_path) -> pathlib.Path:
+    run = tmp_path / "run"
+    assert train(make_cfg(images, run), tmp_path) == 0
+    fitted = Calibration("affine", "laplace", torch.full((3,), 1.2), torch.full((3,), 0.1))
+    store_calibration(load_predictor(run, calibrated=False), fitted, run)
+    assert stored_calibration(run) is not None
+    return run
+
+
+def test_a_resume_with_nothing_to_train_keeps_the_calibration(images, tmp_path, calibrated_run, caplog):
+    before = stored_calibration(calibrated_run)
+    with caplog.at_level(logging.WARNING, logger="hetvae.train"):
+        assert train(make_cfg(images, calibrated_run), tmp_path) == 0  # resumes at its last step
+    assert stored_calibration(calibrated_run) == before
+    assert "calibrat" not in caplog.text
+    assert load_predictor(calibrated_run).calibration is not None
+
+
+def test_a_resume_that_trains_drops_the_calibration_and_says_so(images, tmp_path, calibrated_run, caplog):
+    with caplog.at_level(logging.WARNING, logger="hetvae.train"):
+        assert train(make_cfg(images, calibrated_run, "train.steps=4"), tmp_path, "--resume") == 0
+    assert stored_calibration(calibrated_run) is None
+    assert "post-hoc calibration" in caplog.text and "hetvae calibrate" in caplog.text and "step 4" in caplog.text
+
+
+def _hand_written_config(folder: pathlib.Path) -> pathlib.Path:
+    (folder / "config.yaml").write_text("# my experiment\nbase: ../configs/tiny.yaml\ntrain:\n  steps: 10\n")
+    return folder / "config.yaml"
+
+
+def _export(folder: pathlib.Path) -> pathlib.Path:
+    model = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+                                            mid_block_attention=False))
+    return save_autoencoder(model, folder / "model.safetensors", format="hetvae")
+
+
+def _diffusers_export(folder: pathlib.Path) -> pathlib.Path:
+    model = AutoencoderKL(AutoencoderConfig(block_out_channels=(8, 16), norm_num_groups=4, layers_per_block=1,
+                                            mid_block_attention=False))
+    save_autoencoder(model, folder, format="diffusers")
+    return folder / "config.json"
+
+
+@pytest.mark.parametrize("make", [_hand_written_config, _export, _diffusers_export], ids=["config", "export", "diffusers"])
+@pytest.mark.parametrize("overwrite", [False, True], ids=["fresh", "overwrite"])
+def test_a_fresh_run_never_replaces_or_shadows_a_users_files(images, tmp_path, capsys, make, overwrite):
+    run = tmp_path / "out"
+    run.mkdir()
+    user_file = make(run)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code = train(make_cfg(images, run), tmp_path, *(["--overwrite"] if overwrite else []))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: ") and user_file.name in err and "did not write" in err and "--out-dir" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing added or changed
+    assert not (run / "checkpoints").exists()
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(images, tmp_path):
+    """Its config.yaml and metrics are a run's own: a fresh start may replace them."""
+    run = tmp_path / "out"
+    save_config(make_cfg(images, run), run / "config.yaml")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert train(make_cfg(images, run), tmp_path) == 0
+    assert (run / "model.safetensors").is_file()
