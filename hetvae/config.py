@@ -23,7 +23,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,16 +35,19 @@ from hetvae.schema import (
     ConfigError,
     apply_overrides,
     config_to_dict,
+    deep_merge,
     from_dict,
     join_key,
     require,
     require_finite,
     require_path,
+    section_null_detail,
     show_value,
 )
 
 __all__ = [
     "BASE_KEY",
+    "MAX_BASE_DEPTH",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -568,12 +571,53 @@ BASE_KEY = "base"
 """Top-level YAML key naming a parent config file (see :func:`load_config`)."""
 
 
-def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The mapping in ``path`` merged over its ``base:`` chain (parents first)."""
-    resolved = path.resolve()
-    if resolved in seen:
-        chain = " -> ".join(str(p) for p in (*seen, resolved))
-        raise ConfigError(BASE_KEY, f"circular base chain: {chain}")
+MAX_BASE_DEPTH = 32
+"""Most files a ``base:`` chain may hold (the file given included): a deeper chain is a
+:class:`ConfigError` naming its depth and the file where it stopped (a generated chain gone wrong)."""
+
+
+def _read_yaml_tree(path: Path) -> dict[str, Any]:
+    """The mapping in ``path`` merged over its ``base:`` chain (parents first).
+
+    The chain is followed in a loop, not by recursion, so its depth is checked here
+    (:data:`MAX_BASE_DEPTH`) and never surfaces as a RecursionError of the YAML reader.
+    """
+    chain: list[tuple[Path, dict[str, Any]]] = []  # (file, its own keys), the given file first
+    seen: list[Path] = []
+    while True:
+        resolved = path.resolve()
+        if resolved in seen:
+            cycle = " -> ".join(str(p) for p in (*seen, resolved))
+            raise ConfigError(BASE_KEY, f"circular base chain: {cycle}")
+        if len(seen) == MAX_BASE_DEPTH:
+            raise ConfigError(
+                BASE_KEY,
+                f"expected a chain of at most {MAX_BASE_DEPTH} files, got a deeper one: {chain[-1][0]} (file "
+                f"{MAX_BASE_DEPTH} of the chain from {chain[0][0]}) names yet another base, {path}",
+            )
+        seen.append(resolved)
+        data = _read_one_file(path)
+        base = data.pop(BASE_KEY, None)
+        chain.append((path, data))
+        if base is None:
+            break
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(BASE_KEY, f"expected a file path, got {show_value(base)} (in {path})")
+        _refuse_null_sections(data, path)
+        base_path = Path(base).expanduser()  # `base: ~/configs/x.yaml`
+        if not base_path.is_absolute():
+            base_path = path.parent / base_path  # relative to the file that names it, not the cwd
+        if not base_path.exists():
+            raise ConfigError(BASE_KEY, f"base config {base_path} does not exist (named in {path})")
+        path = base_path
+    merged: dict[str, Any] = {}
+    for _, data in reversed(chain):
+        merged = deep_merge(merged, data)
+    return merged
+
+
+def _read_one_file(path: Path) -> dict[str, Any]:
+    """The top-level mapping of YAML file ``path`` (``base:`` still in it)."""
     text = _read_text(path)
     try:
         data = yaml.safe_load(text)
@@ -592,18 +636,18 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError("", f"{path}: expected a mapping of keys at the top level, got {show_value(data)}")
-    data = dict(data)
-    base = data.pop(BASE_KEY, None)
-    if base is None:
-        return data
-    if not isinstance(base, str) or not base.strip():
-        raise ConfigError(BASE_KEY, f"expected a file path, got {show_value(base)} (in {path})")
-    base_path = Path(base)
-    if not base_path.is_absolute():
-        base_path = path.parent / base_path  # relative to the file that names it, not the cwd
-    if not base_path.exists():
-        raise ConfigError(BASE_KEY, f"base config {base_path} does not exist (named in {path})")
-    return _deep_merge(_read_yaml_tree(base_path, (*seen, resolved)), data)
+    return dict(data)
+
+
+def _refuse_null_sections(data: Mapping[str, Any], path: Path) -> None:
+    """A section left empty (``train:`` with nothing under it) or null in a file with a ``base:``
+    would replace the base's section with the defaults: refused, naming the section."""
+    for f in fields(Config):
+        if is_dataclass(f.default_factory) and f.name in data and data[f.name] is None:
+            raise ConfigError(f.name, section_null_detail(
+                f.name, f"an empty section in {path}, which has a base",
+                f"leave {f.name} out to keep the base's, or list under it only the keys to change",
+            ))
 
 
 # keys whose empty YAML value (`path:` with nothing after it, e.g. a template filled from an unset
@@ -648,17 +692,6 @@ def _read_text(path: Path) -> str:
         raise ConfigError("", f"{path}: cannot be read: {exc}") from None
 
 
-def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) replaces."""
-    merged = dict(base)
-    for key, value in over.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
     """Read a YAML file into a :class:`Config`, then apply ``overrides`` (see :func:`apply_overrides`).
 
@@ -666,11 +699,14 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
     default config). It is parsed with ``yaml.safe_load``: tags such as ``!!python/object`` are
     refused. Errors are :class:`ConfigError` naming the dotted key and the file.
 
-    Inheritance: a top-level ``base: other.yaml`` (a path relative to this file) loads that file
-    first and lays this one over it, section by section: a key set here replaces the base's, a
-    list replaces the whole list, keys left out keep the base's value (or the default). Bases may
-    chain; a cycle is an error. This is how a fine-tuning config stays a short override of a
-    training config. The resolved config that :func:`save_config` writes has no ``base`` key.
+    Inheritance: a top-level ``base: other.yaml`` (a path relative to this file; ``~`` is the
+    home folder) loads that file first and lays this one over it, section by section: a key set
+    here replaces the base's, a list replaces the whole list, keys left out keep the base's value
+    (or the default). A section left empty or null in a file with a ``base:`` is an error (it
+    would reset the base's section to the defaults). Bases may chain, up to
+    :data:`MAX_BASE_DEPTH` files; a cycle is an error. This is how a fine-tuning config stays a
+    short override of a training config. The resolved config that :func:`save_config` writes has
+    no ``base`` key.
     """
     path = Path(path)
     data = _read_yaml_tree(path)

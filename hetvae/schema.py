@@ -31,11 +31,13 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "config_to_dict",
+    "deep_merge",
     "from_dict",
     "join_key",
     "require",
     "require_finite",
     "require_path",
+    "section_null_detail",
     "show_value",
 ]
 
@@ -358,13 +360,15 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
 
     ``value`` is parsed with ``yaml.safe_load`` (``1e-5``, ``true``, ``null``, ``[32, 64]``) and
     then checked like a file value; a text field keeps the typed text (``out_dir=yes`` stays the
-    string ``"yes"``). Any field at any depth can be set, including a whole section from a YAML
-    mapping (``data={resolution: 32}``, which resets that section's other keys to defaults).
-    ``cfg`` itself is not modified.
+    string ``"yes"``). Any field at any depth can be set. A YAML mapping merges key by key into
+    what is there, as a ``base:`` file does (:func:`deep_merge`): ``train={steps: 1000,
+    final_steps: 0}`` sets those two keys and keeps the section's others; a list or any other
+    value replaces. A section cannot be set to null (``train=null``, ``train=~``): that would reset
+    every key of it to its default. ``cfg`` itself is not modified.
 
     Raises:
         ConfigError: malformed override, unknown key (with the closest valid one), a value of the
-            wrong type or out of range.
+            wrong type or out of range, a section set to null.
     """
     overrides = list(overrides)
     if not overrides:
@@ -383,6 +387,9 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
             hint = f"; write {key}=null for null" if _accepts_none(tp) else ""
             raise ConfigError(key, f"empty value in override {item!r} (an unset shell variable?){hint}")
         value = _parse_override_value(text, tp)
+        if value is None and dataclasses.is_dataclass(tp):
+            instead = f"set only the keys to change: {key}.KEY=VALUE, or {key}={{KEY: VALUE}}, which merges"
+            raise ConfigError(key, section_null_detail(key, f"in override {item!r}", instead))
         *parents, leaf = key.split(".")
         node = tree
         for depth, part in enumerate(parents):
@@ -392,12 +399,37 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
                 section = ".".join(parents[: depth + 1])
                 raise ConfigError(section, f"expected a mapping of keys, got {show_value(node[part])} (before {item!r})")
             node = node[part]
-        node[leaf] = value
+        node[leaf] = deep_merge(node, {leaf: value})[leaf]
     return from_dict(type(cfg), tree)
 
 
+def section_null_detail(key: str, where: str, instead: str) -> str:
+    """The :class:`ConfigError` detail for section ``key`` given as null in ``where`` (the override,
+    the file): null would reset every key of the section to its default, so it is refused and
+    ``instead`` says what to write."""
+    return (
+        f"expected a mapping of keys, got null ({where}), which would reset every key of {key} to its "
+        f"default; {instead}"
+    )
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists too) replaces.
+
+    How a ``base:`` file's child and a ``--set key={...}`` mapping apply; neither input is modified.
+    """
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _accepts_none(tp: Any) -> bool:
-    return type(None) in _union_members(tp) or dataclasses.is_dataclass(tp)
+    """Whether ``tp`` takes null (a section does not: null would reset it to its defaults)."""
+    return type(None) in _union_members(tp)
 
 
 def require(ok: bool, key: str, detail: str) -> None:

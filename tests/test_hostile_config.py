@@ -146,9 +146,13 @@ def test_missing_config_names_the_file(tmp_path):
 def test_override_below_a_section_set_to_a_value():
     with pytest.raises(ConfigError, match=r"^data: expected a mapping"):
         apply_overrides(Config(), ["data=5", "data.resolution=32"])
-    # a section reset to null (its defaults) can take keys again
-    cfg = apply_overrides(Config(), ["data.resolution=128", "data=null", "data.resolution=32"])
-    assert cfg.data.resolution == 32 and cfg.data.path is None
+    # a section cannot be reset to null (issue 35, item 4: it reset every key to its default);
+    # a mapping merges into it, key by key
+    with pytest.raises(ConfigError, match=r"^data: expected a mapping of keys, got null"):
+        apply_overrides(Config(), ["data.resolution=128", "data=null", "data.resolution=32"])
+    cfg = apply_overrides(Config(), ["data.resolution=128", "data={path: x}", "data.resolution=32"])
+    assert cfg.data.resolution == 32 and cfg.data.path == "x"
+    assert apply_overrides(Config(), ["data.resolution=128", "data={path: x}"]).data.resolution == 128
 
 
 def test_nul_in_a_path_is_refused():
