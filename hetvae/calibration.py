@@ -58,6 +58,35 @@ _BIN = 2.0 / 255.0
 _META_KEY = "hetvae_calibration"
 
 
+def check_image_values(x: Tensor, what: str = "", error: type[ValueError] = ValueError) -> None:
+    """Refuse what is not an image on the [-1, 1] scale the VAE works in (``x / 127.5 - 1`` of
+    8-bit pixels, as :func:`hetvae.images.to_tensor` gives): an integer, boolean or complex
+    dtype (``torchvision.io.read_image`` gives uint8), NaN or infinite values, or values outside
+    [-1, 1] (0..255 floats). Raises ``error``, prefixed with ``what``, naming what was found and
+    the conversion to use. (0..1 floats, as ``torchvision.transforms.ToTensor`` gives, lie inside
+    [-1, 1] and cannot be told from a bright image: convert them with ``x * 2 - 1``.)"""
+    pre = f"{what}: " if what else ""
+    if not isinstance(x, Tensor):
+        raise error(f"{pre}expected an image tensor in [-1, 1], got a {type(x).__name__}: convert it with "
+                    "hetvae.images.to_tensor(numpy (H, W, 3) uint8 array), i.e. x / 127.5 - 1")
+    if not x.is_floating_point():
+        raise error(
+            f"{pre}expected a floating-point image in [-1, 1], got dtype {x.dtype}: convert 8-bit pixels (0..255) "
+            "with x.float() / 127.5 - 1"
+        )
+    if x.numel() == 0:
+        return
+    finite = torch.isfinite(x)
+    if not finite.all():
+        raise error(f"{pre}{int((~finite).sum()):,} value(s) are NaN or infinite; expected an image of finite values in [-1, 1]")
+    lo, hi = (v.item() for v in torch.aminmax(x.float()))
+    if lo < -1 or hi > 1:
+        raise error(
+            f"{pre}values span [{lo:.6g}, {hi:.6g}], expected an image in [-1, 1]: convert 8-bit values (0..255) with "
+            "x / 127.5 - 1 and 0..1 floats with x * 2 - 1 (values a resize pushed past the range: x.clamp(-1, 1))"
+        )
+
+
 class CalibrationError(ValueError):
     """A calibration that cannot be fitted, stored or read."""
 
@@ -389,7 +418,9 @@ def fit_calibration(
         knots: quantile knots of the isotonic map (at least 2).
 
     Raises:
-        CalibrationError: too few values, non-finite inputs, or a fit that makes bits/dim worse.
+        CalibrationError: too few values, a target that is not an image in [-1, 1] (an integer
+            dtype, 0..255 values: :func:`check_image_values`), non-finite inputs, or a fit that
+            makes bits/dim worse.
     """
     check_method(method)
     family = check_family(family)
@@ -399,6 +430,7 @@ def fit_calibration(
         )
     if knots < 2:
         raise CalibrationError(f"knots must be >= 2, got {knots}")
+    check_image_values(target, "target", CalibrationError)
     s_full = _per_channel(torch.as_tensor(log_scale).double(), target)
     n = target.numel() // target.shape[1]
     if n < min_pixels:

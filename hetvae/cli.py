@@ -23,10 +23,9 @@ def _add_info(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    import json
-
     from hetvae.convert import inspect_checkpoint
     from hetvae.files import CheckpointError
+    from hetvae.outputs import json_text
 
     try:
         info = inspect_checkpoint(args.path)
@@ -35,13 +34,13 @@ def _run_info(args: argparse.Namespace) -> int:
         return 1
     cfg = info.config
     if args.json:
-        print(json.dumps({
+        print(json_text({
             "path": str(info.path), "format": info.format, "weights_file": str(info.weights_file),
             "config_source": info.config_source, "family": info.family, "config": cfg.to_dict(),
             "num_parameters": info.num_parameters, "log_scale_head": info.has_log_scale_head,
             "head_file": None if info.head_file is None else str(info.head_file),
             "scaling_source": info.scaling_source,
-        }))
+        }, indent=None))
         return 0
     sources = info.scaling_source
     scaling = sources["scaling_factor"] if len(set(sources.values())) == 1 else (
@@ -248,9 +247,22 @@ def _add_uncalibrated(parser: argparse.ArgumentParser) -> None:
                         help="ignore a calibration stored with the model (hetvae calibrate): the scale as trained")
 
 
-def _note_skipped(images) -> None:
-    if images.skipped:
-        print(f"note: skipped {len(images.skipped)} file(s) hetvae wrote (e.g. {images.skipped[0]})", file=sys.stderr)
+def _note_skipped(skipped) -> None:
+    """One note for the inputs left out because hetvae wrote them (an ImageList's ``skipped``, or a list)."""
+    skipped = list(getattr(skipped, "skipped", skipped))
+    if skipped:
+        print(f"note: skipped {len(skipped)} file(s) hetvae wrote (e.g. {skipped[0]})", file=sys.stderr)
+
+
+def _add_images(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--images PATH...``, repeatable: every path given is used (``--images a b --images c``)."""
+    parser.add_argument("--images", action="extend", nargs="+", default=None, metavar="PATH",
+                        help=help_text + "; several paths and a repeated --images add up")
+
+
+def _images_source(paths) -> str:
+    """The ``--images`` paths for a message; the sample photographs when none were given."""
+    return ", ".join(map(str, paths)) if paths else "the held-out sample photographs"
 
 
 def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
@@ -278,10 +290,10 @@ def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
     _add_uncalibrated(parser)
 
 
-def _run_uncertainty_latents(args: argparse.Namespace) -> int:
-    """``hetvae uncertainty LATENTS...``: decode each latent, write its image with its scale map
-    (OUT/NAME_panel.png, NAME_scale.png, NAME_maps.safetensors; NAME: the file's name, plus _i for
-    the i-th latent of a batch)."""
+def _run_uncertainty_latents(args: argparse.Namespace, inputs: list[str], skipped: list[str]) -> int:
+    """``hetvae uncertainty LATENTS...``: decode each latent of ``inputs``, write its image with its
+    scale map (OUT/NAME_panel.png, NAME_scale.png, NAME_maps.safetensors; NAME: the file's name, plus
+    _i for the i-th latent of a batch). ``skipped``: inputs left out because hetvae wrote them."""
     from pathlib import Path
 
     from hetvae.images import load_latents, relative_names
@@ -291,8 +303,9 @@ def _run_uncertainty_latents(args: argparse.Namespace) -> int:
 
     try:
         out = check_output_folder(args.out, "--out")
-        files = [Path(p).expanduser() for p in args.images]
+        files = [Path(p).expanduser() for p in inputs]
         predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
+        _note_skipped(skipped)
         _set_tile(predictor, args.tile, args.checkpoint)
         batches = [load_latents(f, predictor.model.config, scaled=args.scaled) for f in files]
         names = [[name] if len(z) == 1 else [f"{name}_{i}" for i in range(len(z))]
@@ -321,31 +334,39 @@ def _run_uncertainty_latents(args: argparse.Namespace) -> int:
 
 
 def _run_uncertainty(args: argparse.Namespace) -> int:
-    from hetvae.images import is_latent_file, load_images
+    from hetvae.images import is_latent_file, load_images, split_hetvae_outputs
     from hetvae.outputs import check_output_file, check_output_folder, save_marked_maps, uncertainty_outputs
     from hetvae.predictor import iter_predictions, load_predictor
     from hetvae.viz import save_scale_map, save_uncertainty_panel
 
-    latents = [p for p in args.images if is_latent_file(p)]
-    if latents and len(latents) < len(args.images):
-        others = [p for p in args.images if not is_latent_file(p)]
+    # hetvae's own *_maps.safetensors (an earlier run's, met again by a glob) are outputs, not latents
+    inputs, ours = split_hetvae_outputs(p for p in args.images if is_latent_file(p))
+    inputs += [p for p in args.images if not is_latent_file(p)]
+    inputs.sort(key=args.images.index)
+    if not inputs:
+        return _fail(ValueError(f"no inputs to read: all {len(ours)} file(s) given were written by hetvae "
+                                f"(e.g. {ours[0]}); give the images or latents they came from"))
+    latents = [p for p in inputs if is_latent_file(p)]
+    if latents and len(latents) < len(inputs):
+        others = [p for p in inputs if not is_latent_file(p)]
         return _fail(ValueError(f"give images or latent files, not both: latents {latents[0]!r}, images {others[0]!r}"))
     if latents:
-        return _run_uncertainty_latents(args)
+        return _run_uncertainty_latents(args, inputs, ours)
     if args.scaled:
         return _fail(ValueError("--scaled applies to latent files (.safetensors / .pt), and only images were given"))
     try:
         out = check_output_folder(args.out, "--out")
-        images = load_images(args.images)
+        images = load_images(inputs)
         for name in images.names:
             for path in uncertainty_outputs(out, name):
                 check_output_file(path, "--out")
         predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, args.checkpoint)
-        _note_skipped(images)
+        _note_skipped(ours + images.skipped)
         out.mkdir(parents=True, exist_ok=True)
         stream = iter_predictions(predictor, images, progress=True, desc="uncertainty")
-        for name, (_, p) in zip(images.names, stream):
+        for k, (_, p) in enumerate(stream):  # to its end, so the progress bar finishes (n/n) and closes
+            name = images.names[k]
             panel, scale, maps = uncertainty_outputs(out, name)
             calibrated = ", calibrated" if predictor.calibration is not None else ""
             title = f"{name} ({predictor.granularity} scale, {predictor.family}{calibrated})"
@@ -360,9 +381,8 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
-    parser.add_argument("--images", default=None,
-                        help="folder of images (default: scikit-image's held-out sample photographs); "
-                             "files hetvae wrote (panels, scale maps) are skipped")
+    _add_images(parser, "image files or folders (default: scikit-image's held-out sample photographs); "
+                        "files hetvae wrote (panels, scale maps) are skipped")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the metrics as JSON (replaces an earlier hetvae JSON; any other existing "
                              "file is an error)")
@@ -453,9 +473,8 @@ def _colour_note(result: dict) -> str | None:
 
 def _add_compare(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="run folders or model checkpoints to compare")
-    parser.add_argument("--images", default=None,
-                        help="folder of images (default: scikit-image's held-out sample photographs); "
-                             "files hetvae wrote are skipped")
+    _add_images(parser, "image files or folders (default: scikit-image's held-out sample photographs); "
+                        "files hetvae wrote are skipped")
     parser.add_argument("--out", required=True,
                         help="folder for comparison.md, comparison.json, reliability.png, sparsification.png "
                              "(earlier hetvae outputs there are replaced; any other file of those names is an error)")
@@ -513,9 +532,8 @@ _COMMANDS["compare"] = ("Compare several runs or models on the same images.", _a
 
 def _add_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
-    parser.add_argument("--images", default=None,
-                        help="held-out images to fit on, folder or files (default: the project's held-out sample "
-                             "photographs; use photos like the ones the model will see)")
+    _add_images(parser, "held-out images to fit on, files or folders (default: the project's held-out sample "
+                        "photographs; use photos like the ones the model will see)")
     parser.add_argument("--method", choices=("affine", "isotonic"), default=None,
                         help="affine: per-channel slope and offset of the log-scale (default); isotonic: affine, then a "
                              "monotone recalibration of the predicted CDF (docs/math.md)")
@@ -541,12 +559,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         check_calibration_destination(args.checkpoint, args.out)  # before the fit: where it would go is refused
         _set_tile(predictor, args.tile, args.checkpoint)
         images = load_images(args.images)
+        _note_skipped(images)
         calibration = calibrate(predictor, images, method=args.method or DEFAULT_METHOD)
         written = store_calibration(predictor, calibration, args.checkpoint, args.out)
     except (CalibrationError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
         return _fail(error)
-    source = args.images or "the held-out sample photographs"
-    print(f"calibration on {source}: {calibration.describe()}")
+    print(f"calibration on {_images_source(args.images)} ({len(images)} image(s)): {calibration.describe()}")
     if args.images is None:
         print("note: the built-in held-out photographs are regions of photos whose other parts the demo trained on; "
               "a correction fitted there does not transfer to harder photographs (docs/results.md, 'Calibration'): "

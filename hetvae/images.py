@@ -321,6 +321,16 @@ def relative_names(files: list[Path]) -> list[str]:
     return [f.relative_to(root).as_posix() for f in absolute]
 
 
+def split_hetvae_outputs(paths) -> tuple[list, list]:
+    """``(others, ours)``: ``paths`` in order, split into the files hetvae did not write and those
+    it did (:func:`hetvae.outputs.is_hetvae_output`: panels, scale maps, ``*_maps.safetensors``),
+    which no command reads back as an input."""
+    others, ours = [], []
+    for path in paths:
+        (ours if is_hetvae_output(path) else others).append(path)
+    return others, ours
+
+
 def load_images(paths: str | Path | list | None = None) -> ImageList:
     """An :class:`ImageList` of files / folders (recursive), or, with ``None``, of scikit-image's
     held-out sample photographs (the ``"test"`` split training never sees).
@@ -336,9 +346,7 @@ def load_images(paths: str | Path | list | None = None) -> ImageList:
     unique: dict[str, Path] = {}
     for file in list_images(paths):
         unique.setdefault(os.path.realpath(file), file)
-    files, skipped = [], []
-    for file in unique.values():
-        (skipped if is_hetvae_output(file) else files).append(file)
+    files, skipped = split_hetvae_outputs(unique.values())
     if not files:
         raise ValueError(
             f"no images to read in {paths}: all {len(skipped)} image file(s) there were written by hetvae "

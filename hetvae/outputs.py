@@ -107,8 +107,26 @@ def write_text(text: str, path: str | Path) -> Path:
     return atomic_write_text(path, text)
 
 
+def _json_safe(value):
+    """``value`` with every NaN or infinite float (an undefined metric) as ``None``."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def json_text(data, indent: int | None = 2) -> str:
+    """``data`` as strict JSON: an undefined (NaN or infinite) value is ``null``, never the bare
+    ``NaN`` / ``Infinity`` Python's ``json`` writes by default, which JSON readers refuse."""
+    return json.dumps(_json_safe(data), indent=indent, allow_nan=False)
+
+
 def write_json(result: dict, path: str | Path) -> Path:
-    return write_text(json.dumps(result, indent=2) + "\n", path)
+    """``result`` as strict JSON (:func:`json_text`), written atomically."""
+    return write_text(json_text(result) + "\n", path)
 
 
 def save_marked_maps(path: str | Path, maps: dict[str, Tensor], family: str, granularity: str, what: str) -> Path:

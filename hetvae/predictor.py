@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 
 from hetvae.autoencoder import AutoencoderKL
 from hetvae.build import model_nll
-from hetvae.calibration import DEFAULT_METHOD, Calibration, CalibrationError, fit_calibration, pooled
+from hetvae.calibration import (
+    DEFAULT_METHOD,
+    Calibration,
+    CalibrationError,
+    check_image_values,
+    fit_calibration,
+    pooled,
+)
 from hetvae.checkpoint import is_checkpoint
 from hetvae.convert import inspect_checkpoint, load_autoencoder, save_autoencoder
 from hetvae.images import ImageList, load_images
@@ -119,7 +126,12 @@ class Predictor:
     @torch.no_grad()
     def predict(self, image: Tensor) -> Prediction:
         """Reconstruct one image ``(C, H, W)`` or ``(1, C, H, W)`` in [-1, 1] (any size: the model
-        pads to its down-sampling factor and crops back) from the posterior mode."""
+        pads to its down-sampling factor and crops back) from the posterior mode.
+
+        ``ValueError`` for what is not such an image (an integer dtype, values outside [-1, 1]:
+        :func:`hetvae.calibration.check_image_values` names the conversion) and for a
+        reconstruction or scale that is not finite (it cannot be scored)."""
+        check_image_values(image)
         x = image if image.ndim == 4 else image.unsqueeze(0)
         x = x.to(next(self.model.parameters()).device, torch.float32)
         rec, _ = self._run(lambda: self.model(x, sample_posterior=False), *x.shape[-2:], "reconstructing")
@@ -131,11 +143,15 @@ class Predictor:
         broadcast to the mean's shape and calibrated when :attr:`calibration` is set. ``like``: the
         target (its values matter only to a closed-form scale; its shape is the mean's)."""
         mean = rec.mean.float()
+        _check_finite(mean, "reconstruction")
         raw = rec.log_scale.float() if self.granularity == "pixel" else None
         s = torch.broadcast_to(self.nll.log_scale(like, mean, raw), mean.shape).contiguous()
+        _check_finite(s, "predicted log-scale")
         if self.calibration is None:
             return mean, s, None
-        return mean, torch.broadcast_to(self.calibration.apply(s), mean.shape).contiguous(), s
+        calibrated = torch.broadcast_to(self.calibration.apply(s), mean.shape).contiguous()
+        _check_finite(calibrated, "calibrated log-scale")
+        return mean, calibrated, s
 
     @torch.no_grad()
     def decode_latents(self, z: Tensor) -> Decoded:
@@ -195,6 +211,19 @@ class Predictor:
         return max(AUTO_TILE_SIZE // f * f, f)
 
 
+def _check_finite(x: Tensor, what: str) -> None:
+    """A model's output that is NaN or infinite anywhere cannot be scored: ``ValueError`` (the
+    metrics would be NaN, and a panel's colour range undefined)."""
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        nan = int(torch.isnan(x).sum())
+        found = " and ".join(t for t in (f"{nan:,} NaN" * bool(nan), f"{int(bad.sum()) - nan:,} infinite" * bool(int(bad.sum()) - nan)) if t)
+        raise ValueError(
+            f"the model's {what} has {found} value(s) (of {x.numel():,}): it cannot be scored; the model's "
+            "weights hold NaN or infinite values, or a layer overflowed (try the model in float32)"
+        )
+
+
 def _out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` is an allocation failure (torch raises ``RuntimeError`` on the CPU)."""
     if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
@@ -248,13 +277,11 @@ def iter_predictions(
     named = _named(images)
     if progress:
         named = tqdm(named, desc=desc, unit="img", total=len(images) if isinstance(images, Sequence) else None)
-    for source, image in named:
+    for k, (source, image) in enumerate(named):
         try:
             prediction = predictor.predict(image)
         except ValueError as error:
-            if source is None:
-                raise
-            raise ValueError(f"image {source}: {error}") from None
+            raise ValueError(f"image {source if source is not None else f'#{k}'}: {error}") from None
         yield source, prediction
 
 
