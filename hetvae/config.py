@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from fractions import Fraction
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -427,10 +428,12 @@ class TrainConfig:
             ``log_scale.faithful`` and ``detach_features`` the head never shaped the mean, so this
             only lets it finish judging the converged one (the situation of a head grafted onto a
             pretrained VAE). 0: no such phase (as in the shipped configs; CHANGELOG.md says why).
+            Needs a log-scale with parameters: ``log_scale.fit: learned`` and ``trainable: true``
+            (checked by :class:`Config`).
         final_steps, final_resolution: the last ``final_steps`` of the ``steps`` (and the
             ``head_steps`` after them) train on crops of ``final_resolution`` px instead of
             ``data.resolution``, in batches of ``batch_size * (data.resolution / final_resolution) ** 2``
-            images (rounded, at least 1), about the same pixels per step. GroupNorm normalises over the whole image, so a model
+            images, which must be a whole number (checked by :class:`Config`): the same pixels per step. GroupNorm normalises over the whole image, so a model
             trained only on small crops meets other statistics on a whole photograph; a short
             phase on large crops adapts it (CHANGELOG.md: +0.4 to +0.6 dB on whole unseen
             photographs for 32 px training crops). With ``objective`` reductions that sum over pixels
@@ -543,16 +546,46 @@ class Config:
 
     def __post_init__(self) -> None:
         require_path(self.out_dir, "out_dir")
+        # the head-only phase needs a log-scale with parameters to train
+        require(
+            self.train.head_steps == 0 or self.log_scale.fit == "learned",
+            "train.head_steps",
+            f"trains only the log-scale, which log_scale.fit=optimal computes in closed form from each batch "
+            f"(there is nothing to train); got {self.train.head_steps} (set log_scale.fit=learned, or "
+            "train.head_steps=0)",
+        )
         require(
             self.train.head_steps == 0 or self.log_scale.trainable,
             "train.head_steps",
             f"trains only the log-scale, which log_scale.trainable=false freezes; got {self.train.head_steps} "
             "(set log_scale.trainable=true, or train.head_steps=0)",
         )
+        self._require_whole_final_batch()
         if self.model.init_from == "scratch":
             factor = self.model.downsample_factor
             require_crop_sides(self, factor, f"the model's down-sampling factor {factor} "
                                               "(2 ** (len(model.block_out_channels) - 1))")
+
+
+    def _require_whole_final_batch(self) -> None:
+        """The last ``train.final_steps`` train on batches of ``batch_size * (resolution /
+        final_resolution) ** 2`` crops (the same pixels per step): that must be a whole number."""
+        t = self.train
+        if not t.final_steps or t.final_resolution is None:
+            return
+        crops = Fraction(t.batch_size * self.data.resolution**2, t.final_resolution**2)
+        if crops.denominator == 1:
+            return
+        # the batch sizes that give whole batches are the multiples of this one
+        step = t.final_resolution**2 // math.gcd(t.final_resolution**2, self.data.resolution**2)
+        raise ConfigError(
+            "train.final_resolution",
+            f"gives the last train.final_steps={t.final_steps} steps batches of train.batch_size * "
+            f"(data.resolution / train.final_resolution)^2 = {t.batch_size} * ({self.data.resolution} / "
+            f"{t.final_resolution})^2 = {crops.numerator}/{crops.denominator} = {float(crops):.4g} crops, which must "
+            f"be a whole number (the same pixels per step); set train.batch_size to a multiple of {step}, or a "
+            "train.final_resolution that makes it whole",
+        )
 
 
 def require_crop_sides(cfg: Config, factor: int, what: str) -> None:
