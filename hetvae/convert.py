@@ -804,7 +804,7 @@ def _model_files(folder: Path) -> list[Path]:
     return [folder / n for n in names if (folder / n).is_file()]
 
 
-def _check_destination(path: Path, format: str, written: list[Path], stale: Path | None, overwrite: bool) -> None:
+def _check_destination(path: Path, format: str, written: list[Path], stale: list[Path], overwrite: bool) -> None:
     """Refuse an export that would replace files without ``overwrite``, and one that another model
     in the same folder would shadow (``load_autoencoder(folder)`` would read that one instead)."""
     folder = written[0].parent
@@ -821,7 +821,7 @@ def _check_destination(path: Path, format: str, written: list[Path], stale: Path
             )
     if overwrite:
         return
-    touched = [p for p in [*written, *([stale] if stale else [])] if p.exists()]
+    touched = [p for p in [*written, *stale] if p.exists()]
     if readable_as_folder:
         touched += [p for p in _model_files(folder) if p not in touched]
     if touched:
@@ -854,7 +854,9 @@ def save_autoencoder(
     the model (replacing ``model.config.likelihood`` in the file); it travels in the config of every
     format (``_hetvae_likelihood`` in a diffusers ``config.json``).
     ``overwrite``: False refuses (``FileExistsError`` naming the files) to replace any model file
-    already there, or to remove a head file an earlier export left. Either way an export that
+    already there, or to remove a head file an earlier export left; True (the default) also removes
+    a diffusers folder's weights of another variant or serialisation, which loaders would read
+    instead of the new ones. Either way an export that
     another model in the folder would shadow is refused. Every file is written atomically.
     ``variant="fp16"`` and ``safe_serialization=False`` (diffusers format only) name the weights
     ``diffusion_pytorch_model.fp16.safetensors`` / write ``diffusion_pytorch_model[.fp16].bin`` as
@@ -905,13 +907,19 @@ def save_autoencoder(
         settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach,
                     **head_inputs(config)}
         writes[sidecar] = lambda tmp: save_file(head, str(tmp), metadata={HEAD_KEY: json.dumps(settings)})
-    # a head left by an earlier export would be loaded with these weights
-    stale = sidecar if format != "hetvae" and not head else None
+    # a head left by an earlier export would be loaded with these weights, and a diffusers folder's
+    # weights of another variant or serialisation (read before these by hetvae and diffusers alike)
+    # would be the old model under the new config
+    stale = [sidecar] if format != "hetvae" and not head else []
+    if format == "diffusers":
+        stale += [path / name for name in DIFFUSERS_WEIGHTS if name != weights.name]
     _check_destination(path, format, list(writes), stale, overwrite)
     weights.parent.mkdir(parents=True, exist_ok=True)
     for file, write in writes.items():
         write_atomically(file, write)
-    if stale is not None and stale.exists():
-        stale.unlink()
-        fsync_dir(stale.parent)
+    removed = [p for p in stale if p.is_file()]
+    for p in removed:
+        p.unlink()
+    if removed:
+        fsync_dir(weights.parent)
     return result
