@@ -118,7 +118,8 @@ _COMMANDS["convert"] = ("Convert an autoencoder checkpoint between hetvae, diffu
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML config (see configs/; a `base:` key inherits another file), or a run "
-                                       "folder: its config.yaml, and the folder itself as the run folder")
+                                       "folder: its config.yaml, and the folder itself as the run folder (unless "
+                                       "--out-dir or --set out_dir=... names another)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
     parser.add_argument("--resume", action="store_true",
@@ -126,7 +127,8 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a run folder that holds a previous run: its checkpoints, metrics, samples "
                              "and exported model are deleted once the first step has trained")
-    parser.add_argument("--out-dir", default=None, help="run folder (overrides out_dir in the config)")
+    parser.add_argument("--out-dir", default=None, help="run folder (overrides out_dir in the config; with --set "
+                                                        "out_dir=... it must name the same folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
@@ -144,10 +146,11 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _train_config(config: str, out_dir: str | None) -> tuple[str, str | None]:
+def _train_config(config: str, out_dir: str | None, overrides: Sequence[str] = ()) -> tuple[str, str | None]:
     """``(config file, run folder)`` of ``hetvae train CONFIG``: a run folder stands for its own
     config.yaml and is the run folder (not the out_dir saved in it: the folder may have been moved
-    or copied) unless --out-dir says otherwise."""
+    or copied) unless --out-dir or ``--set out_dir=...`` says otherwise (``None``: the config's
+    out_dir, overrides applied)."""
     from pathlib import Path
 
     from hetvae.runs import CONFIG_FILE
@@ -160,13 +163,16 @@ def _train_config(config: str, out_dir: str | None) -> tuple[str, str | None]:
     if not saved.is_file():
         raise ConfigError("", f"{folder}: is a folder without a {CONFIG_FILE}; expected a YAML config or a run folder "
                               "written by `hetvae train`")
-    return str(saved), out_dir if out_dir is not None else str(folder)
+    if out_dir is None and not any(o.partition("=")[0].strip() == "out_dir" for o in overrides):
+        out_dir = str(folder)
+    return str(saved), out_dir
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import logging
 
     import signal
+    from pathlib import Path
 
     from hetvae.config import load_config
     from hetvae.schema import ConfigError
@@ -174,8 +180,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config, out_dir = _train_config(args.config, args.out_dir)
+        config, out_dir = _train_config(args.config, args.out_dir, args.overrides)
         cfg = load_config(config, args.overrides)
+        if (args.out_dir is not None and any(o.partition("=")[0].strip() == "out_dir" for o in args.overrides)
+                and Path(args.out_dir) != Path(cfg.out_dir)):  # one of the two would be ignored
+            raise ConfigError("out_dir", f"expected one run folder, got two: --out-dir {args.out_dir} and --set "
+                                         f"out_dir={cfg.out_dir}; give one of them")
         result = train(cfg, out_dir=out_dir, resume=True if args.resume else None, progress=not args.no_progress,
                        overwrite=args.overwrite)
     except (ConfigError, OSError, NonFiniteLossError, ValueError) as e:  # OSError: files, FileExists/NotFound
