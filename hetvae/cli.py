@@ -156,7 +156,7 @@ def _train_config(config: str, out_dir: str | None, overrides: Sequence[str] = (
     from hetvae.runs import CONFIG_FILE
     from hetvae.schema import ConfigError
 
-    folder = Path(config)
+    folder = Path(config).expanduser()
     if not folder.is_dir():
         return config, out_dir
     saved = folder / CONFIG_FILE

@@ -741,7 +741,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
     short override of a training config. The resolved config that :func:`save_config` writes has
     no ``base`` key.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     data = _read_yaml_tree(path)
     try:
         cfg = from_dict(Config, data)

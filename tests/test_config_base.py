@@ -58,3 +58,10 @@ def test_a_long_cycle_is_still_a_cycle(tmp_path):
         (tmp_path / f"c{i}.yaml").write_text(f"base: c{(i + 1) % 5}.yaml\n")
     with pytest.raises(ConfigError, match="circular base chain"):
         load_config(tmp_path / "c0.yaml")
+
+
+def test_load_config_expands_home_in_its_own_path(tmp_path, monkeypatch):
+    """The Python API's sibling of ``base: ~/x.yaml``: ``load_config("~/x.yaml")``."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "x.yaml").write_text("train: {steps: 3}\n")
+    assert load_config("~/x.yaml").train.steps == 3

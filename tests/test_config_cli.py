@@ -88,3 +88,11 @@ def test_a_run_folder_trains_into_set_out_dir(tmp_path):
     assert (new / "model.safetensors").is_file()
     assert load_config(new / "config.yaml").out_dir == str(new)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_a_run_folder_under_home_is_found(tmp_path, monkeypatch, captured):
+    """``hetvae train '~/run'`` (quoted, so no shell expands it) is the run folder, as ``base: ~/x.yaml`` is."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    run = _run_folder(tmp_path)
+    assert cli_main(["train", "~/run", "--no-progress"]) == 0
+    assert captured == [run]
