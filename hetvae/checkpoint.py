@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hetvae.files import CheckpointError, fsync_dir, fsync_file
+from hetvae.pickles import load_weights_only
 
 __all__ = [
     "CORRUPT_GLOB",
@@ -131,7 +132,7 @@ def _save(root: Path, final: Path, tensors: dict[str, Tensor], metadata: dict[st
             f.flush()
             os.fsync(f.fileno())
         # fail here, not at resume time, if something unpicklable-without-code slipped in
-        torch.load(tmp / STATE_FILE, map_location="cpu", weights_only=True)
+        load_weights_only(tmp / STATE_FILE)
         fsync_dir(tmp)
         os.rename(tmp, final)
     except BaseException:
@@ -219,8 +220,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise FileNotFoundError(f"{path}: not a checkpoint folder (needs {WEIGHTS_FILE} and {STATE_FILE})")
     tensors, metadata = read_checkpoint_weights(path)
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip, unpickling and I/O errors all mean "unreadable"
+        state = load_weights_only(state_file)
+    except ValueError as exc:  # refused as code (UnsafePickleError), or damaged: the message says which
+        raise CheckpointError(f"{state_file}: {exc}") from exc
+    except OSError as exc:
         raise _unreadable(state_file, exc) from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{state_file}: expected a dict of training state, got {type(state).__name__}")

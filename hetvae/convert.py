@@ -37,10 +37,7 @@ import dataclasses
 import importlib.metadata
 import json
 import math
-import pickle
 import re
-import sys
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +49,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.likelihood import Likelihood, is_int, is_number, likelihood_from_nll
 from hetvae.files import CheckpointError, fsync_dir, write_atomically
+from hetvae.likelihood import Likelihood, is_int, is_number, likelihood_from_nll
+from hetvae.pickles import load_weights_only
 
 FORMATS = ("hetvae", "diffusers", "ldm")
 CONFIG_KEY = "hetvae_config"
@@ -118,50 +116,11 @@ def _read_safetensors(
         raise _error(file, fmt, f"cannot read the safetensors file, it is truncated or corrupt ({e})") from e
 
 
-def _zip_is_damaged(file: Path) -> bool:
-    """Whether ``file`` is a zip archive (torch's format since 1.6) whose checksums do not match."""
-    try:
-        if not zipfile.is_zipfile(file):
-            return False
-        with zipfile.ZipFile(file) as z:
-            return z.testzip() is not None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError):
-        return True
-
-
-def _missing_global(name: str) -> bool:
-    """Whether the pickle global ``name`` names nothing in an already imported module (bytes garbled
-    or cut short), as opposed to a real function or class (which unpickling would call). Nothing is
-    imported to find out: an unknown module counts as real."""
-    module, _, attr = name.rpartition(".")
-    loaded = sys.modules.get(module or "builtins")
-    return loaded is not None and not hasattr(loaded, attr)
-
-
 def _read_pickle(file: Path, fmt: str) -> dict[str, Tensor]:
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch reports damaged bytes and real objects alike as "Weights only load failed"; a bad
-        # zip checksum, an unknown opcode or a global that names nothing is damage, not code.
-        text = str(e)
-        found = re.search(r"Unsupported global: GLOBAL (\S+) was not", text)
-        name = None if found is None else (found[1] if "." in found[1] else f"builtins.{found[1]}")
-        if name is not None and not _missing_global(name) and not _zip_is_damaged(file):
-            raise _error(
-                file, fmt,
-                f"refused to unpickle: the file holds objects other than tensors and plain containers "
-                f"(first: {name!r}), and unpickling them could run code. Pickles are only read with "
-                "torch.load(weights_only=True); convert the file to safetensors where you trust it",
-            ) from e
-        detail = next((line.split("error:")[-1].strip() for line in text.splitlines() if "WeightsUnpickler error" in line), "")
-        detail = detail or next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
-        if _zip_is_damaged(file):
-            detail = "a checksum of the zip archive does not match"
-        raise _error(file, fmt, f"cannot unpickle the file, it is truncated or corrupt ({detail})") from e
-    except Exception as e:  # noqa: BLE001 - weights_only runs no code; anything else is a damaged file
-        lines = str(e).splitlines() or [type(e).__name__]
-        raise _error(file, fmt, f"cannot read the file, it is truncated or corrupt ({lines[0]})") from e
+        obj = load_weights_only(file)
+    except ValueError as e:  # UnsafePickleError included: refused as code, or damaged
+        raise _error(file, fmt, str(e)) from e
     # Lightning checkpoints nest the weights beside optimizer state and counters.
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from hetvae.outputs import is_hetvae_output
+from hetvae.pickles import load_weights_only
 
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
@@ -385,12 +386,11 @@ def _read_latent_tensor(file: Path) -> Tensor:
             raise ValueError(f"latents {file}: cannot read the safetensors file, it is truncated or corrupt ({e})") from e
     else:
         try:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - weights_only runs no code: anything else is a bad file
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            obj = load_weights_only(file)
+        except ValueError as e:  # UnsafePickleError included: refused as code, or damaged
             raise ValueError(
                 f"latents {file}: cannot load it with torch.load(weights_only=True), which reads only tensors and "
-                f"plain containers, never code ({first})"
+                f"plain containers, never code: {e}"
             ) from e
         if isinstance(obj, Tensor):
             return obj

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from hetvae.layers import activation_layout
+from hetvae.pickles import load_weights_only
 
 __all__ = ["LPIPS", "normalize_channels"]
 
@@ -85,14 +86,17 @@ def _vgg16_features() -> nn.Sequential:
 
 def _load_file(path: str | Path, what: str) -> dict[str, Tensor]:
     """Load a flat state dict: safetensors, else ``torch.load(weights_only=True)``."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         how = _HOW_TO_SUPPLY_VGG if what == "VGG16" else _HOW_TO_SUPPLY_CALIBRATION
         raise FileNotFoundError(f"LPIPS {what} weights file not found: {path}. {how}")
     if path.suffix == ".safetensors":
         state = load_file(str(path), device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load_weights_only(path)
+        except ValueError as e:  # refused as code, or damaged
+            raise ValueError(f"LPIPS {what} weights file {path}: {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"LPIPS {what} weights file {path} does not hold a flat state dict")
     return state
