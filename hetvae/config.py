@@ -48,6 +48,7 @@ from hetvae.schema import (
 
 __all__ = [
     "BASE_KEY",
+    "RESOLVED_HEADER",
     "MAX_BASE_DEPTH",
     "Config",
     "ConfigError",
@@ -750,6 +751,11 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
     return apply_overrides(cfg, overrides)
 
 
+RESOLVED_HEADER = "# hetvae resolved config: every key, defaults included"
+"""The first line of every file :func:`save_config` writes (how a run tells its own config.yaml
+from a hand-written one)."""
+
+
 class _Dumper(yaml.SafeDumper):
     """Sections as indented blocks, lists on one line: ``block_out_channels: [32, 64, 128]``."""
 
@@ -765,7 +771,7 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     ``load_config(path) == cfg``. Parent folders are created; the file is written atomically
     (:func:`hetvae.files.atomic_write_text`), so a crash never leaves half a config in a run folder.
     """
-    text = "# hetvae resolved config: every key, defaults included\n" + yaml.dump(
+    text = RESOLVED_HEADER + "\n" + yaml.dump(
         config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False
     )
     return atomic_write_text(path, text)

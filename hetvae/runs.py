@@ -48,11 +48,12 @@ from hetvae.checkpoint import (
     set_aside,
     tensors_under,
 )
-from hetvae.config import Config, load_config, save_config
+from hetvae.config import RESOLVED_HEADER, Config, load_config, save_config
 from hetvae.convert import CONFIG_KEY, HETVAE_FILE, inspect_checkpoint, load_autoencoder, save_autoencoder
 from hetvae.files import CheckpointError, atomic_write_text, write_atomically
 from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
+from hetvae.outputs import json_text
 from hetvae.schema import ConfigError, config_to_dict, from_dict
 
 __all__ = [
@@ -297,7 +298,7 @@ def trim_metrics(run_dir: str | os.PathLike, step: int) -> None:
 
 def append_metrics(run_dir: str | os.PathLike, record: dict[str, float]) -> None:
     with open(metrics_file(run_dir), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json_text(record, indent=None) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +306,6 @@ def append_metrics(run_dir: str | os.PathLike, record: dict[str, float]) -> None
 # ---------------------------------------------------------------------------------------------
 
 
-_RESOLVED_HEADER = "# hetvae resolved config"  # the first line of every config.yaml save_config writes
 _DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model*")  # a diffusers export's
 
 
@@ -320,7 +320,7 @@ def foreign_files(run_dir: str | os.PathLike) -> list[str]:
     if config.is_file():
         try:
             with config.open(encoding="utf-8", errors="replace") as f:
-                ours = f.readline().startswith(_RESOLVED_HEADER)
+                ours = f.readline().rstrip("\n") == RESOLVED_HEADER
         except OSError:
             ours = False
         if not ours:

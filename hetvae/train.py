@@ -97,10 +97,11 @@ class _Generator(nn.Module):
 
 
 def final_batch_size(cfg: Config) -> int:
-    """The global batch of the last ``train.final_steps``: about the pixels of a normal step at
-    ``train.final_resolution`` (16 crops of 32 px -> one of 128 px)."""
+    """The global batch of the last ``train.final_steps``: the pixels of a normal step at
+    ``train.final_resolution`` (16 crops of 32 px -> one of 128 px; the config refuses a batch
+    that is not whole)."""
     t = cfg.train
-    return max(1, round(t.batch_size * cfg.data.resolution**2 / t.final_resolution**2))
+    return t.batch_size * cfg.data.resolution**2 // t.final_resolution**2
 
 
 class Trainer:
@@ -147,7 +148,7 @@ class Trainer:
         t = cfg.train
         self.dist = setup_distributed(t.device)
         self.device = self.dist.device
-        self.run_dir = Path(cfg.out_dir)
+        self.run_dir = Path(cfg.out_dir).expanduser()
         self.progress = progress
         if t.batch_size % self.dist.world_size:
             raise ValueError(

@@ -89,7 +89,7 @@ def test_init_from_errors(tmp_path):
         build_model(cfg_with(f"model.init_from={tmp_path / 'f16'}", "data.resolution=8"))
     # and the large crops of the final phase as well
     with pytest.raises(ConfigError, match=r"train\.final_resolution: must be a multiple of the down-sampling factor 16 "):
-        build_model(cfg_with(f"model.init_from={tmp_path / 'f16'}", "data.resolution=16",
+        build_model(cfg_with(f"model.init_from={tmp_path / 'f16'}", "data.resolution=16", "train.batch_size=9",
                              "train.final_steps=1", "train.final_resolution=24"))
 
 

@@ -114,3 +114,26 @@ def test_a_run_that_stopped_before_its_first_checkpoint_starts_over(images, tmp_
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     assert train(make_cfg(images, run), tmp_path) == 0
     assert (run / "model.safetensors").is_file()
+
+
+def test_a_home_relative_out_dir_is_expanded(images, tmp_path, monkeypatch):
+    """``out_dir: ~/runs/x`` trains into the home folder, not into a folder named ``~``."""
+    from hetvae.train import Trainer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    trainer = Trainer(make_cfg(images, pathlib.Path("~/runs/x")), progress=False)
+    assert trainer.run_dir == tmp_path / "home" / "runs" / "x"
+    assert not (tmp_path / "~").exists()
+
+
+def test_metrics_lines_are_strict_json(tmp_path):
+    """A non-finite loss is logged as null, not as the bare NaN JSON readers refuse."""
+    import json
+    import math
+
+    from hetvae.runs import append_metrics
+
+    append_metrics(tmp_path, {"step": 1, "loss": math.nan, "nll": math.inf})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"step": 1, "loss": None, "nll": None}

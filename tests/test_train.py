@@ -444,10 +444,9 @@ def test_final_steps_train_on_large_crops_with_the_same_pixels(images, tmp_path,
     train(cfg, progress=False)
     assert seen == [(0, (4, 3, 16, 16)), (1, (4, 3, 16, 16)), (2, (1, 3, 32, 32)), (3, (1, 3, 32, 32)),
                     (4, (1, 3, 32, 32))]
-    # about the same pixels when they do not divide: 4 crops of 16 px are 1.78 crops of 24 px
-    rounded = Trainer(make_cfg(images, tmp_path / "r", "train.final_steps=1", "train.final_resolution=24"),
-                      progress=False)
-    assert rounded.final_batch == 2 and rounded.final_dataset.resolution == 24
+    # the same pixels must make whole crops: 4 crops of 16 px are 1.78 crops of 24 px, refused
+    with pytest.raises(ConfigError, match="whole number"):
+        make_cfg(images, tmp_path / "r", "train.final_steps=1", "train.final_resolution=24")
 
 
 def test_final_steps_resume_is_bit_exact(images, tmp_path):
