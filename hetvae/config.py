@@ -19,6 +19,7 @@ written on one machine and run on another; the builders check them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -60,6 +61,7 @@ __all__ = [
     "load_config",
     "require_crop_sides",
     "save_config",
+    "with_absolute_paths",
 ]
 
 
@@ -724,6 +726,31 @@ def _read_text(path: Path) -> str:
         raise ConfigError("", f"{path}: not UTF-8 text ({exc})") from None
     except OSError as exc:
         raise ConfigError("", f"{path}: cannot be read: {exc}") from None
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its data and weight paths (``data.path``, ``model.init_from``,
+    ``objective.perceptual_weights``) made absolute (``~`` expanded, relative to the working folder),
+    so that a run's stored config means the same files wherever it is resumed from. The words
+    ``scratch``, ``auto`` and ``random`` and an unset ``data.path`` stay as they are."""
+    data_path = cfg.data.path
+    if isinstance(data_path, str):
+        data_path = _absolute(data_path)
+    elif isinstance(data_path, list):
+        data_path = [_absolute(p) for p in data_path]
+    init_from = cfg.model.init_from if cfg.model.init_from == "scratch" else _absolute(cfg.model.init_from)
+    weights = cfg.objective.perceptual_weights
+    weights = weights if weights in ("auto", "random") else _absolute(weights)
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, path=data_path),
+        model=dataclasses.replace(cfg.model, init_from=init_from),
+        objective=dataclasses.replace(cfg.objective, perceptual_weights=weights),
+    )
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:

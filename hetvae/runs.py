@@ -48,7 +48,7 @@ from hetvae.checkpoint import (
     set_aside,
     tensors_under,
 )
-from hetvae.config import RESOLVED_HEADER, Config, load_config, save_config
+from hetvae.config import RESOLVED_HEADER, Config, load_config, save_config, with_absolute_paths
 from hetvae.convert import CONFIG_KEY, HETVAE_FILE, inspect_checkpoint, load_autoencoder, save_autoencoder
 from hetvae.files import CheckpointError, atomic_write_text, write_atomically
 from hetvae.likelihood import likelihood_from_nll
@@ -250,8 +250,8 @@ def check_resume_config(cfg: Config, ckpt: Checkpoint) -> dict[str, tuple[Any, A
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{ckpt.path / WEIGHTS_FILE}: corrupt {TRAIN_CONFIG_KEY} metadata: {exc}") from None
-    try:  # defaults filled in, values normalised as today's schema reads them
-        raw = config_to_dict(from_dict(Config, raw))
+    try:  # defaults filled in, values normalised as today's schema reads them, paths absolute as stored today
+        raw = config_to_dict(with_absolute_paths(from_dict(Config, raw)))
     except (ConfigError, TypeError):
         pass  # a schema that has moved on: compare the keys both sides still have
     saved = _flatten(json.loads(json.dumps(raw)))

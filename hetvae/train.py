@@ -39,7 +39,7 @@ from hetvae import optim, runs
 from hetvae.autoencoder import AutoencoderKL, Reconstruction
 from hetvae.build import build_model, build_objective
 from hetvae.checkpoint import Checkpoint
-from hetvae.config import Config
+from hetvae.config import Config, with_absolute_paths
 from hetvae.data import ImageDataset, build_dataset
 from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed
 from hetvae.distributions import DiagonalGaussian
@@ -144,6 +144,7 @@ class Trainer:
     ) -> None:
         if out_dir is not None:
             cfg = dataclasses.replace(cfg, out_dir=str(out_dir))
+        cfg = with_absolute_paths(cfg)  # the run's config.yaml names the same files from any folder
         self.cfg = cfg
         t = cfg.train
         self.dist = setup_distributed(t.device)

@@ -137,3 +137,32 @@ def test_metrics_lines_are_strict_json(tmp_path):
     append_metrics(tmp_path, {"step": 1, "loss": math.nan, "nll": math.inf})
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {"step": 1, "loss": None, "nll": None}
+
+
+def _photos(folder: pathlib.Path, seed: int) -> pathlib.Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    return folder
+
+
+def test_a_relative_data_path_means_the_same_photos_wherever_the_run_resumes(tmp_path, monkeypatch, capsys):
+    from hetvae.config import load_config
+
+    first, elsewhere = tmp_path / "a", tmp_path / "b"
+    _photos(first / "photos", 1)
+    _photos(elsewhere / "photos", 2)  # another folder of the same name
+    run = tmp_path / "run"
+    monkeypatch.chdir(first)
+    assert train(make_cfg(pathlib.Path("photos"), run), tmp_path) == 0
+    assert load_config(run / "config.yaml").data.path == str(first / "photos")  # stored absolute
+    monkeypatch.chdir(elsewhere)
+    # the same relative config from another folder names other photos: refused, naming the key
+    capsys.readouterr()
+    assert train(make_cfg(pathlib.Path("photos"), run, "train.steps=4"), tmp_path) == 1
+    err = capsys.readouterr().err
+    assert "data.path" in err and str(first / "photos") in err and str(elsewhere / "photos") in err
+    # the run folder itself resumes on the photos it trained on
+    assert cli_main(["train", str(run), "--resume", "--no-progress", "--set", "train.steps=4"]) == 0
+    assert load_config(run / "config.yaml").data.path == str(first / "photos")
