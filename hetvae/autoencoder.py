@@ -141,11 +141,6 @@ class AutoencoderConfig:
                 raise ValueError(
                     f"likelihood.free of a channel scale must hold out_channels={self.out_channels} values, got {len(free)}"
                 )
-            cal = self.likelihood.calibration
-            if cal is not None and len(cal["slope"]) != self.out_channels:
-                raise ValueError(
-                    f"likelihood.calibration has {len(cal['slope'])} channel(s), the model out_channels={self.out_channels}"
-                )
         if self.log_scale not in LOG_SCALE_KINDS:
             raise ValueError(f"log_scale must be one of {LOG_SCALE_KINDS}, got {self.log_scale!r}")
         if self.log_scale_channels not in (None, 1, self.out_channels):
@@ -792,7 +787,11 @@ class AutoencoderKL(nn.Module):
             return None
         cached = getattr(self, "_calibration_cache", None)
         if cached is None or cached[0] is not lik.calibration:
-            cached = (lik.calibration, lik.calibrator())
+            cal = lik.calibrator()  # ValueError for a damaged record (a model holding one still loads)
+            if cal.slope.numel() != self.config.out_channels:
+                raise ValueError(f"likelihood.calibration has {cal.slope.numel()} channel(s), the model "
+                                 f"out_channels={self.config.out_channels}")
+            cached = (lik.calibration, cal)
             self._calibration_cache = cached
         return cached[1]
 

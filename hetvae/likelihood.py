@@ -105,10 +105,13 @@ class Likelihood:
         if self.granularity == "global" and self.free is not None and len(self.free) != 1:
             raise ValueError(f"likelihood.free of a global scale must hold 1 value, got {len(self.free)}")
         if self.calibration is not None:
-            cal = self.calibrator()
-            if cal.family != self.family:
-                raise ValueError(f"likelihood.calibration was fitted for {cal.family!r}, the likelihood is {self.family!r}")
-            self.calibration = cal.to_dict()  # normalised: lists of floats
+            try:
+                self.calibration = self.calibrator().to_dict()  # normalised: lists of floats
+            except ValueError:
+                # kept as found: a model with a damaged record still loads, so that the record can be
+                # removed or refitted; using it (calibrator(), a calibrated score or decode) raises
+                if not isinstance(self.calibration, dict):
+                    raise
 
     def bound(self, raw: Tensor, calibration: Any = None) -> Tensor:
         """A head's raw output -> this likelihood's bounded log-scale
@@ -121,13 +124,17 @@ class Likelihood:
         return s.to(raw.dtype)
 
     def calibrator(self):
-        """The :class:`hetvae.calibration.Calibration` stored here, or None."""
+        """The :class:`hetvae.calibration.Calibration` stored here, or None; ``ValueError`` when the
+        record cannot be read or was fitted for another family."""
         if self.calibration is None:
             return None
         try:
-            return Calibration.from_dict(self.calibration, "likelihood.calibration")
+            cal = Calibration.from_dict(self.calibration, "likelihood.calibration")
         except CalibrationError as e:
             raise ValueError(str(e)) from None
+        if cal.family != self.family:
+            raise ValueError(f"likelihood.calibration was fitted for {cal.family!r}, the likelihood is {self.family!r}")
+        return cal
 
 
 

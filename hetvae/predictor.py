@@ -251,7 +251,13 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibra
         nll = model_nll(model, path)
     model.eval().to(device)
     nll.eval().to(device)
-    calibration = model.calibration if calibrated else None
+    try:
+        calibration = model.calibration if calibrated else None
+    except ValueError as e:
+        raise ValueError(
+            f"{path}: the stored calibration cannot be used ({e}); score it uncalibrated (--uncalibrated), or "
+            f"remove it (hetvae calibrate --checkpoint {path} --remove) or fit it again"
+        ) from None
     if calibration is not None and calibration.family != nll.family:
         raise ValueError(f"{path}: the stored calibration was fitted for {calibration.family!r}, the model is scored as {nll.family!r}")
     return Predictor(model=model, nll=nll, source=str(path), calibration=calibration)

@@ -193,11 +193,14 @@ def test_fine_tuning_a_calibrated_model_drops_the_calibration(pixel_run, photos,
 def test_a_stored_calibration_for_another_family_is_refused():
     from hetvae.likelihood import Likelihood
 
+    # the record is kept (so that a model holding it loads and the record can be removed); using it refuses
     cal = Calibration("affine", "gaussian", torch.ones(3), torch.zeros(3))
     with pytest.raises(ValueError, match="gaussian"):
-        Likelihood(granularity="pixel", family="laplace", calibration=cal.to_dict())
+        Likelihood(granularity="pixel", family="laplace", calibration=cal.to_dict()).calibrator()
     with pytest.raises(ValueError, match="calibration"):
-        Likelihood(granularity="pixel", calibration={"method": "affine"})
+        Likelihood(granularity="pixel", calibration={"method": "affine"}).calibrator()
+    with pytest.raises(ValueError, match="calibration"):
+        Likelihood(granularity="pixel", calibration="not a mapping")
 
 
 def test_an_in_memory_model_is_calibrated_under_its_recorded_likelihood(photos):

@@ -166,3 +166,36 @@ def test_a_relative_data_path_means_the_same_photos_wherever_the_run_resumes(tmp
     # the run folder itself resumes on the photos it trained on
     assert cli_main(["train", str(run), "--resume", "--no-progress", "--set", "train.steps=4"]) == 0
     assert load_config(run / "config.yaml").data.path == str(first / "photos")
+
+
+def _damage_calibration(run: pathlib.Path, record) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    file = run / "model.safetensors"
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = dict(f.metadata())
+    config = json.loads(metadata["hetvae_config"])
+    config["likelihood"]["calibration"] = record
+    metadata["hetvae_config"] = json.dumps(config)
+    save_file(tensors, str(file), metadata=metadata)
+
+
+@pytest.mark.parametrize("record", [
+    {"method": "bogus", "family": "laplace"},
+    {"method": "affine", "family": "laplace", "slope": [1.0], "offset": [0.0, 0.0, 0.0]},
+    {"method": "affine", "family": "gaussian", "slope": [1.0] * 3, "offset": [0.0] * 3},
+], ids=["method", "shape", "family"])
+def test_a_damaged_stored_calibration_can_be_removed(calibrated_run, capsys, record):
+    _damage_calibration(calibrated_run, record)
+    capsys.readouterr()
+    assert cli_main(["eval", "--checkpoint", str(calibrated_run)]) == 1  # using it: a clear error
+    err = capsys.readouterr().err
+    assert "stored calibration cannot be used" in err and "--remove" in err and "--uncalibrated" in err
+    assert cli_main(["eval", "--checkpoint", str(calibrated_run), "--uncalibrated"]) == 0
+    assert cli_main(["calibrate", "--checkpoint", str(calibrated_run), "--remove"]) == 0
+    assert stored_calibration(calibrated_run) is None
+    assert cli_main(["eval", "--checkpoint", str(calibrated_run)]) == 0
