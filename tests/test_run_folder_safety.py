@@ -8,6 +8,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import test_hostile_train
 import torch
 from PIL import Image
 
@@ -17,27 +18,13 @@ from hetvae.cli import main as cli_main
 from hetvae.config import Config, save_config
 from hetvae.convert import inspect_checkpoint, save_autoencoder
 from hetvae.predictor import load_predictor, store_calibration
-from hetvae.schema import apply_overrides
 
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> pathlib.Path:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(3)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-    return folder
+images = test_hostile_train.images  # the same module-scoped fixture: four 24 px photographs
 
 
 def make_cfg(images: pathlib.Path, out_dir: pathlib.Path, *overrides: str) -> Config:
-    base = [
-        "model.block_out_channels=[8, 16]", "model.norm_num_groups=4", "model.layers_per_block=1",
-        "model.mid_block_attention=false", f"data.path={images}", "data.resolution=16",
-        "data.samples_per_epoch=8", "train.steps=2", "train.batch_size=4", "train.log_every=1",
-        "train.sample_every=0", "train.checkpoint_every=2", "train.keep_checkpoints=0", "train.seed=5",
-        "log_scale.granularity=pixel", f"out_dir={out_dir}",
-    ]
-    return apply_overrides(Config(), base + list(overrides))
+    """test_hostile_train's tiny run: 2 steps, a per-pixel head, one checkpoint at the end."""
+    return test_hostile_train.make_cfg(images, out_dir, "train.steps=2", "log_scale.granularity=pixel", *overrides)
 
 
 def train(cfg: Config, tmp_path: pathlib.Path, *extra: str) -> int:
