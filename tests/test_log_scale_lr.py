@@ -9,7 +9,7 @@ from hetvae.train import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["model.block_out_channels=[16, 32]", "model.latent_channels=4", "model.norm_num_groups=8",
-        "data.resolution=32", "data.samples_per_epoch=8", "train.batch_size=2", "train.lr=1e-3",
+        "data.resolution=32", "data.samples_per_epoch=8", "train.batch_size=2", "train.final_steps=0", "train.lr=1e-3",
         "train.head_lr=null"]  # tiny.yaml's head_lr adds a third group, tested in test_train.py
 
 
