@@ -27,7 +27,7 @@ from _timing import compare, machine, table
 from train_step import CONFIGS, make_step
 
 from hetvae.config import load_config
-from hetvae.train import final_batch_size
+from hetvae.config import final_batch_size
 
 DEFAULT_CANDIDATES = (
     "channels (32, 64, 64), as before:model.block_out_channels=[32,64,64]",

@@ -438,7 +438,7 @@ def fit_calibration(
             f"calibration needs at least {min_pixels:,} values per channel to fit, got {n:,}: "
             "use more or larger held-out images"
         )
-    for name, t in (("target", target), ("mean", mean), ("log_scale", s_full)):
+    for name, t in (("mean", mean), ("log_scale", s_full)):  # the target: check_image_values
         if not torch.isfinite(t).all():
             raise CalibrationError(f"{name} has non-finite values")
     x = _channels_last_flat(quantize_8bit(target.double()))

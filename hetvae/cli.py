@@ -146,6 +146,11 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _sets_out_dir(overrides: Sequence[str]) -> bool:
+    """Whether ``--set`` overrides name ``out_dir``."""
+    return any(o.partition("=")[0].strip() == "out_dir" for o in overrides)
+
+
 def _train_config(config: str, out_dir: str | None, overrides: Sequence[str] = ()) -> tuple[str, str | None]:
     """``(config file, run folder)`` of ``hetvae train CONFIG``: a run folder stands for its own
     config.yaml and is the run folder (not the out_dir saved in it: the folder may have been moved
@@ -163,7 +168,7 @@ def _train_config(config: str, out_dir: str | None, overrides: Sequence[str] = (
     if not saved.is_file():
         raise ConfigError("", f"{folder}: is a folder without a {CONFIG_FILE}; expected a YAML config or a run folder "
                               "written by `hetvae train`")
-    if out_dir is None and not any(o.partition("=")[0].strip() == "out_dir" for o in overrides):
+    if out_dir is None and not _sets_out_dir(overrides):
         out_dir = str(folder)
     return str(saved), out_dir
 
@@ -182,7 +187,7 @@ def _run_train(args: argparse.Namespace) -> int:
     try:
         config, out_dir = _train_config(args.config, args.out_dir, args.overrides)
         cfg = load_config(config, args.overrides)
-        if (args.out_dir is not None and any(o.partition("=")[0].strip() == "out_dir" for o in args.overrides)
+        if (args.out_dir is not None and _sets_out_dir(args.overrides)
                 and Path(args.out_dir) != Path(cfg.out_dir)):  # one of the two would be ignored
             raise ConfigError("out_dir", f"expected one run folder, got two: --out-dir {args.out_dir} and --set "
                                          f"out_dir={cfg.out_dir}; give one of them")

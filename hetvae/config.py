@@ -58,6 +58,7 @@ __all__ = [
     "ModelConfig",
     "ObjectiveConfig",
     "TrainConfig",
+    "final_batch_size",
     "load_config",
     "require_crop_sides",
     "save_config",
@@ -576,7 +577,7 @@ class Config:
         t = self.train
         if not t.final_steps or t.final_resolution is None:
             return
-        crops = Fraction(t.batch_size * self.data.resolution**2, t.final_resolution**2)
+        crops = _final_crops(self)
         if crops.denominator == 1:
             return
         # the batch sizes that give whole batches are the multiples of this one
@@ -589,6 +590,19 @@ class Config:
             f"be a whole number (the same pixels per step); set train.batch_size to a multiple of {step}, or a "
             "train.final_resolution that makes it whole",
         )
+
+
+def _final_crops(cfg: Config) -> Fraction:
+    """``batch_size * (data.resolution / final_resolution) ** 2``: the crops of a final-phase step."""
+    t = cfg.train
+    return Fraction(t.batch_size * cfg.data.resolution**2, t.final_resolution**2)
+
+
+def final_batch_size(cfg: Config) -> int:
+    """The global batch of the last ``train.final_steps``: the pixels of a normal step at
+    ``train.final_resolution`` (16 crops of 32 px -> one of 128 px; :class:`Config` refuses a
+    batch that is not whole)."""
+    return int(_final_crops(cfg))
 
 
 def require_crop_sides(cfg: Config, factor: int, what: str) -> None:

@@ -9,6 +9,7 @@ and markdown are recognised by their keys (:data:`METRIC_KEYS`) and table header
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from PIL import Image
@@ -110,7 +111,7 @@ def write_text(text: str, path: str | Path) -> Path:
 def _json_safe(value):
     """``value`` with every NaN or infinite float (an undefined metric) as ``None``."""
     if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
+        return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

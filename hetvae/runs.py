@@ -49,7 +49,15 @@ from hetvae.checkpoint import (
     tensors_under,
 )
 from hetvae.config import RESOLVED_HEADER, Config, load_config, save_config, with_absolute_paths
-from hetvae.convert import CONFIG_KEY, HETVAE_FILE, inspect_checkpoint, load_autoencoder, save_autoencoder
+from hetvae.convert import (
+    CONFIG_KEY,
+    DIFFUSERS_CONFIG,
+    DIFFUSERS_WEIGHTS,
+    HETVAE_FILE,
+    inspect_checkpoint,
+    load_autoencoder,
+    save_autoencoder,
+)
 from hetvae.files import CheckpointError, atomic_write_text, write_atomically
 from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
@@ -306,9 +314,6 @@ def append_metrics(run_dir: str | os.PathLike, record: dict[str, float]) -> None
 # ---------------------------------------------------------------------------------------------
 
 
-_DIFFUSERS_FILES = ("config.json", "diffusion_pytorch_model*")  # a diffusers export's
-
-
 def foreign_files(run_dir: str | os.PathLike) -> list[str]:
     """What in ``run_dir`` a run did not write but a new run there would replace or shadow: a
     ``config.yaml`` that :func:`hetvae.config.save_config` did not write (a hand-written one), a
@@ -327,7 +332,7 @@ def foreign_files(run_dir: str | os.PathLike) -> list[str]:
             found.append(f"{CONFIG_FILE} (not a config `hetvae train` wrote)")
     if (run_dir / MODEL_FILE).exists() and not (run_dir / LOSS_FILE).is_file():
         found.append(f"{MODEL_FILE} (an export, not a run's: no {LOSS_FILE} beside it)")
-    diffusers = sorted(p.name for pattern in _DIFFUSERS_FILES for p in run_dir.glob(pattern))
+    diffusers = [name for name in (DIFFUSERS_CONFIG, *DIFFUSERS_WEIGHTS) if (run_dir / name).is_file()]
     if diffusers:
         found.append(f"{', '.join(diffusers)} (a diffusers export, which a run's {MODEL_FILE} would shadow)")
     return found
@@ -395,9 +400,7 @@ def _write_config(run_dir: Path, cfg: Config) -> None:
     path = run_dir / CONFIG_FILE
     try:
         save_config(cfg, path)
-    except OSError as exc:
-        for tmp in run_dir.glob(f"*{CONFIG_FILE}.tmp*"):
-            tmp.unlink(missing_ok=True)
+    except OSError as exc:  # the atomic writer has removed its temporary file
         detail = f"could not write {path}: {exc.strerror or exc}; no half-written file was left"
         raise OSError(exc.errno, detail) from exc
 

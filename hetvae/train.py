@@ -39,14 +39,14 @@ from hetvae import optim, runs
 from hetvae.autoencoder import AutoencoderKL, Reconstruction
 from hetvae.build import build_model, build_objective
 from hetvae.checkpoint import Checkpoint
-from hetvae.config import Config, with_absolute_paths
+from hetvae.config import Config, final_batch_size, with_absolute_paths
 from hetvae.data import ImageDataset, build_dataset
 from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed
 from hetvae.distributions import DiagonalGaussian
 from hetvae.files import CheckpointError
 from hetvae.viz import save_uncertainty_panel
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "final_batch_size", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]
 
 logger = logging.getLogger("hetvae.train")
 
@@ -94,14 +94,6 @@ class _Generator(nn.Module):
         z = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
         rec = self.autoencoder.decode(z)
         return rec.mean, rec.log_scale, posterior.parameters
-
-
-def final_batch_size(cfg: Config) -> int:
-    """The global batch of the last ``train.final_steps``: the pixels of a normal step at
-    ``train.final_resolution`` (16 crops of 32 px -> one of 128 px; the config refuses a batch
-    that is not whole)."""
-    t = cfg.train
-    return t.batch_size * cfg.data.resolution**2 // t.final_resolution**2
 
 
 class Trainer:

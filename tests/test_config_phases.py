@@ -106,7 +106,7 @@ def test_a_final_batch_that_is_not_whole_is_refused(batch, resolution, final, sh
     final_steps=st.sampled_from([0, 1, 7]),
 )
 def test_the_final_batch_is_whole_or_refused(batch, resolution, final, final_steps):
-    from hetvae.train import final_batch_size
+    from hetvae.config import final_batch_size
 
     overrides = ["model.block_out_channels=[8, 8]", f"data.resolution={resolution}", f"train.batch_size={batch}",
                  f"train.final_steps={final_steps}", f"train.final_resolution={final}"]
@@ -124,7 +124,7 @@ def test_the_final_batch_is_whole_or_refused(batch, resolution, final, final_ste
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_have_whole_final_batches(path):
-    from hetvae.train import final_batch_size
+    from hetvae.config import final_batch_size
 
     cfg = load_config(path)
     if cfg.train.final_steps:
