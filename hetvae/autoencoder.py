@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from hetvae.distributions import DiagonalGaussian
 from hetvae.layers import Level, MidBlock, ResnetBlock, activation_layout, group_norm, run_maybe_checkpointed
-from hetvae.likelihood import Likelihood, finite_numbers, is_int, is_number
+from hetvae.likelihood import Likelihood, finite_numbers, grafted_record, is_int, is_number
 
 LOG_SCALE_KINDS = (None, "pixel")
 
@@ -574,9 +574,18 @@ class AutoencoderKL(nn.Module):
         ``channels``: None for ``out_channels`` maps, 1 for one shared map. ``layers``, ``hidden``,
         ``sees_mean``, ``sees_latent``, ``sees_edges``: the head's hidden layers, their width and
         whether it reads the mean output, the latent and the mean's edge magnitude
-        (``AutoencoderConfig.log_scale_head_*``)."""
+        (``AutoencoderConfig.log_scale_head_*``).
+
+        The head changes the likelihood: a recorded ``global`` / ``channel`` likelihood becomes the
+        per-pixel one (:meth:`hetvae.likelihood.Likelihood.with_grafted_head`: family, bounds and
+        margin kept), and a calibration fitted for that scale is dropped with a
+        :class:`hetvae.likelihood.CalibrationDropped` warning. A per-pixel record is kept: it
+        describes the head being added (a model built from its config first)."""
+        record = self.config.likelihood
+        if record is not None and record.granularity != "pixel":
+            record = grafted_record(record, init)
         config = dataclasses.replace(
-            self.config, log_scale="pixel", log_scale_channels=channels, log_scale_init=float(init),
+            self.config, likelihood=record, log_scale="pixel", log_scale_channels=channels, log_scale_init=float(init),
             log_scale_detach=bool(detach), log_scale_head_layers=int(layers), log_scale_head_channels=hidden,
             log_scale_head_sees_mean=bool(sees_mean), log_scale_head_sees_latent=bool(sees_latent),
             log_scale_head_sees_edges=bool(sees_edges),

@@ -50,7 +50,13 @@ from torch import Tensor
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 from hetvae.files import CheckpointError, fsync_dir, write_atomically
-from hetvae.likelihood import Likelihood, is_int, is_number, likelihood_from_nll
+from hetvae.likelihood import (
+    Likelihood,
+    grafted_record,
+    is_int,
+    is_number,
+    likelihood_from_nll,
+)
 from hetvae.pickles import load_weights_only
 
 FORMATS = ("hetvae", "diffusers", "ldm")
@@ -707,7 +713,9 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
 
     ``log_scale``: None keeps what the checkpoint has (a head stored inside or beside it is loaded);
     ``"pixel"`` also grafts a fresh head (zero weights, bias ``log_scale_init``) when there is
-    none, so the mean output is unchanged.
+    none, so the mean output is unchanged; the recorded likelihood then becomes the per-pixel one
+    (family, bounds and margin kept) and a calibration stored with it is dropped with a
+    :class:`hetvae.likelihood.CalibrationDropped` warning (it was fitted for the scale the head replaces).
     ``overrides``: ``AutoencoderConfig`` fields replacing the stored or inferred ones, e.g.
     ``scaling_factor``, ``shift_factor``, ``norm_num_groups``; ``log_scale_channels`` and
     ``log_scale_init`` shape a grafted head, ``log_scale_detach`` applies to any head.
@@ -736,6 +744,11 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
             config = dataclasses.replace(config, log_scale_detach=bool(head_overrides["log_scale_detach"]))
     elif head_overrides and log_scale != "pixel":
         raise ValueError(f"{sorted(head_overrides)} given but no head is loaded or grafted: pass log_scale='pixel'")
+    if log_scale == "pixel" and not has_head and config.likelihood is not None:
+        # the fresh head is the model's scale now: the record becomes the per-pixel one, and a
+        # calibration fitted for the old scale (or for a head the file lost) goes, with a note
+        init = head_overrides.get("log_scale_init", 0.0)
+        config = dataclasses.replace(config, likelihood=grafted_record(config.likelihood, init))
     _check_fit(config, sd, info)  # before anything the config declares is allocated
     model = AutoencoderKL(config)
     model.load_state_dict(sd, strict=True)

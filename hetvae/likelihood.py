@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +29,10 @@ from hetvae.loss import HeteroscedasticNLL
 __all__ = [
     "LIKELIHOOD_FAMILIES",
     "LIKELIHOOD_GRANULARITIES",
+    "CalibrationDropped",
     "Likelihood",
     "finite_numbers",
+    "grafted_record",
     "head_config_fields",
     "is_int",
     "is_number",
@@ -39,6 +43,12 @@ __all__ = [
 
 LIKELIHOOD_GRANULARITIES = ("global", "channel", "pixel")
 LIKELIHOOD_FAMILIES = ("laplace", "gaussian")
+
+
+class CalibrationDropped(UserWarning):
+    """A post-hoc calibration was dropped because the scale it was fitted for is no longer the
+    model's (a per-pixel head grafted in place of a global / channel scale, or in place of a lost
+    head): the message is one line, for a command to print as a note."""
 
 
 def is_int(value: Any) -> bool:
@@ -136,6 +146,28 @@ class Likelihood:
             raise ValueError(f"likelihood.calibration was fitted for {cal.family!r}, the likelihood is {self.family!r}")
         return cal
 
+    def with_grafted_head(self, init: float) -> Likelihood:
+        """The record of a model once a fresh per-pixel head (zero weights, bias ``init``) is grafted
+        on: granularity ``"pixel"``, fit ``"learned"``, no learned global/channel value and no
+        calibration (it was fitted for the scale the head replaces); family, bounds and margin kept."""
+        return dataclasses.replace(self, granularity="pixel", fit="learned", init=float(init), free=None, calibration=None)
+
+
+def grafted_record(record: Likelihood | None, init: float, stacklevel: int = 2) -> Likelihood | None:
+    """:meth:`Likelihood.with_grafted_head` of ``record`` (None stays None: a model without a record
+    is scored with its head under the default bounds). A calibration it drops is announced with a
+    one-line :class:`CalibrationDropped` warning; ``stacklevel`` as in :func:`warnings.warn`, from
+    the caller of this function."""
+    if record is None:
+        return None
+    if record.calibration is not None:
+        scale = "a per-pixel head the model no longer has" if record.granularity == "pixel" else f"its {record.granularity} scale"
+        warnings.warn(
+            f"the model's post-hoc calibration was fitted for {scale}; the grafted per-pixel log-scale head "
+            "replaces it, so the calibration is dropped (fit one for the new model with hetvae calibrate)",
+            CalibrationDropped, stacklevel=stacklevel + 1,
+        )
+    return record.with_grafted_head(init)
 
 
 def likelihood_from_nll(nll: HeteroscedasticNLL) -> Likelihood:
