@@ -96,6 +96,23 @@ class _Generator(nn.Module):
         return rec.mean, rec.log_scale, posterior.parameters
 
 
+@contextlib.contextmanager
+def _quiet_data():
+    """Neither hetvae.data's per-image log lines nor its warnings while a data set other than the
+    training one is built (the sample panel's): they would read as if training skipped the images."""
+    def drop(record: logging.LogRecord) -> bool:
+        return False
+
+    data_logger = logging.getLogger("hetvae.data")
+    data_logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        data_logger.removeFilter(drop)
+
+
 class Trainer:
     """Everything a run needs, built from ``cfg``; :meth:`run` trains.
 
@@ -148,6 +165,11 @@ class Trainer:
                 f"train.batch_size={t.batch_size} is the global micro-batch and must divide by the "
                 f"world size {self.dist.world_size}"
             )
+
+        # before anything the config builds (the model, the data sets): a resume that changes what it may not
+        # is refused naming the keys, not with the error of a model or data set built from the new values
+        checkpoint = self._pick_checkpoint(resume, overwrite)
+        changes = runs.check_resume_config(cfg, checkpoint) if checkpoint is not None else {}
 
         # identical initialisation on every rank; DDP also broadcasts rank 0's weights
         torch.manual_seed(t.seed)
@@ -212,7 +234,6 @@ class Trainer:
         self._tb = None
         self.overwrite = overwrite
         self._started = False  # outputs exist (config.yaml written): set after the first trained step
-        self._corrupt: list[Path] = []  # unreadable checkpoints newer than the one resumed from
         self._resumed_from: Path | None = None
         self._step_start: dict[str, Any] | None = None  # RNG etc. at the start of the step in progress
         self._updating = False  # inside the optimiser / EMA update (weights possibly half-written)
@@ -220,9 +241,8 @@ class Trainer:
         self._interval: dict[str, Any] = {"sums": {}, "counts": {}, "steps": 0}
         self._head_phase = False  # in the head-only phase (train.head_steps): the autoencoder is frozen
 
-        checkpoint = self._pick_checkpoint(resume, overwrite)
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore(checkpoint, changes)
 
     # -- parameters / state ------------------------------------------------------------------
 
@@ -268,7 +288,7 @@ class Trainer:
                 "ones are renamed corrupt-step_... once training starts)",
                 "; ".join(f"{p} ({e})" for p, e in found.skipped), found.checkpoint.path,
             )
-        self._corrupt = [p for p, _ in found.skipped]
+        self._corrupt: list[Path] = [p for p, _ in found.skipped]  # newer than the one resumed from
         if found.checkpoint is None:
             runs.check_fresh_start(self.run_dir)
         return found.checkpoint
@@ -293,9 +313,9 @@ class Trainer:
                 path, saved_device or "another device", self.noise.device.type, self.step,
             )
 
-    def _restore(self, ckpt: Checkpoint) -> None:
+    def _restore(self, ckpt: Checkpoint, changes: dict[str, tuple[Any, Any]]) -> None:
+        """Load ``ckpt`` (whose config :func:`hetvae.runs.check_resume_config` accepted with ``changes``)."""
         path = ckpt.path
-        changes = runs.check_resume_config(self.cfg, ckpt)
         if self.dist.main:
             logger.info("resuming from %s (step %d)", path, ckpt.step)
             if changes:
@@ -561,12 +581,17 @@ class Trainer:
         if not hasattr(self, "_panel_inputs"):
             # crops large enough to see structure in (training crops may be 32 px), where the images allow
             data = dataclasses.replace(self.cfg.data, resolution=max(self.cfg.data.resolution, _PANEL_RESOLUTION))
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
+            with _quiet_data():  # its skipped images are the panel's, not training's: one line below says so
+                try:
                     held_out = build_dataset(data, train=False, seed=self.cfg.train.seed)
-            except ValueError:  # images smaller than that: the training crop size
-                held_out = build_dataset(self.cfg.data, train=False, seed=self.cfg.train.seed)
+                except ValueError:  # images smaller than that: the training crop size
+                    held_out = build_dataset(self.cfg.data, train=False, seed=self.cfg.train.seed)
+            if held_out.resolution < data.resolution:
+                logger.info("sample panel: the images are smaller than its %d px crops; it shows %d px crops",
+                            data.resolution, held_out.resolution)
+            elif held_out.skipped_small:
+                logger.info("sample panel: %d image(s) smaller than its %d px crops are not shown in it",
+                            len(held_out.skipped_small), data.resolution)
             n = min(_PANEL_IMAGES, len(held_out))
             self._panel_inputs = torch.stack([held_out[i] for i in range(n)])
         x = self._panel_inputs.to(self.device)
