@@ -328,7 +328,6 @@ def _run_uncertainty_latents(args: argparse.Namespace, inputs: list[str], skippe
         for name in (n for group in names for n in group):
             for path in uncertainty_outputs(out, name):
                 check_output_file(path, "--out")
-        out.mkdir(parents=True, exist_ok=True)
         calibrated = ", calibrated" if predictor.calibration is not None else ""
         for file, z, group in zip(files, batches, names):
             for latent, name in zip(z, group):
@@ -378,7 +377,6 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
         predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, args.checkpoint)
         _note_skipped(ours + images.skipped)
-        out.mkdir(parents=True, exist_ok=True)
         stream = iter_predictions(predictor, images, progress=True, desc="uncertainty")
         for k, (_, p) in enumerate(stream):  # to its end, so the progress bar finishes (n/n) and closes
             name = images.names[k]

@@ -17,6 +17,10 @@ edges (tens of levels) both show their structure. The range runs from the row's 
 down to the smaller of the scale's 1st and the error's 10th percentile (at most a factor 1000). A global or per-channel log-scale gives a constant scale panel, which is the point of
 comparing granularities.
 
+The maps are averaged in float64, so any finite float32 image and reconstruction can be drawn
+(a float32 channel sum of values near its largest overflows); a map with a NaN or infinite value
+has no colour range and is refused, a ``ValueError`` naming the map and the panel's title.
+
 Drawn with matplotlib's object API on an Agg canvas (no ``pyplot``, no global backend switch), so
 it is safe in training loops, threads and headless machines. Every file is written atomically
 (:func:`write_atomically`) and every PNG carries the text chunk :data:`hetvae.outputs.OUTPUT_MARKER`, by which
@@ -76,6 +80,30 @@ def shared_log_range(error: np.ndarray, scale: np.ndarray) -> tuple[float, float
     return max(vmin, vmax / 1000.0), vmax
 
 
+def _panel(title: str | None) -> str:
+    return "the panel" + (f" {title!r}" if title else "")
+
+
+def _check_drawable(drawing: str, *maps: tuple[str, Tensor]) -> None:
+    """A NaN or infinite value has no place on a colour range: ``ValueError`` naming ``drawing``
+    (the panel, its title) and the map of the ``(name, tensor)`` pairs that has one."""
+    for what, x in maps:
+        nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        if nan or inf:
+            found = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
+            raise ValueError(f"cannot draw {drawing}: the {what} has {found} value(s) (of {x.numel():,})")
+
+
+def _scale_map(log_scale: Tensor, shape: tuple[int, ...], drawing: str) -> Tensor:
+    """``exp(log_scale)`` broadcast to ``shape`` ``(B, C, H, W)`` and averaged over channels, in
+    float64 (a float32 channel sum of large scales overflows); ``ValueError`` for what cannot be drawn."""
+    log_scale = log_scale.detach().double().cpu()
+    _check_drawable(drawing, ("log-scale", log_scale))
+    scale = torch.broadcast_to(log_scale, shape).exp()
+    _check_drawable(drawing, ("scale exp(log_scale)", scale))
+    return scale.mean(dim=1)
+
+
 def _to_image(x: Tensor) -> np.ndarray:
     """``(C, H, W)`` in [-1, 1] -> ``(H, W, 3)`` float in [0, 1]."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
@@ -109,9 +137,10 @@ def uncertainty_panel(
     """
     if inputs.shape != mean.shape or inputs.ndim != 4:
         raise ValueError(f"inputs {tuple(inputs.shape)} and mean {tuple(mean.shape)} must be one (B, C, H, W) shape")
-    inputs, mean = inputs.detach().float().cpu(), mean.detach().float().cpu()
-    scale = torch.broadcast_to(log_scale.detach().float().cpu(), inputs.shape).exp().mean(dim=1)  # (B, H, W)
-    error = (inputs - mean).abs().mean(dim=1)  # (B, H, W), same units as the Laplace scale
+    inputs, mean = inputs.detach().double().cpu(), mean.detach().double().cpu()
+    _check_drawable(_panel(title), ("input", inputs), ("reconstruction", mean))
+    scale = _scale_map(log_scale, inputs.shape, _panel(title))  # (B, H, W)
+    error = (inputs - mean).abs().mean(dim=1)  # (B, H, W), same units as the Laplace scale; float64: finite
 
     columns = 5 if standardized else 4
     rows = inputs.shape[0]
@@ -173,8 +202,9 @@ def decoded_panel(mean: Tensor, log_scale: Tensor, *, title: str | None = None, 
     """
     if mean.ndim != 4:
         raise ValueError(f"mean must be (B, C, H, W), got {tuple(mean.shape)}")
-    mean = mean.detach().float().cpu()
-    scale = torch.broadcast_to(log_scale.detach().float().cpu(), mean.shape).exp().mean(dim=1)  # (B, H, W)
+    mean = mean.detach().double().cpu()
+    _check_drawable(_panel(title), ("decoded image", mean))
+    scale = _scale_map(log_scale, mean.shape, _panel(title))  # (B, H, W)
     rows = mean.shape[0]
     fig = Figure(figsize=(2 * 2.6, rows * 2.4 + (0.4 if title else 0.0)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -253,8 +283,8 @@ def save_scale_map(path: str | os.PathLike, log_scale: Tensor, cmap: str = "magm
     """The predicted scale ``exp(log_scale)`` of one image ``(1|C, H, W)`` or ``(1, C|1, H, W)``,
     averaged over channels, as a plain colormapped PNG at the image's own size, on a logarithmic
     range from its 1st to its 99th percentile (at most a factor 1000: a constant map is one colour)."""
-    scale = log_scale.detach().float().cpu().exp()
-    scale = scale.reshape(-1, *scale.shape[-2:]).mean(dim=0).numpy()
+    maps = log_scale.reshape(1, -1, *log_scale.shape[-2:])
+    scale = _scale_map(maps, maps.shape, f"the scale map {Path(path).name}")[0].numpy()
     hi = max(float(np.percentile(scale, 99)), 1e-12)
     lo = max(float(np.percentile(scale, 1)), hi / 1000.0)
     position = np.log(np.clip(scale, lo, hi) / lo) / max(np.log(hi / lo), 1e-12)

@@ -65,5 +65,6 @@ def test_scale_structure_stays_visible_beside_heavy_tailed_errors():
     flat, textured = im.norm(scale[0, 0, 0, 0].item()), im.norm(scale[0, 0, 0, -1].item())
     assert textured - flat > 0.15  # linear 0..p99(error) would separate them by about 0.02
     vmin, vmax = shared_log_range((x - mean).abs().mean(1)[0].numpy(), scale[0, 0].numpy())
-    assert im.get_clim() == (vmin, vmax) and vmax / vmin <= 1000
+    np.testing.assert_allclose(im.get_clim(), (vmin, vmax), rtol=1e-6)  # the panel averages in float64
+    assert vmax / vmin <= 1000
     assert "8-bit levels (log)" in fig.axes[-1].get_ylabel()
