@@ -24,7 +24,9 @@ to an ldm file), so stock loaders still read the VAE and nothing is lost.
 The reconstruction likelihood the model was trained with (``AutoencoderConfig.likelihood``:
 family, granularity, bounds, learned global/channel values) rides in the config of every format:
 the ``hetvae_config`` metadata of hetvae and ldm files, ``_hetvae_likelihood`` in a diffusers
-``config.json`` (diffusers ignores keys starting with ``_``).
+``config.json`` (diffusers ignores keys starting with ``_``). ``store_likelihood`` replaces it in
+place and changes nothing else: a diffusers folder's ``config.json`` only, or a safetensors file's
+header with every tensor's bytes kept.
 
 Internal names are the ldm ones; all renaming lives here. Pickled files are read only through
 ``torch.load(weights_only=True)``; every failure raises ``CheckpointError`` naming the file, the
@@ -38,6 +40,7 @@ import importlib.metadata
 import json
 import math
 import re
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -895,3 +898,90 @@ def save_autoencoder(
     if removed:
         fsync_dir(weights.parent)
     return result
+
+
+# --- the likelihood record, in place ---------------------------------------------------------
+
+
+def likelihood_file(path: str | Path) -> Path:
+    """The file that holds the likelihood record of the model at ``path``: a diffusers folder's
+    ``config.json``, else the weights file (its ``hetvae_config`` metadata)."""
+    file, config_file = _locate(Path(path))
+    return config_file if config_file is not None else file
+
+
+def _with_record(source: Path, likelihood: dict[str, Any]) -> Callable[[Path], None]:
+    """A writer of ``source`` (a safetensors file with ``hetvae_config`` metadata) whose config
+    records ``likelihood``: a new header, then the tensors' bytes copied as they are.
+
+    A safetensors file is an 8-byte little-endian header length, the JSON header (every tensor's
+    dtype, shape and byte offsets into the data that follows, plus ``__metadata__``), then the
+    data; the offsets count from the data's start, so a new header leaves every tensor valid."""
+
+    def write(tmp: Path) -> None:
+        with open(source, "rb") as src:
+            size = src.seek(0, 2)
+            src.seek(0)
+            n = int.from_bytes(src.read(8), "little")
+            try:
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"a header of {n} bytes in a file of {size}")
+                header = json.loads(src.read(n))
+                metadata = dict(header.get("__metadata__") or {})
+                config = json.loads(metadata[CONFIG_KEY])
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise _error(source, "safetensors", f"cannot read the {CONFIG_KEY} metadata to rewrite ({e})") from None
+            fmt = metadata.get(FORMAT_KEY, "hetvae")
+            config["likelihood"] = likelihood
+            text = json.dumps(config)
+            config_from_metadata(text, source, fmt)  # refuse a record the file could not be read back with
+            header["__metadata__"] = {**metadata, CONFIG_KEY: text}
+            body = json.dumps(header, separators=(",", ":")).encode()
+            body += b" " * (-len(body) % 8)  # safetensors aligns the data to 8 bytes
+            with open(tmp, "wb") as dst:
+                dst.write(len(body).to_bytes(8, "little"))
+                dst.write(body)
+                shutil.copyfileobj(src, dst, 1 << 24)
+
+    return write
+
+
+def store_likelihood(path: str | Path, likelihood: Likelihood) -> Path:
+    """Replace the likelihood record (``AutoencoderConfig.likelihood``) of the model at ``path`` in
+    place, and nothing else: a diffusers folder's ``config.json`` gets it under ``_hetvae_likelihood``
+    (every other key as it was; the weights, of whatever variant, serialisation and dtype, and the
+    head file untouched); a hetvae or ldm file hetvae wrote gets it in its ``hetvae_config``
+    metadata, every tensor's bytes, dtype and name kept. Written atomically, keeping the file's mode
+    (:func:`hetvae.files.write_atomically`). Returns the file written (:func:`likelihood_file`).
+
+    A single file without ``hetvae_config`` metadata (one hetvae did not write) has no record to
+    replace: ``CheckpointError``, and the file is not touched.
+    """
+    path = Path(path)
+    file, config_file = _locate(path)
+    record = dataclasses.asdict(likelihood)
+    if config_file is not None:
+        try:
+            data = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _error(config_file, "diffusers", f"cannot read the config ({e})") from e
+        if not isinstance(data, dict):
+            raise _error(config_file, "diffusers", f"the config is not a JSON object but {type(data).__name__}")
+        data[DIFFUSERS_LIKELIHOOD_KEY] = record
+        config_from_diffusers(data, config_file)  # refuse a record the folder could not be read back with
+        text = json.dumps(data, indent=2) + "\n"
+        return write_atomically(config_file, lambda tmp: tmp.write_text(text))
+    metadata: dict[str, str] = {}
+    if file.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+        except (SafetensorError, OSError) as e:
+            raise _error(file, "single file", f"the file is truncated or corrupt ({e})") from e
+    if CONFIG_KEY not in metadata:
+        raise _error(
+            file, metadata.get(FORMAT_KEY, "single file"),
+            f"no {CONFIG_KEY} metadata, so no likelihood record to replace (hetvae did not write this file): it is "
+            "not rewritten; write a new export of the model with its record instead",
+        )
+    return write_atomically(file, _with_record(file, record))

@@ -42,7 +42,8 @@ from hetvae.calibration import (
     pooled,
 )
 from hetvae.checkpoint import is_checkpoint
-from hetvae.convert import inspect_checkpoint, load_autoencoder, save_autoencoder
+from hetvae.convert import inspect_checkpoint, likelihood_file, load_autoencoder, save_autoencoder, store_likelihood
+from hetvae.files import hub_cache_entry
 from hetvae.images import ImageList, load_images
 from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
@@ -364,10 +365,14 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     ``path``: the run folder or model checkpoint the predictor came from (a run's training
     checkpoint, ``checkpoints/step_N``, is never rewritten: it needs ``out``). The likelihood record of
     the model file (``AutoencoderConfig.likelihood``) gets the calibration, replacing any earlier
-    one, so it travels through every export: a run folder's ``model.safetensors``, a hetvae file, a
-    diffusers folder (``config.json``) or an ldm file hetvae wrote (its metadata). Other single
-    files (an original SD checkpoint) are not rewritten: pass ``out``, a folder for a new hetvae
-    export of the model with its calibration. Returns the file or folder written.
+    one, so it travels through every export. Only the record changes
+    (:func:`hetvae.convert.store_likelihood`): a diffusers folder's ``config.json``, or the metadata
+    of a run folder's ``model.safetensors``, a hetvae file or an ldm file hetvae wrote, whose tensors
+    keep their bytes and dtype; no file is added or removed and every file keeps its mode. A file
+    reached through a symbolic link is changed where it lies. A model in a Hugging Face Hub cache
+    (its files are links to blobs every snapshot shares) and other single files (an original SD
+    checkpoint) are not rewritten: pass ``out``, a folder for a new hetvae export of the model with
+    its calibration. Returns the file or folder written.
     """
     path = Path(path).expanduser()
     info = check_calibration_destination(path, out)
@@ -378,9 +383,12 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     record = dataclasses.replace(record, calibration=None if calibration is None else calibration.to_dict())
     if out is not None:
         return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
-    if info is None:  # a run folder
-        return save_autoencoder(model, path / MODEL_FILE, format="hetvae", likelihood=record)
-    if info.format == "diffusers":
-        return save_autoencoder(model, info.weights_file.parent, format="diffusers", likelihood=record)
-    # hetvae, or an ldm export hetvae wrote (any other ldm file was refused above)
-    return save_autoencoder(model, info.weights_file, format=info.format, likelihood=record)
+    model_path = path / MODEL_FILE if info is None else info.path  # info is None for a run folder
+    cache = hub_cache_entry(path) or hub_cache_entry(likelihood_file(model_path))
+    if cache is not None:
+        raise CalibrationError(
+            f"{path} is in the Hugging Face Hub cache {cache}, whose files are links to blobs that every snapshot "
+            "shares: it is not calibrated in place. Pass --out DIR to write the model with its calibration as a new "
+            "hetvae export"
+        )
+    return store_likelihood(model_path, record)
