@@ -3,13 +3,16 @@ anything else, and writing maps, tables and JSON atomically.
 
 PNGs and safetensors files hetvae writes carry :data:`OUTPUT_MARKER` in their metadata; its JSON
 and markdown are recognised by their keys (:data:`METRIC_KEYS`) and table header
-(:data:`COMPARISON_HEADER`). :func:`check_output_file` lets a command overwrite only those.
+(:data:`COMPARISON_HEADER`). :func:`check_output_file` lets a command overwrite only those, and
+it, :func:`check_output_folder` and :func:`check_replaceable` refuse, before any work, a place
+hetvae could not write to (a file in the way, a read-only folder, file or file system).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -61,29 +64,67 @@ def is_hetvae_output(path: str | Path) -> bool:
     return False
 
 
-def _check_parents(path: Path, flag: str) -> None:
-    for parent in path.parents:
-        if parent.exists() or parent.is_symlink():
-            if not parent.is_dir():
-                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
-            return
+def _exists(path: Path, flag: str) -> bool:
+    """Whether ``path`` (or a dangling link) is there; ``ValueError`` when that cannot be known."""
+    try:
+        path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot be reached ({e.strerror or e})") from None
+    return True
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this process may create and replace files in ``folder``: ``os.access`` asks the
+    kernel, so a read-only file system, an ACL and root's rights are all accounted for."""
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _check_folder(folder: Path, flag: str, shown: Path) -> None:
+    """:func:`check_output_folder` of ``folder``, the message naming ``shown`` (the path given)."""
+    for existing in (folder, *folder.parents):
+        if not _exists(existing, flag):
+            continue
+        if not existing.is_dir():
+            if existing == shown:
+                raise ValueError(f"{flag} {shown} is a file; expected a folder (existing or to be created)")
+            raise ValueError(f"{flag} {shown}: {existing} is a file, not a folder")
+        if not _writable(existing):
+            raise ValueError(f"{flag} {shown}: {existing} cannot be written into (a read-only folder or file "
+                             "system); choose a folder you can write to")
+        return
+
+
+def check_replaceable(path: str | Path, flag: str = "output") -> Path:
+    """``path`` as a file hetvae can replace (or create) atomically: its folder passes
+    :func:`check_output_folder`, and an existing ``path`` is writable, neither write-protected nor
+    immutable: a file protected so is refused rather than replaced behind its protection.
+    ``ValueError`` naming ``flag`` and ``path`` otherwise."""
+    path = Path(path).expanduser()
+    _check_folder(path.parent, flag, path)
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path}: the file is read-only (write-protected or immutable), so it is not "
+                         "replaced")
+    return path
 
 
 def check_output_folder(path: str | Path, flag: str = "output folder") -> Path:
-    """``path`` as a folder outputs can go into (it may not exist yet); ``ValueError`` naming
-    ``flag`` and the file in the way otherwise."""
+    """``path`` as a folder hetvae can write files into: an existing folder this process may write
+    in, or one it can create (the nearest existing folder above it is one it may write in).
+    ``ValueError`` naming ``flag`` and what is in the way otherwise: a regular file where a folder
+    would be, a read-only folder or file system. Nothing is created."""
     path = Path(path).expanduser()
-    if (path.exists() or path.is_symlink()) and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file; expected a folder (existing or to be created)")
-    _check_parents(path, flag)
+    _check_folder(path, flag, path)
     return path
 
 
 def check_output_file(path: str | Path, flag: str = "output") -> Path:
-    """``path`` as a file hetvae may write: absent, or an earlier output of hetvae
+    """``path`` as a file hetvae may write: in a folder it can write into (as
+    :func:`check_output_folder` says), and absent or an earlier output of hetvae
     (:func:`is_hetvae_output`). ``ValueError`` naming ``flag`` and ``path`` otherwise."""
     path = Path(path).expanduser()
-    _check_parents(path, flag)
+    _check_folder(path.parent, flag, path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; expected a file name")
     if (path.exists() or path.is_symlink()) and not is_hetvae_output(path):

@@ -42,11 +42,23 @@ from hetvae.calibration import (
     pooled,
 )
 from hetvae.checkpoint import is_checkpoint
-from hetvae.convert import inspect_checkpoint, likelihood_file, load_autoencoder, save_autoencoder, store_likelihood
+from hetvae.convert import (
+    DIFFUSERS_CONFIG,
+    DIFFUSERS_HEAD_FILE,
+    DIFFUSERS_WEIGHTS,
+    LDM_FILE,
+    head_sidecar_path,
+    inspect_checkpoint,
+    likelihood_file,
+    load_autoencoder,
+    save_autoencoder,
+    store_likelihood,
+)
 from hetvae.files import hub_cache_entry
 from hetvae.images import ImageList, load_images
 from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
+from hetvae.outputs import check_replaceable
 from hetvae.runs import MODEL_FILE, is_run_folder, read_run, read_step
 
 AUTO_TILE_PIXELS = 2048 * 2048
@@ -337,24 +349,60 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
 
 
 def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Any:
-    """Raise :class:`CalibrationError` where :func:`store_calibration` would refuse to write next to
-    ``path`` without ``out``: a run's training checkpoint, or a single file hetvae did not write.
-    Cheap (no model is read), so a caller checks before spending time on a fit. Returns the
+    """Raise :class:`CalibrationError` where :func:`store_calibration` would refuse to write or could
+    not write: with ``out``, a destination that already holds a model (a new export replaces
+    nothing) or that cannot be written to; without it, a run's training checkpoint, a single file
+    hetvae did not write, or a model that cannot be rewritten (a read-only folder or file). Cheap
+    (no model is read), so a caller checks before spending time on a fit. Returns the
     ``CheckpointInfo`` of the model file to rewrite in place, None for ``out`` or a run folder."""
     path = Path(path).expanduser()
-    if out is not None or is_run_folder(path):
+    if out is not None:  # a new hetvae export: OUT/model.safetensors, or OUT itself for a .safetensors name
+        out = Path(out).expanduser()
+        file = out if out.suffix == ".safetensors" else out / MODEL_FILE
+        try:
+            check_replaceable(file, "--out")
+        except ValueError as e:
+            raise CalibrationError(str(e)) from None
+        if file.is_dir():
+            raise CalibrationError(f"--out {out}: {file} is a folder; expected the model file to create there")
+        names = [MODEL_FILE, DIFFUSERS_CONFIG, *DIFFUSERS_WEIGHTS, DIFFUSERS_HEAD_FILE, LDM_FILE,
+                 head_sidecar_path(file.parent / LDM_FILE, "ldm").name] if file.name == MODEL_FILE else [file.name]
+        present = [name for name in names if (file.parent / name).exists()]
+        if present:
+            raise CalibrationError(
+                f"--out {out} already holds a model ({', '.join(present)}): calibrate writes a new export there "
+                "and replaces nothing; choose a new folder or file name, or move that model away first"
+            )
         return None
-    if is_checkpoint(path):
+    if is_run_folder(path):
+        info, record = None, likelihood_file(path / MODEL_FILE)
+    elif is_checkpoint(path):
         raise CalibrationError(
             f"{path} is a training checkpoint (the state a run resumes from): it is not rewritten. Pass --out DIR "
             "to write the model of that step with its calibration as a new hetvae export"
         )
-    info = inspect_checkpoint(path)
-    if info.format == "ldm" and info.config_source != "file metadata":
+    else:
+        info = inspect_checkpoint(path)
+        if info.format == "ldm" and info.config_source != "file metadata":
+            raise CalibrationError(
+                f"{info.weights_file} is a {info.format} checkpoint hetvae did not write (it may hold more than the "
+                "VAE): it is not rewritten. Pass --out DIR to write the model with its calibration as a new hetvae "
+                "export"
+            )
+        record = likelihood_file(info.path)
+    cache = hub_cache_entry(path) or hub_cache_entry(record)
+    if cache is not None:
         raise CalibrationError(
-            f"{info.weights_file} is a {info.format} checkpoint hetvae did not write (it may hold more than the "
-            "VAE): it is not rewritten. Pass --out DIR to write the model with its calibration as a new hetvae export"
+            f"{path} is in the Hugging Face Hub cache {cache}, whose files are links to blobs that every snapshot "
+            "shares: it is not calibrated in place. Pass --out DIR to write the model with its calibration as a new "
+            "hetvae export"
         )
+    # the file holding the record is replaced atomically where it lies (through a link): its folder
+    # must be writable, and the file not protected
+    try:
+        check_replaceable(Path(os.path.realpath(record)), "--checkpoint")
+    except ValueError as e:
+        raise CalibrationError(f"{e}; pass --out DIR to write the model as a new hetvae export instead") from None
     return info
 
 
