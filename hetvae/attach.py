@@ -50,7 +50,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from hetvae.autoencoder import log_edge_magnitude, log_scale_layers
+from hetvae.autoencoder import AutoencoderKL, log_edge_magnitude, log_scale_layers
 from hetvae.convert import (
     CONFIG_KEY,
     DIFFUSERS_CONFIG,
@@ -315,7 +315,9 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
 
     Args:
         vae: a ``diffusers.AutoencoderKL`` (anything with ``decode(z, return_dict=False)`` and a
-            ``decoder.conv_out`` convolution), typically loaded from the same export.
+            ``decoder.conv_out`` convolution), typically loaded from the same export; not
+            hetvae's own :class:`hetvae.AutoencoderKL`, which decodes its log-scale itself
+            (``model.decode(z).log_scale``) and is refused.
         path: a hetvae export folder (diffusers, ldm or hetvae format), a model file, or a head
             file (``log_scale_head.safetensors`` / ``<stem>.log_scale_head.safetensors``).
         calibrated: apply a post-hoc calibration stored with the export (default); False gives
@@ -332,6 +334,12 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
     head was trained on other features).
     """
     path = Path(path).expanduser()
+    if isinstance(vae, AutoencoderKL):  # its own head would read conv_out's output with the hooked maps appended
+        raise ValueError(
+            f"vae is hetvae's own AutoencoderKL, which decodes its log-scale itself: use model.decode(z).log_scale "
+            f"(hetvae.load_autoencoder({str(path)!r}) loads the export with its head). attach_log_scale_head takes a "
+            f"stock diffusers.AutoencoderKL (diffusers.AutoencoderKL.from_pretrained of a diffusers export)"
+        )
     conv_out = getattr(getattr(vae, "decoder", None), "conv_out", None)
     if not isinstance(conv_out, nn.Conv2d) or not callable(getattr(vae, "decode", None)):
         raise ValueError(
