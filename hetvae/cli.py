@@ -7,11 +7,33 @@ Each sub-command is a pair of functions: ``_add_<name>(subparsers)`` declares it
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 # name -> (help text, add_arguments(parser), run(args) -> exit code); filled in below the command functions.
 _COMMANDS: dict[str, tuple] = {}
+
+
+def _fail(error: Exception | str) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
+@contextmanager
+def _writing(flag: str, path) -> Iterator[None]:
+    """Inside: a write to ``path`` (given as ``flag``) that the system refuses although the checks
+    before the work passed (a full disk, a file protected since) raises ``ValueError`` naming the
+    output, so the command ends with one error line. OSErrors hetvae raises with a message of its
+    own (no errno: a model already there, a missing file) pass through as they are."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None:
+            raise
+        raise ValueError(f"{flag} {path}: could not be written ({e.strerror or e})") from None
 
 
 # --- checkpoints: info, convert -------------------------------------------------------------
@@ -22,11 +44,41 @@ def _add_info(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def _training_checkpoint(path: str) -> str | None:
+    """What ``info`` and ``convert`` (which read model files) say of a run's training checkpoint, a
+    file of one, or the folder of them; None for any other path."""
+    from pathlib import Path
+
+    from hetvae.checkpoint import is_checkpoint, list_checkpoints
+    from hetvae.runs import MODEL_FILE
+
+    given = Path(path).expanduser()
+    if is_checkpoint(given):
+        step, what = given, "a training checkpoint written by `hetvae train`"
+    elif given.is_file() and is_checkpoint(given.parent):  # its weights.safetensors or state.pt
+        step, what = given.parent, f"a file of the training checkpoint {given.parent}"
+    elif list_checkpoints(given):
+        step, what = list_checkpoints(given)[-1][1], "the folder of a run's training checkpoints"
+    else:
+        return None
+    export = step.parent.parent / MODEL_FILE
+    exported = f"; the run's exported model (its last step) is {export}" if export.is_file() else ""
+    return (
+        f"{given} is {what} (the weights and optimiser state a run resumes from), not a model file. eval, "
+        f"uncertainty, compare and calibrate read a step as --checkpoint {step}; to write its model as a model file, "
+        f"run hetvae calibrate --checkpoint {step} --out DIR (add --remove for the model as trained, uncalibrated)"
+        f"{exported}"
+    )
+
+
 def _run_info(args: argparse.Namespace) -> int:
     from hetvae.convert import inspect_checkpoint
     from hetvae.files import CheckpointError
     from hetvae.outputs import json_text
 
+    not_a_model = _training_checkpoint(args.path)
+    if not_a_model is not None:
+        return _fail(not_a_model)
     try:
         info = inspect_checkpoint(args.path)
     except (CheckpointError, FileNotFoundError) as e:
@@ -90,8 +142,11 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from hetvae.convert import load_autoencoder, save_autoencoder
     from hetvae.files import CheckpointError
+    from hetvae.outputs import check_output_folder
 
     names = ("log_scale_init", "log_scale_channels", "scaling_factor", "shift_factor", "norm_num_groups")
     overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -99,9 +154,17 @@ def _run_convert(args: argparse.Namespace) -> int:
     if head_flags and args.log_scale != "pixel":
         print(f"error: {' and '.join(head_flags)} shape a grafted log-scale head: add --log-scale pixel", file=sys.stderr)
         return 1
+    not_a_model = _training_checkpoint(args.src)
+    if not_a_model is not None:
+        return _fail(not_a_model)
+    dst = Path(args.dst).expanduser()
     try:
+        # where the files go (DST, or the folder of a DST.safetensors file), checked before the model is read
+        folder = dst.parent if dst.suffix == ".safetensors" and args.to != "diffusers" else dst
+        check_output_folder(folder, "destination")
         model = load_autoencoder(args.src, log_scale=args.log_scale, **overrides)
-        written = save_autoencoder(model, args.dst, format=args.to, overwrite=args.overwrite)
+        with _writing("destination", dst):
+            written = save_autoencoder(model, dst, format=args.to, overwrite=args.overwrite)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -214,11 +277,6 @@ _CHECKPOINT_HELP = (
     "a run folder written by `hetvae train`, one of its training checkpoints (RUN/checkpoints/step_N), "
     "or any model checkpoint `hetvae info` reads"
 )
-
-
-def _fail(error: Exception) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
 
 
 def _tile_size(text: str) -> int | None:
@@ -337,9 +395,13 @@ def _run_uncertainty_latents(args: argparse.Namespace, inputs: list[str], skippe
                     raise ValueError(f"latents {file}: {error}") from None
                 panel, scale, maps = uncertainty_outputs(out, name)
                 title = f"{name} (decoded, {predictor.granularity} scale, {predictor.family}{calibrated})"
-                save_decoded_panel(panel, decoded.mean, decoded.log_scale, title=title)
-                save_scale_map(scale, decoded.log_scale[0])
-                save_marked_maps(maps, decoded.maps(latent), predictor.family, predictor.granularity, "decoded latent maps")
+                with _writing("--out", panel):
+                    save_decoded_panel(panel, decoded.mean, decoded.log_scale, title=title)
+                with _writing("--out", scale):
+                    save_scale_map(scale, decoded.log_scale[0])
+                with _writing("--out", maps):
+                    save_marked_maps(maps, decoded.maps(latent), predictor.family, predictor.granularity,
+                                     "decoded latent maps")
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
     count = sum(map(len, names))
@@ -348,6 +410,8 @@ def _run_uncertainty_latents(args: argparse.Namespace, inputs: list[str], skippe
 
 
 def _run_uncertainty(args: argparse.Namespace) -> int:
+    from contextlib import closing
+
     from hetvae.images import is_latent_file, load_images, split_hetvae_outputs
     from hetvae.outputs import check_output_file, check_output_folder, save_marked_maps, uncertainty_outputs
     from hetvae.predictor import iter_predictions, load_predictor
@@ -377,15 +441,20 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
         predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, args.checkpoint)
         _note_skipped(ours + images.skipped)
-        stream = iter_predictions(predictor, images, progress=True, desc="uncertainty")
-        for k, (_, p) in enumerate(stream):  # to its end, so the progress bar finishes (n/n) and closes
-            name = images.names[k]
-            panel, scale, maps = uncertainty_outputs(out, name)
-            calibrated = ", calibrated" if predictor.calibration is not None else ""
-            title = f"{name} ({predictor.granularity} scale, {predictor.family}{calibrated})"
-            save_uncertainty_panel(panel, p.target, p.mean, p.log_scale, title=title, standardized=True)
-            save_scale_map(scale, p.log_scale[0])
-            save_marked_maps(maps, p.maps(), predictor.family, predictor.granularity, "uncertainty maps")
+        calibrated = ", calibrated" if predictor.calibration is not None else ""
+        # read to its end, so the progress bar finishes (n/n); closed on an error too, so it is drawn before
+        # the error line, not after it when the stream is collected
+        with closing(iter_predictions(predictor, images, progress=True, desc="uncertainty")) as stream:
+            for k, (_, p) in enumerate(stream):
+                name = images.names[k]
+                panel, scale, maps = uncertainty_outputs(out, name)
+                title = f"{name} ({predictor.granularity} scale, {predictor.family}{calibrated})"
+                with _writing("--out", panel):
+                    save_uncertainty_panel(panel, p.target, p.mean, p.log_scale, title=title, standardized=True)
+                with _writing("--out", scale):
+                    save_scale_map(scale, p.log_scale[0])
+                with _writing("--out", maps):
+                    save_marked_maps(maps, p.maps(), predictor.family, predictor.granularity, "uncertainty maps")
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
     print(f"wrote {len(images)} panel(s), scale maps and raw maps to {out}")
@@ -460,8 +529,13 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(colour)
     if args.per_image:
         print(_per_image_table(result["images"]))
-    if args.json:
-        print(f"wrote {write_json(result, args.json)}")
+    if args.json:  # after the metrics are printed: a write that fails loses none of them
+        try:
+            with _writing("--json", args.json):
+                written = write_json(result, args.json)
+        except ValueError as error:
+            return _fail(error)
+        print(f"wrote {written}")
     return 0
 
 
@@ -522,14 +596,19 @@ def _run_compare(args: argparse.Namespace) -> int:
         comparison = compare(predictors, images, progress=True)
         for file in _COMPARE_FILES:
             check_output_file(out / file, "--out")  # again: the run may be long
+        table = comparison.markdown()
+        print(table)  # before the files: a write that fails loses none of the results
+        md, js, reliability, sparsification = (out / file for file in _COMPARE_FILES)
+        with _writing("--out", md):
+            write_text(table, md)
+        with _writing("--out", js):
+            write_json(comparison.results, js)
+        with _writing("--out", reliability):
+            save_reliability_diagram(reliability, comparison.reliability)
+        with _writing("--out", sparsification):
+            save_sparsification_plot(sparsification, comparison.sparsification)
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
-    table = comparison.markdown()
-    write_text(table, out / "comparison.md")
-    write_json(comparison.results, out / "comparison.json")
-    save_reliability_diagram(out / "reliability.png", comparison.reliability)
-    save_sparsification_plot(out / "sparsification.png", comparison.sparsification)
-    print(table)
     print(f"wrote {', '.join(_COMPARE_FILES)} to {out}")
     return 0
 
@@ -563,18 +642,22 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from hetvae.images import load_images
     from hetvae.predictor import calibrate, check_calibration_destination, load_predictor, store_calibration
 
+    flag, destination = ("--out", args.out) if args.out is not None else ("--checkpoint", args.checkpoint)
     try:
+        # before loading and fitting: a destination that is refused or cannot be written to
+        check_calibration_destination(args.checkpoint, args.out)
         predictor = load_predictor(args.checkpoint, calibrated=False)
         if args.remove:
-            written = store_calibration(predictor, None, args.checkpoint, args.out)
+            with _writing(flag, destination):
+                written = store_calibration(predictor, None, args.checkpoint, args.out)
             print(f"removed the calibration: wrote {written}")
             return 0
-        check_calibration_destination(args.checkpoint, args.out)  # before the fit: where it would go is refused
         _set_tile(predictor, args.tile, args.checkpoint)
         images = load_images(args.images)
         _note_skipped(images)
         calibration = calibrate(predictor, images, method=args.method or DEFAULT_METHOD)
-        written = store_calibration(predictor, calibration, args.checkpoint, args.out)
+        with _writing(flag, destination):
+            written = store_calibration(predictor, calibration, args.checkpoint, args.out)
     except (CalibrationError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
         return _fail(error)
     print(f"calibration on {_images_source(args.images)} ({len(images)} image(s)): {calibration.describe()}")
@@ -590,8 +673,33 @@ _COMMANDS["calibrate"] = ("Fit a post-hoc correction of the predicted scale on h
                           _add_calibrate, _run_calibrate)
 
 
+class _Once(argparse.Action):
+    """Store an option's value, and refuse the option given a second time in one command line
+    (argparse's own ``store`` keeps the last value without a word)."""
+
+    _namespace = None  # a weak reference to the namespace this option was last stored into
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if self._namespace is not None and self._namespace() is namespace:
+            before = getattr(namespace, self.dest)
+            shown = "" if None in (before, values) else f" ({before!r}, then {values!r})"
+            raise argparse.ArgumentError(self, f"given twice{shown}: it takes one value, give it once")
+        self._namespace = weakref.ref(namespace)
+        setattr(namespace, self.dest, values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every option that stores one value stored by :class:`_Once`, in every command
+    (sub-parsers are made of this class too). Options meant to repeat say so (``--images``, ``--set``)."""
+
+    def add_argument(self, *args, **kwargs):
+        if args and str(args[0]).startswith("-") and kwargs.get("action", "store") == "store":
+            kwargs["action"] = _Once
+        return super().add_argument(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hetvae",
         description="Heteroscedastic reconstruction likelihoods for image autoencoders.",
     )
@@ -603,25 +711,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_to_devnull() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush of what could not be
+    written is silent (no 'Exception ignored' note)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no file descriptor (output captured in memory)
+        pass
+
+
+class _OutputFailed(Exception):
+    """Standard output refused a write (a full device); not an OSError, so that no command takes it
+    for one of its own files."""
+
+
+class _StandardOutput:
+    """``sys.stdout`` while a command runs: a write or flush the system refuses raises
+    :class:`_OutputFailed`, so the error can name standard output (an OSError says no file). A closed
+    pipe stays a ``BrokenPipeError`` (a quiet exit)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _OutputFailed(e.strerror or str(e)) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise _OutputFailed(e.strerror or str(e)) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``hetvae`` with ``argv``; return the exit code (docs/runs.md). Whatever goes wrong is one
+    line on stderr, never a traceback: Ctrl-C prints ``interrupted`` (130); a system error (a full
+    disk, a full standard output) says what could not be written (1); a closed pipe is quiet (141)."""
+    stdout = sys.stdout
+    sys.stdout = _StandardOutput(stdout)
+    try:
+        return _main(argv)
+    finally:
+        sys.stdout = stdout
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
-        if not getattr(args, "_run", None):
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, or bad arguments: what was printed must reach its reader too
+            sys.stdout.flush()
+            raise
+        if getattr(args, "_run", None):
+            code = int(args._run(args) or 0)
+        else:
             parser.print_help()
-            return 2
-        code = int(args._run(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+            code = 2
+        sys.stdout.flush()  # a full or closed output shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:
         # The reader went away (`hetvae info X | head`): stop quietly with the status of a process
         # killed by SIGPIPE, as Unix tools do; stdout goes to /dev/null so the exit flush is silent.
-        import os
-
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
+        _stdout_to_devnull()
         return 128 + 13
+    except _OutputFailed as error:
+        _stdout_to_devnull()
+        return _fail(f"could not write to standard output ({error})")
+    except KeyboardInterrupt:  # Ctrl-C: each file is written whole or not at all (hetvae.files), so nothing is torn
+        print("interrupted", file=sys.stderr)
+        return 128 + 2
+    except OSError as error:  # what the commands do not name themselves (a file that cannot be read, say)
+        return _fail(f"{error.filename}: {error.strerror}" if error.filename and error.strerror else error)
 
 
 if __name__ == "__main__":
