@@ -481,12 +481,19 @@ def _per_image_table(rows: list[dict]) -> str:
 
     columns = [("psnr", "PSNR", 2), ("nll_bpd", "bits/dim", 3), ("coverage_90", "cov90", 3),
                ("calibration_error", "calib", 3), ("spearman", "spearman", 3), ("chroma_kept", "chroma", 2)]
+    if rows and "uncalibrated" in rows[0]:  # a calibrated model: the raw figures beside the calibrated ones
+        columns[4:4] = [(("uncalibrated", "nll_bpd"), "raw b/d", 3), (("uncalibrated", "coverage_90"), "raw cov90", 3),
+                        (("uncalibrated", "calibration_error"), "raw calib", 3)]
+
+    def value(row: dict, key):
+        return row[key[0]][key[1]] if isinstance(key, tuple) else row[key]
+
     names = [Path(r["image"]).name for r in rows]
     width = max(len("image"), *map(len, names))
-    lines = [f"{'image':<{width}}  " + "  ".join(f"{title:>8}" for _, title, _ in columns)]
+    lines = [f"{'image':<{width}}  " + "  ".join(f"{title:>9}" for _, title, _ in columns)]
     for name, row in zip(names, rows):
-        cells = ["n/a" if row[key] is None else f"{row[key]:.{digits}f}" for key, _, digits in columns]
-        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>8}" for c in cells))
+        cells = ["n/a" if value(row, key) is None else f"{value(row, key):.{digits}f}" for key, _, digits in columns]
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{c:>9}" for c in cells))
     return "\n".join(lines)
 
 
@@ -624,8 +631,8 @@ _COMMANDS["compare"] = ("Compare several runs or models on the same images.", _a
 
 def _add_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
-    _add_images(parser, "held-out images to fit on, files or folders (default: the project's held-out sample "
-                        "photographs; use photos like the ones the model will see)")
+    _add_images(parser, "unseen images to fit on, files or folders (default: the 16 unseen colour photographs that "
+                        "ship with hetvae; best: photos like the ones the model will see)")
     parser.add_argument("--method", choices=("affine", "isotonic"), default=None,
                         help="affine: per-channel slope and offset of the log-scale (default); isotonic: affine, then a "
                              "monotone recalibration of the predicted CDF (docs/math.md)")
@@ -639,7 +646,7 @@ def _add_calibrate(parser: argparse.ArgumentParser) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from hetvae.calibration import DEFAULT_METHOD, CalibrationError
     from hetvae.files import CheckpointError
-    from hetvae.images import load_images
+    from hetvae.images import calibration_photos, load_images
     from hetvae.predictor import calibrate, check_calibration_destination, load_predictor, store_calibration
 
     flag, destination = ("--out", args.out) if args.out is not None else ("--checkpoint", args.checkpoint)
@@ -653,18 +660,15 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             print(f"removed the calibration: wrote {written}")
             return 0
         _set_tile(predictor, args.tile, args.checkpoint)
-        images = load_images(args.images)
+        images = load_images(args.images if args.images else calibration_photos())
         _note_skipped(images)
         calibration = calibrate(predictor, images, method=args.method or DEFAULT_METHOD)
         with _writing(flag, destination):
             written = store_calibration(predictor, calibration, args.checkpoint, args.out)
     except (CalibrationError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
         return _fail(error)
-    print(f"calibration on {_images_source(args.images)} ({len(images)} image(s)): {calibration.describe()}")
-    if args.images is None:
-        print("note: the built-in held-out photographs are regions of photos whose other parts the demo trained on; "
-              "a correction fitted there does not transfer to harder photographs (docs/results.md, 'Calibration'): "
-              "pass --images with photos like yours", file=sys.stderr)
+    source = _images_source(args.images) if args.images else "the calibration photographs hetvae ships"
+    print(f"calibration on {source} ({len(images)} image(s)): {calibration.describe()}")
     print(f"wrote {written}; eval, uncertainty and loading now use it (--uncalibrated: without)")
     return 0
 

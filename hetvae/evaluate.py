@@ -122,6 +122,14 @@ source). The pooled PSNR and ``chroma_kept`` are the means of these, the pooled 
 weighted by the images' element counts; coverage and the rank metrics pool elements instead."""
 
 
+def _alone(p: Prediction, family: str, granularity: str, calibration: Calibration | None = None) -> dict:
+    """The :data:`PER_IMAGE_KEYS` of one prediction, measured as if it were the only image."""
+    pool = _Pool(family, calibration)
+    pool.add(p)
+    summary = pool.summary(granularity)
+    return {k: summary[k] for k in PER_IMAGE_KEYS}
+
+
 def evaluate(predictor: Predictor, images: Iterable, progress: bool = False, per_image: bool = False) -> dict:
     """Predict every image (``(C, H, W)`` in [-1, 1], ``(name, image)`` pairs or an
     :class:`ImageList`), one at a time, and :func:`summarize` them.
@@ -130,7 +138,8 @@ def evaluate(predictor: Predictor, images: Iterable, progress: bool = False, per
     description) and ``"uncalibrated"``: the same metrics without the correction (one pass).
     ``per_image``: also ``"images"``, one dict per image in order: ``"image"`` (its file, or its
     name or ``#k`` for images given in memory) and the :data:`PER_IMAGE_KEYS`, measured as if it
-    were the only image (so a reader finds which photograph is washed out or badly covered)."""
+    were the only image (so a reader finds which photograph is washed out or badly covered); with a
+    calibrated predictor also ``"uncalibrated"``, the same keys without the correction."""
     cal = predictor.calibration
     pool = _Pool(predictor.family, cal)
     raw = _Pool(predictor.family) if cal is not None else None
@@ -140,11 +149,10 @@ def evaluate(predictor: Predictor, images: Iterable, progress: bool = False, per
         if raw is not None:
             raw.add(_uncalibrated(p))
         if rows is not None:
-            alone = _Pool(predictor.family, cal)
-            alone.add(p)
-            summary = alone.summary(predictor.granularity)
             name = source if source is not None else f"#{len(rows)}"
-            rows.append({"image": name, **{k: summary[k] for k in PER_IMAGE_KEYS}})
+            rows.append({"image": name, **_alone(p, predictor.family, predictor.granularity, cal)})
+            if cal is not None:
+                rows[-1]["uncalibrated"] = _alone(_uncalibrated(p), predictor.family, predictor.granularity)
     result = pool.summary(predictor.granularity)
     if rows is not None:
         result["images"] = rows

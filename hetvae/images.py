@@ -286,6 +286,23 @@ def sample_images(split: Literal["all", "train", "test"] = "all") -> list[tuple[
     return out
 
 
+CALIBRATION_PHOTOS = Path(__file__).parent / "calibration_photos"
+"""The photographs ``hetvae calibrate`` fits on without ``--images``: unseen everyday colour
+photographs shipped with the package (their sources and licences: ``CREDITS.md`` there; how the
+set was chosen: docs/results.md, "Calibration")."""
+
+
+def calibration_photos() -> list[Path]:
+    """The files of :data:`CALIBRATION_PHOTOS`, sorted."""
+    files = sorted(p for p in CALIBRATION_PHOTOS.glob("*.jpg"))
+    if not files:
+        raise FileNotFoundError(
+            f"the shipped calibration photographs are missing from {CALIBRATION_PHOTOS} (a broken install?): "
+            "reinstall hetvae or pass --images"
+        )
+    return files
+
+
 def to_tensor(image) -> Tensor:
     """``(H, W, 3)`` uint8 -> ``(3, H, W)`` float32 in [-1, 1]."""
     return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0  # copy: PIL arrays are read-only

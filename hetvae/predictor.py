@@ -55,7 +55,7 @@ from hetvae.convert import (
     store_likelihood,
 )
 from hetvae.files import hub_cache_entry
-from hetvae.images import ImageList, load_images
+from hetvae.images import ImageList, calibration_photos, load_images
 from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
 from hetvae.outputs import check_replaceable
@@ -309,7 +309,7 @@ def predict_all(predictor: Predictor, images: Iterable, progress: bool = False) 
     return [p for _, p in iter_predictions(predictor, images, progress)]
 
 
-def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -> Calibration:
+def calibrate(model: Any, images=None, method: str = DEFAULT_METHOD, **kwargs: Any) -> Calibration:
     """Fit a :class:`Calibration` of ``model``'s scale on ``images``.
 
     Args:
@@ -317,7 +317,8 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
             :func:`hetvae.predictor.load_predictor` returns), an :class:`hetvae.AutoencoderKL` with a
             log-scale head, or a path either of those loads from. Any calibration it already
             carries is ignored: the fit is on the uncalibrated scale (calibrating twice replaces).
-        images: ``(C, H, W)`` tensors in [-1, 1], file paths or a folder.
+        images: ``(C, H, W)`` tensors in [-1, 1], file paths or a folder; None: the unseen
+            photographs that ship with hetvae (:func:`hetvae.images.calibration_photos`).
         method: ``"affine"`` or ``"isotonic"``.
         kwargs: passed to :func:`fit_calibration`.
     """
@@ -334,7 +335,9 @@ def calibrate(model: Any, images, method: str = DEFAULT_METHOD, **kwargs: Any) -
         predictor = Predictor(model=model.eval(), nll=model_nll(model).eval(), source="model")
     else:
         raise CalibrationError(f"model must be a Predictor, an AutoencoderKL or a path, got {type(model).__name__}")
-    if isinstance(images, (str, os.PathLike)):
+    if images is None:
+        images = load_images(calibration_photos())
+    elif isinstance(images, (str, os.PathLike)):
         images = load_images(images)
     previous = predictor.calibration
     predictor.calibration = None  # fit on the uncalibrated scale: calibrating again replaces

@@ -260,3 +260,35 @@ def test_eval_per_image_rows_pool_to_the_totals(runs, image_dir, tmp_path, capsy
     # without the flag: no rows, and the summary keys as before
     assert main(args[:-1]) == 0
     assert "images" not in json.loads(out.read_text())
+
+
+def test_eval_per_image_of_a_calibrated_model_shows_raw_beside(runs, image_dir, tmp_path, capsys):
+    """A calibrated model's rows carry the raw figures too: each row's ``uncalibrated`` entry is the
+    image scored alone by the same model with --uncalibrated, and the table prints both."""
+    import shutil
+
+    from hetvae.evaluate import PER_IMAGE_KEYS
+
+    import skimage.data
+    from PIL import Image
+
+    run, fit = tmp_path / "run", tmp_path / "fit"
+    shutil.copytree(runs["pixel"], run)
+    fit.mkdir()
+    for name in ("astronaut", "coffee"):  # 2 x 100 x 100: enough values for a fit
+        Image.fromarray(getattr(skimage.data, name)()[:100, :100].copy()).save(fit / f"{name}.png")
+    assert main(["calibrate", "--checkpoint", str(run), "--images", str(fit)]) == 0
+    capsys.readouterr()
+    calibrated, raw = tmp_path / "cal.json", tmp_path / "raw.json"
+    assert main(["eval", "--checkpoint", str(run), "--images", str(image_dir), "--json", str(calibrated),
+                 "--per-image"]) == 0
+    printed = capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(run), "--images", str(image_dir), "--json", str(raw),
+                 "--per-image", "--uncalibrated"]) == 0
+    rows, raw_rows = json.loads(calibrated.read_text())["images"], json.loads(raw.read_text())["images"]
+    for row, alone in zip(rows, raw_rows, strict=True):
+        assert set(row["uncalibrated"]) == set(PER_IMAGE_KEYS) and "uncalibrated" not in alone
+        assert row["uncalibrated"] == pytest.approx({k: alone[k] for k in PER_IMAGE_KEYS})
+        assert row["nll_bpd"] != pytest.approx(alone["nll_bpd"])  # the calibration changed it
+    assert "raw b/d" in printed and f"{rows[0]['uncalibrated']['nll_bpd']:.3f}" in printed
+    assert f"{rows[0]['nll_bpd']:.3f}" in printed
