@@ -7,9 +7,12 @@ fits a correction on held-out images by minimising the discretized 8-bit NLL the
 
 Two methods, the second on top of the first:
 
-* ``"affine"``: per channel ``s' = a * s + c`` on the log-scale (``a > 0``). For a constant scale
-  (global / channel granularity) only the offset ``c`` is identifiable and ``a`` stays 1. The
-  corrected distribution is the model's family with scale ``exp(s')``.
+* ``"affine"``: per channel ``s' = a * s + c`` on the log-scale (``a > 0``). For a scale that is
+  constant over each image (global / channel granularity, learned or the per-image best constant
+  of ``fit: optimal`` and foreign VAEs) only the offset ``c`` is fitted and ``a`` stays 1: a slope
+  there multiplies one number per image, a regression on as many points as fitting images, which
+  does not transfer to new images (docs/math.md, "Post-hoc calibration"). The corrected
+  distribution is the model's family with scale ``exp(s')``.
 * ``"isotonic"``: the affine fit, then a monotone recalibration ``R`` of the *central level*
   ``u = P(|X - mu| <= |x - mu|)`` of each pixel under the affine-corrected distribution, per channel:
   ``R`` is the empirical distribution function of ``u`` on the fitting pixels, linear between
@@ -40,7 +43,6 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hetvae.files import write_atomically
-
 from hetvae.functional import (
     bits_per_dim,
     broadcast_log_scale,
@@ -54,6 +56,9 @@ METHODS = ("affine", "isotonic")
 DEFAULT_METHOD = "affine"
 MIN_PIXELS = 10_000
 MAX_FIT_PIXELS = 1_000_000  # per channel; a random subset beyond that (seeded) keeps the fit fast
+PER_IMAGE_RUN = 256
+"""A channel's log-scale whose values come in runs of equal neighbours at least this long on
+average (in each image's pixel order) is constant over each image: its slope is not fitted."""
 _BIN = 2.0 / 255.0
 _META_KEY = "hetvae_calibration"
 
@@ -283,7 +288,7 @@ class Calibration:
         return write_atomically(path, lambda tmp: save_file({}, str(tmp), metadata=meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Calibration":
+    def load(cls, path: str | os.PathLike) -> Calibration:
         path = Path(path)
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -313,7 +318,7 @@ class Calibration:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "") -> "Calibration":
+    def from_dict(cls, data: dict[str, Any], source: str = "") -> Calibration:
         where = f" in {source}" if source else ""
         if not isinstance(data, dict):
             raise CalibrationError(f"calibration{where} must be a mapping, got {type(data).__name__}")
@@ -359,8 +364,19 @@ def _subsample(n: int, limit: int, seed: int) -> Tensor | None:
     return torch.randperm(n, generator=g)[:limit]
 
 
+def constant_per_image(s: Tensor) -> Tensor:
+    """``(C,)``: whether each channel of ``s`` ``(C, N)`` (images one after another, each in pixel
+    order, as :func:`pooled` and ``(B, C, H, W)`` give them) is constant over each image: its
+    values change at most once per :data:`PER_IMAGE_RUN` values on average. A per-image constant
+    changes only between images; a map that varies within images changes at almost every pixel."""
+    n = s.shape[1]
+    changes = (s[:, 1:] != s[:, :-1]).sum(dim=1) if n > 1 else torch.zeros(s.shape[0], dtype=torch.long)
+    return (changes + 1) * PER_IMAGE_RUN <= n
+
+
 def _fit_affine(x: Tensor, mu: Tensor, s: Tensor, family: str, constant: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(a, c)`` minimising the discretized NLL; ``x, mu, s``: ``(C, N)`` float64."""
+    """Per-channel ``(a, c)`` minimising the discretized NLL; ``x, mu, s``: ``(C, N)`` float64;
+    ``constant``: ``(C,)``, channels whose slope stays 1 (only the offset is fitted)."""
     channels = x.shape[0]
     keep_a = (~constant).double().view(channels, 1)
     # standardise s per channel: slope and offset are then not coupled, and the fit is equally well
@@ -406,6 +422,7 @@ def fit_calibration(
     min_pixels: int = MIN_PIXELS,
     max_pixels: int = MAX_FIT_PIXELS,
     seed: int = 0,
+    slope: bool | None = None,
 ) -> Calibration:
     """Fit a :class:`Calibration` on pooled predictions.
 
@@ -416,6 +433,9 @@ def fit_calibration(
         family: ``"laplace"`` or ``"gaussian"``.
         method: ``"affine"`` or ``"isotonic"`` (module docstring).
         knots: quantile knots of the isotonic map (at least 2).
+        slope: fit the affine slope: None (default) in the channels where the log-scale varies
+            within images (:func:`constant_per_image`; a scale constant over each image gets the
+            offset only), True in every channel whose log-scale is not one constant, False in none.
 
     Raises:
         CalibrationError: too few values, a target that is not an image in [-1, 1] (an integer
@@ -430,6 +450,8 @@ def fit_calibration(
         )
     if knots < 2:
         raise CalibrationError(f"knots must be >= 2, got {knots}")
+    if slope is not None and not isinstance(slope, bool):
+        raise CalibrationError(f"slope must be None, True or False, got {slope!r}")
     check_image_values(target, "target", CalibrationError)
     s_full = _per_channel(torch.as_tensor(log_scale).double(), target)
     n = target.numel() // target.shape[1]
@@ -444,12 +466,13 @@ def fit_calibration(
     x = _channels_last_flat(quantize_8bit(target.double()))
     mu = _channels_last_flat(mean.double())
     s = _channels_last_flat(s_full)
+    fixed = constant_per_image(s) if slope is None else torch.full((s.shape[0],), not slope)
     pick = _subsample(n, max_pixels, seed)
     if pick is not None:
         x, mu, s = x[:, pick], mu[:, pick], s[:, pick]
-    constant = (s.std(dim=1) == 0) if s.shape[1] > 1 else torch.ones(s.shape[0], dtype=torch.bool)
-    slope, offset = _fit_affine(x, mu, s, family, constant)
-    cal = Calibration("affine", family, slope, offset, n_pixels=x.shape[1])
+    one_value = (s.std(dim=1) == 0) if s.shape[1] > 1 else torch.ones(s.shape[0], dtype=torch.bool)
+    a, offset = _fit_affine(x, mu, s, family, fixed | one_value)  # one value: no slope to fit
+    cal = Calibration("affine", family, a, offset, n_pixels=x.shape[1])
     xs, mus, ss = x.unsqueeze(0), mu.unsqueeze(0), s.unsqueeze(0)  # (1, C, N) -> treat as (B=1, C, N, 1)
     xs, mus, ss = xs.unsqueeze(-1), mus.unsqueeze(-1), ss.unsqueeze(-1)
     before = bits_per_dim(discretized_nll(xs, mus, ss, family)).item()
@@ -465,7 +488,7 @@ def fit_calibration(
             k[:, j] = torch.maximum(k[:, j], k[:, j - 1] + eps)
         k = k / k[:, -1:]  # back to exactly 1 at the end, order kept
         k[:, -1] = 1.0
-        cal = Calibration("isotonic", family, slope, offset, knots=k, n_pixels=x.shape[1])
+        cal = Calibration("isotonic", family, a, offset, knots=k, n_pixels=x.shape[1])
     after = cal.bits_per_dim(xs, mus, ss)
     cal.bpd_before, cal.bpd_after = before, after
     if not math.isfinite(after) or after > before + 1e-9:
