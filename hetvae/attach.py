@@ -68,7 +68,7 @@ from hetvae.convert import (
     trunk_indices,
 )
 from hetvae.files import CheckpointError
-from hetvae.likelihood import Likelihood
+from hetvae.likelihood import Likelihood, grafted_record
 
 __all__ = ["LogScaleDecoder", "ScaledDecoderOutput", "attach_log_scale_head"]
 
@@ -353,6 +353,8 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
         record = config.get(DIFFUSERS_LIKELIHOOD_KEY) if hasattr(config, "get") else None
         likelihood = _likelihood(record, f"the vae's config ({DIFFUSERS_LIKELIHOOD_KEY})")
     likelihood = likelihood or Likelihood(granularity="pixel")
+    if likelihood.granularity != "pixel":  # a global/channel record (and its calibration) is not the head's
+        likelihood = grafted_record(likelihood, likelihood.init)
     if export_conv_out is not None:
         mine = conv_out.weight.detach().float().cpu()
         if mine.shape != export_conv_out.shape or not torch.allclose(mine, export_conv_out.float(), rtol=1e-2, atol=1e-3):

@@ -16,7 +16,7 @@ from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 from hetvae.config import Config, ModelConfig, require_crop_sides
 from hetvae.convert import expected_head_file, inspect_checkpoint, load_autoencoder
 from hetvae.discriminator import NLayerDiscriminator
-from hetvae.likelihood import head_config_fields, nll_from_config, nll_from_likelihood
+from hetvae.likelihood import grafted_record, head_config_fields, nll_from_config, nll_from_likelihood
 from hetvae.loss import HeteroscedasticNLL
 from hetvae.objective import AutoencoderObjective
 from hetvae.perceptual import LPIPS
@@ -171,6 +171,9 @@ def model_nll(model: AutoencoderKL, path: str | Path | None = None) -> Heterosce
     closed-form best constant scale of each image. ``path``: where the model was read, for messages."""
     likelihood = model.config.likelihood
     where = f"{path}: " if path is not None else ""
+    if likelihood is not None and likelihood.granularity != "pixel" and model.has_log_scale_head:
+        # a head grafted by an older convert beside a global/channel record: the head is the scale
+        likelihood = grafted_record(likelihood, model.config.log_scale_init)
     if likelihood is not None:  # recorded with the model: score it as it was trained
         if likelihood.granularity == "pixel" and not model.has_log_scale_head:
             missing = f"; an exported head lives beside the weights as {expected_head_file(path)}, which is missing" if path else ""

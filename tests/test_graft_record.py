@@ -132,3 +132,36 @@ def test_attach_reads_the_grafted_record(tmp_path):
     with torch.no_grad():
         s = dec.decode(z).log_scale
     torch.testing.assert_close(s, torch.zeros_like(s))
+
+
+def test_a_file_with_a_head_beside_a_global_record_is_scored_with_the_head(tmp_path):
+    """What an older convert --log-scale pixel wrote: a head, and the global record with its
+    calibration. model_nll scores the head's map (per-pixel, family and bounds kept), the dropped
+    calibration announced; before, the head was ignored and the global scale scored."""
+    model = model_with(None)
+    model.add_log_scale_head()
+    model.config.likelihood = global_record()  # as the older file recorded it
+    with pytest.warns(CalibrationDropped):
+        nll = model_nll(model)
+    assert nll.granularity == "pixel" and nll.family == "gaussian"
+
+
+def test_attach_a_head_file_beside_a_calibrated_global_config(tmp_path):
+    """attach_log_scale_head with a head file alone falls back to the stock VAE's config: a
+    calibrated global record there is not applied to the head's map."""
+    diffusers = pytest.importorskip("diffusers")
+    from hetvae.attach import attach_log_scale_head
+    from hetvae.convert import DIFFUSERS_LIKELIHOOD_KEY
+
+    src = model_with(None)
+    src.add_log_scale_head()
+    src.save_pretrained(tmp_path / "export", format="diffusers")
+    head_file = next((tmp_path / "export").glob("*log_scale*"))
+    vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "export")
+    vae.register_to_config(**{DIFFUSERS_LIKELIHOOD_KEY: global_record().__dict__ | {"bounds": [-6.0, 2.0]}})
+    lone = tmp_path / "lone" / head_file.name
+    lone.parent.mkdir()
+    lone.write_bytes(head_file.read_bytes())
+    with pytest.warns(CalibrationDropped):
+        decoder = attach_log_scale_head(vae, lone)
+    assert decoder.likelihood.granularity == "pixel" and decoder.likelihood.calibration is None
