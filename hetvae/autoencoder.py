@@ -33,6 +33,29 @@ LOG_SCALE_KINDS = (None, "pixel")
 # diffusers config.json keys that AutoencoderConfig derives rather than stores
 DIFFUSERS_CONFIG_ALIASES = ("down_block_types", "up_block_types", "act_fn", "mid_block_add_attention")
 
+_HUB = ("hetvae reads local folders and files only (no Hugging Face Hub download): fetch the model with "
+        "huggingface_hub.snapshot_download(repo_id) and pass the folder it returns")
+_CPU = "hetvae loads the whole model on the CPU: move it with model.to(device) once loaded"
+# The rest of diffusers.AutoencoderKL.from_pretrained's arguments, as AutoencoderKL.from_pretrained
+# takes them: name -> (the values it accepts, which ask for nothing hetvae does not do anyway;
+# why any other value is refused)
+_DIFFUSERS_LOADING_ARGUMENTS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "cache_dir": ((None,), _HUB),
+    "force_download": ((None, False), _HUB),
+    "proxies": ((None,), _HUB),
+    "token": ((None,), _HUB),
+    "revision": ((None,), _HUB),
+    "local_files_only": ((True, False), _HUB),
+    "low_cpu_mem_usage": ((True, False), _CPU),
+    "device_map": ((None,), _CPU),
+    "max_memory": ((None,), _CPU),
+    "offload_folder": ((None,), _CPU),
+    "offload_state_dict": ((None, False), _CPU),
+    "ignore_mismatched_sizes": ((False,), "the weights must fit the architecture (a mismatch is a CheckpointError naming the keys)"),
+    "output_loading_info": ((False,), "loading is strict (a missing or unexpected key is an error): there is no loading info to return"),
+    "quantization_config": ((None,), "quantised loading is not supported; torch_dtype casts the model"),
+}
+
 
 @dataclass
 class AutoencoderConfig:
@@ -858,17 +881,46 @@ class AutoencoderKL(nn.Module):
         log_scale: str | None = None,
         *,
         subfolder: str | None = None,
+        variant: str | None = None,
+        use_safetensors: bool | None = None,
         torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
         **overrides: Any,
     ) -> "AutoencoderKL":
         """``hetvae.convert.load_autoencoder(path / subfolder, log_scale, **overrides)``: a hetvae,
         diffusers or ldm folder or file, local only. diffusers' arguments: ``subfolder`` (e.g.
-        ``"vae"`` in a pipeline folder), ``torch_dtype`` (the model is cast to it; float32 otherwise)."""
+        ``"vae"`` in a pipeline folder), ``variant`` (``"fp16"`` reads
+        ``diffusion_pytorch_model.fp16.safetensors``), ``use_safetensors`` (True: only
+        ``.safetensors`` weights, False: only ``.bin``), ``torch_dtype`` or its newer name ``dtype``
+        (the model is cast to it; float32 otherwise), and ``local_files_only`` / ``low_cpu_mem_usage``
+        (either value: hetvae reads local files, in full). Those hetvae cannot honour (Hub downloads,
+        device maps, quantisation: :data:`_DIFFUSERS_LOADING_ARGUMENTS`) raise ``ValueError`` naming
+        what to do instead, unless given the value that asks for nothing."""
         from hetvae.convert import load_autoencoder
 
+        refused = [
+            f"{name}={overrides[name]!r} is not supported: {why}"
+            for name, (neutral, why) in _DIFFUSERS_LOADING_ARGUMENTS.items()
+            if name in overrides and not any(overrides[name] is v for v in neutral)
+        ]
+        if refused:
+            raise ValueError("AutoencoderKL.from_pretrained: " + "; ".join(refused))
+        overrides = {k: v for k, v in overrides.items() if k not in _DIFFUSERS_LOADING_ARGUMENTS}
+        fields = {f.name for f in dataclasses.fields(AutoencoderConfig)} - {"log_scale"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"unknown override(s) {unknown}: from_pretrained takes diffusers' subfolder, variant, "
+                f"use_safetensors, torch_dtype (dtype), local_files_only and low_cpu_mem_usage, and "
+                f"AutoencoderConfig fields: {sorted(fields)}"
+            )
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"torch_dtype and dtype are one argument (diffusers' old and new name), got {torch_dtype!r} "
+                             f"and {dtype!r}: pass one")
+        name, cast = ("torch_dtype", torch_dtype) if dtype is None else ("dtype", dtype)
+        if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
+            raise ValueError(f"{name} must be a floating-point torch.dtype, got {cast!r}")
         if subfolder is not None:
             path = Path(path) / subfolder
-        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
-            raise ValueError(f"torch_dtype must be a floating-point torch.dtype, got {torch_dtype!r}")
-        model = load_autoencoder(path, log_scale=log_scale, **overrides)
-        return model if torch_dtype is None else model.to(torch_dtype)
+        model = load_autoencoder(path, log_scale=log_scale, variant=variant, use_safetensors=use_safetensors, **overrides)
+        return model if cast is None else model.to(cast)

@@ -5,7 +5,8 @@ Formats read by ``load_autoencoder``:
 * ``"hetvae"``: ``model.safetensors`` (a directory holding it, or the file itself) in the internal
   key layout, its ``AutoencoderConfig`` as JSON in the safetensors metadata (``hetvae_config``).
 * ``"diffusers"``: a folder with ``config.json`` and ``diffusion_pytorch_model[.fp16].safetensors``
-  or ``.bin`` (also a pipeline folder, whose ``vae/`` sub-folder is used).
+  or ``.bin`` (also a pipeline folder, whose ``vae/`` sub-folder is used); diffusers' ``variant``
+  and ``use_safetensors`` choose among them.
 * ``"ldm"``: one file in the original Stable Diffusion layout (``encoder.down.0.block.0...``),
   ``.safetensors`` / ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` (or a folder holding the
   ``vae.safetensors`` an ldm export writes), possibly nested under
@@ -534,22 +535,82 @@ def head_sidecar_path(weights_file: Path, fmt: str) -> Path:
     return weights_file.with_name(weights_file.stem + ".log_scale_head.safetensors")
 
 
-def _locate(path: Path) -> tuple[Path, Path | None]:
-    """``(weights file, diffusers config.json or None)``."""
+_DIFFUSERS_STEM = "diffusion_pytorch_model"
+_VARIANT = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_weights_choice(variant: Any, use_safetensors: Any) -> None:
+    """Refuse a ``variant`` that is not a plain name (``fp16``, ``ema``) and a ``use_safetensors``
+    that is not None, True or False (diffusers' arguments of the same names)."""
+    if variant is not None and not (isinstance(variant, str) and _VARIANT.fullmatch(variant)):
+        raise ValueError(f"variant must be None or a name of letters, digits, '_' and '-' (e.g. 'fp16'), got {variant!r}")
+    if use_safetensors is not None and not isinstance(use_safetensors, bool):
+        raise ValueError(f"use_safetensors must be None, True or False, got {use_safetensors!r}")
+
+
+def _either(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def diffusers_weight_names(variant: str | None = None, use_safetensors: bool | None = None) -> list[str]:
+    """The names a diffusers folder's weights file may have, in the order they are looked for.
+    ``variant=None``: the plain file first, then the fp16 one (a variant-only folder loads too);
+    ``variant="v"``: ``diffusion_pytorch_model.v.safetensors`` / ``.v.bin``, as diffusers reads
+    them. ``use_safetensors`` True keeps only ``.safetensors``, False only ``.bin``."""
+    if variant is None:
+        names = list(DIFFUSERS_WEIGHTS)
+    else:
+        names = [f"{_DIFFUSERS_STEM}.{variant}.safetensors", f"{_DIFFUSERS_STEM}.{variant}.bin"]
+    if use_safetensors is not None:
+        names = [n for n in names if n.endswith(".safetensors") == use_safetensors]
+    return names
+
+
+def _no_weights(folder: Path, variant: str | None, use_safetensors: bool | None) -> CheckpointError:
+    names = diffusers_weight_names(variant, use_safetensors)
+    present = sorted(p.name for p in folder.iterdir())
+    asked = ", ".join(f"{k}={v!r}" for k, v in (("variant", variant), ("use_safetensors", use_safetensors)) if v is not None)
+    pattern = re.compile(re.escape(_DIFFUSERS_STEM) + r"\.([A-Za-z0-9_-]+)\.(safetensors|bin)")
+    variants = sorted({m.group(1) for m in map(pattern.fullmatch, present) if m} - {variant})
+    hint = f"; the variant(s) there: {', '.join(f'variant={v!r}' for v in variants)}" if variants else ""
+    return _error(
+        folder, "diffusers",
+        f"{DIFFUSERS_CONFIG} but no weights: no {_either(names)}{f' ({asked})' if asked else ''}; "
+        f"files present: {_keys_text(present)}{hint}",
+    )
+
+
+def _check_single(path: Path, file: Path, what: str, variant: str | None, use_safetensors: bool | None) -> None:
+    """A weights file that is not a diffusers folder's: ``variant`` does not apply, and
+    ``use_safetensors`` must agree with the file's kind."""
+    if variant is not None:
+        raise ValueError(
+            f"variant applies to a diffusers folder's weights; {path} is {what} ({file.name}): leave variant out"
+        )
+    if use_safetensors is None:
+        return
+    safe = file.suffix.lower() == ".safetensors"
+    if safe != use_safetensors:
+        kind, asked = ("a safetensors", "pickled (.bin)") if safe else ("a pickle", "safetensors")
+        raise ValueError(f"use_safetensors={use_safetensors} asks for {asked} weights, but {file} is {kind} file")
+
+
+def _locate(path: Path, variant: str | None = None, use_safetensors: bool | None = None) -> tuple[Path, Path | None]:
+    """``(weights file, diffusers config.json or None)``; ``variant`` and ``use_safetensors`` choose
+    a diffusers folder's weights (:func:`diffusers_weight_names`)."""
+    check_weights_choice(variant, use_safetensors)
     if path.is_dir():
         if (path / HETVAE_FILE).is_file():
+            _check_single(path, path / HETVAE_FILE, "a hetvae model", variant, use_safetensors)
             return path / HETVAE_FILE, None
         for folder in (path, path / "vae"):
             if (folder / DIFFUSERS_CONFIG).is_file():
-                for name in DIFFUSERS_WEIGHTS:
+                for name in diffusers_weight_names(variant, use_safetensors):
                     if (folder / name).is_file():
                         return folder / name, folder / DIFFUSERS_CONFIG
-                raise _error(
-                    folder, "diffusers",
-                    f"{DIFFUSERS_CONFIG} but no weights: expected one of {list(DIFFUSERS_WEIGHTS)}; "
-                    f"files present: {_keys_text(sorted(p.name for p in folder.iterdir()))}",
-                )
+                raise _no_weights(folder, variant, use_safetensors)
         if (path / LDM_FILE).is_file():  # what `save_pretrained(DIR, format="ldm")` writes
+            _check_single(path, path / LDM_FILE, "an ldm model", variant, use_safetensors)
             return path / LDM_FILE, None
         raise _error(
             path, "unknown",
@@ -558,6 +619,7 @@ def _locate(path: Path) -> tuple[Path, Path | None]:
         )
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
+    _check_single(path, path, "a single model file", variant, use_safetensors)
     return path, None
 
 
@@ -645,9 +707,13 @@ def _read_head(
     return tensors, config
 
 
-def read_model_file(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor]]:
+def read_model_file(
+    path: str | Path, *, variant: str | None = None, use_safetensors: bool | None = None
+) -> tuple[CheckpointInfo, dict[str, Tensor]]:
+    """The model at ``path`` (its :class:`CheckpointInfo`) and its tensors, in the internal layout;
+    ``variant`` / ``use_safetensors`` choose a diffusers folder's weights file (:func:`_locate`)."""
     path = Path(path)
-    file, config_file = _locate(path)
+    file, config_file = _locate(path, variant, use_safetensors)
     if config_file is not None:
         sd, config, scaling = _read_diffusers_folder(file, config_file)
         fmt, source = "diffusers", "config.json"
@@ -678,9 +744,12 @@ def read_model_file(path: str | Path) -> tuple[CheckpointInfo, dict[str, Tensor]
     return info, sd
 
 
-def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
-    """Detect the format of ``path`` and read (or infer) its config, without building a model."""
-    return read_model_file(path)[0]
+def inspect_checkpoint(
+    path: str | Path, *, variant: str | None = None, use_safetensors: bool | None = None
+) -> CheckpointInfo:
+    """Detect the format of ``path`` and read (or infer) its config, without building a model
+    (``variant`` / ``use_safetensors`` as in :func:`load_autoencoder`)."""
+    return read_model_file(path, variant=variant, use_safetensors=use_safetensors)[0]
 
 
 # --- loading -------------------------------------------------------------------------------
@@ -711,7 +780,14 @@ def _check_fit(config: AutoencoderConfig, sd: dict[str, Tensor], info: Checkpoin
         raise _error(info.weights_file, info.format, f"shape mismatch ({where}); keys: {_keys_text(wrong)}")
 
 
-def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides: Any) -> AutoencoderKL:
+def load_autoencoder(
+    path: str | Path,
+    log_scale: str | None = None,
+    *,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+    **overrides: Any,
+) -> AutoencoderKL:
     """Load an ``AutoencoderKL`` from any supported format (see the module docstring).
 
     ``log_scale``: None keeps what the checkpoint has (a head stored inside or beside it is loaded);
@@ -722,6 +798,11 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
     ``overrides``: ``AutoencoderConfig`` fields replacing the stored or inferred ones, e.g.
     ``scaling_factor``, ``shift_factor``, ``norm_num_groups``; ``log_scale_channels`` and
     ``log_scale_init`` shape a grafted head, ``log_scale_detach`` applies to any head.
+    ``variant`` and ``use_safetensors`` choose a diffusers folder's weights file as diffusers does
+    (:func:`diffusers_weight_names`): ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16
+    .safetensors`` (or ``.fp16.bin``), ``use_safetensors`` True / False only ``.safetensors`` /
+    ``.bin`` weights; without them the plain file is read, else the fp16 one. ``variant`` is refused
+    for any other format, and ``use_safetensors`` when the file is not of that kind.
     The model comes back in float32, eval mode, on the CPU.
     """
     if log_scale not in (None, "pixel"):
@@ -730,7 +811,7 @@ def load_autoencoder(path: str | Path, log_scale: str | None = None, **overrides
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; valid: {sorted(valid)}")
-    info, sd = read_model_file(path)
+    info, sd = read_model_file(path, variant=variant, use_safetensors=use_safetensors)
     head_overrides = {k: overrides.pop(k) for k in _HEAD_FIELDS if k in overrides}
     config = dataclasses.replace(info.config, **overrides)
     has_head = config.log_scale == "pixel"

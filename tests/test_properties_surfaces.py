@@ -353,9 +353,6 @@ def test_the_weights_read_back_are_the_ones_last_written(saves):
                 assert torch.equal(back[key], last[key]), key
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="AutoencoderKL.from_pretrained takes no diffusers `variant=` (it is read as an unknown "
-                          "AutoencoderConfig override); reported, owned by autoencoder/convert")
 def test_from_pretrained_takes_the_variant_it_was_saved_with(tmp_path):
     model = tiny_model(0, False, True)
     model.save_pretrained(tmp_path, format="diffusers", variant="fp16")
