@@ -141,11 +141,11 @@ class Predictor:
         """Reconstruct one image ``(C, H, W)`` or ``(1, C, H, W)`` in [-1, 1] (any size: the model
         pads to its down-sampling factor and crops back) from the posterior mode.
 
-        ``ValueError`` for what is not such an image (an integer dtype, values outside [-1, 1]:
+        ``ValueError`` for what is not such an image (:func:`_one_image`: a batch of several, no
+        pixels, a complex dtype; an integer dtype or values outside [-1, 1], for which
         :func:`hetvae.calibration.check_image_values` names the conversion) and for a
         reconstruction or scale that is not finite (it cannot be scored)."""
-        check_image_values(image)
-        x = image if image.ndim == 4 else image.unsqueeze(0)
+        x = _one_image(image, self.model.config.in_channels)
         x = x.to(next(self.model.parameters()).device, torch.float32)
         rec, _ = self._run(lambda: self.model(x, sample_posterior=False), *x.shape[-2:], "reconstructing")
         mean, s, uncalibrated = self._scales(x, rec)
@@ -222,6 +222,31 @@ class Predictor:
             return None
         f = self.model.config.downsample_factor
         return max(AUTO_TILE_SIZE // f * f, f)
+
+
+def _one_image(image: Any, channels: int) -> Tensor:
+    """``image`` as ``(1, C, H, W)``, or ``ValueError`` for what :meth:`Predictor.predict` does not
+    take: a batch of more than one image (the metrics would pool it as one image, and
+    ``Prediction.maps`` keeps one), another number of dimensions or channels, an image with no
+    pixels (no convolution can run on it), a complex dtype, and then what
+    :func:`hetvae.calibration.check_image_values` refuses. The shape is checked before the values."""
+    if isinstance(image, Tensor):
+        if image.is_complex():
+            raise ValueError(f"dtype {image.dtype} is not supported: expected a real floating-point image in [-1, 1]")
+        shape = tuple(image.shape)
+        if image.ndim == 4 and shape[0] != 1:
+            raise ValueError(
+                f"got a batch of {shape[0]} images (shape {shape}): pass the images one at a time, (C, H, W) or "
+                "(1, C, H, W) each (iterate over the batch; evaluate, calibrate and predict_all take a list)"
+            )
+        if image.ndim not in (3, 4):
+            raise ValueError(f"expected one image (C, H, W) or (1, C, H, W), got shape {shape}")
+        if shape[-3] != channels:
+            raise ValueError(f"expected {channels} channels (the model's in_channels), got {shape[-3]}: shape {shape}")
+        if image.numel() == 0:
+            raise ValueError(f"the image has no pixels (shape {shape}): there is nothing to reconstruct")
+    check_image_values(image)
+    return image if image.ndim == 4 else image.unsqueeze(0)
 
 
 def _check_finite(x: Tensor, what: str) -> None:
