@@ -2,37 +2,43 @@
 
     python benchmarks/calibration_set.py ../shared/data/photos hetvae/calibration_photos
 
-Draws a fixed number of photographs from each source folder (kodak/, wikipedia/; a seeded draw,
-so the set is the same on every machine), re-encodes them as JPEG (quality 92, no chroma
-subsampling: the size of the wheel stays under 4 MB, and docs/results.md measures that the
-re-encoding does not move the fitted correction) and writes CREDITS.md with their sources.
-The photographs it does not draw stay the project's evaluation set.
+Takes a fixed number of photographs from each source folder (kodak/, wikipedia/), spread evenly
+over the folder's range of detail: the photographs sorted by the size of their PNG file per pixel
+(a measure of detail that depends on no model), then every k-th one, so the set is as hard as the
+folder is and not one lucky draw. Re-encodes them as JPEG (quality 85, no chroma subsampling: the
+package stays under 4 MB; docs/results.md measures that the re-encoding does not move the fitted
+correction) and writes CREDITS.md with their sources. The photographs it does not take stay the
+project's evaluation set.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import re
 import sys
 from pathlib import Path
 
 from PIL import Image
 
-SOURCES = {"kodak": 6, "wikipedia": 10}
-"""Photographs drawn per source folder: in proportion to the shared set (20 and 36)."""
-SEED = 0
-QUALITY = 92
+SOURCES = {"kodak": 12, "wikipedia": 20}
+"""Photographs taken per source folder: in proportion to the shared set (20 and 36)."""
+QUALITY = 85
+
+
+def detail(file: Path) -> float:
+    """PNG bytes per pixel."""
+    with Image.open(file) as image:
+        return file.stat().st_size / (image.width * image.height)
 
 
 def chosen(photos: Path) -> list[Path]:
-    """The drawn files, in source order then name order."""
+    """The files taken, in source order then name order."""
     out = []
     for folder, count in SOURCES.items():
-        files = sorted((photos / folder).glob("*.png"))
+        files = sorted((photos / folder).glob("*.png"), key=detail)
         if len(files) < count:
             raise SystemExit(f"{photos / folder}: {len(files)} photographs, {count} needed")
-        out.extend(sorted(random.Random(f"{SEED}-{folder}").sample(files, count)))
+        out.extend(sorted(files[int((i + 0.5) * len(files) / count)] for i in range(count)))
     return out
 
 
@@ -45,7 +51,7 @@ def credits(photos: Path, files: list[Path]) -> str:
         "# Calibration photographs",
         "",
         "The photographs `hetvae calibrate` fits on when no `--images` are given. None of them is in",
-        "hetvae's training data. Re-encoded as JPEG (quality 92) by `benchmarks/calibration_set.py`.",
+        "hetvae's training data. Re-encoded as JPEG (quality 85) by `benchmarks/calibration_set.py`.",
         "",
         f"- {', '.join(kodak)}: the Kodak PhotoCD test set (768x512), released by Eastman Kodak for unrestricted",
         "  use.",

@@ -18,6 +18,7 @@ first N photographs of the fitting folder. Every element of every scored photogr
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
@@ -26,13 +27,13 @@ from hetvae.images import load_images
 from hetvae.predictor import iter_predictions, load_predictor
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders or model files")
     parser.add_argument("--fit", nargs="*", default=None, help="photographs to fit on (default: the held-out samples)")
     parser.add_argument("--score", nargs="+", required=True, help="photographs to score on")
     parser.add_argument("--first", type=int, default=None, help="fit on the first N fitting photographs only")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print("| run | calibration | slopes | bits/dim (fit) | bits/dim | coverage 90% | calib. error |")
     print("|---|---|---|---|---|---|---|")
     for run in args.runs:
@@ -51,7 +52,8 @@ def main() -> None:
             slopes = ", ".join(f"{a:.2f}" for a in cal.slope.tolist())
             print(f"| {run} | {name} | {slopes} | {on_fit['nll_bpd']:.4f} | {m['nll_bpd']:.4f} | "
                   f"{m['coverage_90']:.3f} | {m['calibration_error']:.4f} |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

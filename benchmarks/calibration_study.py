@@ -88,7 +88,7 @@ def study(run: str, folders: list[str], extra: str | None, sizes: list[int], dra
     rest = [p for name, p in everything.items() if name not in shipped_names]
     out: dict = {"run": run, "granularity": predictor.granularity, "family": family,
                  "none": _score(list(everything.values()), None, family), "none-rest": _score(rest, None, family)}
-    for method in cv_methods:
+    for method in cv_methods if sizes else ():
         for a, pa in sets.items():
             cal = _fit(list(pa.values()), family, method)
             for b, pb in sets.items():
@@ -158,7 +158,7 @@ def render(rows: list[dict], out: Path) -> str:
             add("-", "not-photographs", "none", r["none-extra"])
             for method in METHODS:
                 add("shipped set", "not-photographs", method, r[f"shipped-{method}-extra"])
-        save_reliability_diagram(out / f"reliability_calibration_{g}.png",
+        save_reliability_diagram(out / f"reliability_calibration_{Path(r['run']).name}.png",
                                  {"none": r["none-rest"]["curve"],
                                   **{f"{m}, shipped set": r[f"shipped-{m}"]["curve"] for m in METHODS}})
     return "\n".join(lines) + "\n"
@@ -169,7 +169,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="*", help="run folders or model files")
     parser.add_argument("--folders", nargs="+", default=[], help="photograph folders to fit and score on")
     parser.add_argument("--extra", default=None, help="a folder scored apart (e.g. not-photographs)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32], help="random fitting-set sizes")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[8, 16, 32],
+                        help="random fitting-set sizes (none: only the shipped set, no source or size experiments)")
     parser.add_argument("--draws", type=int, default=2, help="random draws per size")
     parser.add_argument("--cv-methods", nargs="+", choices=METHODS, default=["affine"],
                         help="methods of the source and size experiments (the shipped set: both)")

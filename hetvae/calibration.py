@@ -53,7 +53,7 @@ from hetvae.functional import (
 from hetvae.metrics import CALIBRATION_LEVELS, half_width
 
 METHODS = ("affine", "isotonic")
-DEFAULT_METHOD = "affine"
+DEFAULT_METHOD = "isotonic"
 MIN_PIXELS = 10_000
 MAX_FIT_PIXELS = 1_000_000  # per channel; a random subset beyond that (seeded) keeps the fit fast
 PER_IMAGE_RUN = 256

@@ -631,11 +631,12 @@ _COMMANDS["compare"] = ("Compare several runs or models on the same images.", _a
 
 def _add_calibrate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
-    _add_images(parser, "unseen images to fit on, files or folders (default: the 16 unseen colour photographs that "
+    _add_images(parser, "unseen images to fit on, files or folders (default: the 32 unseen colour photographs that "
                         "ship with hetvae; best: photos like the ones the model will see)")
     parser.add_argument("--method", choices=("affine", "isotonic"), default=None,
-                        help="affine: per-channel slope and offset of the log-scale (default); isotonic: affine, then a "
-                             "monotone recalibration of the predicted CDF (docs/math.md)")
+                        help="isotonic (default): a per-channel slope and offset of the log-scale, then a monotone "
+                             "recalibration of the predicted CDF; affine: the slope and offset only (docs/math.md; "
+                             "docs/results.md#calibration measures both)")
     parser.add_argument("--out", default=None,
                         help="write the calibrated model as a new hetvae export here instead of updating the checkpoint "
                              "(needed for single files hetvae did not write)")

@@ -141,3 +141,41 @@ def test_tiny_step_reads_the_config_and_refuses_without_candidates(bench, capsys
     with pytest.raises(SystemExit) as exit_:
         tiny_step.main(["--config", "nope.yaml", "--candidate", "a:train.steps=1"])
     assert exit_.value.code == 2 and "--config nope.yaml: no such file" in capsys.readouterr().err
+
+
+def test_photos_scores_a_calibrated_model_raw_and_calibrated(bench, tmp_path, capsys):
+    """benchmarks/photos.py: one pooled row per set (and per --apart folder), a calibrated model's
+    raw and calibrated figures both, equal to hetvae.evaluate's."""
+    import json
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from hetvae import AutoencoderConfig, AutoencoderKL
+    from hetvae.calibration import Calibration
+    from hetvae.evaluate import evaluate
+    from hetvae.images import load_images
+    from hetvae.predictor import load_predictor, store_calibration
+
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / folder / f"{k}.png")
+    torch.manual_seed(0)
+    model = AutoencoderKL(AutoencoderConfig(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1,
+                                            latent_channels=4, log_scale="pixel"))
+    model.save_pretrained(tmp_path / "m")
+    predictor = load_predictor(tmp_path / "m")
+    cal = Calibration("affine", predictor.family, torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.5, 0.5, 0.5]))
+    store_calibration(predictor, cal, tmp_path / "m")
+    out = tmp_path / "photos.json"
+    assert bench("photos").main([str(tmp_path / "m"), "--photos", str(tmp_path / "a"), "--apart", str(tmp_path / "b"),
+                                 "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [r["images"] for r in results] == ["a, 2 images", "b, 2 images"]
+    want = evaluate(load_predictor(tmp_path / "m"), load_images(tmp_path / "a"))
+    assert results[0]["nll_bpd"] == want["nll_bpd"] and results[0]["uncalibrated"] == want["uncalibrated"]
+    table = capsys.readouterr().out
+    assert table.count("| a, 2 images |") == 2 and f"{want['uncalibrated']['nll_bpd']:.3f}" in table
