@@ -144,7 +144,7 @@ def _add_convert(parser: argparse.ArgumentParser) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from hetvae.convert import load_autoencoder, save_autoencoder
+    from hetvae.convert import check_export_destination, load_autoencoder, save_autoencoder
     from hetvae.files import CheckpointError
     from hetvae.outputs import check_output_folder
 
@@ -159,9 +159,11 @@ def _run_convert(args: argparse.Namespace) -> int:
         return _fail(not_a_model)
     dst = Path(args.dst).expanduser()
     try:
-        # where the files go (DST, or the folder of a DST.safetensors file), checked before the model is read
+        # where the files go (DST, or the folder of a DST.safetensors file), and a model already there
+        # without --overwrite, checked before the source is read (minutes, for a big model)
         folder = dst.parent if dst.suffix == ".safetensors" and args.to != "diffusers" else dst
         check_output_folder(folder, "destination")
+        check_export_destination(dst, args.to, overwrite=args.overwrite)
         model = load_autoencoder(args.src, log_scale=args.log_scale, **overrides)
         with _writing("destination", dst):
             written = save_autoencoder(model, dst, format=args.to, overwrite=args.overwrite)

@@ -40,9 +40,13 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import os
 import re
 import shutil
-from collections.abc import Callable, Iterable
+import signal
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +57,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.files import CheckpointError, fsync_dir, write_atomically
+from hetvae.files import CheckpointError, _signals_raise, _Terminated, fsync_dir, write_atomically
 from hetvae.likelihood import (
     Likelihood,
     grafted_record,
@@ -539,7 +543,7 @@ _DIFFUSERS_STEM = "diffusion_pytorch_model"
 _VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 
 
-def check_weights_choice(variant: Any, use_safetensors: Any) -> None:
+def _check_weights_choice(variant: Any, use_safetensors: Any) -> None:
     """Refuse a ``variant`` that is not a plain name (``fp16``, ``ema``) and a ``use_safetensors``
     that is not None, True or False (diffusers' arguments of the same names)."""
     if variant is not None and not (isinstance(variant, str) and _VARIANT.fullmatch(variant)):
@@ -598,7 +602,7 @@ def _check_single(path: Path, file: Path, what: str, variant: str | None, use_sa
 def _locate(path: Path, variant: str | None = None, use_safetensors: bool | None = None) -> tuple[Path, Path | None]:
     """``(weights file, diffusers config.json or None)``; ``variant`` and ``use_safetensors`` choose
     a diffusers folder's weights (:func:`diffusers_weight_names`)."""
-    check_weights_choice(variant, use_safetensors)
+    _check_weights_choice(variant, use_safetensors)
     if path.is_dir():
         if (path / HETVAE_FILE).is_file():
             _check_single(path, path / HETVAE_FILE, "a hetvae model", variant, use_safetensors)
@@ -887,6 +891,152 @@ def _check_destination(path: Path, format: str, written: list[Path], stale: list
         )
 
 
+def _export_paths(
+    path: Path, format: str, variant: str | None, safe_serialization: bool
+) -> tuple[Path, list[Path], Path, list[Path]]:
+    """``(weights file, the files always written (weights first), the head file, the diffusers
+    weights of every other variant and serialisation)`` of an export to ``path``; checks the
+    arguments."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if variant not in (None, "fp16"):
+        raise ValueError(f"variant must be None or 'fp16' (the variant load_autoencoder reads), got {variant!r}")
+    if format != "diffusers" and (variant is not None or not safe_serialization):
+        raise ValueError(
+            f"variant={variant!r}, safe_serialization={safe_serialization!r}: the {format} format is one "
+            "safetensors file; variants and .bin weights exist only with format='diffusers'"
+        )
+    if format == "diffusers":
+        suffix = (f".{variant}" if variant else "") + (".safetensors" if safe_serialization else ".bin")
+        weights = path / f"{_DIFFUSERS_STEM}{suffix}"
+        return weights, [weights, path / DIFFUSERS_CONFIG], head_sidecar_path(weights, format), [
+            path / name for name in DIFFUSERS_WEIGHTS if name != weights.name]
+    weights = path if path.suffix == ".safetensors" else path / (HETVAE_FILE if format == "hetvae" else LDM_FILE)
+    return weights, [weights], head_sidecar_path(weights, format), []
+
+
+def check_export_destination(
+    path: str | os.PathLike, format: str = "hetvae", *, overwrite: bool = True, variant: str | None = None,
+    safe_serialization: bool = True,
+) -> None:
+    """What :func:`save_autoencoder` checks of ``path`` before it writes, for any model: raises
+    ``FileExistsError`` where the export would replace a model file (or remove a head file)
+    without ``overwrite``, or where another model in the folder would shadow it. Cheap (no model
+    is needed), so ``hetvae convert`` checks before it reads the source."""
+    _, files, head, others = _export_paths(Path(path), format, variant, safe_serialization)
+    # the head file is written or, when the model has none, removed: either way it is touched
+    _check_destination(Path(path), format, files, ([head] if format != "hetvae" else []) + others, overwrite)
+
+
+# An export's temporary: a folder beside a new destination, or a file staged beside each file it
+# replaces; named as the atomic writer names its temporaries (hetvae.files): hidden, with the
+# writing process's id, so a later export (or write of the file) can tell a killed one's leftover.
+_EXPORT_TEMPORARY = ".{name}.tmp-{pid}"
+
+
+@contextmanager
+def _signals_end_cleanly() -> Iterator[None]:
+    """Inside: SIGTERM or SIGHUP (left at its default action) raises, as Ctrl-C does, so an export
+    of several files removes what it wrote; the signal then ends the process as it would have.
+    The atomic writer's own handling (hetvae.files), stretched over the whole export."""
+    try:
+        with _signals_raise():
+            yield
+    except _Terminated as error:
+        if signal.getsignal(error.signum) is signal.SIG_DFL:
+            os.kill(os.getpid(), error.signum)
+        raise
+
+
+def _remove_stale_exports(path: Path) -> None:
+    """Remove what an export of ``path`` killed outright (SIGKILL, a power cut) left: entries named
+    as :data:`_EXPORT_TEMPORARY` names ``path``'s temporary, for a process that no longer runs."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) only asks about a process on POSIX
+    pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"([0-9]+)")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # that process runs (or is another user's): leave it
+        except ProcessLookupError:
+            pass
+        except (OSError, OverflowError, ValueError):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def _write_new_folder(folder: Path, writes: dict[Path, Callable[[Path], None]]) -> None:
+    """Build ``folder`` (which does not exist) as a hidden sibling and rename it into place: it
+    appears whole or not at all. A failure also removes the folders above it it created."""
+    created = [p for p in folder.parents if not p.exists()]  # deepest first
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(_EXPORT_TEMPORARY.format(name=folder.name, pid=os.getpid()))
+    try:
+        tmp.mkdir()  # the umask's mode, as any new folder
+        for file, write in writes.items():
+            write_atomically(tmp / file.name, write)
+        os.rename(tmp, folder)  # refused if a non-empty folder appeared there meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    fsync_dir(folder.parent)
+
+
+def _write_into(writes: dict[Path, Callable[[Path], None]], remove: list[Path]) -> None:
+    """Write every file beside the one it replaces (``write_atomically`` on a staged name), then
+    rename them all in and remove ``remove``. A failure while writing removes the staged files:
+    nothing in the folder changed. From the first rename on there are only renames and removals, and
+    an interruption among them (Ctrl-C) still completes them, so the folder holds the new model
+    and none of the old one's files that the export replaces or removes."""
+    staged: dict[Path, Path] = {}  # the file replaced (a link's target) -> its staged copy
+    try:
+        for file, write in writes.items():
+            target = Path(os.path.realpath(file)) if file.is_symlink() else file  # a link keeps pointing there
+            _remove_stale_exports(target)
+            staged[target] = target.with_name(_EXPORT_TEMPORARY.format(name=target.name, pid=os.getpid()))
+            write_atomically(staged[target], write)
+            if target.exists():  # a replaced file keeps its mode
+                os.chmod(staged[target], stat.S_IMODE(target.stat().st_mode))
+    except BaseException:
+        for copy in staged.values():
+            copy.unlink(missing_ok=True)
+        raise
+    try:
+        for target, copy in staged.items():
+            os.replace(copy, target)
+        for old in remove:
+            old.unlink(missing_ok=True)
+    finally:
+        for target, copy in staged.items():
+            if os.path.lexists(copy):
+                try:
+                    os.replace(copy, target)
+                except OSError:
+                    copy.unlink(missing_ok=True)
+        for old in remove:
+            try:
+                old.unlink(missing_ok=True)
+            except OSError:
+                pass
+    for folder in {target.parent for target in staged} | {old.parent for old in remove}:
+        fsync_dir(folder)
+
+
 def save_autoencoder(
     model: AutoencoderKL,
     path: str | Path,
@@ -913,21 +1063,21 @@ def save_autoencoder(
     already there, or to remove a head file an earlier export left; True (the default) also removes
     a diffusers folder's weights of another variant or serialisation, which loaders would read
     instead of the new ones. Either way an export that
-    another model in the folder would shadow is refused. Every file is written atomically.
+    another model in the folder would shadow is refused (:func:`check_export_destination`).
     ``variant="fp16"`` and ``safe_serialization=False`` (diffusers format only) name the weights
     ``diffusion_pytorch_model.fp16.safetensors`` / write ``diffusion_pytorch_model[.fp16].bin`` as
     diffusers does; the tensors keep the model's dtype.
+
+    The export is all or nothing as far as the file system allows: each file is written with
+    ``hetvae.files.write_atomically``; a folder that does not exist yet is built as a hidden sibling
+    (``.NAME.tmp-PID``) and renamed into place; into an existing one, each file is staged beside
+    the one it replaces and all are renamed in once all are written. An error or Ctrl-C while
+    writing leaves the destination as it was (SIGTERM and SIGHUP too: they then end the process as
+    they would have); a leftover of an export killed outright is removed by the next export to the
+    same place.
     """
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    if variant not in (None, "fp16"):
-        raise ValueError(f"variant must be None or 'fp16' (the variant load_autoencoder reads), got {variant!r}")
-    if format != "diffusers" and (variant is not None or not safe_serialization):
-        raise ValueError(
-            f"variant={variant!r}, safe_serialization={safe_serialization!r}: the {format} format is one "
-            "safetensors file; variants and .bin weights exist only with format='diffusers'"
-        )
     path = Path(path)
+    weights, _, sidecar, others = _export_paths(path, format, variant, safe_serialization)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     head = {k: v for k, v in sd.items() if is_head_key(k)}
     body = {k: v for k, v in sd.items() if k not in head}
@@ -937,13 +1087,10 @@ def save_autoencoder(
         config = dataclasses.replace(config, likelihood=record)
     writes: dict[Path, Callable[[Path], None]] = {}
     if format == "hetvae":
-        file = path if path.suffix == ".safetensors" else path / HETVAE_FILE
         metadata = {CONFIG_KEY: json.dumps(config.to_dict()), FORMAT_KEY: "hetvae"}
-        writes[file] = lambda tmp: save_file(sd, str(tmp), metadata=metadata)
-        result = weights = file
+        writes[weights] = lambda tmp: save_file(sd, str(tmp), metadata=metadata)
+        result = weights
     elif format == "diffusers":
-        suffix = (f".{variant}" if variant else "") + (".safetensors" if safe_serialization else ".bin")
-        weights = path / f"diffusion_pytorch_model{suffix}"
         renamed = {k: v.contiguous() for k, v in ldm_to_diffusers(body).items()}
         if safe_serialization:
             writes[weights] = lambda tmp: save_file(renamed, str(tmp), metadata={"format": "pt"})
@@ -953,12 +1100,10 @@ def save_autoencoder(
         writes[path / DIFFUSERS_CONFIG] = lambda tmp: tmp.write_text(text)
         result = path
     else:
-        weights = path if path.suffix == ".safetensors" else path / LDM_FILE
         body_config = dataclasses.replace(config.without_head(), likelihood=config.likelihood)
         metadata = {"format": "pt", CONFIG_KEY: json.dumps(body_config.to_dict()), FORMAT_KEY: "ldm"}
         writes[weights] = lambda tmp: save_file(body, str(tmp), metadata=metadata)
         result = weights
-    sidecar = head_sidecar_path(weights, format)
     if format != "hetvae" and head:
         settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach,
                     **head_inputs(config)}
@@ -966,18 +1111,15 @@ def save_autoencoder(
     # a head left by an earlier export would be loaded with these weights, and a diffusers folder's
     # weights of another variant or serialisation (read before these by hetvae and diffusers alike)
     # would be the old model under the new config
-    stale = [sidecar] if format != "hetvae" and not head else []
-    if format == "diffusers":
-        stale += [path / name for name in DIFFUSERS_WEIGHTS if name != weights.name]
+    stale = ([sidecar] if format != "hetvae" and not head else []) + others
     _check_destination(path, format, list(writes), stale, overwrite)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    for file, write in writes.items():
-        write_atomically(file, write)
-    removed = [p for p in stale if p.is_file()]
-    for p in removed:
-        p.unlink()
-    if removed:
-        fsync_dir(weights.parent)
+    folder = weights.parent
+    _remove_stale_exports(folder)
+    with _signals_end_cleanly():
+        if not folder.exists() and not folder.is_symlink():
+            _write_new_folder(folder, writes)
+        else:
+            _write_into(writes, [p for p in stale if p.is_file()])
     return result
 
 
