@@ -57,7 +57,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.files import CheckpointError, _signals_raise, _Terminated, fsync_dir, write_atomically
+from hetvae.files import CheckpointError, Terminated, fsync_dir, signals_raise, write_atomically
 from hetvae.likelihood import (
     Likelihood,
     grafted_record,
@@ -940,9 +940,9 @@ def _signals_end_cleanly() -> Iterator[None]:
     of several files removes what it wrote; the signal then ends the process as it would have.
     The atomic writer's own handling (hetvae.files), stretched over the whole export."""
     try:
-        with _signals_raise():
+        with signals_raise():
             yield
-    except _Terminated as error:
+    except Terminated as error:
         if signal.getsignal(error.signum) is signal.SIG_DFL:
             os.kill(os.getpid(), error.signum)
         raise

@@ -59,7 +59,7 @@ _ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") 
 _HUB_REPO = re.compile(r"(models|datasets|spaces)--.+")
 
 
-class _Terminated(BaseException):
+class Terminated(BaseException):
     """A SIGTERM / SIGHUP received while a temporary file exists (it is removed, then the signal is
     delivered again with its default action)."""
 
@@ -69,13 +69,13 @@ class _Terminated(BaseException):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise _Terminated(signum)
+    raise Terminated(signum)
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """While inside: an ending signal (:data:`_ENDING_SIGNALS`) left at its default action raises
-    :class:`_Terminated` instead of ending the process at once, so ``except`` blocks run. A handler
+    :class:`Terminated` instead of ending the process at once, so ``except`` blocks run. A handler
     the program installed is left alone; only the main thread can install handlers."""
     installed = {}
     try:
@@ -175,14 +175,14 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
         mode = _new_file_mode()
     tmp = path.with_name(_TEMPORARY.format(name=path.name, pid=os.getpid()))
     try:
-        with _signals_raise():
+        with signals_raise():
             write(tmp)
             os.chmod(tmp, mode)
             fsync_file(tmp)
             os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, _Terminated) and signal.getsignal(error.signum) is signal.SIG_DFL:
+        if isinstance(error, Terminated) and signal.getsignal(error.signum) is signal.SIG_DFL:
             os.kill(os.getpid(), error.signum)  # end as the signal would have, now that nothing is left
         raise
     fsync_dir(path.parent)
