@@ -210,7 +210,9 @@ def test_a_signal_midway_leaves_the_destination_as_it_was_and_ends_the_process(t
     before = _tree(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_EXPORT), str(out), str(n)],
                             cwd=Path(__file__).resolve().parents[1], text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,
+                            # as in a terminal: a suite run under nohup would hand down SIGHUP ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     line = proc.stdout.readline()
     assert line.strip() == "ready", (line, proc.stderr.read() if proc.poll() is not None else "")
     proc.send_signal(signum)

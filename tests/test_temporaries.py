@@ -29,7 +29,9 @@ def _temporaries(folder: Path) -> list[str]:
 def _start(code: str, *args: str) -> subprocess.Popen:
     """A Python process running ``code`` that prints ``ready`` once it is inside the write."""
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # as in a terminal: a suite run under nohup would hand down SIGHUP ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     line = proc.stdout.readline()
     if line.strip() != "ready":
         proc.kill()
