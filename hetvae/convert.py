@@ -57,7 +57,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.files import CheckpointError, Terminated, fsync_dir, signals_raise, write_atomically
+from hetvae.files import (
+    TEMPORARY,
+    CheckpointError,
+    Terminated,
+    fsync_dir,
+    remove_stale_temporaries,
+    signals_raise,
+    write_atomically,
+)
 from hetvae.likelihood import (
     Likelihood,
     grafted_record,
@@ -928,10 +936,9 @@ def check_export_destination(
     _check_destination(Path(path), format, files, ([head] if format != "hetvae" else []) + others, overwrite)
 
 
-# An export's temporary: a folder beside a new destination, or a file staged beside each file it
-# replaces; named as the atomic writer names its temporaries (hetvae.files): hidden, with the
+# An export's temporary (a folder beside a new destination, or a file staged beside each file it
+# replaces) is named as the atomic writer names its own, hetvae.files.TEMPORARY: hidden, with the
 # writing process's id, so a later export (or write of the file) can tell a killed one's leftover.
-_EXPORT_TEMPORARY = ".{name}.tmp-{pid}"
 
 
 @contextmanager
@@ -948,39 +955,12 @@ def _signals_end_cleanly() -> Iterator[None]:
         raise
 
 
-def _remove_stale_exports(path: Path) -> None:
-    """Remove what an export of ``path`` killed outright (SIGKILL, a power cut) left: entries named
-    as :data:`_EXPORT_TEMPORARY` names ``path``'s temporary, for a process that no longer runs."""
-    if os.name != "posix":
-        return  # os.kill(pid, 0) only asks about a process on POSIX
-    pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"([0-9]+)")
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return
-    for entry in entries:
-        match = pattern.fullmatch(entry.name)
-        if match is None or int(match.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(match.group(1)), 0)
-            continue  # that process runs (or is another user's): leave it
-        except ProcessLookupError:
-            pass
-        except (OSError, OverflowError, ValueError):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            Path(entry.path).unlink(missing_ok=True)
-
-
 def _write_new_folder(folder: Path, writes: dict[Path, Callable[[Path], None]]) -> None:
     """Build ``folder`` (which does not exist) as a hidden sibling and rename it into place: it
     appears whole or not at all. A failure also removes the folders above it it created."""
     created = [p for p in folder.parents if not p.exists()]  # deepest first
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(_EXPORT_TEMPORARY.format(name=folder.name, pid=os.getpid()))
+    tmp = folder.with_name(TEMPORARY.format(name=folder.name, pid=os.getpid()))
     try:
         tmp.mkdir()  # the umask's mode, as any new folder
         for file, write in writes.items():
@@ -1007,8 +987,8 @@ def _write_into(writes: dict[Path, Callable[[Path], None]], remove: list[Path]) 
     try:
         for file, write in writes.items():
             target = Path(os.path.realpath(file)) if file.is_symlink() else file  # a link keeps pointing there
-            _remove_stale_exports(target)
-            staged[target] = target.with_name(_EXPORT_TEMPORARY.format(name=target.name, pid=os.getpid()))
+            remove_stale_temporaries(target, exports=True)
+            staged[target] = target.with_name(TEMPORARY.format(name=target.name, pid=os.getpid()))
             write_atomically(staged[target], write)
             if target.exists():  # a replaced file keeps its mode
                 os.chmod(staged[target], stat.S_IMODE(target.stat().st_mode))
@@ -1114,7 +1094,7 @@ def save_autoencoder(
     stale = ([sidecar] if format != "hetvae" and not head else []) + others
     _check_destination(path, format, list(writes), stale, overwrite)
     folder = weights.parent
-    _remove_stale_exports(folder)
+    remove_stale_temporaries(folder, exports=True)
     with _signals_end_cleanly():
         if not folder.exists() and not folder.is_symlink():
             _write_new_folder(folder, writes)

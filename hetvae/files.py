@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import stat
 import threading
@@ -46,7 +47,7 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-_TEMPORARY = ".{name}.tmp-{pid}"
+TEMPORARY = ".{name}.tmp-{pid}"
 """How :func:`write_atomically` names its temporary file: hidden, beside the target, with the
 writing process's id (so a later write can tell a killed writer's leftover from a live one's)."""
 
@@ -107,14 +108,16 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, ValueError):
+    except (OSError, OverflowError, ValueError):
         return True  # another user's process, or not a number a process can have: leave it
     return True
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove what a killed writer of ``path`` left: files named as :data:`_TEMPORARY` names
-    ``path``'s temporary, for a process that no longer runs (or this one). Nothing else is touched."""
+def remove_stale_temporaries(path: Path, *, exports: bool = False) -> None:
+    """Remove what a killed writer of ``path`` left: entries named as :data:`TEMPORARY` names
+    ``path``'s temporary (``.NAME.tmp-PID``), for a process that no longer runs. Nothing else is
+    touched. The atomic writer removes files only, this process's leftovers too; ``exports``
+    (a multi-file export, hetvae.convert): folders and files, this process's own left alone."""
     if os.name != "posix":
         return  # os.kill(pid, 0) only asks about a process on POSIX
     pattern = re.compile(re.escape(f".{path.name}.tmp-") + r"([0-9]+)")
@@ -124,10 +127,15 @@ def _remove_stale_temporaries(path: Path) -> None:
         return
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None or not entry.is_file(follow_symlinks=False):
+        if match is None or not (exports or entry.is_file(follow_symlinks=False)):
             continue
         pid = int(match.group(1))
-        if pid > 0 and (pid == os.getpid() or not _alive(pid)):
+        mine = pid == os.getpid()
+        if pid <= 0 or (mine and exports) or (not mine and _alive(pid)):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
             Path(entry.path).unlink(missing_ok=True)
 
 
@@ -168,12 +176,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], object]) -
     if path.is_symlink():
         path = Path(os.path.realpath(path))  # the link stays; the file it names is replaced
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    remove_stale_temporaries(path)
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         mode = _new_file_mode()
-    tmp = path.with_name(_TEMPORARY.format(name=path.name, pid=os.getpid()))
+    tmp = path.with_name(TEMPORARY.format(name=path.name, pid=os.getpid()))
     try:
         with signals_raise():
             write(tmp)
