@@ -300,12 +300,17 @@ class DataConfig:
     """Training images (see ``hetvae.data.build_dataset``).
 
     Attributes:
-        path: a folder, an image file, or a list of them; ``None``: scikit-image's bundled
-            sample photographs (``hetvae.images.sample_images``).
+        path: where the training images are; ``None``: scikit-image's bundled sample
+            photographs (``hetvae.images.sample_images``). One of, or a list of: a folder (searched
+            recursively), an image file, a text file listing image paths one a line (``.txt``),
+            webdataset tar shards (``"shards/train-{000000..000099}.tar"``, streamed), or a
+            Hugging Face dataset (a ``save_to_disk`` folder, or ``.parquet`` files) whose
+            ``image_column`` holds the images.
         resolution: square crop side in pixels; a multiple of 8 and of the model's
             down-sampling factor.
         random_crop, random_flip: training augmentation (evaluation always centre-crops).
-        num_workers: ``DataLoader`` worker processes.
+        num_workers: ``DataLoader`` worker processes; ``"auto"``: 0 for images held in memory
+            (the bundled photographs), otherwise ``min(4, cores this process may use)``.
         split: which sample photographs train the model when ``path`` is ``None``
             (``"train"`` keeps the ``"test"`` ones held out).
         samples_per_epoch: crops per epoch (cycling through the images); ``None``: one per image.
@@ -321,13 +326,16 @@ class DataConfig:
             (``hetvae.procedural``) instead of the photographs; 0 = photographs only.
         cache_mb: decoded image files of ``path`` kept in memory, in megabytes per process (each
             ``num_workers`` worker holds its own cache); 0 decodes a file for every crop.
+        image_column: the column of a Hugging Face dataset that holds the images.
+        shuffle_shards: tar shards are streamed in a random order each epoch, and the samples of
+            each group of this many consecutive shards are shuffled together (the shuffle buffer).
     """
 
     path: str | list[str] | None = None
     resolution: int = 64
     random_crop: bool = True
     random_flip: bool = True
-    num_workers: int = 0
+    num_workers: int | Literal["auto"] = "auto"
     split: Literal["all", "train", "test"] = "train"
     samples_per_epoch: int | None = None
     eval_crop: Literal["center", "tiles"] = "center"
@@ -336,6 +344,8 @@ class DataConfig:
     tint_gray: float = 0.0
     procedural: float = 0.0
     cache_mb: float = 1024.0
+    image_column: str = "image"
+    shuffle_shards: int = 4
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -349,7 +359,11 @@ class DataConfig:
             "resolution",
             f"must be a positive multiple of 8, got {self.resolution}",
         )
-        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        require(
+            self.num_workers == "auto" or self.num_workers >= 0,
+            "num_workers",
+            f"must be >= 0 or 'auto', got {self.num_workers}",
+        )
         require(
             self.samples_per_epoch is None or self.samples_per_epoch >= 1,
             "samples_per_epoch",
@@ -362,6 +376,8 @@ class DataConfig:
         require(0 <= self.tint_gray <= 1, "tint_gray", f"must be a probability in [0, 1], got {self.tint_gray}")
         require(0 <= self.procedural <= 1, "procedural", f"must be a fraction in [0, 1], got {self.procedural}")
         require(self.cache_mb >= 0, "cache_mb", f"must be >= 0 (megabytes; 0 turns the cache off), got {self.cache_mb}")
+        require(self.image_column.strip() != "", "image_column", "must name a column, got an empty string")
+        require(self.shuffle_shards >= 1, "shuffle_shards", f"must be >= 1 (shards), got {self.shuffle_shards}")
 
 
 @dataclass(kw_only=True)

@@ -85,6 +85,72 @@ def _is_gray(crop: np.ndarray) -> bool:
     return bool((crop[..., 0] == crop[..., 1]).all() and (crop[..., 1] == crop[..., 2]).all())
 
 
+def to_unit_tensor(crop: np.ndarray) -> torch.Tensor:
+    """An ``(H, W, 3)`` uint8 crop as a ``(3, H, W)`` float32 tensor in ``[-1, 1]`` (``x / 127.5 - 1``)."""
+    # a copy: the crop may be a view of a shared, read-only cached image
+    x = torch.from_numpy(np.ascontiguousarray(crop).copy()).permute(2, 0, 1)
+    return x.to(torch.float32).div_(127.5).sub_(1.0)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """How a training sample is cut from a decoded image: a square crop of side ``resolution``
+    (random or centred), optionally of a larger window shrunk to it (``rescale``), a random
+    horizontal flip, a tint of grey crops and a colour jitter (see :class:`ImageDataset`).
+
+    Every random choice is drawn from ``rng`` in a fixed order, so one generator seeded from the
+    sample's identity makes the sample a pure function of it, whichever source decoded the image.
+    """
+
+    resolution: int
+    random_crop: bool = True
+    random_flip: bool = True
+    rescale: tuple[float, float] | None = None
+    color_jitter: float = 0.0
+    tint_gray: float = 0.0
+
+    def __call__(self, pixels: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
+        """The sample cut from ``pixels`` (``(H, W, 3)`` uint8, both sides at least ``resolution``);
+        ``rng`` may be ``None`` only when nothing is random (centre crop, no flip)."""
+        r = self.resolution
+        height, width = pixels.shape[:2]
+        side = r
+        if self.rescale is not None:
+            # a window of r / scale pixels shrunk to r: the content seen at a smaller scale
+            scale = max(rng.uniform(*self.rescale), r / min(height, width))
+            side = min(int(round(r / scale)), height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        if self.random_crop:
+            top = int(rng.integers(0, height - side + 1))
+            left = int(rng.integers(0, width - side + 1))
+        flip = bool(rng.random() < 0.5) if self.random_flip else False
+        crop = pixels[top : top + side, left : left + side]
+        if side != r:
+            crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((r, r), Image.Resampling.LANCZOS))
+        if flip:
+            crop = crop[:, ::-1]
+        if self.tint_gray > 0 and _is_gray(crop) and rng.random() < self.tint_gray:
+            crop = tint_gray(crop, rng)
+        if self.color_jitter > 0:
+            crop = jitter_colors(crop, rng, self.color_jitter)
+        return to_unit_tensor(crop)
+
+
+def resolve_num_workers(setting: int | str, dataset: "ImageDataset | None" = None) -> int:
+    """``data.num_workers`` as a number: an int as given; ``"auto"``: 0 when every image of
+    ``dataset`` is held in memory (nothing to decode: a worker would only add its start-up),
+    otherwise ``min(4, the cores this process may use)``."""
+    if setting != "auto":
+        return int(setting)
+    if dataset is not None and getattr(dataset, "in_memory", False):
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(4, cores)
+
+
 # ---------------------------------------------------------------------------------------------
 # dataset
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +287,11 @@ class ImageDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         self.seed = seed
         self.tiles = tiles
+        self.augment = Augment(
+            resolution=resolution, random_crop=random_crop, random_flip=random_flip,
+            rescale=rescale, color_jitter=self.color_jitter, tint_gray=self.tint_gray,
+        )
+        """The crop-and-augment recipe of the training samples (:class:`Augment`)."""
         self.epoch = 0
         self.skipped_unreadable: list[str] = []
         self.skipped_small: list[str] = []
@@ -307,6 +378,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return items
 
     @property
+    def in_memory(self) -> bool:
+        """Whether every image is held in memory (given as pixels), so no sample decodes a file."""
+        return all(item.pixels is not None for item in self._items)
+
+    @property
     def names(self) -> list[str]:
         """Names (file paths or given names) of the images in use, in order."""
         return [item.name for item in self._items]
@@ -378,45 +454,19 @@ class ImageDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         r = self.resolution
-        flip = False
-        rng = None  # evaluation crops draw nothing; every augmentation needs random_crop (checked in __init__)
         if self.tiles:
             i, top, left = self._tiles[index]
             pixels, used = self._pixels(i)
-            side = r
             if used != i:  # a substitute: its centre window
                 top, left = (pixels.shape[0] - r) // 2, (pixels.shape[1] - r) // 2
+            return to_unit_tensor(pixels[top : top + r, left : left + r])
+        # evaluation crops draw nothing; every augmentation needs random_crop (checked in __init__)
+        rng = np.random.default_rng((self.seed, epoch, index)) if self.random_crop or self.random_flip else None
+        if self.procedural > 0 and rng.random() < self.procedural:
+            pixels = self._procedural_image(int(rng.integers(self.procedural_pool)))
         else:
-            if self.random_crop or self.random_flip:
-                rng = np.random.default_rng((self.seed, epoch, index))
-            if self.procedural > 0 and rng.random() < self.procedural:
-                pixels = self._procedural_image(int(rng.integers(self.procedural_pool)))
-            else:
-                pixels, _ = self._pixels(index % len(self._items))
-            height, width = pixels.shape[:2]
-            side = r
-            if self.rescale is not None:
-                # a window of r / scale pixels shrunk to r: the content seen at a smaller scale
-                scale = max(rng.uniform(*self.rescale), r / min(height, width))
-                side = min(int(round(r / scale)), height, width)
-            top, left = (height - side) // 2, (width - side) // 2
-            if self.random_crop:
-                top = int(rng.integers(0, height - side + 1))
-                left = int(rng.integers(0, width - side + 1))
-            if self.random_flip:
-                flip = bool(rng.random() < 0.5)
-        crop = pixels[top : top + side, left : left + side]
-        if side != r:
-            crop = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((r, r), Image.Resampling.LANCZOS))
-        if flip:
-            crop = crop[:, ::-1]
-        if self.tint_gray > 0 and _is_gray(crop) and rng.random() < self.tint_gray:
-            crop = tint_gray(crop, rng)
-        if self.color_jitter > 0:
-            crop = jitter_colors(crop, rng, self.color_jitter)
-        # a copy: the crop may be a view of a shared, read-only cached image
-        x = torch.from_numpy(crop.copy()).permute(2, 0, 1)
-        return x.to(torch.float32).div_(127.5).sub_(1.0)
+            pixels, _ = self._pixels(index % len(self._items))
+        return self.augment(pixels, rng)
 
     def _procedural_image(self, k: int) -> np.ndarray:
         """Pool entry ``k``: a dead-leaves image of twice the crop side, a pure function of

@@ -40,7 +40,7 @@ from hetvae.autoencoder import AutoencoderKL, Reconstruction
 from hetvae.build import build_model, build_objective
 from hetvae.checkpoint import Checkpoint
 from hetvae.config import Config, final_batch_size, with_absolute_paths
-from hetvae.data import ImageDataset, build_dataset
+from hetvae.data import ImageDataset, build_dataset, resolve_num_workers
 from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed
 from hetvae.distributions import DiagonalGaussian
 from hetvae.files import CheckpointError
@@ -769,14 +769,15 @@ class Trainer:
         t = self.cfg.train
         final_from = self._final_from
         final = final_from is not None and step >= final_from
+        dataset = self.final_dataset if final else self.dataset
         return local_batches(
-            self.final_dataset if final else self.dataset,
+            dataset,
             global_batch=self.final_batch if final else t.batch_size,
             seed=t.seed,
             start=((step - final_from) if final else step) * t.grad_accum,
             rank=self.dist.rank,
             world_size=self.dist.world_size,
-            num_workers=self.cfg.data.num_workers,
+            num_workers=resolve_num_workers(self.cfg.data.num_workers, dataset),
         )
 
     def _snapshot(self) -> dict[str, Any]:
