@@ -10,12 +10,13 @@ Diffusion's VAE works in. :func:`load_images` lists files up front and decodes o
 from __future__ import annotations
 
 import functools
+import io
 import os
 import stat
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -138,20 +139,32 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     with _open_regular(path) as file:
-        try:
-            with Image.open(file) as im:
-                im.load()
-                # TIFF says how many bits a sample has; Pillow widens 8/16-bit ints to mode "I" there
-                bits = max(getattr(im, "tag_v2", {}).get(258, (0,)) or (0,))
-                im = ImageOps.exif_transpose(im)
-                mode = im.mode
-                if mode == "F" or mode.startswith("I"):
-                    wide = np.asarray(im)
-                else:
-                    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-        except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, struct.error, ...)
-            raise ValueError(f"cannot read image {str(path)!r}: {type(exc).__name__}: {exc}") from exc
-    return to_rgb_uint8(_wide_to_uint8(wide, mode, bits, str(path)), str(path))
+        return decode_image(file, str(path))
+
+
+def decode_image(file: BinaryIO | bytes, name: str) -> np.ndarray:
+    """Decode an encoded image (an open binary file or its bytes, e.g. a tar shard's member or a
+    dataset's cell) into an ``(H, W, 3)`` uint8 RGB array, by the rules of :func:`read_image`.
+
+    Raises:
+        ValueError: not decodable, or pixels refused; the message names ``name`` and the problem.
+    """
+    if isinstance(file, (bytes, bytearray, memoryview)):
+        file = io.BytesIO(file)
+    try:
+        with Image.open(file) as im:
+            im.load()
+            # TIFF says how many bits a sample has; Pillow widens 8/16-bit ints to mode "I" there
+            bits = max(getattr(im, "tag_v2", {}).get(258, (0,)) or (0,))
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            if mode == "F" or mode.startswith("I"):
+                wide = np.asarray(im)
+            else:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, struct.error, ...)
+        raise ValueError(f"cannot read image {name!r}: {type(exc).__name__}: {exc}") from exc
+    return to_rgb_uint8(_wide_to_uint8(wide, mode, bits, name), name)
 
 
 def _open_regular(path: Path):
