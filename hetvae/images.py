@@ -1,5 +1,5 @@
-"""Reading images: files and folders of photographs, scikit-image's bundled sample photographs,
-and latents saved by a diffusion pipeline.
+"""Reading images: files, folders and list files (``.txt``) of photographs, scikit-image's bundled sample
+photographs, and latents saved by a diffusion pipeline.
 
 Images are ``(H, W, 3)`` uint8 RGB arrays when read (:func:`read_image`) and ``(3, H, W)`` float32
 tensors in ``[-1, 1]`` (``x / 127.5 - 1``) once converted (:func:`to_tensor`), the range Stable
@@ -9,6 +9,7 @@ Diffusion's VAE works in. :func:`load_images` lists files up front and decodes o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -34,8 +35,12 @@ IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 # ---------------------------------------------------------------------------------------------
 
 
+LIST_SUFFIX = ".txt"
+"""A file with this extension (case-insensitive) given to :func:`list_images` lists image paths."""
+
+
 def list_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files under ``paths`` (a folder, a file, or a list of either).
+    """Image files under ``paths`` (a folder, a file, a list file, or a list of these).
 
     Folders are searched recursively; a file is kept when its extension, compared
     case-insensitively, is one of :data:`IMAGE_EXTENSIONS` (png, jpg/jpeg, webp, bmp, tif/tiff).
@@ -46,10 +51,13 @@ def list_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     ``paths`` and drops duplicates. Nothing is decoded here: readability is checked by
     :class:`ImageDataset`.
 
+    A ``.txt`` file is a list file (:func:`read_list_file`): the image files it names, one a line,
+    in its order.
+
     Raises:
         FileNotFoundError: a path does not exist (the message names it).
-        ValueError: a folder holds no image file, or a file given by name is not an image or not a
-            regular file (the message names it and the accepted extensions).
+        ValueError: a folder holds no image file, a list file names none, or a file given by name is
+            not an image or not a regular file (the message names it and the accepted extensions).
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -62,9 +70,13 @@ def list_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         if not path.is_dir():
             if not path.is_file():
                 raise ValueError(f"{str(path)!r} is not a regular file ({_file_kind(path)}); only image files are read")
+            if path.suffix.lower() == LIST_SUFFIX:
+                found.update((f, None) for f in read_list_file(path))
+                continue
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 raise ValueError(
-                    f"{str(path)!r} is not an image file; accepted extensions: {', '.join(IMAGE_EXTENSIONS)}"
+                    f"{str(path)!r} is not an image file; accepted extensions: {', '.join(IMAGE_EXTENSIONS)} "
+                    f"(or {LIST_SUFFIX} for a file listing image paths)"
                 )
             found[path] = None
             continue
@@ -87,6 +99,58 @@ def list_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
         shown = ", ".join(f"{f} ({_file_kind(f)})" for f in irregular[:5]) + (", ..." if len(irregular) > 5 else "")
         warnings.warn(
             f"skipped {len(irregular)} image name(s) that are not a regular file: {shown}", UserWarning, stacklevel=2
+        )
+    return list(found)
+
+
+def read_list_file(path: str | os.PathLike) -> list[Path]:
+    """The image files a list file names: one path a line, a relative path taken relative to the
+    list file's folder (``~`` expanded); blank lines and lines starting with ``#`` are ignored.
+
+    The files keep the list's order (a file listed twice is kept once). Listed paths that are
+    missing, not regular files or not image files (by :data:`IMAGE_EXTENSIONS`) are left out with
+    one ``UserWarning`` that counts them and names the first few; nothing is decoded here.
+
+    Raises:
+        ValueError: the list names no path, or none of its paths is a usable image file (the
+            message names the list file).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():  # a FIFO would block the read
+        raise ValueError(f"list file {str(path)!r} is not a regular file ({_file_kind(path)})")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"list file {str(path)!r} is not UTF-8 text ({exc}); it should list image paths one a line") from exc
+    entries = [line.strip() for line in text.splitlines()]
+    entries = [e for e in entries if e and not e.startswith("#")]
+    if not entries:
+        raise ValueError(f"list file {str(path)!r} lists no image path (one a line; blank lines and # comments are ignored)")
+    found: dict[Path, None] = {}
+    bad: list[str] = []
+    for entry in entries:
+        file = Path(entry).expanduser()
+        if not file.is_absolute():
+            file = path.parent / file
+        if file.suffix.lower() not in IMAGE_EXTENSIONS:
+            bad.append(f"{file} (not an image file)")
+        elif not file.exists():
+            bad.append(f"{file} ({'a broken link' if file.is_symlink() else 'missing'})")
+        elif not file.is_file():
+            bad.append(f"{file} ({_file_kind(file)})")
+        else:
+            found[file] = None
+    if not found:
+        raise ValueError(
+            f"list file {str(path)!r}: none of its {len(entries)} listed path(s) is an image file "
+            f"({', '.join(IMAGE_EXTENSIONS)}) that exists: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}"
+        )
+    if bad:
+        warnings.warn(
+            f"list file {str(path)!r}: left out {len(bad)} of {len(entries)} listed path(s) that are missing or "
+            f"not image files: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}",
+            UserWarning,
+            stacklevel=3,
         )
     return list(found)
 
@@ -165,6 +229,33 @@ def decode_image(file: BinaryIO | bytes, name: str) -> np.ndarray:
     except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, struct.error, ...)
         raise ValueError(f"cannot read image {name!r}: {type(exc).__name__}: {exc}") from exc
     return to_rgb_uint8(_wide_to_uint8(wide, mode, bits, name), name)
+
+
+def image_size(file: str | os.PathLike | bytes, name: str | None = None) -> tuple[int, int]:
+    """``(height, width)`` of an image file (a path, or its bytes) read from its header alone,
+    without decoding the pixels: a fraction of a millisecond where a decode takes tens.
+
+    The size is the stored one, before the EXIF orientation, which may swap the two sides
+    (:func:`read_image` applies it); the shorter side is the same either way. A file whose pixel
+    data is damaged may pass here and fail to decode.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: not a regular file, or no image header Pillow knows; the message names the file.
+    """
+    if isinstance(file, (bytes, bytearray, memoryview)):
+        name = name or "<bytes>"
+        opened = contextlib.nullcontext(io.BytesIO(file))
+    else:
+        name = name or str(file)
+        opened = _open_regular(Path(file))
+    with opened as handle:
+        try:
+            with Image.open(handle) as im:
+                width, height = im.size
+        except Exception as exc:  # decoders raise a zoo of types
+            raise ValueError(f"cannot read image {name!r}: {type(exc).__name__}: {exc}") from exc
+    return height, width
 
 
 def _open_regular(path: Path):
