@@ -1,5 +1,7 @@
 """The training data: random crops of photographs with augmentations (rescaling, flips, colour
-jitter, tints of grayscale crops, procedural dead-leaves images), as a map-style dataset.
+jitter, tints of grayscale crops, procedural dead-leaves images), as a map-style dataset of image
+files (folders, list files) or of Hugging Face dataset rows (:mod:`hetvae.hfdata`); what a data
+path names is told by :func:`source_kind`. Tar shards are streamed instead (``hetvae.shards``).
 
 Everything yields float tensors ``(3, R, R)`` in ``[-1, 1]`` (``x / 127.5 - 1`` of 8-bit RGB),
 the range Stable Diffusion's VAE is trained on.
@@ -13,6 +15,7 @@ scikit-image wheel, so a fresh install has real images and needs no download.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import math
@@ -27,8 +30,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hetvae import hfdata
 from hetvae.config import DataConfig
-from hetvae.images import list_images, read_image, sample_images, to_rgb_uint8
+from hetvae.images import (
+    LIST_SUFFIX,
+    decode_image,
+    image_size,
+    list_images,
+    read_image,
+    sample_images,
+    to_rgb_uint8,
+)
 from hetvae.metrics import LUMA_WEIGHTS
 from hetvae.procedural import dead_leaves
 
@@ -156,32 +168,144 @@ def resolve_num_workers(setting: int | str, dataset: "ImageDataset | None" = Non
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Item:
-    name: str
-    height: int
-    width: int
-    path: Path | None = None  # decoded on access, unless kept in the dataset's cache
-    pixels: np.ndarray | None = None  # in-memory image
+SourceKind = Literal["folder", "image", "list", "hf", "parquet", "shards"]
+SHARD_SUFFIX = ".tar"
+
+
+def source_kind(path: str | os.PathLike) -> SourceKind:
+    """What a data path names, by its name and, for a folder, the files that mark a dataset:
+
+    - ``"shards"``: webdataset tar shards: a ``.tar`` path, a brace pattern such as
+      ``"shards/train-{000000..000099}.tar"`` or a glob; streamed by the trainer, not read here
+      (see :func:`build_dataset`);
+    - ``"parquet"``: ``.parquet`` file(s), a path or a glob pattern (a Hugging Face dataset);
+    - ``"hf"``: a folder written by ``save_to_disk`` (``dataset_info.json`` and ``state.json``, or
+      ``dataset_dict.json``; :mod:`hetvae.hfdata`);
+    - ``"list"``: a ``.txt`` file listing image paths (:func:`hetvae.images.read_list_file`);
+    - ``"folder"``: any other folder (searched recursively for image files);
+    - ``"image"``: anything else, an image file (checked when it is listed).
+
+    Nothing is opened; a path that does not exist is classified by its name alone.
+    """
+    text = os.fspath(path)
+    lower = text.lower()
+    if lower.endswith(SHARD_SUFFIX):
+        return "shards"
+    if hfdata.is_parquet(text):
+        return "parquet"
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        return "hf" if hfdata.is_dataset_folder(folder) else "folder"
+    if lower.endswith(LIST_SUFFIX):
+        return "list"
+    return "image"
+
+
+def _refuse_shards(path: str | os.PathLike) -> None:
+    raise ValueError(
+        f"data path {os.fspath(path)!r} names webdataset tar shards, which are streamed by the trainer's shard "
+        "source (hetvae.shards), not read map-style: ImageDataset / build_dataset cannot read them. "
+        "Train on them with hetvae train (data.path), or use a folder, a list file or a Hugging Face dataset here"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset
+# ---------------------------------------------------------------------------------------------
+
+
+class _Files:
+    """Image files, decoded on access."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, j: int) -> str:
+        return str(self.paths[j])
+
+    def read(self, j: int) -> np.ndarray:
+        return read_image(self.paths[j])
+
+    def size(self, j: int) -> tuple[int, int]:
+        return image_size(self.paths[j])
+
+
+class _Rows:
+    """The images of a Hugging Face dataset's column (:class:`hetvae.hfdata.DatasetImages`),
+    decoded on access by the rules of image files."""
+
+    def __init__(self, images: hfdata.DatasetImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def name(self, j: int) -> str:
+        return self.images.name(j)
+
+    def read(self, j: int) -> np.ndarray:
+        payload = self.images.payload(j)
+        if isinstance(payload, str):  # an image stored by reference
+            return read_image(payload)
+        return decode_image(payload, self.name(j))
+
+    def size(self, j: int) -> tuple[int, int]:
+        payload = self.images.payload(j)
+        if isinstance(payload, str):
+            return image_size(payload)
+        return image_size(payload, self.name(j))
+
+
+class _Arrays:
+    """In-memory images, converted to ``(H, W, 3)`` uint8 once."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.arrays: list[np.ndarray] = []
+
+    def add(self, name: str, array) -> None:
+        self.names.append(name)
+        self.arrays.append(to_rgb_uint8(np.asarray(array), name))
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def name(self, j: int) -> str:
+        return self.names[j]
+
+    def read(self, j: int) -> np.ndarray:
+        return self.arrays[j]
+
+    def size(self, j: int) -> tuple[int, int]:
+        return self.arrays[j].shape[:2]
 
 
 ImageSource = str | os.PathLike | np.ndarray | Image.Image | tuple[str, np.ndarray]
+Check = Literal["full", "header", "lazy"]
+_UNKNOWN, _USABLE, _UNUSABLE = 0, 1, 2  # what this process knows of an image (ImageDataset._state)
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Square crops of images as ``(3, R, R)`` float32 tensors in ``[-1, 1]``.
 
     Args:
-        sources: a folder or image file, or a list of folders / files / in-memory images. An
-            in-memory image is a ``(name, array)`` pair (what :func:`sample_images` returns), a
-            bare uint8 array ``(H, W)`` / ``(H, W, 1|3|4)``, or a PIL image.
+        sources: a folder, an image file, a list file (``.txt``, image paths one a line:
+            :func:`hetvae.images.read_list_file`), a Hugging Face dataset (a ``save_to_disk``
+            folder or ``.parquet`` files: :class:`hetvae.hfdata.DatasetImages`), or a list of these
+            and of in-memory images; what a path names is told by :func:`source_kind`. An in-memory
+            image is a ``(name, array)`` pair (what :func:`sample_images` returns), a bare uint8
+            array ``(H, W)`` / ``(H, W, 1|3|4)``, or a PIL image. Tar shards are refused (streamed
+            by the trainer instead).
         resolution: crop side ``R`` in pixels.
         random_crop: a uniformly random ``R x R`` window; ``False``: the centre window.
         random_flip: a horizontal flip with probability 1/2.
         seed: with ``set_epoch`` and the index, fixes every random choice (see below).
-        tiles: evaluation mode (needs ``random_crop=False``): every image yields all its
-            non-overlapping ``R x R`` tiles, row by row, the grid centred in the image, instead of
-            one centre crop; ``len()`` is the total tile count.
+        tiles: evaluation mode (needs ``random_crop=False`` and ``check="full"``): every image
+            yields all its non-overlapping ``R x R`` tiles, row by row, the grid centred in the
+            image, instead of one centre crop; ``len()`` is the total tile count.
         num_samples: length of an epoch; index ``i`` shows image ``i % n_images``. Default: one
             sample per image. Useful when a few images must fill many batches.
         rescale: ``(lo, hi)``, ``0 < lo <= hi <= 1``: each crop first takes a window of
@@ -195,27 +319,46 @@ class ImageDataset(torch.utils.data.Dataset):
         procedural: fraction of the samples replaced by crops of colour dead-leaves images
             (:func:`hetvae.procedural.dead_leaves`) from a pool of ``procedural_pool`` images of
             side ``2 R``, each made on first use from ``(seed, k)``. 0: photographs only.
-        cache_mb: decoded image files kept in memory, up to this many megabytes (MB = 2^20
-            bytes) per process (each ``DataLoader`` worker holds its own), least recently used
-            dropped first. A crop needs the whole file decoded, so without a cache every sample
+        cache_mb: decoded images (files, dataset rows) kept in memory, up to this many megabytes
+            (MB = 2^20 bytes) per process (each ``DataLoader`` worker holds its own), least recently
+            used dropped first. A crop needs the whole file decoded, so without a cache every sample
             decodes a photograph (tens of milliseconds for a large PNG) to keep a few thousand pixels.
             0: decode on every access (memory stays flat, however big the folder).
+        check: how much of each image (file or dataset row) is read up front, here:
 
-    Images are checked once, here: every file is fully decoded, because a truncated file only
-    fails when its pixel data is read and a training run should not die on it hours in. An
-    unreadable file is skipped and logged by name (logger ``"hetvae.data"``); an image with a side
-    shorter than ``R`` is skipped with one ``UserWarning`` that counts them. Their names are kept
-    in ``skipped_unreadable`` and ``skipped_small``. If no image is left, ``ValueError`` says why.
-    The decoded files that fit in ``cache_mb`` are kept from that check on; the others are decoded
-    again on access (and may enter the cache then). In-memory images are kept as given.
+            - ``"full"`` (the default): every image is decoded, because a truncated file only fails
+              when its pixel data is read. An unreadable image is skipped and logged by name (logger
+              ``"hetvae.data"``); one with a side shorter than ``R`` is skipped with one
+              ``UserWarning`` that counts them. Hours for a million photographs; needed by ``tiles``.
+            - ``"header"``: only each image's header is read (its size, a fraction of a millisecond):
+              an image smaller than ``R`` or without a readable header is skipped here, as above; one
+              whose pixel data is damaged is found when first read, as in ``"lazy"``.
+            - ``"lazy"``: nothing is read: the dataset is ready at once, however many images. An
+              image that cannot be decoded, or is smaller than ``R``, is found when first read: one
+              ``UserWarning`` names it (per process: each ``DataLoader`` worker warns once) and its
+              samples take the crop of the next usable image, by the substitution rule below.
 
-    A file that becomes unusable later (deleted, truncated, corrupted, or replaced by an image of
-    another size; only a file outside the cache, which is never read again) does not stop a run:
-    its samples take the crop of the next readable image in
-    order (``i + 1, i + 2, ...``, with the same random draws; a tile becomes that image's centre
-    window), one ``UserWarning`` per file names it (per process: each ``DataLoader`` worker warns
-    once), and its name is added to ``lost_during_run``. If every image is unusable, ``ValueError``
-    says so. The substitute is a pure function of which files are unusable, so determinism holds.
+            ``skipped_unreadable`` and ``skipped_small`` list the images skipped; with ``"lazy"``
+            (and ``"header"``'s damaged pixel data) they fill as the images are found, in the
+            process that found them (a ``DataLoader`` worker's copy, not the main process's).
+            If no image is usable, ``ValueError`` says why: here, or with ``"lazy"`` at the first
+            read. In-memory images are always checked here.
+        image_column: the column of a Hugging Face dataset that holds the images.
+
+    Images decoded by the ``"full"`` check that fit in ``cache_mb`` are kept from then on; the
+    others are decoded on access (and may enter the cache then). In-memory images are kept as given.
+
+    An image that is unusable when read (an unreadable or small one first read by a ``"lazy"``
+    dataset; or a file that became unusable after it was checked or read: deleted, truncated,
+    corrupted, or, after a ``"full"`` check, replaced by an image of another size; only a file
+    outside the cache, which is never read again) does not stop a run: its samples take the crop of
+    the next usable image in order (``i + 1, i + 2, ...``, with the same random draws; a tile becomes
+    that image's centre window), and one ``UserWarning`` per image names it. An image that was
+    usable before is added to ``lost_during_run`` (and read again on its next access); one found
+    unusable at its first read goes to ``skipped_unreadable`` / ``skipped_small`` (and is not read
+    again in that process). If every image is unusable, ``ValueError`` says so ("every image became
+    unusable", naming them). The substitute is a pure function of which images are unusable, so
+    determinism holds.
 
     Determinism: the random crop, flip and augmentations of sample ``index`` are drawn from
     ``numpy.random.default_rng((seed, epoch, index))``, a pure function of those three numbers.
@@ -225,7 +368,9 @@ class ImageDataset(torch.utils.data.Dataset):
     workers receive the epoch when the ``DataLoader`` iterator is created, so do not combine it
     with ``persistent_workers=True``. Or index with ``(epoch, index)`` pairs: ``dataset[(e, i)]``
     is ``dataset[i]`` after ``set_epoch(e)``, so one loader, whose workers keep their decoded
-    files and dead-leaves images, can serve every epoch (the trainer's does).
+    files and dead-leaves images, can serve every epoch (the trainer's does). The ``check`` mode
+    decides which images count (a ``"lazy"`` dataset keeps its unusable images' indices, which
+    substitutes fill; a ``"full"`` one drops them), so compare crops between datasets of one mode.
     """
 
     def __init__(
@@ -244,6 +389,8 @@ class ImageDataset(torch.utils.data.Dataset):
         procedural: float = 0.0,
         procedural_pool: int = 64,
         cache_mb: float = 0.0,
+        check: Check = "full",
+        image_column: str = "image",
     ) -> None:
         if resolution < 1:
             raise ValueError(f"resolution must be positive, got {resolution}")
@@ -251,6 +398,10 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"seed must be non-negative, got {seed}")
         if tiles and random_crop:
             raise ValueError("tiles=True is an evaluation mode and needs random_crop=False")
+        if check not in ("full", "header", "lazy"):
+            raise ValueError(f"check must be 'full', 'header' or 'lazy', got {check!r}")
+        if tiles and check != "full":
+            raise ValueError(f"tiles=True needs check='full' (the tile grid needs every image's size), got {check!r}")
         if num_samples is not None and (num_samples < 1 or tiles):
             raise ValueError("num_samples must be positive and cannot be combined with tiles=True")
         augment = rescale is not None or color_jitter > 0 or tint_gray > 0 or procedural > 0
@@ -287,6 +438,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         self.seed = seed
         self.tiles = tiles
+        self.check = check
         self.augment = Augment(
             resolution=resolution, random_crop=random_crop, random_flip=random_flip,
             rescale=rescale, color_jitter=self.color_jitter, tint_gray=self.tint_gray,
@@ -297,95 +449,148 @@ class ImageDataset(torch.utils.data.Dataset):
         self.skipped_small: list[str] = []
         self.lost_during_run: list[str] = []
         self._lost: set[int] = set()
-        self._items = self._check(self._collect(sources))
+        # the images: blocks of one kind (files, dataset rows, in-memory), entry g is block k's entry
+        # g - starts[k]; image i of the dataset is entry kept[i] (kept=None: every entry)
+        self._blocks = self._collect(sources, image_column)
+        self._starts = np.cumsum([0] + [len(b) for b in self._blocks[:-1]]).tolist()
+        self._sizes: np.ndarray | None = None  # (n, 2) heights and widths, after a "full" check
+        self._kept: np.ndarray | None = None
+        self._check()
+        self._n = len(self._kept) if self._kept is not None else sum(len(b) for b in self._blocks)
+        # per process: what reading each image found (in-memory ones are never read: always usable)
+        self._state = bytearray([_USABLE if check == "full" else _UNKNOWN]) * self._n
         self._num_samples = num_samples
         # tile index -> (item, top, left), built once: len() and lookups stay O(1).
         self._tiles: list[tuple[int, int, int]] = []
         if tiles:
-            for i, item in enumerate(self._items):
-                ny, nx = item.height // resolution, item.width // resolution
-                top0 = (item.height - ny * resolution) // 2
-                left0 = (item.width - nx * resolution) // 2
+            for i, (height, width) in enumerate(self._sizes.tolist()):
+                ny, nx = height // resolution, width // resolution
+                top0 = (height - ny * resolution) // 2
+                left0 = (width - nx * resolution) // 2
                 self._tiles.extend(
                     (i, top0 + y * resolution, left0 + x * resolution) for y in range(ny) for x in range(nx)
                 )
 
     @staticmethod
-    def _collect(sources) -> list:
+    def _collect(sources, image_column: str) -> list:
+        """``sources`` as blocks of image files, dataset rows and in-memory images, in order."""
         single_pair = isinstance(sources, tuple) and len(sources) == 2 and isinstance(sources[1], np.ndarray)
         if isinstance(sources, (str, os.PathLike, np.ndarray, Image.Image)) or single_pair:
             sources = [sources]
-        collected: list = []
-        pending_paths: list = []  # consecutive paths go through list_images together
+        blocks: list = []
+        pending_paths: list = []  # consecutive image paths go through list_images together
+
+        def flush() -> None:
+            if pending_paths:
+                blocks.append(_Files(list_images(pending_paths)))
+                pending_paths.clear()
+
+        def arrays() -> _Arrays:
+            if not blocks or not isinstance(blocks[-1], _Arrays):
+                blocks.append(_Arrays())
+            return blocks[-1]
+
         for source in sources:
             if isinstance(source, (str, os.PathLike)):
-                pending_paths.append(source)
+                kind = source_kind(source)
+                if kind == "shards":
+                    _refuse_shards(source)
+                if kind in ("hf", "parquet"):
+                    flush()
+                    blocks.append(_Rows(hfdata.DatasetImages(source, image_column)))
+                else:
+                    pending_paths.append(source)
                 continue
-            if pending_paths:
-                collected.extend(list_images(pending_paths))
-                pending_paths = []
+            flush()
+            count = sum(len(b) for b in blocks)  # an unnamed image is named by its position
             if isinstance(source, tuple):
                 name, array = source
-                collected.append((str(name), array))
+                arrays().add(str(name), array)
             elif isinstance(source, Image.Image):
-                collected.append((f"image{len(collected)}", np.asarray(source.convert("RGB"))))
+                arrays().add(f"image{count}", np.asarray(source.convert("RGB")))
             elif isinstance(source, np.ndarray):
-                collected.append((f"image{len(collected)}", source))
+                arrays().add(f"image{count}", source)
             else:
                 raise TypeError(f"unsupported image source of type {type(source).__name__}")
-        if pending_paths:
-            collected.extend(list_images(pending_paths))
-        if not collected:
+        flush()
+        if not blocks:
             raise ValueError("no images given")
-        return collected
+        return blocks
 
-    def _check(self, collected: list) -> list[_Item]:
-        items = []
-        for entry in collected:
-            decoded = None  # a file's pixels, decoded here anyway: the cache may keep them
-            if isinstance(entry, Path):
-                try:
-                    decoded = read_image(entry)
-                except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, ...)
-                    logger.warning("skipping unreadable image %s: %s: %s", entry, type(exc).__name__, exc)
-                    self.skipped_unreadable.append(str(entry))
-                    continue
-                item = _Item(name=str(entry), height=decoded.shape[0], width=decoded.shape[1], path=entry)
-            else:
-                name, array = entry
-                pixels = to_rgb_uint8(np.asarray(array), name)
-                item = _Item(name=name, height=pixels.shape[0], width=pixels.shape[1], pixels=pixels)
-            if min(item.height, item.width) < self.resolution:
-                logger.info("skipping %s: %dx%d is smaller than the crop", item.name, item.width, item.height)
-                self.skipped_small.append(item.name)
+    def _check(self) -> None:
+        """Read what ``check`` asks of every image; keep the usable ones (``_kept``, ``_sizes``)."""
+        r, n_total = self.resolution, sum(len(b) for b in self._blocks)
+        if self.check == "lazy" and all(not isinstance(b, _Arrays) for b in self._blocks):
+            return  # nothing to read, and nothing skipped: every entry is an image, until a read says otherwise
+        kept: list[int] = []
+        sizes: list[tuple[int, int]] = []
+        for block, start in zip(self._blocks, self._starts):
+            if self.check == "lazy" and not isinstance(block, _Arrays):
+                kept.extend(range(start, start + len(block)))
+                sizes.extend([(0, 0)] * len(block))
                 continue
-            if decoded is not None:
-                self._remember(len(items), decoded)
-            items.append(item)
+            for j in range(len(block)):
+                decoded = None  # a "full" check's pixels: the cache may keep them
+                if isinstance(block, _Arrays):
+                    size = block.size(j)
+                else:
+                    try:
+                        if self.check == "full":
+                            decoded = block.read(j)
+                            size = decoded.shape[:2]
+                        else:
+                            size = block.size(j)
+                    except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, ...)
+                        name = block.name(j)
+                        logger.warning("skipping unreadable image %s: %s: %s", name, type(exc).__name__, exc)
+                        self.skipped_unreadable.append(name)
+                        continue
+                if min(size) < r:
+                    name = block.name(j)
+                    logger.info("skipping %s: %dx%d is smaller than the crop", name, size[1], size[0])
+                    self.skipped_small.append(name)
+                    continue
+                if decoded is not None:
+                    self._remember(len(kept), decoded)
+                kept.append(start + j)
+                sizes.append(tuple(size))
         if self.skipped_small:
             shown = ", ".join(self.skipped_small[:5]) + (", ..." if len(self.skipped_small) > 5 else "")
             warnings.warn(
-                f"skipped {len(self.skipped_small)} image(s) smaller than "
-                f"{self.resolution}x{self.resolution}: {shown}",
+                f"skipped {len(self.skipped_small)} image(s) smaller than {r}x{r}: {shown}",
                 UserWarning,
                 stacklevel=3,
             )
-        if not items:
+        if not kept:
             raise ValueError(
-                f"no usable image among {len(collected)}: {len(self.skipped_unreadable)} unreadable, "
-                f"{len(self.skipped_small)} smaller than {self.resolution}x{self.resolution}"
+                f"no usable image among {n_total}: {len(self.skipped_unreadable)} unreadable, "
+                f"{len(self.skipped_small)} smaller than {r}x{r}"
             )
-        return items
+        if len(kept) < n_total:
+            self._kept = np.asarray(kept, dtype=np.int64)
+        if self.check == "full":
+            self._sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+
+    def _locate(self, i: int) -> tuple:
+        """Image ``i`` as ``(block, index in the block)``."""
+        g = int(self._kept[i]) if self._kept is not None else i
+        k = bisect.bisect_right(self._starts, g) - 1
+        return self._blocks[k], g - self._starts[k]
+
+    def _name(self, i: int) -> str:
+        block, j = self._locate(i)
+        return block.name(j)
 
     @property
     def in_memory(self) -> bool:
         """Whether every image is held in memory (given as pixels), so no sample decodes a file."""
-        return all(item.pixels is not None for item in self._items)
+        return all(isinstance(b, _Arrays) for b in self._blocks)
 
     @property
     def names(self) -> list[str]:
-        """Names (file paths or given names) of the images in use, in order."""
-        return [item.name for item in self._items]
+        """Names of the images in use, in order: file paths, ``"<dataset>[<row>]"`` or given names.
+        A ``"lazy"`` dataset lists every image, the unusable ones it has found included."""
+        return [self._name(i) for i in range(self._n)]
 
     def set_epoch(self, epoch: int) -> None:
         """Select the random crops and flips of epoch ``epoch`` (see the class docstring)."""
@@ -394,7 +599,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         if self.tiles:
             return len(self._tiles)
-        return self._num_samples if self._num_samples is not None else len(self._items)
+        return self._num_samples if self._num_samples is not None else self._n
 
     def _remember(self, i: int, pixels: np.ndarray) -> None:
         """Keep the decoded file of image ``i`` in the cache if it fits, dropping the least recently
@@ -408,27 +613,47 @@ class ImageDataset(torch.utils.data.Dataset):
         self._cache_bytes += pixels.nbytes
 
     def _read(self, i: int) -> np.ndarray | None:
-        """The pixels of image ``i``, or None (warned once) when its file has become unusable."""
-        item = self._items[i]
-        if item.pixels is not None:
-            return item.pixels
+        """The pixels of image ``i``, or None (warned once) when it is unusable."""
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
+        state = self._state[i]
+        if state == _UNUSABLE:  # found so at its first read: not read again
+            return None
+        block, j = self._locate(i)
+        if isinstance(block, _Arrays):
+            return block.read(j)
+        small = False
         try:
-            pixels = read_image(item.path)
+            pixels = block.read(j)
         except Exception as exc:  # noqa: BLE001 - any decoder or OS failure; named in the warning
             problem = f"{type(exc).__name__}: {exc}"
         else:
-            if pixels.shape[:2] == (item.height, item.width):
+            height, width = pixels.shape[:2]
+            if self._sizes is not None and (height, width) != tuple(self._sizes[i]):
+                problem = f"it changed on disk from {self._sizes[i][1]}x{self._sizes[i][0]} to {width}x{height}"
+            elif min(height, width) < self.resolution:
+                small = True
+                problem = f"{width}x{height} is smaller than the {self.resolution}x{self.resolution} crop"
+            else:
+                self._state[i] = _USABLE
                 self._remember(i, pixels)
                 return pixels
-            problem = f"it changed on disk from {item.width}x{item.height} to {pixels.shape[1]}x{pixels.shape[0]}"
-        if i not in self._lost:
-            self._lost.add(i)
-            self.lost_during_run.append(item.name)
+        name = block.name(j)
+        if state == _UNKNOWN:  # its first read
+            self._state[i] = _UNUSABLE
+            (self.skipped_small if small else self.skipped_unreadable).append(name)
+            what = "image" if small else "unreadable image"
             warnings.warn(
-                f"image {item.name} became unusable during the run ({problem}); "
+                f"skipping {what} {name} ({problem}); its samples use the next usable image's crops",
+                UserWarning,
+                stacklevel=4,
+            )
+        elif i not in self._lost:
+            self._lost.add(i)
+            self.lost_during_run.append(name)
+            warnings.warn(
+                f"image {name} became unusable during the run ({problem}); "
                 "its samples use the next readable image's crops",
                 UserWarning,
                 stacklevel=4,
@@ -436,15 +661,20 @@ class ImageDataset(torch.utils.data.Dataset):
         return None
 
     def _pixels(self, i: int) -> tuple[np.ndarray, int]:
-        """The pixels of image ``i`` or, when its file has become unusable, of the next readable image
+        """The pixels of image ``i`` or, when it is unusable, of the next usable image
         (``i + 1, i + 2, ...``), and the index of the image used."""
-        n = len(self._items)
+        n = self._n
         for k in range(n):
             pixels = self._read((i + k) % n)
             if pixels is not None:
                 return pixels, (i + k) % n
-        shown = ", ".join(self.names[:5]) + (", ..." if n > 5 else "")
-        raise ValueError(f"every image became unusable (unreadable or changed) during the run ({n} images: {shown})")
+        shown = ", ".join(self._name(k) for k in range(min(n, 5))) + (", ..." if n > 5 else "")
+        r = self.resolution
+        raise ValueError(
+            f"every image became unusable (unreadable, smaller than {r}x{r}, or changed during the run): "
+            f"{n} images: {shown} ({len(self.skipped_unreadable)} unreadable and {len(self.skipped_small)} too small "
+            f"when first read, {len(self.lost_during_run)} lost after a good read)"
+        )
 
     def __getitem__(self, index: int | tuple[int, int]) -> torch.Tensor:
         """Sample ``index`` of the current epoch, or ``(epoch, index)``: that epoch's."""
@@ -465,7 +695,7 @@ class ImageDataset(torch.utils.data.Dataset):
         if self.procedural > 0 and rng.random() < self.procedural:
             pixels = self._procedural_image(int(rng.integers(self.procedural_pool)))
         else:
-            pixels, _ = self._pixels(index % len(self._items))
+            pixels, _ = self._pixels(index % self._n)
         return self.augment(pixels, rng)
 
     def _procedural_image(self, k: int) -> np.ndarray:
@@ -484,22 +714,27 @@ def build_dataset(
     train: bool,
     seed: int = 0,
     split: Literal["all", "train", "test"] | None = None,
+    check: Check | None = None,
 ) -> ImageDataset:
     """The dataset described by the ``data`` section of a config.
 
-    ``data.path`` (a folder, file or list of them) is read when set; when it is ``None`` the
-    embedded :func:`sample_images` of ``split`` are used, ``split`` defaulting to ``data.split``
-    for training and to ``"test"`` for evaluation (held-out photographs).
+    ``data.path`` (a folder, image file, list file, Hugging Face dataset, or a list of them:
+    :func:`source_kind`) is read when set, a dataset's images from ``data.image_column``; when it
+    is ``None`` the embedded :func:`sample_images` of ``split`` are used, ``split`` defaulting to
+    ``data.split`` for training and to ``"test"`` for evaluation (held-out photographs). Tar
+    shards are refused with a ``ValueError``: the trainer streams them (``hetvae.shards``).
 
     ``train=True``: random crops / flips / rescaling / colour jitter / grey tint / procedural images as
     configured, ``data.samples_per_epoch`` samples per epoch, randomness fixed by ``seed`` (pass
     ``train.seed``). ``train=False``: deterministic,
     no flip; one centre crop per image, or every tile when ``data.eval_crop == "tiles"``.
+
+    ``check`` (:class:`ImageDataset`) defaults to ``"lazy"`` for training (ready at once, however
+    many images), ``"header"`` for centre crops (sizes read, so images smaller than the crop are
+    left out, and a set without any usable image is a ``ValueError`` here) and ``"full"`` for tiles
+    (the grid needs every image's decoded size).
     """
-    if data.path is not None:
-        sources = data.path
-    else:
-        sources = sample_images(split or (data.split if train else "test"))
+    sources = data.path if data.path is not None else sample_images(split or (data.split if train else "test"))
     if train:
         return ImageDataset(
             sources,
@@ -513,13 +748,18 @@ def build_dataset(
             tint_gray=data.tint_gray,
             procedural=data.procedural,
             cache_mb=data.cache_mb,
+            check=check or "lazy",
+            image_column=data.image_column,
         )
+    tiles = data.eval_crop == "tiles"
     return ImageDataset(
         sources,
         resolution=data.resolution,
         random_crop=False,
         random_flip=False,
         seed=seed,
-        tiles=data.eval_crop == "tiles",
+        tiles=tiles,
         cache_mb=data.cache_mb,
+        check=check or ("full" if tiles else "header"),
+        image_column=data.image_column,
     )

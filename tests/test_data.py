@@ -60,7 +60,11 @@ def test_list_images_errors(tmp_path):
     with pytest.raises(ValueError, match="empty") as info:
         list_images(tmp_path / "empty")
     assert ".png" in str(info.value) and ".webp" in str(info.value)
+    (tmp_path / "empty" / "sub" / "x.csv").write_text("")
     with pytest.raises(ValueError, match="not an image"):
+        list_images(tmp_path / "empty" / "sub" / "x.csv")
+    # a .txt file is a list of image paths (tests/test_data_sources.py): an empty one lists none
+    with pytest.raises(ValueError, match="lists no image path"):
         list_images(tmp_path / "empty" / "sub" / "x.txt")
 
 
@@ -184,9 +188,23 @@ def test_build_dataset_embedded_default():
 
 
 def test_build_dataset_from_path(folder):
-    with pytest.warns(UserWarning):
+    # centre-crop evaluation reads headers only: the small image and the one without an image header
+    # are left out here; the truncated PNG's header reads, so it is found (and substituted) when read
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) smaller than 16x16"):
         ds = build_dataset(DataConfig(path=str(folder), resolution=R), train=False)
-    assert len(ds) == 8 and not ds.random_crop
+    assert len(ds) == 9 and not ds.random_crop and ds.check == "header"
+    assert [n.rsplit("/", 1)[-1] for n in ds.skipped_unreadable] == ["text.jpg"]
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*truncated\.png"):
+        crops = [ds[i] for i in range(len(ds))]
+    assert all(c.shape == (3, R, R) for c in crops)
+    assert sorted(n.rsplit("/", 1)[-1] for n in ds.skipped_unreadable) == ["text.jpg", "truncated.png"]
+    # tiles need every image's size: a full check, which decodes, as ImageDataset's default does
+    with pytest.warns(UserWarning, match="smaller"):
+        tiles = build_dataset(DataConfig(path=str(folder), resolution=R, eval_crop="tiles"), train=False)
+    assert len(tiles.names) == 8 and tiles.check == "full"
+    # training reads nothing up front: every listed file counts until a read finds it unusable
+    train = build_dataset(DataConfig(path=str(folder), resolution=R), train=True)
+    assert len(train) == 11 and train.check == "lazy" and train.skipped_small == train.skipped_unreadable == []
 
 
 def test_extension_set():
