@@ -206,6 +206,9 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         return decode_image(file, str(path))
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
 def decode_image(file: BinaryIO | bytes, name: str) -> np.ndarray:
     """Decode an encoded image (an open binary file or its bytes, e.g. a tar shard's member or a
     dataset's cell) into an ``(H, W, 3)`` uint8 RGB array, by the rules of :func:`read_image`.
@@ -220,12 +223,15 @@ def decode_image(file: BinaryIO | bytes, name: str) -> np.ndarray:
             im.load()
             # TIFF says how many bits a sample has; Pillow widens 8/16-bit ints to mode "I" there
             bits = max(getattr(im, "tag_v2", {}).get(258, (0,)) or (0,))
-            im = ImageOps.exif_transpose(im)
+            # a copy only where there is something to do: each copy of a decoded photograph costs
+            # about as much as a third of its decode (768x512 JPEGs decode 1.8x faster without them)
+            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)
             mode = im.mode
             if mode == "F" or mode.startswith("I"):
                 wide = np.asarray(im)
             else:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+                return np.asarray(im if mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
     except Exception as exc:  # decoders raise a zoo of types (OSError, SyntaxError, struct.error, ...)
         raise ValueError(f"cannot read image {name!r}: {type(exc).__name__}: {exc}") from exc
     return to_rgb_uint8(_wide_to_uint8(wide, mode, bits, name), name)

@@ -443,3 +443,43 @@ def test_missing_datasets_package_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets fails
     with pytest.raises(ImportError, match=r'pip install "hetvae\[data\]"'):
         ImageDataset(saved, resolution=R)
+
+
+# --- decoding: the EXIF orientation and the mode conversions, with no needless copy ------------------
+
+
+def _reference_decode(data: bytes) -> np.ndarray:
+    """What decode_image returned before it skipped its copies: transpose, then convert, always."""
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_decode_applies_the_exif_orientation(tmp_path, orientation, mode):
+    from hetvae.images import decode_image
+
+    photo = Image.fromarray(_photo(20, 32, orientation)).convert(mode)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    data = buffer.getvalue()
+    got = decode_image(data, "x.jpg")
+    assert got.shape == ((32, 20, 3) if orientation in (6, 8) else (20, 32, 3)) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, _reference_decode(data))
+    (tmp_path / "x.jpg").write_bytes(data)
+    np.testing.assert_array_equal(read_image(tmp_path / "x.jpg"), got)
+    assert min(image_size(data)) == min(got.shape[:2])  # the header's size is before the orientation
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA", "1"])
+def test_decode_converts_modes_as_before(mode):
+    from hetvae.images import decode_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(_photo(12, 10, 3)).convert(mode).save(buffer, format="PNG")
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), "x.png"), _reference_decode(buffer.getvalue()))
