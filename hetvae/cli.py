@@ -273,6 +273,55 @@ def _run_train(args: argparse.Namespace) -> int:
 _COMMANDS["train"] = ("Train or fine-tune an autoencoder from a YAML config.", _add_train, _run_train)
 
 
+def _shard_size(text: str) -> int:
+    """``--size``: a positive number of images per shard."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images per shard, got {text!r}")
+    return value
+
+
+def _add_shards(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="a folder of images (searched recursively, as data.path reads one)")
+    parser.add_argument("out", help="the folder to write OUT/shard-000000.tar, ... into")
+    parser.add_argument("--size", type=_shard_size, default=1000,
+                        help="images per shard (default 1000); a run needs at least as many shards as its "
+                             "readers (processes x data.num_workers)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shards already in OUT (shard-NNNNNN.tar; those beyond the new count go)")
+
+
+def _run_shards(args: argparse.Namespace) -> int:
+    import re
+
+    from hetvae.outputs import check_output_folder
+    from hetvae.shards import write_shards
+
+    try:
+        out = check_output_folder(args.out, "OUT")
+        existing = sorted(p for p in out.glob("shard-*.tar") if re.fullmatch(r"shard-\d{6}\.tar", p.name)) \
+            if out.is_dir() else []
+        if existing and not args.overwrite:
+            raise ValueError(f"OUT {out} already holds {len(existing)} shard(s) ({existing[0].name}, ...): choose "
+                             "another folder, or --overwrite to replace them")
+        with _writing("OUT", out):
+            written = write_shards(args.folder, out, size=args.size)
+            for stale in sorted(set(existing) - set(written.paths)):
+                stale.unlink()
+    except (FileNotFoundError, ValueError) as e:
+        return _fail(e)
+    print(f"wrote {written.images} image(s) into {len(written.paths)} shard(s) in {out}")
+    print(f"data.path: {written.pattern}")
+    return 0
+
+
+_COMMANDS["shards"] = ("Write a folder of images into webdataset tar shards to train on (data.path).", _add_shards,
+                       _run_shards)
+
+
 # --- uncertainty maps and evaluation: uncertainty, eval, compare ---------------------------
 
 _CHECKPOINT_HELP = (

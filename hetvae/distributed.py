@@ -7,7 +7,9 @@ collectives the trainer needs (each a no-op in a single process).
 Data order: epoch ``e`` visits the dataset in the permutation drawn from ``(seed, e)``, cut into
 full global batches; each rank takes its contiguous share of every global batch
 (:func:`epoch_batches`, :func:`local_batches`). So the data of global batch ``k`` is a function of
-``(seed, k)`` alone, whatever the world size, and a resumed run finds the same batches.
+``(seed, k)`` alone, whatever the world size, and a resumed run finds the same batches. Tar shards
+are streamed instead (:func:`stream_batches` of a :class:`hetvae.shards.ShardStream`): there a
+batch is a function of the seed, its position and the number of readers (world size x workers).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor
 from hetvae.data import ImageDataset
 from hetvae.schema import ConfigError
 
-__all__ = ["Dist", "all_reduce_mean", "epoch_batches", "local_batches", "setup_distributed"]
+__all__ = ["Dist", "all_reduce_mean", "epoch_batches", "local_batches", "setup_distributed", "stream_batches"]
 
 
 @dataclass
@@ -64,6 +66,14 @@ class Dist:
         dist.all_reduce(values)
         values /= self.world_size
         return dict(zip(keys, values.tolist()))
+
+    def minimum(self, value: int) -> int:
+        """The smallest of every rank's ``value`` (a collective: every rank must call it)."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
 
     def broadcast(self, tensors: list[Tensor]) -> None:
         """Give every rank rank 0's ``tensors``, in place."""
@@ -185,6 +195,19 @@ def local_batches(
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=keys,
+        num_workers=num_workers,
+        worker_init_fn=_ignore_sigint if num_workers else None,
+    )
+    yield from loader
+
+
+def stream_batches(stream: torch.utils.data.IterableDataset, *, num_workers: int) -> Iterator[Tensor]:
+    """The batches of ``stream``, an ``IterableDataset`` that yields whole batches (a
+    :class:`hetvae.shards.ShardStream` laid out for ``num_workers``), from one ``DataLoader`` that
+    takes them from its workers in turn (worker 0, 1, ...), as the stream's resume rule expects."""
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
         num_workers=num_workers,
         worker_init_fn=_ignore_sigint if num_workers else None,
     )
