@@ -73,6 +73,7 @@ __all__ = [
     "MODEL_FILE",
     "OWNERS",
     "RESUME_MAY_CHANGE",
+    "SHARD_STREAM_KEY",
     "SAMPLES_DIR",
     "TENSORBOARD_DIR",
     "TRAIN_CONFIG_KEY",
@@ -134,6 +135,11 @@ TRAIN_STATE_KEYS = (
     "step", "generator_optimizer", "scaler", "rng", "nonfinite_total", "nonfinite_run", "last_finite_step",
 )
 """Keys every training state (a step checkpoint's ``state.pt``) holds."""
+SHARD_STREAM_KEY = "shard_stream"
+"""Optional key of a training state, in runs that stream tar shards: ``{"world_size", "num_workers",
+"origins": {"data" | "final": [epoch, batches]}}``, the layout of the readers a resume must keep to
+continue each one's epoch (``num_workers`` as resolved, e.g. from ``auto``) and where each stream
+last restarted (:class:`hetvae.shards.ShardStream`)."""
 
 # what a run writes (and --overwrite deletes), relative to the run folder
 _RUN_FILES = (METRICS_FILE, MODEL_FILE, LOSS_FILE, CONFIG_FILE)

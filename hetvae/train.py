@@ -9,7 +9,10 @@ clip groups, AdamW, the lr schedule, EMA), :mod:`hetvae.distributed` (torchrun, 
 
 Determinism: the data and posterior noise of step ``s`` are a pure function of ``(seed, s)``, so a
 resumed run continues exactly: on the CPU, N steps + resume + N steps give bit-identical weights to
-2N steps, and a 2-process run matches a 1-process one up to float summation order.
+2N steps, and a 2-process run matches a 1-process one up to float summation order. Tar shards
+(:mod:`hetvae.shards`) are streamed by world size x data workers readers, and their batches depend
+on that count too: a resume keeps the run's worker count (checkpointed), and one on another world
+size restarts the stream at the next epoch, with a warning.
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ from hetvae.build import build_model, build_objective
 from hetvae.checkpoint import Checkpoint
 from hetvae.config import Config, final_batch_size, with_absolute_paths
 from hetvae.data import ImageDataset, build_dataset, resolve_num_workers
-from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed
+from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed, stream_batches
 from hetvae.distributions import DiagonalGaussian
 from hetvae.files import CheckpointError
+from hetvae.shards import (ShardStream, augment_of, check_shards, expand_shards, first_crops, names_shards,
+                           shard_workers)
 from hetvae.viz import save_uncertainty_panel
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]
@@ -211,20 +216,27 @@ class Trainer:
         self.noise = torch.Generator(device=self.device)
         self.noise.manual_seed(t.seed + 1)  # not the init seed: the noise stream is its own
 
-        self.dataset = build_dataset(cfg.data, train=True, seed=t.seed)
+        # tar shards are streamed (hetvae.shards); anything else is a data set read by index
+        self.shards = expand_shards(cfg.data.path) if names_shards(cfg.data.path) else None
+        self.dataset: ImageDataset | None = None
+        if self.shards is None:
+            self.dataset = build_dataset(cfg.data, train=True, seed=t.seed)
         # the last train.final_steps: larger crops, the same pixels per step (train.final_resolution)
         self.final_dataset: ImageDataset | None = None
         self.final_batch = t.batch_size
         if t.final_steps:
-            self.final_dataset = build_dataset(
-                dataclasses.replace(cfg.data, resolution=t.final_resolution), train=True, seed=t.seed
-            )
+            if self.shards is None:
+                self.final_dataset = build_dataset(
+                    dataclasses.replace(cfg.data, resolution=t.final_resolution), train=True, seed=t.seed
+                )
             self.final_batch = final_batch_size(cfg)
             if self.final_batch % self.dist.world_size:
                 raise ValueError(
                     f"train.final_resolution={t.final_resolution} gives global batches of {self.final_batch} crops, "
                     f"which must divide by the world size {self.dist.world_size}"
                 )
+        if self.shards is not None:
+            self._setup_shards()
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
@@ -277,6 +289,11 @@ class Trainer:
             "last_finite_step": -1 if self.last_finite_step is None else self.last_finite_step,
             "log_interval": copy.deepcopy(self._interval),
             "head_phase": self._head_phase,
+            **({runs.SHARD_STREAM_KEY: {
+                "world_size": self.dist.world_size,
+                "num_workers": self.shard_num_workers,
+                "origins": {name: list(origin) for name, origin in self.shard_origins.items()},
+            }} if self.shards is not None else {}),
         }
 
     def _pick_checkpoint(self, resume: bool | None, overwrite: bool) -> Checkpoint | None:
@@ -363,9 +380,87 @@ class Trainer:
         elif self.dist.main and not self._records_after(self.step):
             logger.warning("%s predates saved metric intervals: the first record averages the steps since the resume "
                            "(see steps_averaged)", path)
+        if self.shards is not None:
+            self._restore_stream(state, path)
         self._resumed_from = path
         if self.dist.main:
             runs.trim_metrics(self.run_dir, self.step)
+
+    # -- tar shards ----------------------------------------------------------------------------
+
+    def _setup_shards(self) -> None:
+        """The layout of the shard stream: its workers (the same on every rank), checked against the shards."""
+        d, t, world = self.cfg.data, self.cfg.train, self.dist.world_size
+        workers = shard_workers(resolve_num_workers(d.num_workers), len(self.shards), world,
+                                auto=d.num_workers == "auto")
+        self.shard_num_workers = self.dist.minimum(workers)
+        # each stream's restart point (epoch, batches taken): moved only by a resume on another world size
+        self.shard_origins: dict[str, tuple[int, int]] = {"data": (0, 0), "final": (0, 0)}
+        if d.samples_per_epoch is not None and self.dist.main:
+            logger.warning("data.samples_per_epoch=%d does not apply to tar shards (an epoch reads every sample of the "
+                           "shards once); ignored", d.samples_per_epoch)
+        check_shards(self.shards, global_batch=t.batch_size, slots=world * max(1, self.shard_num_workers),
+                     workers=max(1, self.shard_num_workers), world_size=world)
+
+    def _stream_at(self, step: int) -> tuple[str, int]:
+        """The stream optimizer step ``step`` reads (``"data"``, or ``"final"`` for the large crops of
+        ``train.final_steps``) and the batches this rank has taken from it before that step."""
+        t, final_from = self.cfg.train, self._final_from
+        if final_from is not None and step >= final_from:
+            return "final", (step - final_from) * t.grad_accum
+        return "data", step * t.grad_accum
+
+    def _shard_stream(self, name: str, *, start: int, rank: int | None = None, world_size: int | None = None,
+                      num_workers: int | None = None) -> ShardStream:
+        d, t = self.cfg.data, self.cfg.train
+        world = self.dist.world_size if world_size is None else world_size
+        final = name == "final"
+        return ShardStream(
+            self.shards,
+            augment=augment_of(d, t.final_resolution if final else d.resolution),
+            batch=(self.final_batch if final else t.batch_size) // world,
+            seed=t.seed,
+            start=start,
+            rank=self.dist.rank if rank is None else rank,
+            world_size=world,
+            num_workers=self.shard_num_workers if num_workers is None else num_workers,
+            shuffle_shards=d.shuffle_shards,
+            procedural=d.procedural,
+            origin=self.shard_origins[name],
+        )
+
+    def _restore_stream(self, state: dict[str, Any], path: Path) -> None:
+        """Continue the shard stream of the checkpoint: with its worker count where the world size is
+        the run's (every reader then resumes where it stopped), else from the next epoch."""
+        saved = state.get(runs.SHARD_STREAM_KEY) or {}
+        for name, origin in (saved.get("origins") or {}).items():
+            if name in self.shard_origins:
+                self.shard_origins[name] = (int(origin[0]), int(origin[1]))
+        world_then = int(saved.get("world_size", state.get("world_size", self.dist.world_size)))
+        workers_then = int(saved.get("num_workers", self.shard_num_workers))
+        main, world = self.dist.main, self.dist.world_size
+        if world_then == world:
+            if workers_then != self.shard_num_workers and main:
+                logger.info("data.num_workers: the tar-shard stream keeps the run's %d worker(s), on which each "
+                            "reader's place depends (this config gives %d)", workers_then, self.shard_num_workers)
+            self.shard_num_workers = workers_then
+            return
+        name, taken = self._stream_at(self.step)
+        origin = self.shard_origins[name]
+        if taken == origin[1]:  # nothing read since the stream's start: it starts as laid out now
+            return
+        then = self._shard_stream(name, start=taken, rank=0, world_size=world_then, num_workers=workers_then)
+        furthest = then.furthest_epoch()
+        self.shard_origins[name] = (furthest + 1, taken)
+        if main:
+            logger.warning(
+                "%s: the run read its tar shards with world size %d (x %d data worker(s)), this run has world size %d: "
+                "the readers' places in their epochs do not carry over to another world size, so the shard stream "
+                "restarts at the start of epoch %d, the one after the furthest epoch any reader had reached (%d). "
+                "Samples the readers had not reached in the epochs in progress are skipped; the run is no longer "
+                "identical to one that was never interrupted",
+                path, world_then, max(1, workers_then), world, furthest + 1, furthest,
+            )
 
     # -- the run folder ----------------------------------------------------------------------
 
@@ -578,6 +673,10 @@ class Trainer:
         """Write the uncertainty panel of the current step (rank 0); returns its path."""
         if not self.dist.main:
             return None
+        if not hasattr(self, "_panel_inputs") and self.shards is not None:
+            # centre crops of the first images of the first shards (the shards hold no held-out split)
+            self._panel_inputs = first_crops(self.shards, _PANEL_IMAGES, max(self.cfg.data.resolution, _PANEL_RESOLUTION),
+                                             least=self.cfg.data.resolution)
         if not hasattr(self, "_panel_inputs"):
             # crops large enough to see structure in (training crops may be 32 px), where the images allow
             data = dataclasses.replace(self.cfg.data, resolution=max(self.cfg.data.resolution, _PANEL_RESOLUTION))
@@ -760,13 +859,16 @@ class Trainer:
     def _final_from(self) -> int | None:
         """The step from which training takes the large crops (``train.final_steps``), or None."""
         t = self.cfg.train
-        return t.steps - t.final_steps if self.final_dataset is not None else None
+        return t.steps - t.final_steps if t.final_steps else None
 
     def _batches_from(self, step: int) -> Iterator[Tensor]:
         """This rank's batches from optimizer step ``step`` on: ``data.resolution`` crops, or from
         the start of the last ``train.final_steps`` on the large crops, each stream counted from
         its own beginning (so a resume finds the same batches)."""
         t = self.cfg.train
+        if self.shards is not None:
+            name, taken = self._stream_at(step)
+            return stream_batches(self._shard_stream(name, start=taken), num_workers=self.shard_num_workers)
         final_from = self._final_from
         final = final_from is not None and step >= final_from
         dataset = self.final_dataset if final else self.dataset
