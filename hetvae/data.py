@@ -644,6 +644,7 @@ class ImageDataset(torch.utils.data.Dataset):
             self._state[i] = _UNUSABLE
             (self.skipped_small if small else self.skipped_unreadable).append(name)
             what = "image" if small else "unreadable image"
+            logger.info("skipping %s %s: %s", what, name, problem)  # a run's log file names it too
             warnings.warn(
                 f"skipping {what} {name} ({problem}); its samples use the next usable image's crops",
                 UserWarning,
@@ -675,6 +676,16 @@ class ImageDataset(torch.utils.data.Dataset):
             f"{n} images: {shown} ({len(self.skipped_unreadable)} unreadable and {len(self.skipped_small)} too small "
             f"when first read, {len(self.lost_during_run)} lost after a good read)"
         )
+
+    def first_usable(self) -> int:
+        """The index of the first usable image, reading images in order until one is (a single
+        decode when the first one is, as in a folder of photographs): a cheap start-up check that a
+        ``"lazy"`` dataset has something to crop, before a long run depends on it.
+
+        Raises:
+            ValueError: no image is usable ("every image became unusable", naming them).
+        """
+        return self._pixels(0)[1]
 
     def __getitem__(self, index: int | tuple[int, int]) -> torch.Tensor:
         """Sample ``index`` of the current epoch, or ``(epoch, index)``: that epoch's."""

@@ -91,12 +91,13 @@ def damaged(tmp_path):
     return folder
 
 
-def test_lazy_finds_unusable_images_when_first_read(damaged, monkeypatch):
+def test_lazy_finds_unusable_images_when_first_read(damaged, monkeypatch, caplog):
     ds = ImageDataset(damaged, resolution=R, seed=2, check="lazy", num_samples=12)
     assert len(ds.names) == 6 and ds.skipped_small == ds.skipped_unreadable == []
     reads = _count(monkeypatch, "read_image")
-    with pytest.warns(UserWarning) as record:
+    with pytest.warns(UserWarning) as record, caplog.at_level("INFO", logger="hetvae.data"):
         first = _crops(ds, 1)
+    assert all(bad in caplog.text for bad in ("p1.png", "p2.png", "p4.jpg"))  # logged as well
     messages = [str(w.message) for w in record]
     for bad in ("p1.png", "p2.png", "p4.jpg"):
         assert sum(bad in m for m in messages) == 1, messages  # one warning per file
@@ -141,6 +142,22 @@ def test_lazy_all_unusable_is_an_error_at_the_first_read(tmp_path):
             ds[0]
         with pytest.raises(ValueError, match="every image became unusable"):
             ds[1]
+
+
+def test_first_usable_is_a_cheap_start_up_check(damaged, tmp_path, monkeypatch):
+    reads = _count(monkeypatch, "read_image")
+    ds = ImageDataset(damaged, resolution=R, check="lazy")
+    assert ds.first_usable() == 0 and len(reads) == 1
+    (damaged / "bad-first.txt").write_text("p1.png\np2.png\np4.jpg\np3.png\np0.png\n")
+    with pytest.warns(UserWarning) as record:
+        assert ImageDataset(damaged / "bad-first.txt", resolution=R, check="lazy").first_usable() == 3
+    named = [[n for n in ("p0.png", "p1.png", "p2.png", "p3.png", "p4.jpg") if n in str(w.message)] for w in record]
+    assert named == [["p1.png"], ["p2.png"], ["p4.jpg"]]  # read in order up to the first usable one, p3
+    Image.fromarray(_photo(8, 8, 0)).save(tmp_path / "tiny.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"every image became unusable.*tiny\.png"):
+            ImageDataset(tmp_path / "tiny.png", resolution=R, check="lazy").first_usable()
 
 
 def test_lazy_dataset_keeps_the_lost_during_run_rule(tmp_path):
