@@ -72,7 +72,7 @@ class DatasetImages:
     Args:
         path: a ``save_to_disk`` folder (of a ``Dataset``, or of a ``DatasetDict``: its
             ``"train"`` split is read, with a ``UserWarning`` that says so; without one, name a
-            split's subfolder), or a ``.parquet`` file or glob pattern (converted once by
+            split's subfolder: ``ValueError``), or a ``.parquet`` file or glob pattern (converted once by
             ``datasets`` into its cache, ``HF_DATASETS_CACHE``, then memory-mapped like a saved dataset).
         column: the column holding the images: an ``Image`` feature, raw bytes (``binary``) of
             an encoded image file, or ``Image``'s storage without its feature (a struct of ``bytes``
@@ -146,13 +146,13 @@ class DatasetImages:
                 f"{self.path!r} is a Hugging Face DatasetDict with the splits {', '.join(names) or '(none)'} "
                 f"and no 'train': name one split's subfolder as the path, e.g. {str(example)!r}"
             )
-        if len(names) > 1:
-            warnings.warn(
-                f"{self.path!r} is a Hugging Face DatasetDict with the splits {', '.join(names)}: reading 'train' "
-                f"(name a split's subfolder, e.g. {str(Path(self.path) / 'train')!r}, to choose)",
-                UserWarning,
-                stacklevel=4,
-            )
+        others = f" (name a split's subfolder, e.g. {str(Path(self.path) / 'train')!r}, to choose)" if len(names) > 1 else ""
+        warnings.warn(
+            f"{self.path!r} is a Hugging Face DatasetDict with the split{'s' * (len(names) > 1)} {', '.join(names)}: "
+            f"reading 'train'{others}",
+            UserWarning,
+            stacklevel=4,
+        )
         self.path = str(Path(self.path) / "train")
         return splits["train"]
 

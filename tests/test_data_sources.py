@@ -409,6 +409,9 @@ def test_dataset_dict_reads_train_and_says_so(hf, tmp_path):
         ds = ImageDataset(tmp_path / "dd", resolution=R, check="lazy")
     assert ds.names[0] == f"{tmp_path / 'dd' / 'train'}[0]"
     assert len(ImageDataset(tmp_path / "dd" / "test", resolution=R, check="lazy")) == 2
+    hf.DatasetDict({"train": split}).save_to_disk(str(tmp_path / "one"))
+    with pytest.warns(UserWarning, match=r"one' is a Hugging Face DatasetDict with the split train: reading 'train'$"):
+        ImageDataset(tmp_path / "one", resolution=R, check="lazy")
     hf.DatasetDict({"validation": split, "test": split}).save_to_disk(str(tmp_path / "nt"))
     with pytest.raises(ValueError, match=r"splits validation, test and no 'train': name one split's subfolder.*nt/validation"):
         ImageDataset(tmp_path / "nt", resolution=R)
