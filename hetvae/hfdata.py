@@ -50,7 +50,8 @@ def is_parquet(path: str | os.PathLike) -> bool:
 
 
 def parquet_files(path: str | os.PathLike) -> list[str]:
-    """The files a ``.parquet`` path names: the file itself, or a glob pattern's matches, sorted.
+    """The files a ``.parquet`` path names: the file itself, a glob pattern's matches, or the
+    ``.parquet`` files in a folder so named (searched recursively), sorted.
 
     Raises:
         FileNotFoundError: the file does not exist, or the pattern matches nothing.
@@ -60,6 +61,11 @@ def parquet_files(path: str | os.PathLike) -> list[str]:
         files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f))
         if not files:
             raise FileNotFoundError(f"no parquet file matches {pattern!r}")
+        return files
+    if os.path.isdir(pattern):  # a folder named like a file, as Spark writes them: the parquet files in it
+        files = sorted(glob.glob(os.path.join(glob.escape(pattern), "**", "*.parquet"), recursive=True))
+        if not files:
+            raise FileNotFoundError(f"no parquet file in the folder {pattern!r}")
         return files
     if not os.path.isfile(pattern):
         raise FileNotFoundError(f"parquet file does not exist: {pattern!r}")

@@ -372,6 +372,8 @@ def test_parquet_files_and_globs(hf, tmp_path):
     assert torch.equal(_crops(ds), _crops(in_memory))
     one = ImageDataset(str(tmp_path / "pq" / "train-1.parquet"), resolution=R, check="lazy")
     assert len(one) == 2
+    (tmp_path / "pq").rename(tmp_path / "spark.parquet")  # a folder named like a file: the files in it
+    assert len(ImageDataset(str(tmp_path / "spark.parquet"), resolution=R, check="lazy")) == 4
     with pytest.raises(FileNotFoundError, match="no parquet file matches"):
         ImageDataset(str(tmp_path / "none" / "*.parquet"), resolution=R)
     with pytest.raises(FileNotFoundError, match="does not exist"):
