@@ -237,6 +237,9 @@ class Trainer:
                 )
         if self.shards is not None:
             self._setup_shards()
+        for dataset in (self.dataset, self.final_dataset):
+            if dataset is not None:  # read lazily: fail now, not inside a loader worker, if nothing is usable
+                dataset.first_usable()
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
