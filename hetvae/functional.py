@@ -353,3 +353,164 @@ def bits_per_dim(nll_nats: Tensor) -> Tensor:
 def quantize_8bit(x: Tensor) -> Tensor:
     """Round values on the [-1, 1] scale to the nearest of the 256 8-bit levels ``-1 + 2k/255``."""
     return torch.round((x.clamp(-1.0, 1.0) + 1.0) / BIN_WIDTH) * BIN_WIDTH - 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Coupled colour channels
+#
+# With a channel order (default 0 -> 1 -> 2, i.e. R -> G -> B), channel k is centred at
+#
+#     m_k = mu_k + sum_{j before k} a_kj (x_j - mu_j)
+#
+# with its own scale b_k = exp(s_k), in the same family: the earlier channels' true values inform
+# the later ones' centres. The NLL of channel k is the plain one with mu_k replaced by m_k, so every
+# function below is the uncoupled one applied to the coupled centre, and zero coefficients give it
+# bit for bit. The coefficients fill the strict lower triangle row by row: for positions p, q in
+# the order (q < p) the pair (p, q) is entry p (p - 1) / 2 + q; for three channels (a_10, a_20, a_21).
+
+
+def coupling_size(channels: int) -> int:
+    """The number of coupling coefficients of ``channels`` channels: ``C (C - 1) / 2`` (3 for RGB)."""
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
+        raise ValueError(f"channels must be an integer >= 1, got {type(channels).__name__} {channels!r}")
+    return int(channels) * (int(channels) - 1) // 2
+
+
+def check_channel_order(order: object, channels: int) -> tuple[int, ...]:
+    """``order`` as a tuple: a permutation of ``range(channels)`` (None: ``(0, 1, ..., C - 1)``)."""
+    if order is None:
+        return tuple(range(channels))
+    if isinstance(order, Tensor):
+        order = order.tolist()
+    if isinstance(order, (str, bytes)) or not isinstance(order, (tuple, list)) or any(
+        isinstance(c, bool) or not isinstance(c, numbers.Integral) for c in order
+    ):
+        raise ValueError(f"order must be a sequence of channel indices, got {_clip(repr(order))}")
+    result = tuple(int(c) for c in order)
+    if sorted(result) != list(range(channels)):
+        raise ValueError(
+            f"order {result} is not a permutation of the {channels} channels {tuple(range(channels))}: name each "
+            "channel once, earliest first"
+        )
+    return result
+
+
+def coupling_pairs(channels: int, order: object = None) -> tuple[tuple[int, int], ...]:
+    """The ``(k, j)`` channel indices of each coefficient, in storage order: coefficient ``i``
+    shifts channel ``k``'s centre by ``a_i (x_j - mu_j)``. Three channels, default order:
+    ``((1, 0), (2, 0), (2, 1))``."""
+    order = check_channel_order(order, channels)
+    return tuple((order[p], order[q]) for p in range(1, channels) for q in range(p))
+
+
+def _check_coefficients(coefficients: object, target: Tensor) -> Tensor:
+    """``coefficients`` as a tensor of ``target.ndim`` dimensions with the pairs along dimension 1:
+    a vector ``(P,)`` becomes ``(1, P, 1, ...)``; a map must have ``P`` in dimension 1 and every
+    other dimension the target's size or 1. Anything else is a ``ValueError`` naming both shapes."""
+    check_float_tensor("coefficients", coefficients)
+    if target.ndim < 2:
+        raise ValueError(f"target must have a batch and a channel dimension (B, C, ...), got shape {tuple(target.shape)}")
+    size = coupling_size(target.shape[1])
+    shape, tshape = tuple(coefficients.shape), tuple(target.shape)
+    if coefficients.ndim == 1 and shape[0] == size:
+        coefficients = coefficients.view((1, size) + (1,) * (target.ndim - 2))
+    elif not (
+        coefficients.ndim == target.ndim
+        and shape[1] == size
+        and all(c in (1, t) for i, (c, t) in enumerate(zip(shape, tshape)) if i != 1)
+    ):
+        raise ValueError(
+            f"coefficients of shape {shape} do not fit target of shape {tshape}: {tshape[1]} channels have "
+            f"{size} coupling coefficients, so expected ({size},) for one set, or a {target.ndim}-d tensor with "
+            f"{size} in dimension 1 and every other dimension the target's or 1, such as the per-pixel map "
+            f"{(tshape[0], size) + tshape[2:]}"
+        )
+    if coefficients.device != target.device:
+        raise ValueError(
+            f"coefficients are on {coefficients.device} but target on {target.device}: move them to one device"
+        )
+    return coefficients
+
+
+def coupled_mean(target: Tensor, mean: Tensor, coefficients: Tensor, order: object = None) -> Tensor:
+    """The conditional centre of each channel given the earlier channels' true values::
+
+        m_k = mu_k + sum_{j before k} a_kj (x_j - mu_j)
+
+    ``coefficients``: ``(P,)``, ``P = C (C - 1) / 2``, or a map ``(B, P, *spatial)`` (any of its
+    dimensions but the pairs' may be 1), in the storage order of :func:`coupling_pairs`.
+    ``order``: a permutation of the channels, earliest first (default ``0, 1, ..., C - 1``).
+
+    Returns ``target``'s shape, computed like the NLLs (at least float32; float64 if any input is):
+    the first channel of the order is ``mean`` itself, and zero coefficients give ``mean`` exactly
+    (for finite residuals: ``0 * inf`` is NaN). Differentiable in ``target``, ``mean`` and
+    ``coefficients``.
+    """
+    check_float_tensor("target", target)
+    check_float_tensor("mean", mean)
+    if target.shape != mean.shape:
+        raise ValueError(f"mean of shape {tuple(mean.shape)} must have the shape of target {tuple(target.shape)}")
+    a = _check_coefficients(coefficients, target)
+    channels = target.shape[1]
+    order = check_channel_order(order, channels)
+    dtype = compute_dtype(target, mean, a)
+    x, mu, a = target.to(dtype), mean.to(dtype), a.to(dtype)
+    if channels == 1:
+        return mu
+    residuals = [x[:, c : c + 1] - mu[:, c : c + 1] for c in order[:-1]]
+    parts: list[Tensor] = [mu[:, c : c + 1] for c in range(channels)]
+    for p in range(1, channels):
+        base = p * (p - 1) // 2
+        shift = a[:, base : base + 1] * residuals[0]
+        for q in range(1, p):
+            shift = shift + a[:, base + q : base + q + 1] * residuals[q]
+        parts[order[p]] = parts[order[p]] + shift
+    return torch.cat(parts, dim=1)
+
+
+def coupled_nll(
+    target: Tensor,
+    mean: Tensor,
+    log_scale: Tensor,
+    coefficients: Tensor,
+    family: Family,
+    include_constant: bool = True,
+    *,
+    order: object = None,
+) -> Tensor:
+    """Per-element NLL of channel ``k`` given the earlier channels: :func:`nll` of ``target`` under
+    ``family(m_k, exp(s_k))``, ``m`` the :func:`coupled_mean`. Summed over the channels it is the
+    NLL of the joint density (the coupling has a unit Jacobian). ``log_scale`` broadcasts as in
+    :func:`nll`; it is the *conditional* scale. Zero coefficients give :func:`nll` bit for bit."""
+    check_family(family)
+    centre = coupled_mean(target, mean, coefficients, order)
+    return nll(target, centre, log_scale, family, include_constant)
+
+
+def coupled_discretized_log_likelihood(
+    target: Tensor, mean: Tensor, log_scale: Tensor, coefficients: Tensor, family: Family, *, order: object = None
+) -> Tensor:
+    """Per-element log-probability of 8-bit data, channel ``k`` given the earlier channels' 8-bit values.
+
+    ``target`` is rounded to the 8-bit levels ``-1 + 2i/255`` first; the rounded earlier channels
+    give the centre ``m_k`` (:func:`coupled_mean`), and channel ``k``'s bin ``[x_k - 1/255, x_k + 1/255]``
+    (open at the two edge levels) has the mass of :func:`discretized_log_likelihood` under
+    ``family(m_k, exp(s_k))``. Given the earlier channels the 256 masses of channel ``k`` sum to 1, so
+    the channels' sum is the exact log-probability of the pixel's 8-bit values. Zero coefficients
+    give :func:`discretized_log_likelihood` bit for bit.
+    """
+    check_family(family)
+    check_float_tensor("target", target)
+    check_float_tensor("mean", mean)
+    scale = log_scale if isinstance(log_scale, Tensor) and log_scale.is_floating_point() else target
+    dtype = compute_dtype(target, mean, scale, check_float_tensor("coefficients", coefficients))
+    x = quantize_8bit(target.to(dtype))
+    centre = coupled_mean(x, mean, coefficients, order)
+    return discretized_log_likelihood(x, centre, log_scale, family)
+
+
+def coupled_discretized_nll(
+    target: Tensor, mean: Tensor, log_scale: Tensor, coefficients: Tensor, family: Family, *, order: object = None
+) -> Tensor:
+    """``-coupled_discretized_log_likelihood``: per-element NLL in nats of 8-bit data (see there)."""
+    return -coupled_discretized_log_likelihood(target, mean, log_scale, coefficients, family, order=order)

@@ -172,7 +172,14 @@ def grafted_record(record: Likelihood | None, init: float, stacklevel: int = 2) 
 
 def likelihood_from_nll(nll: HeteroscedasticNLL) -> Likelihood:
     """The :class:`Likelihood` record of a :class:`hetvae.loss.HeteroscedasticNLL`: granularity,
-    family, bounds, margin, fit, init and the learned value(s) of a global/channel scale."""
+    family, bounds, margin, fit, init and the learned value(s) of a global/channel scale. A loss with
+    channel coupling is refused: the record cannot carry its coefficients, and dropping them would
+    store a different likelihood than the one trained."""
+    if getattr(nll, "coupling", None) is not None:
+        raise ValueError(
+            "a loss with channel_coupling='global' cannot be recorded in a model file yet: the Likelihood "
+            "record has no field for its coupling coefficients (loss.coupling)"
+        )
     head = nll.head
     free = getattr(head, "free", None)
     return Likelihood(

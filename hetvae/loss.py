@@ -10,10 +10,25 @@ import torch
 from torch import Tensor, nn
 
 from hetvae import fused
-from hetvae.functional import Family, broadcast_log_scale, check_family, check_float_tensor, compute_dtype
+from hetvae.functional import (
+    Family,
+    broadcast_log_scale,
+    check_channel_order,
+    check_family,
+    check_float_tensor,
+    compute_dtype,
+    coupled_discretized_nll,
+    coupled_mean,
+    coupling_size,
+    discretized_nll,
+    quantize_8bit,
+)
 from hetvae.heads import DEFAULT_BOUNDS, DEFAULT_MARGIN, Fit, PixelLogScale, check_real, create_head
 
 Reduction = Literal["batch", "mean"]
+CHANNEL_COUPLINGS: tuple[str, ...] = ("none", "global")
+"""Accepted ``channel_coupling`` values. ``"pixel"`` (coefficients predicted by the decoder's head)
+does not exist yet."""
 
 
 @dataclass
@@ -24,13 +39,17 @@ class NLLOutput:
     and beta weighting (float32, or float64 for float64 inputs). ``log_scale``: the bounded
     log-scale used, broadcastable to the target (``()``, ``(1, C, 1, 1)`` or ``(B, C|1, H, W)``).
     ``mean_nll``: with ``faithful=True``, the per-element NLL whose gradient the mean follows (one
-    shared scale); None otherwise (the mean follows ``nll``).
+    shared scale); None otherwise (the mean follows ``nll``). ``coupling``: with
+    ``channel_coupling="global"``, the coefficients used, ``(C (C - 1) / 2,)`` in the storage order of
+    :func:`hetvae.functional.coupling_pairs` (``nll`` and ``log_scale`` are then those of each channel
+    given the earlier ones); None without coupling.
     """
 
     loss: Tensor
     nll: Tensor
     log_scale: Tensor
     mean_nll: Tensor | None = None
+    coupling: Tensor | None = None
 
 
 class HeteroscedasticNLL(nn.Module):
@@ -68,6 +87,15 @@ class HeteroscedasticNLL(nn.Module):
     ``trainable=False`` (``"global"`` / ``"channel"``): the log-scale stays ``init`` exactly; its
     parameter takes no gradient, as SD's ``logvar``, which SD's optimiser never held.
 
+    ``channel_coupling="global"``: the channels inform each other. In ``coupling_order`` (default
+    ``0, 1, ..., C - 1``: R, G, B) channel ``k`` is centred at ``mu_k + sum_{j before k} a_kj (x_j - mu_j)``
+    with its own scale, the ``x_j`` the true values of the earlier channels; the ``C (C - 1) / 2``
+    coefficients are a parameter of the loss, ``coupling`` (zero-initialised, so training starts
+    exactly where ``"none"`` is; not bounded). The log-scale is then each channel's *conditional*
+    scale. With ``faithful`` the coupling belongs to the map's branch: the coefficients are fitted
+    around the stopped mean, and the mean's branch stays the uncoupled NLL under one scale.
+    ``"none"`` (default) registers no parameter and computes exactly what it did before.
+
     Reductions: ``"batch"`` (default) sums over all elements and divides by the batch size, exactly
     as SD's ``LPIPSWithDiscriminator``; ``"mean"`` averages over all elements.
 
@@ -92,6 +120,8 @@ class HeteroscedasticNLL(nn.Module):
         trainable: bool = True,
         mean_scale: str = "map",
         mean_scale_init: float | None = None,
+        channel_coupling: str = "none",
+        coupling_order: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         for name, flag in (("include_constant", include_constant), ("faithful", faithful), ("trainable", trainable)):
@@ -114,6 +144,12 @@ class HeteroscedasticNLL(nn.Module):
                 "mean_scale='global' needs faithful=True: it names the scale the mean's gradient sees, "
                 "which only a faithful loss keeps apart from the map"
             )
+        if not isinstance(channel_coupling, str) or channel_coupling not in CHANNEL_COUPLINGS:
+            raise ValueError(
+                f"channel_coupling must be one of {CHANNEL_COUPLINGS}, got {channel_coupling!r}"
+                + (" (coefficients predicted per pixel by the decoder's head are not implemented)"
+                   if channel_coupling == "pixel" else "")
+            )
         self.family = check_family(family)
         self.head = create_head(
             granularity, channels=channels, init=init, bounds=bounds, margin=margin, family=family, fit=fit,
@@ -134,12 +170,41 @@ class HeteroscedasticNLL(nn.Module):
         self.beta = float(beta)
         self.reduction = reduction
         self.faithful = bool(faithful)
+        self.channel_coupling = channel_coupling
+        self.coupling_order: tuple[int, ...] | None = None
+        # a parameter only when coupled, so a "none" loss keeps the state_dict keys it always had
+        self.coupling: nn.Parameter | None = None
+        if channel_coupling == "global":
+            if channels < 2:
+                raise ValueError(f"channel_coupling='global' needs at least 2 channels, got channels={channels}")
+            self.coupling_order = check_channel_order(coupling_order, channels)
+            self.coupling = nn.Parameter(torch.zeros(coupling_size(channels)))
+        elif coupling_order is not None:
+            raise ValueError("coupling_order needs channel_coupling='global'; without coupling there is no order")
         self._checked_shapes: set[tuple] = set()
 
     def log_scale(self, target: Tensor, mean: Tensor, log_scale: Tensor | None = None) -> Tensor:
         """The bounded log-scale this loss would use, broadcastable to ``target`` (for maps and metrics)."""
         _check_inputs(target, mean, log_scale, None, None)
+        if self.coupling is not None and getattr(self.head, "fit", None) == "optimal":
+            # a closed-form scale is that of the conditional residuals
+            mean = self._centre(target, mean, compute_dtype(target, mean))
         return self.head(target, mean, log_scale)
+
+    def discretized_nll(self, target: Tensor, mean: Tensor, log_scale: Tensor | None = None) -> Tensor:
+        """Per-element NLL in nats of ``target`` rounded to 8-bit levels under this loss's likelihood
+        (the channel coupling included; :func:`hetvae.functional.coupled_discretized_nll`). Its
+        :func:`hetvae.functional.bits_per_dim` is the model's exact bits/dim."""
+        s = self.log_scale(target, mean, log_scale)
+        x = quantize_8bit(target.to(compute_dtype(target, mean)))
+        if self.coupling is None:
+            return discretized_nll(x, mean, s, self.family)
+        a = self.coupling.to(x.dtype)
+        return coupled_discretized_nll(x, mean, s, a, self.family, order=self.coupling_order)
+
+    def _centre(self, target: Tensor, mean: Tensor, dtype: torch.dtype) -> Tensor:
+        """The coupled centre, differentiable in ``mean`` and the coefficients."""
+        return coupled_mean(target, mean, self.coupling.to(dtype), self.coupling_order)
 
     def forward(
         self,
@@ -166,8 +231,14 @@ class HeteroscedasticNLL(nn.Module):
         _check_inputs(target, mean, log_scale, weights, extra_distance)
         dtype = compute_dtype(target, mean)
         target, mean = target.to(dtype), mean.to(dtype)
-        s = self._bounded_log_scale(target, mean, None if log_scale is None else log_scale.to(dtype), weights)
+        # With coupling each channel's distribution is centred at the coupled centre; the NLL is the
+        # plain one around it, so the fused path takes the centre as its mean and autograd carries the
+        # centre's gradient on to the mean and the coefficients.
+        # (faithful: the coupling is the map's, fitted around the stopped mean)
+        centre = mean if self.coupling is None else self._centre(target, mean.detach() if self.faithful else mean, dtype)
+        s = self._bounded_log_scale(target, centre, None if log_scale is None else log_scale.to(dtype), weights)
         s = broadcast_log_scale(s.to(dtype), target)
+        a = None if self.coupling is None else self.coupling.to(dtype)
         spec = fused.NLLSpec(self.family, self.beta, self.include_constant, self.reduction)
         weights = None if weights is None else weights.to(dtype)
         extra_distance = None if extra_distance is None else extra_distance.to(dtype)
@@ -175,12 +246,14 @@ class HeteroscedasticNLL(nn.Module):
         # a few passes (hetvae.fused); HETVAE_FUSED=0 runs the eager reference, e.g. for double backward.
         compute = fused.fused_nll if fused.enabled() else fused.reference
         if not self.faithful:
-            loss, nll = compute(target, mean, s, weights, extra_distance, spec)
-            return NLLOutput(loss=loss, nll=nll, log_scale=s)
+            loss, nll = compute(target, centre, s, weights, extra_distance, spec)
+            return NLLOutput(loss=loss, nll=nll, log_scale=s, coupling=a)
         # the map's NLL around the stopped mean, and the mean's NLL under one scale: the map's
-        # stopped level, or (mean_scale='global') the mean's own learned global scale
+        # stopped level, or (mean_scale='global') the mean's own learned global scale. The coupling
+        # is the map's: its coefficients are fitted around the stopped mean, and the mean's branch
+        # is the uncoupled NLL, so the mean is trained exactly as with one scale.
         stopped_extra = None if extra_distance is None else extra_distance.detach()
-        loss, nll = compute(target, mean.detach(), s, weights, stopped_extra, spec)
+        loss, nll = compute(target, centre.detach() if a is None else centre, s, weights, stopped_extra, spec)
         if self.mean_head is not None:  # the mean's own learned scale, which this NLL trains too
             s_bar = self.mean_head(target, mean, None, weights)
         else:
@@ -188,7 +261,9 @@ class HeteroscedasticNLL(nn.Module):
                 s_bar = torch.logsumexp(s.flatten(), 0) - math.log(s.numel())
         s_bar = broadcast_log_scale(s_bar.to(dtype), target)
         mean_loss, mean_nll = compute(target, mean, s_bar, weights, extra_distance, spec)
-        return NLLOutput(loss=loss + (mean_loss - mean_loss.detach()), nll=nll, log_scale=s, mean_nll=mean_nll)
+        return NLLOutput(
+            loss=loss + (mean_loss - mean_loss.detach()), nll=nll, log_scale=s, mean_nll=mean_nll, coupling=a
+        )
 
     def _bounded_log_scale(
         self, target: Tensor, mean: Tensor, log_scale: Tensor | None, weights: Tensor | None
@@ -218,6 +293,7 @@ class HeteroscedasticNLL(nn.Module):
             f"beta={self.beta}, reduction={self.reduction!r}" + (", faithful=True" if self.faithful else "")
             + (", mean_scale='global'" if self.mean_head is not None else "")
             + ("" if self.head.trainable else ", trainable=False")
+            + ("" if self.coupling is None else f", channel_coupling='global', coupling_order={self.coupling_order}")
         )
 
 

@@ -37,6 +37,8 @@ from hetvae.functional import (
     bits_per_dim,
     check_float_tensor,
     compute_dtype,
+    coupled_discretized_nll,
+    coupling_pairs,
     discretized_nll,
     log_normalizer,
     quantize_8bit,
@@ -321,7 +323,11 @@ class AutoencoderObjective(nn.Module):
     def _likelihood_logs(self, inputs: Tensor, mean: Tensor, out) -> dict[str, Tensor]:
         const = 0.0 if self.nll.include_constant else log_normalizer(self.nll.family)
         s = torch.broadcast_to(out.log_scale, inputs.shape)
-        disc = discretized_nll(quantize_8bit(_upcast(inputs)), _upcast(mean), s, self.nll.family)
+        x = quantize_8bit(_upcast(inputs))
+        if out.coupling is None:
+            disc = discretized_nll(x, _upcast(mean), s, self.nll.family)
+        else:  # each channel given the earlier ones' 8-bit values: still the exact bits/dim
+            disc = coupled_discretized_nll(x, _upcast(mean), s, out.coupling, self.nll.family, order=self.nll.coupling_order)
         logs = {
             "nll_per_dim": out.nll.mean() + const,
             "bpd": bits_per_dim(disc),
@@ -333,6 +339,9 @@ class AutoencoderObjective(nn.Module):
         if self.nll.granularity == "channel":
             for c, value in enumerate(out.log_scale.flatten()):
                 logs[f"log_scale_c{c}"] = value
+        if out.coupling is not None:  # coupling_c1_c0: channel 1's centre per unit of channel 0's residual
+            for (k, j), value in zip(coupling_pairs(inputs.shape[1], self.nll.coupling_order), out.coupling):
+                logs[f"coupling_c{k}_c{j}"] = value
         return logs
 
     # -- discriminator -----------------------------------------------------------------------
