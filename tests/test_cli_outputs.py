@@ -368,8 +368,10 @@ def test_a_real_sigint_prints_interrupted_in_a_subprocess(tmp_path):
             "text, add, _ = cli._COMMANDS['info']\n"
             "cli._COMMANDS['info'] = (text, add, lambda args: os.kill(os.getpid(), signal.SIGINT))\n"
             "sys.exit(cli.main(sys.argv[1:]))\n")
+    # SIGINT at its default in the child, as in a terminal: a job started in the background by a
+    # non-interactive shell inherits it ignored, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.run([sys.executable, "-c", code, "info", str(tmp_path)], capture_output=True, timeout=300,
-                          cwd=ROOT, check=False)
+                          cwd=ROOT, check=False, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.returncode == 128 + signal.SIGINT
     assert proc.stderr.decode() == "interrupted\n"
 
