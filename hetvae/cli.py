@@ -759,6 +759,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hetvae",
         description="Heteroscedastic reconstruction likelihoods for image autoencoders.",
     )
+    from hetvae import __version__
+
+    parser.add_argument("--version", action="version", version=f"hetvae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in _COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
