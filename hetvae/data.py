@@ -148,6 +148,28 @@ class Augment:
         return to_unit_tensor(crop)
 
 
+class ProceduralPool:
+    """Colour dead-leaves images of side ``side`` (:func:`hetvae.procedural.dead_leaves`), entry
+    ``k`` a pure function of ``(seed, k)``, made on first use and kept read-only: the pool the
+    ``procedural`` fraction of training crops is cut from, by map-style and streamed sources alike."""
+
+    def __init__(self, seed: int, side: int) -> None:
+        self.seed = seed
+        self.side = side
+        self._images: dict[int, np.ndarray] = {}
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        if k not in self._images:
+            image = dead_leaves(self.side, np.random.default_rng((self.seed, 0x5EED, k)))
+            image.flags.writeable = False
+            self._images[k] = image
+        return self._images[k]
+
+    def __len__(self) -> int:
+        """How many of the images have been made so far."""
+        return len(self._images)
+
+
 def resolve_num_workers(setting: int | str, dataset: "ImageDataset | None" = None) -> int:
     """``data.num_workers`` as a number: an int as given; ``"auto"``: 0 when every image of
     ``dataset`` is held in memory (nothing to decode: a worker would only add its start-up),
@@ -432,7 +454,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.tint_gray = float(tint_gray)
         self.procedural = float(procedural)
         self.procedural_pool = int(procedural_pool)
-        self._pool: dict[int, np.ndarray] = {}
+        self._pool = ProceduralPool(seed, 2 * resolution)
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
@@ -712,10 +734,6 @@ class ImageDataset(torch.utils.data.Dataset):
     def _procedural_image(self, k: int) -> np.ndarray:
         """Pool entry ``k``: a dead-leaves image of twice the crop side, a pure function of
         ``(seed, k)``, made on first use and kept (the crops, flips and jitter drawn from it vary)."""
-        if k not in self._pool:
-            image = dead_leaves(2 * self.resolution, np.random.default_rng((self.seed, 0x5EED, k)))
-            image.flags.writeable = False
-            self._pool[k] = image
         return self._pool[k]
 
 

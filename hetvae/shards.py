@@ -38,7 +38,6 @@ naming both; a shard without an image member is warned about and passed over.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import glob
 import io
@@ -57,10 +56,9 @@ import torch
 from torch import Tensor
 
 from hetvae.config import DataConfig
-from hetvae.data import Augment, source_kind
+from hetvae.data import Augment, ProceduralPool, source_kind
 from hetvae.files import write_atomically
 from hetvae.images import decode_image, list_images
-from hetvae.procedural import dead_leaves
 from hetvae.schema import ConfigError
 
 __all__ = [
@@ -75,7 +73,6 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 """The extensions of a sample's image member, in the order one is chosen when a sample has several."""
 SHUFFLE_TAG = 0x5A4D
 """Last entropy word of a group's shuffle, so it never shares a stream with a sample's draws."""
-_PROCEDURAL_TAG = 0x5EED  # ImageDataset's pool entry k: default_rng((seed, 0x5EED, k))
 _BLOCK = 512  # tar block size
 _MAX_NAMED = 20  # per stream and process: later bad members go to the log at INFO
 _INDEX_CACHE_SIZE = 256  # shard indexes kept per process (counts are kept for every shard)
@@ -442,7 +439,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._bad: dict[tuple[int, int], str] = {}
         self._named = 0
         self._files: collections.OrderedDict[int, io.BufferedReader] = collections.OrderedDict()
-        self._pool: dict[int, np.ndarray] = {}
+        self._pool = ProceduralPool(seed, 2 * augment.resolution)  # ImageDataset's pool
 
     def __getstate__(self):  # open files stay in the process that opened them
         state = self.__dict__.copy()
@@ -578,13 +575,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         raise ValueError(f"no image of at least {self.augment.resolution}x{self.augment.resolution} px can be "
                          f"decoded in the tar shards of slot {slot}, epoch {epoch}: {names}")
 
-    def _procedural_image(self, k: int) -> np.ndarray:
-        if k not in self._pool:  # ImageDataset's pool: twice the crop side, from (seed, 0x5EED, k)
-            image = dead_leaves(2 * self.augment.resolution, np.random.default_rng((self.seed, _PROCEDURAL_TAG, k)))
-            image.flags.writeable = False
-            self._pool[k] = image
-        return self._pool[k]
-
     def _samples(self, slot: int, epoch: int, position: int) -> Iterator[Tensor]:
         """Slot ``slot``'s crops from ``(epoch, position)`` on, forever."""
         empty = 0
@@ -600,7 +590,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 for q in range(position - base, size):
                     rng = np.random.default_rng((self.seed, epoch, slot, base + q))
                     if self.procedural > 0 and rng.random() < self.procedural:
-                        pixels = self._procedural_image(int(rng.integers(self.procedural_pool)))
+                        pixels = self._pool[int(rng.integers(self.procedural_pool))]
                     else:
                         pixels = self._usable(epoch, slot, groups, g, order, q)
                     yield self.augment(pixels, rng)
