@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import test_data
 import torch
 from PIL import Image
 
@@ -16,13 +17,7 @@ from hetvae.data import ImageDataset, build_dataset, source_kind
 from hetvae.images import image_size, list_images, read_image, read_list_file
 
 R = 16
-
-
-def _photo(h, w, seed):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([yy * 255 // h, xx * 255 // w, (yy + xx) * 255 // (h + w)], axis=-1)
-    return np.clip(base + rng.integers(0, 30, (h, w, 3)), 0, 255).astype(np.uint8)
+_photo = test_data._photo  # the same gradient-plus-noise test photographs
 
 
 def _png(array) -> bytes:
