@@ -346,6 +346,10 @@ def _one_and_two_processes(images: Path, tmp_path: Path, overrides: list[str]) -
         env=_env(), capture_output=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    batch = make_cfg(images, tmp_path / "two", *overrides).train.batch_size
+    # the start line says train.batch_size is the global micro-batch, once (rank 0)
+    assert proc.stderr.decode().count(f"train.batch_size={batch} images is the global micro-batch, split over 2 "
+                                      f"processes: {batch // 2} images per process") == 1
     return tuple(load_checkpoint(latest_checkpoint(tmp_path / run / "checkpoints")).tensors for run in ("one", "two"))
 
 

@@ -9,12 +9,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from test_validation import _write_images, make_cfg
 
 from hetvae import loggers
 from hetvae.loggers import logger_names
 from hetvae.schema import ConfigError
 from hetvae.train import Trainer, train
-from test_validation import _write_images, make_cfg
 
 
 @pytest.fixture(scope="module")
