@@ -104,6 +104,24 @@ def test_keep_best_holds_the_best_step(folders, tmp_path):
     assert not list(run.glob(".tmp-best-*")) and not list(run.glob(".old-best-*"))
 
 
+def test_a_resume_keeps_comparing_with_the_best_so_far(folders, tmp_path):
+    """A run resumed after its best step replaces best/ only with a lower bits/dim; a resume may turn
+    validation on (a key a resume may change)."""
+    train_dir, val_dir = folders
+    run = tmp_path / "run"
+    common = [f"data.val_path={val_dir}", "train.keep_best=true", "train.lr=0.05", "train.ema_decay=null",
+              "train.checkpoint_every=1"]
+    train(make_cfg(train_dir, run, *common, "train.steps=1", "train.val_every=1"), progress=False)
+    first = json.loads((run / "best" / "validation.json").read_text())
+    resumed = Trainer(make_cfg(train_dir, run, *common, "train.steps=6", "train.val_every=1"), progress=False)
+    assert resumed.step == 1 and resumed.best_bpd == pytest.approx(first["val_nll_bpd"])
+    resumed.run()
+    val = [r for r in _records(run) if "val_nll_bpd" in r]
+    assert [r["step"] for r in val] == [1, 2, 3, 4, 5, 6]
+    best = json.loads((run / "best" / "validation.json").read_text())
+    assert best["val_nll_bpd"] == pytest.approx(min(r["val_nll_bpd"] for r in val))
+
+
 def test_panels_show_the_validation_images(folders, tmp_path):
     train_dir, val_dir = folders
     trainer = Trainer(make_cfg(train_dir, tmp_path / "run", f"data.val_path={val_dir}"), progress=False)
