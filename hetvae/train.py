@@ -890,7 +890,9 @@ class Trainer:
                         self.step % t.val_every == 0 or done)
                     if val_due:
                         self._check_finite_weights()
+                        began = time.perf_counter()
                         self.run_validation()
+                        interval_start += time.perf_counter() - began  # steps_per_s counts training alone
                     stop = self._should_stop()
                     sample_due = (t.sample_every and self.step % t.sample_every == 0) or done or stop
                     # during a non-finite streak the newest checkpoint stays the last good one
