@@ -927,7 +927,7 @@ class AutoencoderKL(nn.Module):
         if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
             raise ValueError(f"{name} must be a floating-point torch.dtype, got {cast!r}")
         for name, value in (("force_download", force_download), ("local_files_only", local_files_only)):
-            if not isinstance(value, bool):
+            if value is not True and value is not False:
                 raise ValueError(f"AutoencoderKL.from_pretrained: {name} must be True or False, got {value!r}")
         path = resolve_model(path, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir,
                              token=token, force_download=force_download, local_files_only=local_files_only)

@@ -144,8 +144,9 @@ def resolve_model(
     if hub.is_file and variant is not None:
         raise ValueError(f"variant applies to a diffusers folder's weights; {name} names one file: leave variant out")
     hub = HubName(hub.repo_id, _join(hub.path, subfolder), hub.is_file, revision or hub.revision)
-    return _fetch(hub, variant, dict(cache_dir=cache_dir, token=token, force_download=force_download,
-                                     local_files_only=local_files_only))
+    options = {"cache_dir": cache_dir, "token": token, "force_download": force_download,
+               "local_files_only": local_files_only}
+    return _fetch(hub, variant, options)
 
 
 def _weights(prefix: str, variant: str | None, suffix: str) -> str:
@@ -194,7 +195,11 @@ def _fetch(hub: HubName, variant: str | None, options: dict) -> Path:
         import huggingface_hub
         from huggingface_hub import constants
         from huggingface_hub.utils import (
-            GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
         )
     except ImportError as e:
         raise ImportError(f"{hub}: reading a Hugging Face Hub id needs huggingface_hub (pip install huggingface_hub)") from e

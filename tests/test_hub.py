@@ -14,17 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 
+import hetvae
+from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
+from hetvae.config import Config, ModelConfig, with_absolute_paths
+from hetvae.convert import inspect_checkpoint, load_autoencoder
+from hetvae.hub import HubName, is_hub_id, parse_hub_name, resolve_model
+from hetvae.likelihood import Likelihood
+
 huggingface_hub = pytest.importorskip("huggingface_hub")
 hf_constants = pytest.importorskip("huggingface_hub.constants")
 
-import hetvae  # noqa: E402
-from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL  # noqa: E402
-from hetvae.config import Config, ModelConfig, with_absolute_paths  # noqa: E402
-from hetvae.convert import inspect_checkpoint, load_autoencoder  # noqa: E402
-from hetvae.hub import HubName, is_hub_id, parse_hub_name, resolve_model  # noqa: E402
-from hetvae.likelihood import Likelihood  # noqa: E402
-
-TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, sample_size=32)
+TINY = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32}
 CALIBRATION = {"method": "affine", "family": "laplace", "slope": [0.8, 1.1, 1.3], "offset": [0.2, -0.1, 0.05]}
 
 
@@ -192,6 +192,14 @@ def test_a_pipeline_subfolder_in_the_name_or_as_subfolder(hub):
     assert_same_model(load_autoencoder("org/pipe"), want)  # a pipeline's root: its vae/, as for a folder
     assert_same_model(AutoencoderKL.from_pretrained("org/pipe", subfolder="vae", torch_dtype=torch.float64),
                       want.double())
+
+
+def test_a_pipeline_vae_from_a_hub_id(hub):
+    pytest.importorskip("diffusers")
+    models, _ = hub
+    vae = hetvae.PipelineAutoencoderKL.from_pretrained("org/pipe", subfolder="vae")
+    assert type(vae).__name__ == "PipelineAutoencoderKL"
+    assert_same_model(vae, models["pipe"])
 
 
 def test_a_single_file_and_the_head_beside_it(hub):
