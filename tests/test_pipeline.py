@@ -186,7 +186,8 @@ def test_a_new_process_loads_the_pipeline_once_hetvae_pipeline_is_imported(base,
         else:
             print(type(pipe.vae).__name__, pipe.vae.has_log_scale_head, pipe.vae.calibration.method)
     """)
-    out = {how: subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, timeout=300)
-           for how in ("import", "bare")}
+    out = {how: subprocess.run([sys.executable, "-c", script, how], capture_output=True, text=True, timeout=300,
+                               check=False)
+           for how in ("import", "bare")}  # the outcome is in the output
     assert out["import"].stdout.strip().splitlines()[-1] == "PipelineAutoencoderKL True affine", out["import"].stderr
     assert "import hetvae.pipeline before calling `from_pretrained`" in out["bare"].stdout, out["bare"].stderr
