@@ -34,6 +34,7 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 _PATH_PART = re.compile(r"[^\\:*?\"<>|\0]+")
 _LOCAL_PREFIXES = ("/", "./", "../", "~", "\\")
+_VARIANT = re.compile(r"[A-Za-z0-9_-]+")
 _DIFFUSERS_STEM = "diffusion_pytorch_model"
 _HEAD_FILE = "log_scale_head.safetensors"
 
@@ -113,9 +114,14 @@ def resolve_model(
             the cache does not hold it (the message names the cache folder and the ``hf download``
             command that fetches it).
         ValueError: a ``revision`` for a local path, two revisions that differ, a ``variant`` for
-            a single file, a malformed ``subfolder``.
+            a single file, a malformed ``subfolder``, ``revision`` or ``variant``.
+        TypeError: ``name`` is neither a string nor a path.
         ImportError: a Hub id without ``huggingface_hub`` installed.
     """
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"a model is named by a str or a path, got {type(name).__name__}: {FORMS}")
+    if variant is not None and not (isinstance(variant, str) and _VARIANT.fullmatch(variant)):
+        raise ValueError(f"variant must be None or a name of letters, digits, '_' and '-' (e.g. 'fp16'), got {variant!r}")
     if subfolder is not None and (not isinstance(subfolder, str) or subfolder.startswith(_LOCAL_PREFIXES)
                                   or ".." in subfolder.split("/")):
         raise ValueError(f"subfolder must be a relative folder name such as 'vae', got {subfolder!r}")
@@ -210,9 +216,10 @@ def _fetch(hub: HubName, variant: str | None, options: dict) -> Path:
     def not_cached(detail: str = "") -> FileNotFoundError:
         why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else (
             "local_files_only=True" if options["local_files_only"] else "the Hub could not be reached")
+        pipeline = "" if hub.path else f" (a pipeline repository: name its VAE folder, {hub.repo_id}/vae)"
         return FileNotFoundError(
             f"{hub}: not in the Hugging Face cache {cache}{detail} ({why}); fetch it while online with "
-            f"`{_download_hint(hub, variant)}`, or go online (unset HF_HUB_OFFLINE) and hetvae fetches it"
+            f"`{_download_hint(hub, variant)}`{pipeline}, or go online (unset HF_HUB_OFFLINE) and hetvae fetches it"
         )
 
     def download(suffix: str) -> Path:

@@ -272,7 +272,8 @@ def test_offline_and_not_cached_names_the_id_the_cache_and_the_download(cache):
     text = str(error.value)
     assert text.startswith("stabilityai/sd-vae-ft-mse: not in the Hugging Face cache " + str(cache.root))
     assert "HF_HUB_OFFLINE=1" in text
-    assert "`hf download stabilityai/sd-vae-ft-mse config.json diffusion_pytorch_model.safetensors`" in text
+    assert "`hf download stabilityai/sd-vae-ft-mse config.json diffusion_pytorch_model.safetensors` (a pipeline " \
+           "repository: name its VAE folder, stabilityai/sd-vae-ft-mse/vae)" in text
     with pytest.raises(FileNotFoundError, match=r'hf download org/pipe --include "vae/\*" --revision v9`'):
         AutoencoderKL.from_pretrained("org/pipe", subfolder="vae", revision="v9")
 
@@ -348,3 +349,19 @@ def test_online_a_repository_without_a_vae_lists_its_files(cache, tmp_path, monk
     assert "diffusion_pytorch_model.safetensors" in calls[0] and "vae/diffusion_pytorch_model.safetensors" in calls[0]
     assert "diffusion_pytorch_model.bin" in calls[1] and "log_scale_head.safetensors" in calls[1]
     assert not any(p.endswith(".bin") for p in calls[0])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"subfolder": "../vae"}, ValueError, "subfolder must be a relative folder name such as 'vae', got '../vae'"),
+    ({"subfolder": "/vae"}, ValueError, "subfolder must be a relative folder name"),
+    ({"revision": " "}, ValueError, "revision must be a branch, tag or commit name, got ' '"),
+    ({"variant": "fp16/../x"}, ValueError, "variant must be None or a name of letters"),
+])
+def test_malformed_arguments_are_refused_before_any_lookup(cache, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        resolve_model("org/vae", **kwargs)
+
+
+def test_a_name_that_is_no_string_or_path(cache):
+    with pytest.raises(TypeError, match="a model is named by a str or a path, got int"):
+        resolve_model(3)
