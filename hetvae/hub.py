@@ -219,7 +219,7 @@ def _fetch(hub: HubName, variant: str | None, options: dict) -> Path:
         pipeline = "" if hub.path else f" (a pipeline repository: name its VAE folder, {hub.repo_id}/vae)"
         return FileNotFoundError(
             f"{hub}: not in the Hugging Face cache {cache}{detail} ({why}); fetch it while online with "
-            f"`{_download_hint(hub, variant)}`{pipeline}, or go online (unset HF_HUB_OFFLINE) and hetvae fetches it"
+            f"`{_download_hint(hub, variant)}{f' --cache-dir {cache}' if options['cache_dir'] else ''}`{pipeline}, or go online (unset HF_HUB_OFFLINE) and hetvae fetches it"
         )
 
     def download(suffix: str) -> Path:

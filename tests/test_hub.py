@@ -184,6 +184,14 @@ def test_variant_reads_the_variant_weights(hub):
         load_autoencoder("org/vae", variant="ema")
 
 
+def test_pickled_weights_when_a_folder_has_no_safetensors(cache, tmp_path):
+    model = tiny_model(7, head=False)
+    model.save_pretrained(tmp_path / "bin", format="diffusers", safe_serialization=False)
+    assert (tmp_path / "bin" / "diffusion_pytorch_model.bin").is_file()
+    cache.put("org/old", tmp_path / "bin")
+    assert_same_model(load_autoencoder("org/old"), model)
+
+
 def test_a_pipeline_subfolder_in_the_name_or_as_subfolder(hub):
     models, _ = hub
     want = models["pipe"]
@@ -287,12 +295,19 @@ def test_a_folder_or_file_missing_from_a_cached_snapshot(hub):
         load_autoencoder("org/single/weights/other.safetensors")
 
 
-def test_local_files_only_reads_the_cache_only(hub, monkeypatch):
+def test_local_files_only_reads_the_cache_only(hub, cache, monkeypatch):
     models, _ = hub
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     assert_same_model(AutoencoderKL.from_pretrained("org/vae", local_files_only=True), models["main"])
     with pytest.raises(FileNotFoundError, match=r"org/nothing: not in the Hugging Face cache .*local_files_only=True"):
         AutoencoderKL.from_pretrained("org/nothing", local_files_only=True)
+    elsewhere = cache.root.parent / "other-cache"
+    with pytest.raises(FileNotFoundError, match=f"org/vae: not in the Hugging Face cache {elsewhere} .*"
+                                                f"`hf download org/vae config.json diffusion_pytorch_model.safetensors "
+                                                f"--cache-dir {elsewhere}`"):
+        AutoencoderKL.from_pretrained("org/vae", local_files_only=True, cache_dir=elsewhere)
+    assert_same_model(AutoencoderKL.from_pretrained("org/vae", local_files_only=True, cache_dir=cache.root),
+                      models["main"])
 
 
 @pytest.mark.parametrize("name", ["no such/thing here", "org/na--me/vae"])
