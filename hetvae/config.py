@@ -80,7 +80,8 @@ class ModelConfig:
         init_from: ``"scratch"``: a new model built from the fields below. Otherwise a path that
             ``load_autoencoder`` accepts (diffusers folder, SD/ldm single file, hetvae folder) or a
             Hugging Face Hub id (``org/name``, ``org/name/vae``, ``org/name/file.safetensors``,
-            ``@revision``), which stays as written in the run's config; the architecture is then the checkpoint's, and the fields below are not used.
+            ``@revision``), which stays as written in the run's config; the architecture is then
+            the checkpoint's, and the fields below are not used.
         in_channels, out_channels: image channels.
         block_out_channels: channels per resolution level; the image is down-sampled by
             ``2 ** (len(block_out_channels) - 1)`` (SD: ``(128, 256, 512, 512)``, 8x).
