@@ -68,6 +68,7 @@ from hetvae.convert import (
     trunk_indices,
 )
 from hetvae.files import CheckpointError
+from hetvae.hub import resolve_model
 from hetvae.likelihood import Likelihood, grafted_record
 
 __all__ = ["LogScaleDecoder", "ScaledDecoderOutput", "attach_log_scale_head"]
@@ -319,7 +320,9 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
             hetvae's own :class:`hetvae.AutoencoderKL`, which decodes its log-scale itself
             (``model.decode(z).log_scale``) and is refused.
         path: a hetvae export folder (diffusers, ldm or hetvae format), a model file, or a head
-            file (``log_scale_head.safetensors`` / ``<stem>.log_scale_head.safetensors``).
+            file (``log_scale_head.safetensors`` / ``<stem>.log_scale_head.safetensors``); locally
+            or as a Hugging Face Hub id (``org/name``, ``org/name/vae``,
+            ``org/name/vae/log_scale_head.safetensors``, ``@revision``: :func:`hetvae.hub.resolve_model`).
         calibrated: apply a post-hoc calibration stored with the export (default); False gives
             the bounded map as trained.
 
@@ -333,7 +336,6 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
     shapes do not fit ``vae``; warns when the export's ``conv_out`` differs from ``vae``'s (the
     head was trained on other features).
     """
-    path = Path(path).expanduser()
     if isinstance(vae, AutoencoderKL):  # its own head would read conv_out's output with the hooked maps appended
         raise ValueError(
             f"vae is hetvae's own AutoencoderKL, which decodes its log-scale itself: use model.decode(z).log_scale "
@@ -346,6 +348,7 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
             f"vae must be a diffusers AutoencoderKL (with decode() and a decoder.conv_out convolution), "
             f"got {type(vae).__name__}"
         )
+    path = resolve_model(path)  # a local path or a Hugging Face Hub id (org/name/vae, org/name/file, @revision)
     tensors, likelihood, source, export_conv_out, settings = _read(path)
     head, sees_mean, sees_latent, sees_edges = _build_head(tensors, vae.decoder, path, settings)
     if likelihood is None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hetvae.distributions import DiagonalGaussian
+from hetvae.hub import resolve_model
 from hetvae.layers import Level, MidBlock, ResnetBlock, activation_layout, group_norm, run_maybe_checkpointed
 from hetvae.likelihood import Likelihood, finite_numbers, grafted_record, is_int, is_number
 
@@ -33,20 +34,16 @@ LOG_SCALE_KINDS = (None, "pixel")
 # diffusers config.json keys that AutoencoderConfig derives rather than stores
 DIFFUSERS_CONFIG_ALIASES = ("down_block_types", "up_block_types", "act_fn", "mid_block_add_attention")
 
-_HUB = ("hetvae reads local folders and files only (no Hugging Face Hub download): fetch the model with "
-        "huggingface_hub.snapshot_download(repo_id) and pass the folder it returns")
+_PROXIES = "huggingface_hub reads its proxy from the environment: set HTTPS_PROXY instead"
 _CPU = "hetvae loads the whole model on the CPU: move it with model.to(device) once loaded"
 # The rest of diffusers.AutoencoderKL.from_pretrained's arguments, as AutoencoderKL.from_pretrained
 # takes them: name -> (the values it accepts, which ask for nothing hetvae does not do anyway;
 # why any other value is refused)
 _DIFFUSERS_LOADING_ARGUMENTS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "cache_dir": ((None,), _HUB),
-    "force_download": ((None, False), _HUB),
-    "proxies": ((None,), _HUB),
-    "token": ((None,), _HUB),
-    "revision": ((None,), _HUB),
-    "local_files_only": ((True, False), _HUB),
+    "proxies": ((None,), _PROXIES),
     "low_cpu_mem_usage": ((True, False), _CPU),
+    "disable_mmap": ((True, False), "hetvae reads the weights in full"),
+    "use_flashpack": ((None, False), "hetvae reads safetensors or pickled weights"),
     "device_map": ((None,), _CPU),
     "max_memory": ((None,), _CPU),
     "offload_folder": ((None,), _CPU),
@@ -881,21 +878,29 @@ class AutoencoderKL(nn.Module):
         log_scale: str | None = None,
         *,
         subfolder: str | None = None,
+        revision: str | None = None,
         variant: str | None = None,
         use_safetensors: bool | None = None,
         torch_dtype: torch.dtype | None = None,
         dtype: torch.dtype | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
         **overrides: Any,
     ) -> "AutoencoderKL":
         """``hetvae.convert.load_autoencoder(path / subfolder, log_scale, **overrides)``: a hetvae,
-        diffusers or ldm folder or file, local only. diffusers' arguments: ``subfolder`` (e.g.
-        ``"vae"`` in a pipeline folder), ``variant`` (``"fp16"`` reads
-        ``diffusion_pytorch_model.fp16.safetensors``), ``use_safetensors`` (True: only
-        ``.safetensors`` weights, False: only ``.bin``), ``torch_dtype`` or its newer name ``dtype``
-        (the model is cast to it; float32 otherwise), and ``local_files_only`` / ``low_cpu_mem_usage``
-        (either value: hetvae reads local files, in full). Those hetvae cannot honour (Hub downloads,
-        device maps, quantisation: :data:`_DIFFUSERS_LOADING_ARGUMENTS`) raise ``ValueError`` naming
-        what to do instead, unless given the value that asks for nothing."""
+        diffusers or ldm folder or file, at a local path or a Hugging Face Hub id (``org/name``,
+        ``org/name/vae``, ``org/name/file.safetensors``, ``@revision``: :func:`hetvae.hub.resolve_model`).
+        diffusers' arguments: ``subfolder`` (e.g. ``"vae"`` in a pipeline), ``revision`` (of a Hub
+        repository), ``variant`` (``"fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors``),
+        ``use_safetensors`` (True: only ``.safetensors`` weights, False: only ``.bin``),
+        ``torch_dtype`` or its newer name ``dtype`` (the model is cast to it; float32 otherwise),
+        ``cache_dir``, ``token``, ``force_download``, ``local_files_only`` (for a Hub id, as
+        ``huggingface_hub.snapshot_download`` takes them) and ``low_cpu_mem_usage`` (either value:
+        hetvae reads the weights in full). Those hetvae cannot honour (device maps, quantisation:
+        :data:`_DIFFUSERS_LOADING_ARGUMENTS`) raise ``ValueError`` naming what to do instead, unless
+        given the value that asks for nothing."""
         from hetvae.convert import load_autoencoder
 
         refused = [
@@ -910,8 +915,9 @@ class AutoencoderKL(nn.Module):
         unknown = sorted(set(overrides) - fields)
         if unknown:
             raise ValueError(
-                f"unknown override(s) {unknown}: from_pretrained takes diffusers' subfolder, variant, "
-                f"use_safetensors, torch_dtype (dtype), local_files_only and low_cpu_mem_usage, and "
+                f"unknown override(s) {unknown}: from_pretrained takes diffusers' subfolder, variant, revision, "
+                f"use_safetensors, torch_dtype (dtype), cache_dir, token, force_download, local_files_only and "
+                f"low_cpu_mem_usage, and "
                 f"AutoencoderConfig fields: {sorted(fields)}"
             )
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
@@ -920,7 +926,10 @@ class AutoencoderKL(nn.Module):
         name, cast = ("torch_dtype", torch_dtype) if dtype is None else ("dtype", dtype)
         if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
             raise ValueError(f"{name} must be a floating-point torch.dtype, got {cast!r}")
-        if subfolder is not None:
-            path = Path(path) / subfolder
+        for name, value in (("force_download", force_download), ("local_files_only", local_files_only)):
+            if value is not True and value is not False:
+                raise ValueError(f"AutoencoderKL.from_pretrained: {name} must be True or False, got {value!r}")
+        path = resolve_model(path, subfolder=subfolder, revision=revision, variant=variant, cache_dir=cache_dir,
+                             token=token, force_download=force_download, local_files_only=local_files_only)
         model = load_autoencoder(path, log_scale=log_scale, variant=variant, use_safetensors=use_safetensors, **overrides)
         return model if cast is None else model.to(cast)

@@ -16,6 +16,7 @@ from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 from hetvae.config import Config, ModelConfig, require_crop_sides
 from hetvae.convert import expected_head_file, inspect_checkpoint, load_autoencoder
 from hetvae.discriminator import NLayerDiscriminator
+from hetvae.hub import resolve_model
 from hetvae.likelihood import grafted_record, head_config_fields, nll_from_config, nll_from_likelihood
 from hetvae.loss import HeteroscedasticNLL
 from hetvae.objective import AutoencoderObjective
@@ -49,7 +50,9 @@ def build_model(cfg: Config) -> AutoencoderKL:
     encoder reading chroma amplified by ``train.init_chroma_gain``.
     Parameters come from torch's global RNG: seed it first.
 
-    Otherwise ``init_from`` is a checkpoint path for ``hetvae.convert.load_autoencoder``; its
+    Otherwise ``init_from`` is a checkpoint path or a Hugging Face Hub id (``org/name``,
+    ``org/name/vae``, ``org/name/file.safetensors``, ``@revision``; :func:`hetvae.hub.resolve_model`)
+    for ``hetvae.convert.load_autoencoder``; its
     architecture is the checkpoint's, and ``model.scaling_factor`` / ``shift_factor``, when set
     (not ``None``), replace the checkpoint's stored or inferred values. For
     ``"pixel"`` a head stored with the checkpoint is kept (``detach_features`` still applies) and
@@ -59,7 +62,7 @@ def build_model(cfg: Config) -> AutoencoderKL:
     a warning): it describes the scale before training.
 
     Raises:
-        FileNotFoundError: ``init_from`` does not exist.
+        FileNotFoundError: ``init_from`` does not exist (nor, for a Hub id, on the Hub or in its cache).
         ConfigError: ``data.resolution`` is not a multiple of a loaded model's down-sampling factor.
     """
     pixel = cfg.log_scale.granularity == "pixel"
@@ -78,9 +81,10 @@ def build_model(cfg: Config) -> AutoencoderKL:
             model.amplify_input_chroma(cfg.train.init_chroma_gain)
         return model.train()
 
-    path = Path(cfg.model.init_from).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model.init_from: {path} does not exist")
+    try:  # a local path, or a Hugging Face Hub id (org/name, org/name/vae, ...@revision)
+        path = resolve_model(cfg.model.init_from)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"model.init_from: {e}") from None
     info = inspect_checkpoint(path)
     # explicit values win over the checkpoint's (an SDXL VAE is inferred as SD 1.x's 0.18215)
     factors = {name: getattr(cfg.model, name) for name in _LATENT_FACTORS if getattr(cfg.model, name) is not None}

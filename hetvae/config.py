@@ -33,6 +33,7 @@ import yaml
 
 from hetvae.files import atomic_write_text
 from hetvae.heads import DEFAULT_MARGIN, LOG_SCALE_LIMIT
+from hetvae.hub import is_hub_id
 from hetvae.schema import (
     ConfigError,
     apply_overrides,
@@ -77,8 +78,10 @@ class ModelConfig:
 
     Attributes:
         init_from: ``"scratch"``: a new model built from the fields below. Otherwise a path that
-            ``load_autoencoder`` accepts (diffusers folder, SD/ldm single file, hetvae folder);
-            the architecture is then the checkpoint's, and the fields below are not used.
+            ``load_autoencoder`` accepts (diffusers folder, SD/ldm single file, hetvae folder) or a
+            Hugging Face Hub id (``org/name``, ``org/name/vae``, ``org/name/file.safetensors``,
+            ``@revision``), which stays as written in the run's config; the architecture is then
+            the checkpoint's, and the fields below are not used.
         in_channels, out_channels: image channels.
         block_out_channels: channels per resolution level; the image is down-sampled by
             ``2 ** (len(block_out_channels) - 1)`` (SD: ``(128, 256, 512, 512)``, 8x).
@@ -789,7 +792,8 @@ def _absolute(path: str) -> str:
 
 def with_absolute_paths(cfg: Config) -> Config:
     """``cfg`` with its data and weight paths (``data.path``, ``data.val_path``, ``model.init_from``,
-    ``objective.perceptual_weights``) made absolute (``~`` expanded, relative to the working folder),
+    ``objective.perceptual_weights``) made absolute (``~`` expanded, relative to the working folder;
+    an ``init_from`` that is a Hub id and no local path stays as it is),
     so that a run's stored config means the same files wherever it is resumed from. The words
     ``scratch``, ``auto`` and ``random`` and an unset ``data.path`` stay as they are."""
     def absolute_paths(paths: str | list[str] | None) -> str | list[str] | None:
@@ -798,7 +802,9 @@ def with_absolute_paths(cfg: Config) -> Config:
         return [_absolute(p) for p in paths] if isinstance(paths, list) else paths
 
     data_path = absolute_paths(cfg.data.path)
-    init_from = cfg.model.init_from if cfg.model.init_from == "scratch" else _absolute(cfg.model.init_from)
+    init_from = cfg.model.init_from
+    if init_from != "scratch" and not is_hub_id(init_from):  # a Hub id (org/name) is no local path
+        init_from = _absolute(init_from)
     weights = cfg.objective.perceptual_weights
     weights = weights if weights in ("auto", "random") else _absolute(weights)
     return dataclasses.replace(

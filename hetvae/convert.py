@@ -15,6 +15,10 @@ Formats read by ``load_autoencoder``:
 * ``"diffusers-file"``: one file in the diffusers key layout (``encoder.down_blocks.0...``),
   including the old attention names ``query/key/value/proj_attn``.
 
+Each of them may also be named by a Hugging Face Hub id (``org/name``, ``org/name/vae``,
+``org/name/file.safetensors``, ``@revision``), fetched or read from the cache by
+:func:`hetvae.hub.resolve_model`.
+
 Single files carry no config: the architecture is inferred from tensor shapes and the latent
 scaling from the detected family (see ``FAMILIES``); any field can be overridden.
 
@@ -66,6 +70,7 @@ from hetvae.files import (
     signals_raise,
     write_atomically,
 )
+from hetvae.hub import resolve_model
 from hetvae.likelihood import (
     Likelihood,
     grafted_record,
@@ -723,8 +728,10 @@ def read_model_file(
     path: str | Path, *, variant: str | None = None, use_safetensors: bool | None = None
 ) -> tuple[CheckpointInfo, dict[str, Tensor]]:
     """The model at ``path`` (its :class:`CheckpointInfo`) and its tensors, in the internal layout;
-    ``variant`` / ``use_safetensors`` choose a diffusers folder's weights file (:func:`_locate`)."""
-    path = Path(path)
+    ``variant`` / ``use_safetensors`` choose a diffusers folder's weights file (:func:`_locate`).
+    ``path`` may be a Hugging Face Hub id (:func:`hetvae.hub.resolve_model`)."""
+    _check_weights_choice(variant, use_safetensors)
+    path = resolve_model(path, variant=variant)
     file, config_file = _locate(path, variant, use_safetensors)
     if config_file is not None:
         sd, config, scaling = _read_diffusers_folder(file, config_file)
@@ -800,7 +807,9 @@ def load_autoencoder(
     use_safetensors: bool | None = None,
     **overrides: Any,
 ) -> AutoencoderKL:
-    """Load an ``AutoencoderKL`` from any supported format (see the module docstring).
+    """Load an ``AutoencoderKL`` from any supported format (see the module docstring), at a local
+    path or a Hugging Face Hub id (``org/name``, ``org/name/vae``, ``org/name/file.safetensors``,
+    ``@revision``: :func:`hetvae.hub.resolve_model`; ``variant`` fetches that weights file).
 
     ``log_scale``: None keeps what the checkpoint has (a head stored inside or beside it is loaded);
     ``"pixel"`` also grafts a fresh head (zero weights, bias ``log_scale_init``) when there is

@@ -55,6 +55,7 @@ from hetvae.convert import (
     store_likelihood,
 )
 from hetvae.files import hub_cache_entry
+from hetvae.hub import is_hub_id, resolve_model
 from hetvae.images import ImageList, calibration_photos, load_images
 from hetvae.likelihood import likelihood_from_nll
 from hetvae.loss import HeteroscedasticNLL
@@ -272,14 +273,18 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibrated: bool = True) -> Predictor:
     """A :class:`Predictor` from a run folder, one of its training checkpoints
-    (``RUN/checkpoints/step_XXXXXXXX``: the model the run would have exported at that step) or any
-    model checkpoint (module docstring).
+    (``RUN/checkpoints/step_XXXXXXXX``: the model the run would have exported at that step), any
+    model checkpoint (module docstring) or a Hugging Face Hub id of one (``org/name``,
+    ``org/name/vae``, ``org/name/file.safetensors``, ``@revision``: :func:`hetvae.hub.resolve_model`).
 
     ``calibrated``: use the post-hoc calibration stored with the model (``hetvae calibrate``), if
     any; False scores the model as trained (``--uncalibrated``)."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (expected a run folder or a model checkpoint)")
+    if not is_hub_id(path) and not Path(path).expanduser().exists():
+        raise FileNotFoundError(
+            f"checkpoint {Path(path).expanduser()} does not exist (expected a run folder, a model checkpoint or a "
+            f"Hugging Face Hub id such as org/name)"
+        )
+    path = resolve_model(path)
     if is_run_folder(path):
         model, nll = read_run(path)
     elif is_checkpoint(path):

@@ -2,7 +2,7 @@
 ``diffusers.AutoencoderKL.from_pretrained``: ``variant`` (reads ``diffusion_pytorch_model.<variant>
 .safetensors`` or ``.bin``, as diffusers does), ``use_safetensors``, ``subfolder``, ``torch_dtype``
 (and diffusers' newer ``dtype``); ``hetvae.load_autoencoder`` takes ``variant`` and
-``use_safetensors`` too. What hetvae cannot do (Hub downloads, device maps, lazy loading) is
+``use_safetensors`` too (Hub ids: tests/test_hub.py). What hetvae cannot do (device maps, lazy loading) is
 refused with a ``ValueError`` naming the argument and what to do instead, not read as an unknown
 ``AutoencoderConfig`` override. Where diffusers is installed, both read the same file."""
 
@@ -160,11 +160,9 @@ def test_dtype_is_torch_dtype(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, expected", [
-    ({"revision": "main"}, r"revision='main' is not supported: hetvae reads local folders and files only .*snapshot_download"),
-    ({"cache_dir": "/tmp/hub"}, r"cache_dir='/tmp/hub' is not supported: hetvae reads local folders"),
-    ({"token": "hf_x"}, r"token='hf_x' is not supported: hetvae reads local folders"),
-    ({"force_download": True}, r"force_download=True is not supported: hetvae reads local folders"),
-    ({"local_files_only": "yes"}, r"local_files_only='yes' is not supported"),
+    ({"revision": "main"}, r"revision='main' chooses a revision of a Hub repository, but .* is a local path"),
+    ({"proxies": {"https": "http://proxy:8080"}}, r"proxies=.* is not supported: .*HTTPS_PROXY"),
+    ({"local_files_only": "yes"}, r"local_files_only must be True or False, got 'yes'"),
     ({"device_map": "auto"}, r"device_map='auto' is not supported: .*on the CPU.*\.to\(device\)"),
     ({"low_cpu_mem_usage": "yes"}, r"low_cpu_mem_usage='yes' is not supported: .*on the CPU"),
     ({"ignore_mismatched_sizes": True}, r"ignore_mismatched_sizes=True is not supported: .*must fit"),
@@ -181,6 +179,8 @@ def test_what_hetvae_cannot_do_is_refused_naming_the_argument(tmp_path, kwargs, 
 @pytest.mark.parametrize("kwargs", [
     {"local_files_only": True}, {"local_files_only": False}, {"low_cpu_mem_usage": True},
     {"low_cpu_mem_usage": False}, {"revision": None, "token": None, "cache_dir": None, "force_download": False},
+    {"token": "hf_x", "cache_dir": "/tmp/hub", "force_download": True},  # they concern Hub downloads only
+    {"disable_mmap": False, "use_flashpack": False},
     {"device_map": None, "ignore_mismatched_sizes": False, "output_loading_info": False, "quantization_config": None},
 ])
 def test_values_that_ask_for_what_hetvae_does_are_taken(tmp_path, kwargs):
