@@ -72,7 +72,7 @@ from hetvae.convert import (
     trunk_indices,
 )
 from hetvae.files import CheckpointError, write_atomically
-from hetvae.likelihood import Likelihood, grafted_record
+from hetvae.likelihood import Likelihood, grafted_record, likelihood_from_nll
 
 __all__ = [
     "HeadFile",
@@ -452,8 +452,6 @@ def save_log_scale_head(model: AutoencoderKL, path: str | Path, *, likelihood: A
     architecture and :func:`base_fingerprint` of ``model`` without its head. Returns ``path``.
 
     ``ValueError`` when ``model`` has no head or ``path`` does not end in ``.safetensors``."""
-    from hetvae.likelihood import likelihood_from_nll
-
     path = Path(path).expanduser()
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: a head file is a .safetensors file; name it e.g. {path.name}.safetensors")
