@@ -55,10 +55,10 @@ from torch import Tensor, nn
 from hetvae.autoencoder import AutoencoderKL, log_edge_magnitude, log_scale_layers
 from hetvae.convert import (
     CONFIG_KEY,
-    HEAD_KEY,
     DIFFUSERS_CONFIG,
     DIFFUSERS_HEAD_FILE,
     DIFFUSERS_LIKELIHOOD_KEY,
+    HEAD_KEY,
     HEAD_PREFIX,
     TRUNK_PREFIX,
     config_from_metadata,

@@ -615,7 +615,7 @@ class Config:
                 f"must be null with train.head_only=true: the frozen weights need no average, and the run "
                 f"exports the head as trained; got {t.ema_decay}")
         require(ls.mean_scale == "map", "log_scale.mean_scale",
-                f"'global' trains a scale for the mean's gradient, which train.head_only=true freezes; set 'map'")
+                "'global' trains a scale for the mean's gradient, which train.head_only=true freezes; set 'map'")
 
     def _require_whole_final_batch(self) -> None:
         """The last ``train.final_steps`` train on batches of ``batch_size * (resolution /

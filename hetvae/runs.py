@@ -67,8 +67,8 @@ from hetvae.schema import ConfigError, config_to_dict, from_dict
 __all__ = [
     "CHECKPOINTS_DIR",
     "CONFIG_FILE",
-    "LOG_SCALE_KEY",
     "HEAD_FILE",
+    "LOG_SCALE_KEY",
     "LOSS_FILE",
     "METRICS_FILE",
     "MODEL_FILE",

@@ -11,7 +11,13 @@ import torch
 
 import hetvae
 from hetvae import AutoencoderConfig, AutoencoderKL
-from hetvae.attach import base_fingerprint, is_head_file, load_with_head, read_head_file, save_log_scale_head
+from hetvae.attach import (
+    base_fingerprint,
+    is_head_file,
+    load_with_head,
+    read_head_file,
+    save_log_scale_head,
+)
 from hetvae.autoencoder import log_scale_layers
 from hetvae.config import ConfigError, load_config
 from hetvae.convert import is_head_key
@@ -20,7 +26,7 @@ from hetvae.predictor import calibrate, load_predictor, store_calibration
 from hetvae.train import Trainer
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sd-head.yaml"
-TINY = dict(block_out_channels=(16, 32), norm_num_groups=8, layers_per_block=1, latent_channels=4)
+TINY = {"block_out_channels": (16, 32), "norm_num_groups": 8, "layers_per_block": 1, "latent_channels": 4}
 
 
 def base_model(tmp_path: Path, name: str = "base", seed: int = 0, **arch) -> Path:
@@ -78,7 +84,7 @@ def test_head_only_refuses_what_would_train_or_average_the_vae(override, key):
 
 
 def test_only_the_head_trains_and_the_vae_stays_bit_identical(trained):
-    tmp_path, base, trainer, before, result = trained
+    _, base, trainer, before, result = trained
     head = {k for k in before if is_head_key(k)}
     assert head and trainer.ema is None and trainer.discriminator is None
     # the optimiser holds the head's parameters and nothing else, and state only for them
@@ -108,7 +114,7 @@ def test_only_the_head_trains_and_the_vae_stays_bit_identical(trained):
 
 def test_head_file_is_small_records_its_base_and_attaches_to_the_stock_vae(trained):
     diffusers = pytest.importorskip("diffusers")
-    tmp_path, base, trainer, _, result = trained
+    _, base, trainer, _, result = trained
     file = result.run_dir / "log_scale_head.safetensors"
     assert is_head_file(file) and not is_head_file(result.model_file)
     head = read_head_file(file)
