@@ -383,7 +383,13 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
             f"got {type(vae).__name__}"
         )
     tensors, likelihood, source, export_conv_out, settings = _read(path)
-    head, sees_mean, sees_latent, sees_edges = _build_head(tensors, vae.decoder, path, settings)
+    try:
+        head, sees_mean, sees_latent, sees_edges = _build_head(tensors, vae.decoder, path, settings)
+    except CheckpointError as e:
+        trained_for = ((read_head_file(path).base or {}) if is_head_file(path) else {}).get("architecture")
+        if not trained_for:
+            raise
+        raise CheckpointError(f"{e}. The head was trained for a VAE with {_describe(trained_for)}") from None
     if likelihood is None:
         config = getattr(vae, "config", None)
         record = config.get(DIFFUSERS_LIKELIHOOD_KEY) if hasattr(config, "get") else None
@@ -478,7 +484,10 @@ def is_head_file(path: str | Path) -> bool:
     path = Path(path).expanduser()
     if not path.is_file():
         return False
-    found = _safetensors_keys(path)
+    try:
+        found = _safetensors_keys(path)
+    except CheckpointError:  # a damaged file: its loader says what is wrong with it
+        return False
     return found is not None and bool(found[0]) and all(is_head_key(k) for k in found[0])
 
 

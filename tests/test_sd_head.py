@@ -114,7 +114,7 @@ def test_only_the_head_trains_and_the_vae_stays_bit_identical(trained):
 
 def test_head_file_is_small_records_its_base_and_attaches_to_the_stock_vae(trained):
     diffusers = pytest.importorskip("diffusers")
-    _, base, trainer, _, result = trained
+    tmp_path, base, trainer, _, result = trained
     file = result.run_dir / "log_scale_head.safetensors"
     assert is_head_file(file) and not is_head_file(result.model_file)
     head = read_head_file(file)
@@ -123,6 +123,9 @@ def test_head_file_is_small_records_its_base_and_attaches_to_the_stock_vae(train
     assert head.base["architecture"]["block_out_channels"] == [16, 32]
     assert head.likelihood.granularity == "pixel" and head.likelihood.calibration is None
     assert file.stat().st_size < result.model_file.stat().st_size / 5
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(file.read_bytes()[:100])
+    assert not is_head_file(damaged)  # its loader names what is wrong with it
     # the stock diffusers VAE with the head: its own image, hetvae's map of the run's model
     vae = diffusers.AutoencoderKL.from_pretrained(base).eval()
     dec = hetvae.attach_log_scale_head(vae, file)
@@ -133,6 +136,11 @@ def test_head_file_is_small_records_its_base_and_attaches_to_the_stock_vae(train
         ref = run.model.decode(z)
     assert torch.equal(out.sample, vae.decode(z).sample)
     torch.testing.assert_close(out.log_scale, run.nll.log_scale(ref.mean, ref.mean, ref.log_scale), rtol=0, atol=1e-5)
+    # a stock VAE of another architecture: the error names its conv_out and the architecture recorded
+    wide = diffusers.AutoencoderKL.from_pretrained(base_model(tmp_path, "wide-stock", block_out_channels=(24, 32)))
+    with pytest.raises(CheckpointError) as info:
+        hetvae.attach_log_scale_head(wide, file)
+    assert "reads 24 features" in str(info.value) and "block_out_channels (16, 32)" in str(info.value)
 
 
 def test_head_file_with_its_base_predicts_as_the_run_and_calibrates_in_place(trained):
