@@ -39,6 +39,8 @@ up to float rounding (hetvae computes in its own memory layout).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from hetvae.autoencoder import AutoencoderKL, log_edge_magnitude, log_scale_layers
@@ -56,6 +58,7 @@ from hetvae.convert import (
     DIFFUSERS_CONFIG,
     DIFFUSERS_HEAD_FILE,
     DIFFUSERS_LIKELIHOOD_KEY,
+    HEAD_KEY,
     HEAD_PREFIX,
     TRUNK_PREFIX,
     config_from_metadata,
@@ -64,16 +67,32 @@ from hetvae.convert import (
     head_inputs,
     head_settings,
     is_head_key,
+    load_autoencoder,
     read_model_file,
     trunk_indices,
 )
-from hetvae.files import CheckpointError
+from hetvae.files import CheckpointError, write_atomically
 from hetvae.hub import resolve_model
-from hetvae.likelihood import Likelihood, grafted_record
+from hetvae.likelihood import Likelihood, grafted_record, likelihood_from_nll
 
-__all__ = ["LogScaleDecoder", "ScaledDecoderOutput", "attach_log_scale_head"]
+__all__ = [
+    "HeadFile",
+    "LogScaleDecoder",
+    "ScaledDecoderOutput",
+    "attach_log_scale_head",
+    "is_head_file",
+    "load_with_head",
+    "read_head_file",
+    "save_log_scale_head",
+    "store_head_likelihood",
+]
 
 _LDM_HEAD_SUFFIX = ".log_scale_head.safetensors"
+HEAD_LIKELIHOOD_KEY = "hetvae_likelihood"
+"""A head file's metadata key for its likelihood record (bounds, family, calibration), a JSON object."""
+HEAD_BASE_KEY = "hetvae_base_model"
+"""A head file's metadata key for the base model it was trained for: a JSON object with ``model``
+(where it was loaded from), ``architecture`` and ``sha256`` (:func:`base_fingerprint`)."""
 
 
 @dataclass
@@ -241,6 +260,21 @@ def _likelihood(record: Any, source: Path | str) -> Likelihood | None:
         raise ValueError(f"{source}: invalid {DIFFUSERS_LIKELIHOOD_KEY} ({e})") from e
 
 
+def _recorded_likelihood(path: Path, metadata: dict[str, str]) -> Likelihood | None:
+    """The likelihood a head file records itself (:data:`HEAD_LIKELIHOOD_KEY`), or None."""
+    text = metadata.get(HEAD_LIKELIHOOD_KEY)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _error(path, f"invalid {HEAD_LIKELIHOOD_KEY} metadata ({e})") from None
+    try:
+        return _likelihood(record, path)
+    except ValueError as e:
+        raise _error(path, f"invalid {HEAD_LIKELIHOOD_KEY} metadata ({e})") from None
+
+
 def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor | None, dict[str, Any]]:
     """``(head tensors, recorded likelihood or None, where it came from, the export's conv_out
     weight or None, the head's recorded inputs)`` from a head file or any model
@@ -249,7 +283,9 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
         raise FileNotFoundError(f"{path}: no such file or directory (expected a hetvae export folder or head file)")
     found = _safetensors_keys(path) if path.is_file() else None
     if found is not None and found[0] and all(is_head_key(k) for k in found[0]):
-        likelihood, source = _likelihood_beside(path)
+        likelihood, source = _recorded_likelihood(path, found[1]), str(path)
+        if likelihood is None:
+            likelihood, source = _likelihood_beside(path)
         try:
             settings = head_settings(found[1])
         except ValueError as e:
@@ -350,7 +386,13 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
         )
     path = resolve_model(path)  # a local path or a Hugging Face Hub id (org/name/vae, org/name/file, @revision)
     tensors, likelihood, source, export_conv_out, settings = _read(path)
-    head, sees_mean, sees_latent, sees_edges = _build_head(tensors, vae.decoder, path, settings)
+    try:
+        head, sees_mean, sees_latent, sees_edges = _build_head(tensors, vae.decoder, path, settings)
+    except CheckpointError as e:
+        trained_for = ((read_head_file(path).base or {}) if is_head_file(path) else {}).get("architecture")
+        if not trained_for:
+            raise
+        raise CheckpointError(f"{e}. The head was trained for a VAE with {_describe(trained_for)}") from None
     if likelihood is None:
         config = getattr(vae, "config", None)
         record = config.get(DIFFUSERS_LIKELIHOOD_KEY) if hasattr(config, "get") else None
@@ -370,3 +412,184 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
     head.to(device=ref.device, dtype=ref.dtype).eval()
     return LogScaleDecoder(vae, head, likelihood=likelihood, sees_mean=sees_mean, sees_latent=sees_latent,
                            sees_edges=sees_edges, use_calibration=calibrated, source=source or str(path))
+
+
+# --- a head file of its own: the map for a VAE that stays as it is ---------------------------------
+
+
+@dataclass
+class HeadFile:
+    """A head file read by :func:`read_head_file`: the head's tensors (``decoder.log_scale_*`` names),
+    its recorded settings (``channels``, ``init``, ``detach``, ``sees_*``), the likelihood it records
+    (None: none) and the base model it was trained for (None: not recorded; else a dict with
+    ``model``, ``architecture`` and ``sha256``)."""
+
+    path: Path
+    tensors: dict[str, Tensor]
+    settings: dict[str, Any]
+    likelihood: Likelihood | None
+    base: dict[str, Any] | None
+
+
+def _architecture(model: AutoencoderKL) -> dict[str, Any]:
+    c = model.config
+    return {"block_out_channels": list(c.block_out_channels), "layers_per_block": c.layers_per_block,
+            "latent_channels": c.latent_channels, "out_channels": c.out_channels,
+            "decoder.conv_out.weight": list(model.decoder.conv_out.weight.shape)}
+
+
+def base_fingerprint(model: AutoencoderKL) -> str:
+    """SHA-256 of ``model``'s weights but the log-scale head's (names and float32 values, in key
+    order): which VAE a head was trained on, whatever file or format it was read from."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        if is_head_key(key):
+            continue
+        digest.update(key.encode())
+        digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_log_scale_head(model: AutoencoderKL, path: str | Path, *, likelihood: Any = None,
+                        base: str | None = None) -> Path:
+    """Write ``model``'s log-scale head alone to ``path`` (a ``.safetensors`` file, written atomically),
+    in the format of the head file a diffusers export carries (:data:`hetvae.convert.DIFFUSERS_HEAD_FILE`),
+    which :func:`attach_log_scale_head` attaches to a stock diffusers VAE and :func:`load_with_head`
+    joins to the base model for hetvae. Its metadata records the head's settings, ``likelihood`` (a
+    :class:`hetvae.loss.HeteroscedasticNLL` or :class:`Likelihood`; None: ``model.config.likelihood``)
+    and the base model: ``base`` (where it is loaded from, e.g. a diffusers folder), the
+    architecture and :func:`base_fingerprint` of ``model`` without its head. Returns ``path``.
+
+    ``ValueError`` when ``model`` has no head or ``path`` does not end in ``.safetensors``."""
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: a head file is a .safetensors file; name it e.g. {path.name}.safetensors")
+    if not model.has_log_scale_head:
+        raise ValueError(f"the model has no log-scale head to write to {path}")
+    head = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items() if is_head_key(k)}
+    config = model.config
+    record = config.likelihood if likelihood is None else (
+        likelihood if isinstance(likelihood, Likelihood) else likelihood_from_nll(likelihood))
+    settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach,
+                **head_inputs(config)}
+    metadata = {
+        HEAD_KEY: json.dumps(settings),
+        HEAD_BASE_KEY: json.dumps({"model": base, "architecture": _architecture(model),
+                                   "sha256": base_fingerprint(model)}),
+    }
+    if record is not None:
+        metadata[HEAD_LIKELIHOOD_KEY] = json.dumps(dataclasses.asdict(record))
+    return write_atomically(path, lambda tmp: save_file(head, str(tmp), metadata=metadata))
+
+
+def is_head_file(path: str | Path) -> bool:
+    """Whether ``path`` is a safetensors file holding a log-scale head and nothing else."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        return False
+    try:
+        found = _safetensors_keys(path)
+    except CheckpointError:  # a damaged file: its loader says what is wrong with it
+        return False
+    return found is not None and bool(found[0]) and all(is_head_key(k) for k in found[0])
+
+
+def read_head_file(path: str | Path) -> HeadFile:
+    """Read a head file (:func:`save_log_scale_head`, or the head file of a diffusers / ldm export,
+    whose likelihood is then the one recorded beside it). ``ValueError`` naming the file when it is
+    not one, or its metadata is damaged; ``FileNotFoundError`` when it is missing."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a log-scale head file, .safetensors)")
+    found = _safetensors_keys(path)
+    if found is None or not found[0] or not all(is_head_key(k) for k in found[0]):
+        keys = sorted(found[0])[:5] if found is not None else []
+        raise _error(path, f"not a log-scale head file: expected only decoder.log_scale_head.* / "
+                           f"decoder.log_scale_trunk.* tensors in a .safetensors file; keys: {keys}")
+    keys, metadata = found
+    try:
+        settings = head_settings(metadata)
+    except ValueError as e:
+        raise _error(path, str(e)) from None
+    likelihood = _recorded_likelihood(path, metadata)
+    if likelihood is None:
+        likelihood = _likelihood_beside(path)[0]
+    base = None
+    if HEAD_BASE_KEY in metadata:
+        try:
+            base = json.loads(metadata[HEAD_BASE_KEY])
+        except json.JSONDecodeError as e:
+            raise _error(path, f"invalid {HEAD_BASE_KEY} metadata ({e})") from None
+        if not isinstance(base, dict):
+            raise _error(path, f"invalid {HEAD_BASE_KEY} metadata: expected a JSON object")
+    return HeadFile(path=path, tensors=load_file(str(path)), settings=settings, likelihood=likelihood, base=base)
+
+
+def load_with_head(head_file: str | Path, base: str | Path | None = None) -> AutoencoderKL:
+    """hetvae's :class:`AutoencoderKL`: the base VAE with the head of ``head_file`` in its decoder, the
+    head file's likelihood (and calibration) as its record; a model :class:`hetvae.predictor.Predictor`
+    scores and :func:`hetvae.calibrate` calibrates. Its mean is the base model's decode, unchanged.
+
+    ``base``: the VAE the head was trained for, anything :func:`hetvae.load_autoencoder` reads; None:
+    the one the head file records. A head stored in the base is replaced. Raises ``ValueError``
+    naming both when the head does not fit the base's architecture (shapes of its first layer and of
+    the base's ``decoder.conv_out``, and the architecture the head was trained for); warns when the
+    base fits but is not the very model the head was trained on (another fingerprint)."""
+    head = read_head_file(head_file)
+    recorded = (head.base or {}).get("model")
+    if base is None:
+        if not recorded:
+            raise ValueError(f"{head.path}: the head file records no base model; pass the VAE it was trained for "
+                             "(base=..., a diffusers folder, SD file or hetvae run)")
+        base = recorded
+    model = load_autoencoder(base)
+    if model.has_log_scale_head:
+        model.remove_log_scale_head()
+    try:
+        module, sees_mean, sees_latent, sees_edges = _build_head(head.tensors, model.decoder, head.path, head.settings)
+    except CheckpointError as e:
+        trained_for = (head.base or {}).get("architecture")
+        mine = _architecture(model)
+        raise CheckpointError(
+            f"{e}. The head was trained for a VAE with {_describe(trained_for) if trained_for else 'an unrecorded architecture'}"
+            f"{f' ({recorded})' if recorded else ''}; the base {base} has {_describe(mine)}"
+        ) from None
+    trunk = module.log_scale_trunk
+    model.add_log_scale_head(
+        channels=None if module.log_scale_head.out_channels == model.config.out_channels else 1,
+        init=float(head.settings.get("init", 0.0)), detach=bool(head.settings.get("detach", False)),
+        layers=0 if trunk is None else len(trunk) // 2,
+        hidden=None if trunk is None else module.log_scale_head.in_channels,
+        sees_mean=sees_mean, sees_latent=sees_latent, sees_edges=sees_edges,
+    )
+    state = {k[len("decoder."):]: v for k, v in head.tensors.items()}
+    missing, unexpected = model.decoder.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if k.startswith(("log_scale_head.", "log_scale_trunk."))] + list(unexpected)
+    if wrong:
+        raise _error(head.path, f"the head's tensors do not fit the head built from its settings: {wrong[:5]}")
+    likelihood = head.likelihood or Likelihood(granularity="pixel", init=float(head.settings.get("init", 0.0)))
+    if likelihood.granularity != "pixel":
+        likelihood = grafted_record(likelihood, likelihood.init)
+    model.config = dataclasses.replace(model.config, likelihood=likelihood)
+    expected = (head.base or {}).get("sha256")
+    if expected and expected != base_fingerprint(model):
+        warnings.warn(
+            f"{head.path}: the base {base} is not the VAE the head was trained on (its weights differ from those of "
+            f"{recorded or 'the recorded base'}): the map may not describe this VAE's images", stacklevel=2,
+        )
+    return model.eval()
+
+
+def _describe(architecture: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {tuple(v) if isinstance(v, list) else v}" for k, v in architecture.items())
+
+
+def store_head_likelihood(path: str | Path, likelihood: Likelihood) -> Path:
+    """Rewrite head file ``path`` with ``likelihood`` as its record (e.g. with a calibration that
+    :func:`hetvae.calibrate` fitted); tensors and other metadata stay as they are. Atomic."""
+    path = Path(path).expanduser()
+    read_head_file(path)  # a head file, readable
+    tensors = load_file(str(path))
+    metadata = dict(_safetensors_keys(path)[1])
+    metadata[HEAD_LIKELIHOOD_KEY] = json.dumps(dataclasses.asdict(likelihood))
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -416,6 +416,13 @@ class TrainConfig:
             training then re-draws the mean. Apart, with ``log_scale.faithful`` and
             ``detach_features``, the mean's update no longer depends on the head at all.
         decoder_only: train only the decoder (and log-scale), keeping the latent space fixed.
+        head_only: train only the per-pixel log-scale head, on a loaded VAE (``model.init_from``) that
+            stays frozen whole: encoder, decoder and quant convs get no gradient and no optimiser
+            state, so the model's decode stays the loaded one bit for bit. The head reads the frozen
+            decoder's features (and whatever ``log_scale.head_sees_*`` adds). Needs granularity
+            ``pixel``, no EMA, no LPIPS and no discriminator (they only move the mean). The run
+            also writes the head alone, with a record of the base model
+            (``log_scale_head.safetensors``, :func:`hetvae.attach.save_log_scale_head`).
         zero_init_residual: a model built from scratch starts with the last convolution of every
             ResNet block at zero, so each block is the identity at step 0 (as in ADM / guided
             diffusion's ``zero_module``): a deep GroupNorm network trains markedly faster in a short
@@ -497,6 +504,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     head_grad_clip: float | None = None
     decoder_only: bool = False
+    head_only: bool = False
     zero_init_residual: bool = False
     init_logvar: float | None = None
     init_chroma_gain: float | None = None
@@ -609,11 +617,33 @@ class Config:
             "(set log_scale.trainable=true, or train.head_steps=0)",
         )
         self._require_whole_final_batch()
+        if self.train.head_only:
+            self._require_head_only()
         if self.model.init_from == "scratch":
             factor = self.model.downsample_factor
             require_crop_sides(self, factor, f"the model's down-sampling factor {factor} "
                                               "(2 ** (len(model.block_out_channels) - 1))")
 
+    def _require_head_only(self) -> None:
+        """``train.head_only`` trains the per-pixel head of a loaded, frozen VAE: nothing else may train."""
+        ls, obj, t = self.log_scale, self.objective, self.train
+        why = "train.head_only=true trains only the per-pixel log-scale head of a frozen VAE"
+        require(self.model.init_from != "scratch", "model.init_from",
+                f"must name the VAE to train a head for (a diffusers folder, SD file or hetvae run): {why}, "
+                "and a model built from scratch would stay random")
+        require(ls.granularity == "pixel", "log_scale.granularity",
+                f"must be 'pixel' with train.head_only=true ({why}); got {ls.granularity!r}")
+        require(obj.perceptual_weight == 0, "objective.perceptual_weight",
+                f"must be 0 with train.head_only=true: LPIPS only moves the mean, which is frozen; got "
+                f"{obj.perceptual_weight}")
+        require(obj.disc_start is None, "objective.disc_start",
+                f"must be null with train.head_only=true: the discriminator only moves the mean, which is frozen; "
+                f"got {obj.disc_start}")
+        require(t.ema_decay is None, "train.ema_decay",
+                f"must be null with train.head_only=true: the frozen weights need no average, and the run "
+                f"exports the head as trained; got {t.ema_decay}")
+        require(ls.mean_scale == "map", "log_scale.mean_scale",
+                "'global' trains a scale for the mean's gradient, which train.head_only=true freezes; set 'map'")
 
     def _require_whole_final_batch(self) -> None:
         """The last ``train.final_steps`` train on batches of ``batch_size * (resolution /

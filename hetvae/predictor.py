@@ -8,6 +8,8 @@ calibration of its scale (:func:`calibrate`; the math lives in :mod:`hetvae.cali
   ``loss.safetensors``): the model plus its trained likelihood, whatever the granularity;
 * one of its **training checkpoints** (``checkpoints/step_XXXXXXXX``): the model and likelihood
   the run would have exported at that step (EMA weights when the run keeps them); or
+* a **head file** (``log_scale_head.safetensors``, :func:`hetvae.attach.save_log_scale_head`: what
+  a ``train.head_only`` run writes) joined to its base model, the one it records or one given; or
 * any **model** :func:`hetvae.convert.load_autoencoder` reads (diffusers folder, SD single file,
   hetvae checkpoint). With a per-pixel head, its map is the scale (soft-bounded with the default
   bounds); without one, the scale is the closed-form global optimum of each image (sigma-VAE), so
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hetvae.attach import is_head_file, load_with_head, store_head_likelihood
 from hetvae.autoencoder import AutoencoderKL
 from hetvae.build import model_nll
 from hetvae.calibration import (
@@ -271,21 +274,32 @@ def _out_of_memory(error: BaseException) -> bool:
     return any(m in text for m in ("out of memory", "not enough memory", "can't allocate memory", "failed to allocate"))
 
 
-def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibrated: bool = True) -> Predictor:
+def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibrated: bool = True,
+                   base: str | Path | None = None) -> Predictor:
     """A :class:`Predictor` from a run folder, one of its training checkpoints
-    (``RUN/checkpoints/step_XXXXXXXX``: the model the run would have exported at that step), any
-    model checkpoint (module docstring) or a Hugging Face Hub id of one (``org/name``,
-    ``org/name/vae``, ``org/name/file.safetensors``, ``@revision``: :func:`hetvae.hub.resolve_model`).
+    (``RUN/checkpoints/step_XXXXXXXX``: the model the run would have exported at that step), a head
+    file with its base model, any model checkpoint (module docstring) or a Hugging Face Hub id of
+    one (``org/name``, ``org/name/vae``, ``org/name/file.safetensors``, ``@revision``:
+    :func:`hetvae.hub.resolve_model`).
 
     ``calibrated``: use the post-hoc calibration stored with the model (``hetvae calibrate``), if
-    any; False scores the model as trained (``--uncalibrated``)."""
+    any; False scores the model as trained (``--uncalibrated``). ``base``: for a head file, the VAE
+    it was trained for (None: the one it records; :func:`hetvae.attach.load_with_head`); refused
+    for anything else."""
     if not is_hub_id(path) and not Path(path).expanduser().exists():
         raise FileNotFoundError(
-            f"checkpoint {Path(path).expanduser()} does not exist (expected a run folder, a model checkpoint or a "
-            f"Hugging Face Hub id such as org/name)"
+            f"checkpoint {Path(path).expanduser()} does not exist (expected a run folder, a model checkpoint, a "
+            f"head file or a Hugging Face Hub id such as org/name)"
         )
     path = resolve_model(path)
-    if is_run_folder(path):
+    head_file = is_head_file(path)
+    if base is not None and not head_file:
+        raise ValueError(f"base={str(base)!r} names the VAE of a head file, but {path} is not a head file "
+                         "(a .safetensors file holding only decoder.log_scale_* tensors)")
+    if head_file:
+        model = load_with_head(path, base)
+        nll = model_nll(model, path)
+    elif is_run_folder(path):
         model, nll = read_run(path)
     elif is_checkpoint(path):
         model, nll = read_step(path)
@@ -407,7 +421,9 @@ def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLik
                 "and replaces nothing; choose a new folder or file name, or move that model away first"
             )
         return None
-    if is_run_folder(path):
+    if is_head_file(path):
+        info, record = None, path
+    elif is_run_folder(path):
         info, record = None, likelihood_file(path / MODEL_FILE)
     elif is_checkpoint(path):
         raise CalibrationError(
@@ -443,7 +459,7 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
                       out: str | os.PathLike | None = None) -> Path:
     """Write ``calibration`` (None: remove it) with the model ``predictor`` was loaded from.
 
-    ``path``: the run folder or model checkpoint the predictor came from (a run's training
+    ``path``: the run folder, head file or model checkpoint the predictor came from (a run's training
     checkpoint, ``checkpoints/step_N``, is never rewritten: it needs ``out``). The likelihood record of
     the model file (``AutoencoderConfig.likelihood``) gets the calibration, replacing any earlier
     one, so it travels through every export. Only the record changes
@@ -464,6 +480,8 @@ def store_calibration(predictor: Any, calibration: Calibration | None, path: str
     record = dataclasses.replace(record, calibration=None if calibration is None else calibration.to_dict())
     if out is not None:
         return save_autoencoder(model, Path(out).expanduser(), format="hetvae", likelihood=record, overwrite=False)
+    if is_head_file(path):  # the record travels in the head file; its base stays as it is
+        return store_head_likelihood(path, record)
     model_path = path / MODEL_FILE if info is None else info.path  # info is None for a run folder
     cache = hub_cache_entry(path) or hub_cache_entry(likelihood_file(model_path))
     if cache is not None:

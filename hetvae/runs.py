@@ -68,6 +68,7 @@ from hetvae.schema import ConfigError, config_to_dict, from_dict
 __all__ = [
     "CHECKPOINTS_DIR",
     "CONFIG_FILE",
+    "HEAD_FILE",
     "LOG_SCALE_KEY",
     "LOSS_FILE",
     "METRICS_FILE",
@@ -110,6 +111,7 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = HETVAE_FILE  # load_autoencoder(run_dir) reads it
 LOSS_FILE = "loss.safetensors"
+HEAD_FILE = "log_scale_head.safetensors"  # train.head_only: the head alone, with its base recorded
 CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 TENSORBOARD_DIR = "tensorboard"
@@ -152,7 +154,7 @@ continue each one's epoch (``num_workers`` as resolved, e.g. from ``auto``) and 
 last restarted (:class:`hetvae.shards.ShardStream`)."""
 
 # what a run writes (and --overwrite deletes), relative to the run folder
-_RUN_FILES = (METRICS_FILE, MODEL_FILE, LOSS_FILE, CONFIG_FILE)
+_RUN_FILES = (METRICS_FILE, MODEL_FILE, LOSS_FILE, CONFIG_FILE, HEAD_FILE)
 _RUN_GLOBS = (
     (CHECKPOINTS_DIR, STEP_GLOB), (CHECKPOINTS_DIR, TMP_GLOB), (CHECKPOINTS_DIR, CORRUPT_GLOB),
     (SAMPLES_DIR, "step_*.png"), (SAMPLES_DIR, _LATEST_SAMPLE), (TENSORBOARD_DIR, "events.out.tfevents.*"),

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hetvae import optim, runs
+from hetvae.attach import save_log_scale_head
 from hetvae.autoencoder import AutoencoderKL, Reconstruction
 from hetvae.build import build_model, build_objective
 from hetvae.checkpoint import Checkpoint
@@ -190,6 +191,8 @@ class Trainer:
             self.model.encoder.requires_grad_(False)
             if self.model.quant_conv is not None:
                 self.model.quant_conv.requires_grad_(False)
+        if t.head_only:
+            self._freeze_all_but_head()
         self.discriminator = self.objective.discriminator
         self.ema = optim.EMA(self.model, decay=t.ema_decay) if t.ema_decay is not None else None
         self.clip_groups = optim.clip_groups(t, self.model, self.objective.nll)
@@ -205,7 +208,7 @@ class Trainer:
             if self.d_params
             else None
         )
-        self.generator = _Generator(self.model, freeze_encoder=t.decoder_only)
+        self.generator = _Generator(self.model, freeze_encoder=t.decoder_only or t.head_only)
         self.forward_module: nn.Module = self.generator
         if self.dist.enabled:
             self.forward_module = nn.parallel.DistributedDataParallel(
@@ -294,6 +297,22 @@ class Trainer:
             logger.warning("train.keep_best: nothing to keep without validation (train.val_every and data.val_path)")
 
     # -- parameters / state ------------------------------------------------------------------
+
+    def _head_parameters(self) -> set[int]:
+        decoder = self.model.decoder
+        return {id(p) for m in (decoder.log_scale_trunk, decoder.log_scale_head) if m is not None for p in m.parameters()}
+
+    def _freeze_all_but_head(self) -> None:
+        """``train.head_only``: every weight of the autoencoder but the log-scale head's, and the loss's own
+        parameters, leave the graph before the optimiser is built (no gradient, no optimiser state)."""
+        keep = self._head_parameters()
+        for p in self.model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+        self.objective.nll.requires_grad_(False)
+        # the frozen modules' gradient checkpointing would only recompute what needs no gradient
+        if self.cfg.train.gradient_checkpointing:
+            self.model.disable_gradient_checkpointing()
 
     def _discriminator_state(self) -> list[Tensor]:
         return [] if self.discriminator is None else list(self.discriminator.state_dict().values())
@@ -560,7 +579,12 @@ class Trainer:
             return None
         model = self.ema.module if self.ema is not None else self.model
         # the likelihood travels with the model
-        return runs.export(self.run_dir, model, self.objective.nll, cfg=self.cfg, step=self.step, warn=logger.warning)
+        model_file = runs.export(self.run_dir, model, self.objective.nll, cfg=self.cfg, step=self.step,
+                                 warn=logger.warning)
+        if self.cfg.train.head_only:  # the head alone, for the VAE it was trained on (attach_log_scale_head)
+            save_log_scale_head(model, self.run_dir / runs.HEAD_FILE, likelihood=self.objective.nll,
+                                base=self.cfg.model.init_from)
+        return model_file
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -583,8 +607,7 @@ class Trainer:
             with torch.no_grad():
                 for p, ema_p in zip(self.model.parameters(), self.ema.module.parameters()):
                     p.copy_(ema_p)
-        decoder = self.model.decoder
-        keep = {id(p) for m in (decoder.log_scale_trunk, decoder.log_scale_head) if m is not None for p in m.parameters()}
+        keep = self._head_parameters()
         for p in self.model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
