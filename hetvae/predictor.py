@@ -294,7 +294,7 @@ def load_predictor(path: str | Path, device: str | torch.device = "cpu", calibra
     except ValueError as e:
         raise ValueError(
             f"{path}: the stored calibration cannot be used ({e}); score it uncalibrated (--uncalibrated), or "
-            f"remove it (hetvae calibrate --checkpoint {path} --remove) or fit it again"
+            f"remove it (hetvae calibrate {path} --remove) or fit it again"
         ) from None
     if calibration is not None and calibration.family != nll.family:
         raise ValueError(f"{path}: the stored calibration was fitted for {calibration.family!r}, the model is scored as {nll.family!r}")
@@ -428,7 +428,7 @@ def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLik
     # the file holding the record is replaced atomically where it lies (through a link): its folder
     # must be writable, and the file not protected
     try:
-        check_replaceable(Path(os.path.realpath(record)), "--checkpoint")
+        check_replaceable(Path(os.path.realpath(record)), "MODEL")
     except ValueError as e:
         raise CalibrationError(f"{e}; pass --out DIR to write the model as a new hetvae export instead") from None
     return info
