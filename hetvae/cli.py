@@ -99,6 +99,23 @@ def _device(text: str | None) -> str:
     return str(device)
 
 
+def _batch_size(text: str) -> int:
+    """``--batch-size``: a positive number of images."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images, got {text!r}")
+    return value
+
+
+def _add_batch_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=_batch_size, default=1, metavar="N",
+                        help="reconstruct up to N consecutive images of one size together (faster on a GPU; N images "
+                             "in memory at once); default 1: one at a time")
+
+
 def _add_out(parser: argparse.ArgumentParser, help_text: str, required: bool = False) -> None:
     """``--out PATH``: whatever the command writes, in every command."""
     parser.add_argument("--out", default=None, required=required, metavar="PATH", help=help_text)
@@ -472,7 +489,7 @@ def _shard_size(text: str) -> int:
 
 
 def _add_shards(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="a folder of images (searched recursively, as data.path reads one)")
+    parser.add_argument("folder", metavar="FOLDER", help="a folder of images (searched recursively, as data.path reads one)")
     _add_out(parser, "the folder to write shard-000000.tar, ... into; required")
     parser.add_argument("--size", type=_shard_size, default=1000,
                         help="images per shard (default 1000); a run needs at least as many shards as its "
@@ -595,6 +612,7 @@ def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
     _add_tile(parser)
     _add_uncalibrated(parser)
     _add_device(parser)
+    _add_batch_size(parser)
 
 
 def _run_uncertainty_latents(args: argparse.Namespace, inputs: list[str], skipped: list[str]) -> int:
@@ -680,7 +698,8 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
         calibrated = ", calibrated" if predictor.calibration is not None else ""
         # read to its end, so the progress bar finishes (n/n); closed on an error too, so it is drawn before
         # the error line, not after it when the stream is collected
-        with closing(iter_predictions(predictor, images, progress=True, desc="uncertainty")) as stream:
+        with closing(iter_predictions(predictor, images, progress=True, desc="uncertainty",
+                                      batch_size=args.batch_size)) as stream:
             for k, (_, p) in enumerate(stream):
                 name = images.names[k]
                 panel, scale, maps = uncertainty_outputs(out, name)
@@ -711,6 +730,7 @@ def _add_eval(parser: argparse.ArgumentParser) -> None:
     _add_tile(parser)
     _add_uncalibrated(parser)
     _add_device(parser)
+    _add_batch_size(parser)
 
 
 def _per_image_table(rows: list[dict]) -> str:
@@ -749,7 +769,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         predictor = load_predictor(model, device=_device(args.device), calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, model)
         _note_skipped(images)
-        result = evaluate(predictor, images, progress=True, per_image=args.per_image)
+        result = evaluate(predictor, images, progress=True, per_image=args.per_image, batch_size=args.batch_size)
         if args.out:
             check_output_file(args.out, "--out")  # again: the run may be long
     except (FileNotFoundError, ValueError) as error:
@@ -821,6 +841,7 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
     _add_tile(parser)
     _add_uncalibrated(parser)
     _add_device(parser)
+    _add_batch_size(parser)
 
 
 _COMPARE_FILES = ("comparison.md", "comparison.json", "reliability.png", "sparsification.png")
@@ -850,7 +871,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         for m, predictor in zip(models, predictors.values()):
             _set_tile(predictor, args.tile, m)
         _note_skipped(images)
-        comparison = compare(predictors, images, progress=True)
+        comparison = compare(predictors, images, progress=True, batch_size=args.batch_size)
         for file in _COMPARE_FILES:
             check_output_file(out / file, "--out")  # again: the run may be long
         table = comparison.markdown()
@@ -1054,7 +1075,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser.commands = {}
     for name, (help_text, add_arguments, run) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, usage=_USAGE.get(name))
+        p = sub.add_parser(name, help=help_text, description=help_text, usage=f"{_USAGE[name]} [OPTIONS]")
         add_arguments(p)
         p.set_defaults(_run=run)
         parser.commands[name] = p

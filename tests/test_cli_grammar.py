@@ -271,3 +271,57 @@ def test_eval_json_prints_what_out_writes(model_file, photos, tmp_path, capsys):
     assert json.loads(captured.out) == json.loads(out.read_text())  # stdout is the JSON alone
     assert f"wrote {out}" in captured.err
     assert json.loads(captured.out)["n_images"] == 3
+
+
+# --- --batch-size: same-size images together, the same numbers --------------------------------------
+
+
+def test_a_batch_predicts_what_each_image_alone_predicts(model_file):
+    from hetvae.predictor import iter_predictions, load_predictor
+
+    predictor = load_predictor(model_file)
+    g = torch.Generator().manual_seed(1)
+    images = [torch.rand(3, 24, 32, generator=g) * 2 - 1 for _ in range(3)] + [torch.rand(3, 16, 40, generator=g) * 2 - 1]
+    alone = [predictor.predict(x) for x in images]
+    together = predictor.predict_batch(images[:3])
+    for a, b in zip(alone, together):
+        assert torch.equal(a.target, b.target)
+        torch.testing.assert_close(b.mean, a.mean, rtol=0, atol=1e-5)
+        torch.testing.assert_close(b.log_scale, a.log_scale, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one size"):
+        predictor.predict_batch(images[2:])
+    named = [(f"x{k}", x) for k, x in enumerate(images)]
+    streamed = list(iter_predictions(predictor, named, batch_size=2))
+    assert [s for s, _ in streamed] == ["x0", "x1", "x2", "x3"]  # input order, a size change ends a batch
+    for (_, p), a in zip(streamed, alone):
+        torch.testing.assert_close(p.mean, a.mean, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        list(iter_predictions(predictor, named, batch_size=0))
+
+
+def test_a_bad_image_in_a_batch_is_named(model_file):
+    from hetvae.predictor import iter_predictions, load_predictor
+
+    images = [("good.png", torch.zeros(3, 16, 16)), ("bad.png", torch.full((3, 16, 16), 5.0))]
+    with pytest.raises(ValueError, match=r"image bad\.png: .*\[-1, 1\]"):
+        list(iter_predictions(load_predictor(model_file), images, batch_size=2))
+
+
+def test_eval_and_compare_with_a_batch_size_give_the_same_metrics(model_file, photos, tmp_path, capsys):
+    runs = {}
+    for n in (1, 2):
+        assert main(["eval", str(model_file), "--images", str(photos), "--batch-size", str(n), "--per-image",
+                     "--device", "cpu", "--out", str(tmp_path / f"e{n}.json")]) == 0
+        runs[n] = json.loads((tmp_path / f"e{n}.json").read_text())
+    assert runs[1].keys() == runs[2].keys() and runs[1]["n_images"] == 3
+    for key, value in runs[1].items():
+        if isinstance(value, float):
+            assert runs[2][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert main(["compare", str(model_file), "--images", str(photos), "--batch-size", "3", "--device", "cpu",
+                 "--out", str(tmp_path / "cmp")]) == 0
+    compared = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    (row,) = compared.values()
+    assert row["psnr"] == pytest.approx(runs[1]["psnr"], rel=1e-5)
+    with pytest.raises(SystemExit):
+        main(["eval", str(model_file), "--batch-size", "0"])
+    assert "positive number of images" in capsys.readouterr().err

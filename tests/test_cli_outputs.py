@@ -319,12 +319,12 @@ def test_ctrl_c_in_any_command_prints_one_line_and_exits_130(monkeypatch, capsys
     monkeypatch.setitem(cli._COMMANDS, command, (help_text, add, _interrupt))
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    # the least the command accepts: its positionals and its required options
+    # the least the command accepts: its positionals and its required options (some checked after parsing)
     argv = [command]
     for action in sub._actions:
         if not action.option_strings and action.dest != "help":
             argv.append("x")
-        elif action.required:
+        elif action.required or action.option_strings[0] in cli._REQUIRED_AFTER.get(command, ()):
             argv += [action.option_strings[0], (action.choices and next(iter(action.choices))) or "x"]
     assert _main_interrupted(argv) == 130
     captured = capsys.readouterr()
