@@ -253,12 +253,15 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"calibration: {'none' if calibration is None else calibration.describe()}")
     print(f"parameters:  {info.num_parameters:,}")
     print(f"log-scale head: {head}")
+    def shown(value) -> str:  # as YAML writes it: a word bare, anything else as JSON (null, true, [8, 8])
+        return value if isinstance(value, str) and value.isidentifier() else json_text(value, indent=None)
+
     print("settings (YAML keys, as --set takes them):")
     for key, value in settings.items():
-        print(f"  {key}: {json_text(value, indent=None)}")
+        print(f"  {key}: {shown(value)}")
     print("stored with the model (no YAML key):")
     for key, value in stored.items():
-        print(f"  {key}: {json_text(value, indent=None)}")
+        print(f"  {key}: {shown(value)}")
     return 0
 
 

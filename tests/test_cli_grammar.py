@@ -325,3 +325,15 @@ def test_eval_and_compare_with_a_batch_size_give_the_same_metrics(model_file, ph
     with pytest.raises(SystemExit):
         main(["eval", str(model_file), "--batch-size", "0"])
     assert "positive number of images" in capsys.readouterr().err
+
+
+def test_info_text_settings_are_what_set_takes(model_file, capsys):
+    """Each `KEY: VALUE` line of info's settings, passed back as `--set KEY=VALUE`, is accepted and
+    gives the value info read from the file."""
+    assert main(["info", str(model_file)]) == 0
+    text = capsys.readouterr().out
+    lines = text.split("settings (YAML keys, as --set takes them):\n")[1].split("stored with the model")[0]
+    items = [line.strip().replace(": ", "=", 1) for line in lines.splitlines()]
+    assert "log_scale.granularity=pixel" in items and "log_scale.init=-2.0" in items
+    cfg = apply_overrides(Config(), items)
+    assert cfg.log_scale.granularity == "pixel" and cfg.log_scale.head_sees_edges and cfg.model.norm_num_groups == 4
