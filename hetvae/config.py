@@ -330,6 +330,10 @@ class DataConfig:
         image_column: the column of a Hugging Face dataset that holds the images.
         shuffle_shards: tar shards are streamed in a random order each epoch, and the samples of
             each group of this many consecutive shards are shuffled together (the shuffle buffer).
+        val_path: held-out images scored whole every ``train.val_every`` steps, and the source of
+            the sample panels: a folder (recursive), an image file, a ``.txt`` list file, or a list
+            of these (``hetvae.images.load_images``); ``None``: with ``path`` unset the bundled
+            photographs' held-out split, else no validation.
     """
 
     path: str | list[str] | None = None
@@ -347,6 +351,7 @@ class DataConfig:
     cache_mb: float = 1024.0
     image_column: str = "image"
     shuffle_shards: int = 4
+    val_path: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -355,6 +360,11 @@ class DataConfig:
         require(all(p.strip() for p in paths), "path", "contains an empty path")
         for p in paths:
             require_path(p, "path")
+        val = self.val_path if isinstance(self.val_path, list) else [self.val_path] if self.val_path is not None else []
+        require(self.val_path != [], "val_path", "an empty list; use null for no validation images")
+        for p in val:
+            require(bool(p.strip()), "val_path", "contains an empty path")
+            require_path(p, "val_path")
         require(
             self.resolution >= 8 and self.resolution % 8 == 0,
             "resolution",
@@ -463,6 +473,13 @@ class TrainConfig:
         device: where training runs: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
             ``"cuda"`` or ``"cuda:N"``. Under torchrun, ``"auto"``/``"cuda"`` put each process on
             the GPU of its ``LOCAL_RANK``; ``"cpu"`` trains with gloo.
+        val_every: steps between validations on ``data.val_path`` (whole images, the metrics of
+            ``hetvae eval``) written to ``metrics.jsonl`` (``val_*``) and the loggers; 0 disables.
+        keep_best: with validation, ``best/`` in the run folder holds the export (a run folder of
+            its own) of the step with the lowest validation bits/dim.
+        logger: where scalars go besides ``metrics.jsonl``: ``"tensorboard"`` (``tensorboard/``,
+            when the package is installed), ``"wandb"`` (Weights & Biases; ``WANDB_MODE=offline``
+            works offline), ``"none"``, or a list of them (diffusers' ``--report_to``).
     """
 
     steps: int = 800
@@ -496,9 +513,17 @@ class TrainConfig:
     final_steps: int = 0
     final_resolution: int | None = None
     device: str = "auto"
+    val_every: int = 0
+    keep_best: bool = False
+    logger: Literal["tensorboard", "wandb", "none"] | list[Literal["tensorboard", "wandb"]] = "tensorboard"
 
     def __post_init__(self) -> None:
         require_finite(self)
+        require(self.logger != [], "logger", "an empty list; use 'none' for metrics.jsonl alone")
+        require(
+            not isinstance(self.logger, list) or len(set(self.logger)) == len(self.logger),
+            "logger", f"names a logger twice: {self.logger}",
+        )
         require(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)) is not None,
             "device",
@@ -507,7 +532,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("warmup_steps", "head_steps", "final_steps", "seed", "checkpoint_every", "sample_every", "log_every",
-                     "keep_checkpoints", "max_nonfinite"):
+                     "keep_checkpoints", "max_nonfinite", "val_every"):
             require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         # torch seeds are 64-bit, and the posterior noise is seeded with seed + 1
         require(self.seed < 2**64 - 1, "seed", f"must be < 2**64 - 1, got {self.seed}")
@@ -719,7 +744,7 @@ def _refuse_null_sections(data: Mapping[str, Any], path: Path) -> None:
 
 # keys whose empty YAML value (`path:` with nothing after it, e.g. a template filled from an unset
 # variable) is refused rather than read as null
-_PATH_KEYS = (BASE_KEY, "out_dir", "data.path", "model.init_from", "objective.perceptual_weights")
+_PATH_KEYS = (BASE_KEY, "out_dir", "data.path", "data.val_path", "model.init_from", "objective.perceptual_weights")
 
 
 def _empty_path_keys(node: yaml.Node | None, prefix: str = "") -> list[str]:
@@ -764,21 +789,22 @@ def _absolute(path: str) -> str:
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """``cfg`` with its data and weight paths (``data.path``, ``model.init_from``,
+    """``cfg`` with its data and weight paths (``data.path``, ``data.val_path``, ``model.init_from``,
     ``objective.perceptual_weights``) made absolute (``~`` expanded, relative to the working folder),
     so that a run's stored config means the same files wherever it is resumed from. The words
     ``scratch``, ``auto`` and ``random`` and an unset ``data.path`` stay as they are."""
-    data_path = cfg.data.path
-    if isinstance(data_path, str):
-        data_path = _absolute(data_path)
-    elif isinstance(data_path, list):
-        data_path = [_absolute(p) for p in data_path]
+    def absolute_paths(paths: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(paths, str):
+            return _absolute(paths)
+        return [_absolute(p) for p in paths] if isinstance(paths, list) else paths
+
+    data_path = absolute_paths(cfg.data.path)
     init_from = cfg.model.init_from if cfg.model.init_from == "scratch" else _absolute(cfg.model.init_from)
     weights = cfg.objective.perceptual_weights
     weights = weights if weights in ("auto", "random") else _absolute(weights)
     return dataclasses.replace(
         cfg,
-        data=dataclasses.replace(cfg.data, path=data_path),
+        data=dataclasses.replace(cfg.data, path=data_path, val_path=absolute_paths(cfg.data.val_path)),
         model=dataclasses.replace(cfg.model, init_from=init_from),
         objective=dataclasses.replace(cfg.objective, perceptual_weights=weights),
     )

@@ -7,7 +7,8 @@ docs/runs.md describes the folder and its rules::
     samples/           uncertainty panels step_XXXXXXX.png and latest.png
     model.safetensors  the exported model (hetvae format)
     loss.safetensors   the NLL's learned log-scale parameters and the log_scale config section
-    tensorboard/       scalars, when tensorboard is installed
+    tensorboard/       scalars, when tensorboard is installed (train.logger)
+    best/              with train.keep_best: the export of the best validation step, a run folder itself
 
 This module logs nothing: the functions that do something worth a warning take ``warn``, the
 caller's ``logger.warning``.
@@ -78,8 +79,12 @@ __all__ = [
     "TENSORBOARD_DIR",
     "TRAIN_CONFIG_KEY",
     "TRAIN_STATE_KEYS",
+    "BEST_DIR",
+    "BEST_RECORD",
     "ResumePoint",
     "append_metrics",
+    "best_value",
+    "save_best",
     "check_resume_config",
     "checkpoints_dir",
     "claim",
@@ -108,6 +113,9 @@ LOSS_FILE = "loss.safetensors"
 CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 TENSORBOARD_DIR = "tensorboard"
+BEST_DIR = "best"
+BEST_RECORD = "validation.json"
+"""In ``best/``: the step and validation metrics of the model there."""
 _LATEST_SAMPLE = "latest.png"
 
 TRAIN_CONFIG_KEY = "hetvae_train_config"
@@ -129,6 +137,8 @@ RESUME_MAY_CHANGE = frozenset({
     "train.device",  # a run moved to another machine (a checkpoint is device-independent)
     # how, not what: same data, same gradients
     "train.gradient_checkpointing", "data.num_workers", "data.cache_mb",
+    # watching, not training: validation (which draws no random number), where scalars go
+    "train.val_every", "train.keep_best", "train.logger", "data.val_path",
 })
 """Dotted config keys a resumed run may change; any other difference from the run's config is refused."""
 TRAIN_STATE_KEYS = (
@@ -146,6 +156,7 @@ _RUN_FILES = (METRICS_FILE, MODEL_FILE, LOSS_FILE, CONFIG_FILE)
 _RUN_GLOBS = (
     (CHECKPOINTS_DIR, STEP_GLOB), (CHECKPOINTS_DIR, TMP_GLOB), (CHECKPOINTS_DIR, CORRUPT_GLOB),
     (SAMPLES_DIR, "step_*.png"), (SAMPLES_DIR, _LATEST_SAMPLE), (TENSORBOARD_DIR, "events.out.tfevents.*"),
+    (BEST_DIR, "*"),
 )
 
 Warn = Callable[..., object]
@@ -555,3 +566,49 @@ def export(
     meta = {LOG_SCALE_KEY: json.dumps(config_to_dict(cfg.log_scale)), "step": str(step)}
     write_atomically(run_dir / LOSS_FILE, lambda tmp: save_file(loss_sd, str(tmp), metadata=meta))
     return model_file
+
+
+# ---------------------------------------------------------------------------------------------
+# the best validation step (train.keep_best)
+# ---------------------------------------------------------------------------------------------
+
+
+def save_best(
+    run_dir: str | os.PathLike, model: AutoencoderKL, nll: HeteroscedasticNLL, *, cfg: Config, step: int,
+    metrics: dict[str, float],
+) -> Path:
+    """Replace ``RUN/best/`` with the export of ``model`` and ``nll`` at ``step`` (:func:`export`), the
+    run's ``config.yaml`` (so ``best/`` is a run folder: ``hetvae eval RUN/best``) and
+    :data:`BEST_RECORD` (``step`` and ``metrics``). The new folder is written whole under a temporary
+    name, then swapped in with renames: a crash leaves the previous ``best/`` (or, between the two
+    renames, ``.old-best-<pid>/``) intact, never a mix of two steps. Returns ``RUN/best``."""
+    run_dir = Path(run_dir)
+    final = run_dir / BEST_DIR
+    tmp = run_dir / f".tmp-{BEST_DIR}-{os.getpid()}"
+    old = run_dir / f".old-{BEST_DIR}-{os.getpid()}"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        export(tmp, model, nll, cfg=cfg, step=step)
+        _write_config(tmp, cfg)
+        atomic_write_text(tmp / BEST_RECORD, json_text({"step": step, **metrics}))
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def best_value(run_dir: str | os.PathLike, key: str) -> float | None:
+    """``key`` of ``RUN/best/`` 's :data:`BEST_RECORD`, or ``None`` when there is no readable one."""
+    try:
+        record = json.loads((Path(run_dir) / BEST_DIR / BEST_RECORD).read_text(encoding="utf-8"))
+        return float(record[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -47,8 +47,11 @@ from hetvae.data import ImageDataset, build_dataset, resolve_num_workers
 from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed, stream_batches
 from hetvae.distributions import DiagonalGaussian
 from hetvae.files import CheckpointError
+from hetvae.loggers import Loggers
+from hetvae.schema import config_to_dict
 from hetvae.shards import (ShardStream, augment_of, check_shards, expand_shards, first_crops, names_shards,
                            shard_workers)
+from hetvae.validation import VAL_PREFIX, validate, validation_images
 from hetvae.viz import save_uncertainty_panel
 
 __all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "train"]
@@ -240,13 +243,18 @@ class Trainer:
         for dataset in (self.dataset, self.final_dataset):
             if dataset is not None:  # read lazily: fail now, not inside a loader worker, if nothing is usable
                 dataset.first_usable()
+        self._setup_validation()
+        # train.logger: opened at the first record (rank 0); a logger that cannot be had fails here
+        self.loggers = (Loggers(t.logger, self.run_dir, tensorboard_dir=self.run_dir / runs.TENSORBOARD_DIR,
+                                config=config_to_dict(cfg), warn=logger.warning) if self.dist.main else None)
+        if self.dist.main:
+            logger.info("%s", self._batch_line())
         self.step = 0
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         self.last_finite_step: int | None = None
         self._stop_requested = False
         self._stop_signal: int | None = None
-        self._tb = None
         self.overwrite = overwrite
         self._started = False  # outputs exist (config.yaml written): set after the first trained step
         self._resumed_from: Path | None = None
@@ -258,6 +266,32 @@ class Trainer:
 
         if checkpoint is not None:
             self._restore(checkpoint, changes)
+
+    def _batch_line(self) -> str:
+        """What ``train.batch_size`` means in this run, said plainly at the start (it is the global
+        micro-batch, not the per-process one of diffusers' and timm's scripts)."""
+        t, world = self.cfg.train, self.dist.world_size
+        per_step = t.batch_size * t.grad_accum
+        if world > 1:
+            where = (f"the global micro-batch, split over {world} processes: {t.batch_size // world} images per "
+                     f"process (diffusers' --train_batch_size and timm's --batch-size count per process)")
+        else:
+            where = "1 process"
+        accum = f" x train.grad_accum={t.grad_accum}" if t.grad_accum > 1 else ""
+        return f"batch: train.batch_size={t.batch_size} images is {where}; {per_step} images per optimizer step{accum}"
+
+    def _setup_validation(self) -> None:
+        """The validation images (:func:`hetvae.validation.validation_images`), checked on every rank
+        before anything trains, and the best validation bits/dim so far (``train.keep_best``)."""
+        t, main = self.cfg.train, self.dist.main
+        wanted = t.val_every > 0 or self.cfg.data.val_path is not None
+        self.val_images = validation_images(self.cfg) if wanted else None
+        self.best_bpd: float | None = None
+        if t.val_every and self.val_images is None and main:
+            logger.warning("train.val_every=%d: no validation images (data.path is set, data.val_path is not): "
+                           "set data.val_path to held-out photographs to validate", t.val_every)
+        if t.keep_best and not (t.val_every and self.val_images is not None) and main:
+            logger.warning("train.keep_best: nothing to keep without validation (train.val_every and data.val_path)")
 
     # -- parameters / state ------------------------------------------------------------------
 
@@ -388,6 +422,8 @@ class Trainer:
         self._resumed_from = path
         if self.dist.main:
             runs.trim_metrics(self.run_dir, self.step)
+            if self.cfg.train.keep_best:
+                self.best_bpd = runs.best_value(self.run_dir, VAL_PREFIX + "nll_bpd")
 
     # -- tar shards ----------------------------------------------------------------------------
 
@@ -659,35 +695,53 @@ class Trainer:
 
     def _write_metrics(self, record: dict[str, float]) -> None:
         runs.append_metrics(self.run_dir, record)
-        if self._tb is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.loggers.log(record, record["step"])
 
-                self._tb = SummaryWriter(str(self.run_dir / runs.TENSORBOARD_DIR))
-            except ImportError:  # tensorboard not installed: metrics.jsonl is enough
-                self._tb = False
-        if self._tb:
-            for key, value in record.items():
-                if key != "step":
-                    self._tb.add_scalar(key, value, record["step"])
+    @torch.no_grad()
+    def run_validation(self) -> dict[str, float] | None:
+        """Score the model the run would export (the EMA when there is one) on the validation images,
+        whole (rank 0; the other ranks wait): one ``metrics.jsonl`` record of ``val_*`` keys at this
+        step, logged like the others; with ``train.keep_best`` a lower bits/dim than any before
+        replaces ``best/`` (:func:`hetvae.runs.save_best`). Returns the record (None on other ranks)."""
+        record = None
+        if self.dist.main:
+            model = self.ema.module if self.ema is not None else self.model
+            record = {"step": self.step, **validate(model, self.objective.nll, self.val_images,
+                                                     source=self.cfg.data.val_path or "held-out sample photographs")}
+            self._write_metrics(record)
+            bpd = record[VAL_PREFIX + "nll_bpd"]
+            if self.cfg.train.keep_best and (self.best_bpd is None or bpd < self.best_bpd):
+                runs.save_best(self.run_dir, model, self.objective.nll, cfg=self.cfg, step=self.step,
+                               metrics={k: v for k, v in record.items() if k != "step"})
+                self.best_bpd = bpd
+                logger.info("step %d: validation bits/dim %.4f, the best so far: %s", self.step, bpd,
+                            self.run_dir / runs.BEST_DIR)
+        self.dist.barrier()
+        return record
 
     @torch.no_grad()
     def write_samples(self) -> Path | None:
         """Write the uncertainty panel of the current step (rank 0); returns its path."""
         if not self.dist.main:
             return None
-        if not hasattr(self, "_panel_inputs") and self.shards is not None:
+        if not hasattr(self, "_panel_inputs") and self.shards is not None and self.cfg.data.val_path is None:
             # centre crops of the first images of the first shards (the shards hold no held-out split)
             self._panel_inputs = first_crops(self.shards, _PANEL_IMAGES, max(self.cfg.data.resolution, _PANEL_RESOLUTION),
                                              least=self.cfg.data.resolution)
         if not hasattr(self, "_panel_inputs"):
             # crops large enough to see structure in (training crops may be 32 px), where the images allow
-            data = dataclasses.replace(self.cfg.data, resolution=max(self.cfg.data.resolution, _PANEL_RESOLUTION))
+            # crops of the validation images where there are some, else of the training images' held-out part
+            # (data.path unset: the bundled photographs' test split), else of the training images
+            data = dataclasses.replace(self.cfg.data, resolution=max(self.cfg.data.resolution, _PANEL_RESOLUTION),
+                                       eval_crop="center")
+            if self.cfg.data.val_path is not None:
+                data = dataclasses.replace(data, path=self.cfg.data.val_path)
             with _quiet_data():  # its skipped images are the panel's, not training's: one line below says so
                 try:
                     held_out = build_dataset(data, train=False, seed=self.cfg.train.seed)
                 except ValueError:  # images smaller than that: the training crop size
-                    held_out = build_dataset(self.cfg.data, train=False, seed=self.cfg.train.seed)
+                    held_out = build_dataset(dataclasses.replace(data, resolution=self.cfg.data.resolution),
+                                             train=False, seed=self.cfg.train.seed)
             if held_out.resolution < data.resolution:
                 logger.info("sample panel: the images are smaller than its %d px crops; it shows %d px crops",
                             data.resolution, held_out.resolution)
@@ -832,6 +886,13 @@ class Trainer:
                             self._write_metrics(record)
                         self._interval = {"sums": {}, "counts": {}, "steps": 0}
                         local_steps, interval_start = 0, time.perf_counter()
+                    val_due = bool(t.val_every) and self.val_images is not None and (
+                        self.step % t.val_every == 0 or done)
+                    if val_due:
+                        self._check_finite_weights()
+                        began = time.perf_counter()
+                        self.run_validation()
+                        interval_start += time.perf_counter() - began  # steps_per_s counts training alone
                     stop = self._should_stop()
                     sample_due = (t.sample_every and self.step % t.sample_every == 0) or done or stop
                     # during a non-finite streak the newest checkpoint stays the last good one
@@ -939,8 +1000,8 @@ class Trainer:
             )
 
     def _close(self) -> None:
-        if self._tb:
-            self._tb.close()
+        if getattr(self, "loggers", None) is not None:
+            self.loggers.close()
         self.dist.close()
 
 

@@ -196,7 +196,7 @@ def test_a_rerun_over_a_glob_skips_hetvaes_own_maps(tmp_path, capsys):
 
 
 def test_a_rerun_over_images_and_their_outputs_is_not_called_mixed(model_file, tmp_path, capsys):
-    """`hetvae uncertainty photos/* --out photos` twice: the maps of the first run are skipped."""
+    """`hetvae uncertainty MODEL --images photos/* --out photos` twice: the maps of the first run are skipped."""
     folder = tmp_path / "photos"
     _photo(folder / "x.png", 0, (24, 24))
     argv = ["--out", str(folder)]

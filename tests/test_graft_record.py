@@ -1,6 +1,6 @@
 """Grafting a per-pixel log-scale head changes the likelihood: the model's record becomes the
 per-pixel one (family, bounds and margin kept) and a post-hoc calibration fitted for the old scale
-is dropped with a note, on every path that grafts a head (``hetvae convert --log-scale pixel``,
+is dropped with a note, on every path that grafts a head (``hetvae convert --set log_scale.granularity=pixel``,
 ``load_autoencoder(..., log_scale="pixel")``, ``AutoencoderKL.from_pretrained`` with head
 overrides, ``AutoencoderKL.add_log_scale_head``)."""
 

@@ -346,6 +346,10 @@ def _one_and_two_processes(images: Path, tmp_path: Path, overrides: list[str]) -
         env=_env(), capture_output=True, timeout=180,
     )
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    batch = make_cfg(images, tmp_path / "two", *overrides).train.batch_size
+    # the start line says train.batch_size is the global micro-batch, once (rank 0)
+    assert proc.stderr.decode().count(f"train.batch_size={batch} images is the global micro-batch, split over 2 "
+                                      f"processes: {batch // 2} images per process") == 1
     return tuple(load_checkpoint(latest_checkpoint(tmp_path / run / "checkpoints")).tensors for run in ("one", "two"))
 
 
@@ -353,9 +357,16 @@ def test_ddp_two_processes_match_one(images, tmp_path):
     """gloo, 2 CPU processes x 2 images = 1 process x 4 images. No discriminator: its BatchNorm
     statistics are per rank by design (see hetvae.train), so they would differ."""
     common = ["log_scale.granularity=channel", "train.ema_decay=0.8", "train.grad_accum=2",
-              "data.samples_per_epoch=20", "train.steps=3", "train.checkpoint_every=0"]
+              "data.samples_per_epoch=20", "train.steps=3", "train.checkpoint_every=0",
+              f"data.val_path={images}", "train.val_every=2", "train.keep_best=true"]  # rank 0 validates, rank 1 waits
     a, b = _one_and_two_processes(images, tmp_path, common)
     assert a.keys() == b.keys()
+    val = {run: [r for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                 if "val_nll_bpd" in r] for run in ("one", "two")}
+    assert [r["step"] for r in val["two"]] == [r["step"] for r in val["one"]] == [2, 3]
+    for x, y in zip(val["one"], val["two"]):
+        assert y["val_nll_bpd"] == pytest.approx(x["val_nll_bpd"], abs=1e-3)
+    assert (tmp_path / "two" / "best" / "model.safetensors").is_file()
     # Summation order differs, and Adam divides by sqrt(v): an element whose gradient is ~0 can move
     # by up to lr from rounding alone. So: every element within half an lr step, and nearly all
     # within 1e-6 (a wrong split or missing gradient average moves most elements by ~lr).

@@ -176,7 +176,7 @@ def test_bad_latent_files_name_the_file(checkpoint, tmp_path, capsys):
 
 def test_a_diffusers_pipelines_latents(tmp_path):
     """docs/diffusers.md (c): a pipeline's output_type="latent", saved with safetensors, then
-    `hetvae uncertainty latents.safetensors --scaled`: the decoded image is the one the pipeline
+    `hetvae uncertainty MODEL --images latents.safetensors --scaled`: the decoded image is the one the pipeline
     itself decodes, and the map is the one attach_log_scale_head gives on the pipeline's VAE."""
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("transformers")  # diffusers' pipelines import it
