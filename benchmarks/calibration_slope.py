@@ -7,7 +7,7 @@ and the offset fitted (``fit_calibration(..., slope=True)``), and the offset onl
 for a scale constant over each image), for the affine and the isotonic method:
 
     hetvae train configs/tiny.yaml --set log_scale.granularity=global --set log_scale.fit=optimal \\
-        --set train.steps=400 --set train.final_steps=100 --out-dir runs/tiny-optimal
+        --set train.steps=400 --set train.final_steps=100 --out runs/tiny-optimal
     python benchmarks/calibration_slope.py runs/tiny-optimal --fit ../shared/data/photos/kodak \\
         --score ../shared/data/photos/wikipedia [--first 5]
 

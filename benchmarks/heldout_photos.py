@@ -14,7 +14,7 @@ without a model or data hub, and none of them is a scikit-image sample photograp
     luispedro.png           mahotas       (demos/data: a portrait)
 
     python benchmarks/heldout_photos.py OUT_DIR      # needs `pip download` to reach the registry
-    hetvae eval --checkpoint runs/tiny --images OUT_DIR
+    hetvae eval runs/tiny --images OUT_DIR
 
 The study in docs/results.md reports these six; nothing in hetvae was tuned on them.
 """

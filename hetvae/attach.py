@@ -1,6 +1,6 @@
 """The uncertainty map from a stock ``diffusers.AutoencoderKL``: attach hetvae's log-scale head to it.
 
-A hetvae export in diffusers' format (``hetvae convert RUN OUT --to diffusers``) is a folder stock
+A hetvae export in diffusers' format (``hetvae convert RUN --to diffusers --out OUT``) is a folder stock
 diffusers loads as is; the per-pixel log-scale head rides beside the weights in
 ``log_scale_head.safetensors``, which diffusers does not read. :func:`attach_log_scale_head`
 reads that head (or the head of any hetvae export or model file) and returns a

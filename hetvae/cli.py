@@ -7,6 +7,7 @@ Each sub-command is a pair of functions: ``_add_<name>(subparsers)`` declares it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import weakref
@@ -36,12 +37,143 @@ def _writing(flag: str, path) -> Iterator[None]:
         raise ValueError(f"{flag} {path}: could not be written ({e.strerror or e})") from None
 
 
+# --- the grammar every command shares -------------------------------------------------------
+
+_MODEL_HELP = (
+    "a run folder written by `hetvae train`, one of its training checkpoints (RUN/checkpoints/step_N), a hetvae "
+    "or diffusers export, or an SD/ldm single file"
+)
+
+
+def _model(text: str) -> str:
+    """A positional MODEL as the loaders take it. Every command passes each model named on its
+    command line through here, and only here, so what a MODEL may be is decided in one place."""
+    return text
+
+
+def _add_model(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """The positional ``MODEL`` (``MODEL...`` with ``several``): first on every command line."""
+    parser.add_argument("model", metavar="MODEL", nargs="+" if several else None,
+                        help=("models to compare, each " if several else "") + _MODEL_HELP)
+
+
+def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set KEY=VALUE``, repeatable: a YAML key (docs/config.md) and its value, parsed as YAML."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu); the device used is "
+                             "named on stderr")
+
+
+def _device(text: str | None) -> str:
+    """The device ``--device`` names (None: cuda when available, else cpu), said on stderr;
+    ``ValueError`` for one that is not a device or is not available here."""
+    import torch
+
+    if text is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(text.strip())
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--device {text}: expected cpu, cuda, cuda:N or mps") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+                raise ValueError(f"--device {text}: CUDA is not available here ({why}); use --device cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {text}: there is no such GPU here ({torch.cuda.device_count()} visible: "
+                                 f"cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        elif device.type == "mps":
+            if not torch.backends.mps.is_available():
+                raise ValueError(f"--device {text}: MPS is not available here; use --device cpu")
+        elif device.type != "cpu":
+            raise ValueError(f"--device {text}: expected cpu, cuda, cuda:N or mps")
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    print(f"device: {name}", file=sys.stderr)
+    return str(device)
+
+
+def _batch_size(text: str) -> int:
+    """``--batch-size``: a positive number of images."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of images, got {text!r}")
+    return value
+
+
+def _add_batch_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=_batch_size, default=1, metavar="N",
+                        help="reconstruct up to N consecutive images of one size together (faster on a GPU; N images "
+                             "in memory at once); default 1: one at a time")
+
+
+def _add_out(parser: argparse.ArgumentParser, help_text: str, required: bool = False) -> None:
+    """``--out PATH``: whatever the command writes, in every command."""
+    parser.add_argument("--out", default=None, required=required, metavar="PATH", help=help_text)
+
+
 # --- checkpoints: info, convert -------------------------------------------------------------
 
 
 def _add_info(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", help="diffusers folder, SD/ldm single file, or hetvae checkpoint")
+    _add_model(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+_HEAD_KEYS = {
+    "log_scale_init": "log_scale.init",
+    "log_scale_detach": "log_scale.detach_features",
+    "log_scale_head_layers": "log_scale.head_layers",
+    "log_scale_head_channels": "log_scale.head_channels",
+    "log_scale_head_sees_mean": "log_scale.head_sees_mean",
+    "log_scale_head_sees_latent": "log_scale.head_sees_latent",
+    "log_scale_head_sees_edges": "log_scale.head_sees_edges",
+}
+"""``AutoencoderConfig`` fields of the per-pixel head -> the YAML key that sets each
+(:func:`hetvae.likelihood.head_config_fields` maps them the other way); ``log_scale_channels`` is
+``log_scale.shared``."""
+
+
+def _settings(cfg) -> tuple[dict, dict]:
+    """A model's ``AutoencoderConfig`` in the YAML vocabulary: ``({YAML key: value}, {name: value})``,
+    the first the keys ``hetvae train --set`` takes (docs/config.md), the second what the model file
+    stores that no YAML key sets (kept so that nothing read is lost on export)."""
+    import dataclasses
+
+    from hetvae.config import ModelConfig
+
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)} - {"init_from"}
+    lik, head = cfg.likelihood, cfg.log_scale == "pixel"
+    settings, stored = {}, {}
+    for f in dataclasses.fields(cfg):
+        if f.name in model_keys:
+            settings[f"model.{f.name}"] = getattr(cfg, f.name)
+    settings["log_scale.granularity"] = lik.granularity if lik is not None else ("pixel" if head else None)
+    if lik is not None:
+        settings.update({"log_scale.family": lik.family, "log_scale.fit": lik.fit, "log_scale.init": lik.init,
+                         "log_scale.bounds": list(lik.bounds)})
+        stored.update({"likelihood.margin": lik.margin, "likelihood.free": None if lik.free is None else list(lik.free)})
+    if head:
+        settings["log_scale.shared"] = cfg.log_scale_channels == 1
+        for name, key in _HEAD_KEYS.items():
+            if key == "log_scale.init" and lik is not None and lik.init != cfg.log_scale_init:
+                stored["log_scale_init (the head's bias)"] = cfg.log_scale_init
+            else:
+                settings.setdefault(key, getattr(cfg, name))
+    handled = model_keys | set(_HEAD_KEYS) | {"log_scale", "log_scale_channels", "likelihood"}
+    for f in dataclasses.fields(cfg):
+        if f.name not in handled:
+            stored[f.name] = getattr(cfg, f.name)
+    return settings, stored
 
 
 def _training_checkpoint(path: str) -> str | None:
@@ -65,8 +197,8 @@ def _training_checkpoint(path: str) -> str | None:
     exported = f"; the run's exported model (its last step) is {export}" if export.is_file() else ""
     return (
         f"{given} is {what} (the weights and optimiser state a run resumes from), not a model file. eval, "
-        f"uncertainty, compare and calibrate read a step as --checkpoint {step}; to write its model as a model file, "
-        f"run hetvae calibrate --checkpoint {step} --out DIR (add --remove for the model as trained, uncalibrated)"
+        f"uncertainty, compare and calibrate read a step as their MODEL (hetvae eval {step}); to write its model as "
+        f"a model file, run hetvae calibrate {step} --out DIR (add --remove for the model as trained, uncalibrated)"
         f"{exported}"
     )
 
@@ -76,19 +208,22 @@ def _run_info(args: argparse.Namespace) -> int:
     from hetvae.files import CheckpointError
     from hetvae.outputs import json_text
 
-    not_a_model = _training_checkpoint(args.path)
+    model = _model(args.model)
+    not_a_model = _training_checkpoint(model)
     if not_a_model is not None:
         return _fail(not_a_model)
     try:
-        info = inspect_checkpoint(args.path)
+        info = inspect_checkpoint(model)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cfg = info.config
+    settings, stored = _settings(cfg)
     if args.json:
         print(json_text({
             "path": str(info.path), "format": info.format, "weights_file": str(info.weights_file),
             "config_source": info.config_source, "family": info.family, "config": cfg.to_dict(),
+            "settings": settings, "stored": stored,
             "num_parameters": info.num_parameters, "log_scale_head": info.has_log_scale_head,
             "head_file": None if info.head_file is None else str(info.head_file),
             "scaling_source": info.scaling_source,
@@ -98,7 +233,8 @@ def _run_info(args: argparse.Namespace) -> int:
     scaling = sources["scaling_factor"] if len(set(sources.values())) == 1 else (
         f"scaling_factor from {sources['scaling_factor']}, shift_factor from {sources['shift_factor']}")
     if sources["scaling_factor"].startswith("inferred"):
-        scaling += " (shapes cannot tell SD from SDXL or SD3 from FLUX: --scaling-factor / --shift-factor in convert)"
+        scaling += (" (shapes cannot tell SD from SDXL or SD3 from FLUX: convert --set model.scaling_factor=... "
+                    "--set model.shift_factor=...)")
     lik = cfg.likelihood
     likelihood = "not recorded (eval: the head's map with default bounds, else the best constant scale per image)"
     if lik is not None:
@@ -117,28 +253,72 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"calibration: {'none' if calibration is None else calibration.describe()}")
     print(f"parameters:  {info.num_parameters:,}")
     print(f"log-scale head: {head}")
-    print("config:")
-    for key, value in cfg.to_dict().items():
-        if key == "likelihood" and value is not None and value.get("calibration") is not None:
-            value = {**value, "calibration": "(above)"}
-        print(f"  {key}: {value}")
+    def shown(value) -> str:  # as YAML writes it: a word bare, anything else as JSON (null, true, [8, 8])
+        return value if isinstance(value, str) and value.isidentifier() else json_text(value, indent=None)
+
+    print("settings (YAML keys, as --set takes them):")
+    for key, value in settings.items():
+        print(f"  {key}: {shown(value)}")
+    print("stored with the model (no YAML key):")
+    for key, value in stored.items():
+        print(f"  {key}: {shown(value)}")
     return 0
 
 
 def _add_convert(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="diffusers folder, SD/ldm single file, or hetvae checkpoint")
-    parser.add_argument("dst", help="output folder (or a .safetensors file for --to ldm / hetvae)")
+    _add_model(parser)
     parser.add_argument("--to", required=True, choices=("hetvae", "diffusers", "ldm"), help="output format")
-    parser.add_argument("--log-scale", choices=("pixel",), default=None,
-                        help="graft a per-pixel log-scale head (zero weights) if the source has none")
-    parser.add_argument("--log-scale-init", type=float, default=None, help="bias of a grafted head")
-    parser.add_argument("--log-scale-channels", type=int, default=None, help="1 for one shared map")
-    parser.add_argument("--scaling-factor", type=float, default=None, help="override the latent scaling factor")
-    parser.add_argument("--shift-factor", type=float, default=None, help="override the latent shift factor")
-    parser.add_argument("--norm-num-groups", type=int, default=None,
-                        help="GroupNorm groups (not visible in single files; 32 assumed)")
+    _add_out(parser, "output folder (or a .safetensors file for --to ldm / hetvae); required")
+    _add_set(parser, "a YAML key convert uses and its value (repeatable): " + ", ".join(_CONVERT_KEYS)
+             + "; e.g. --set log_scale.granularity=pixel --set log_scale.init=-3 grafts a per-pixel log-scale head "
+               "(zero weights, bias init) where the source has none")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a model already in DST (and remove a head file it no longer has)")
+                        help="replace a model already in --out (and remove a head file it no longer has)")
+
+
+_CONVERT_KEYS = {
+    "log_scale.granularity": "only 'pixel': graft a per-pixel log-scale head (zero weights) if the source has none",
+    "log_scale.init": "the bias of a grafted head",
+    "log_scale.shared": "true: a grafted head predicts one map for all channels",
+    "model.scaling_factor": "the latent scaling factor",
+    "model.shift_factor": "the latent shift factor",
+    "model.norm_num_groups": "GroupNorm groups (not visible in single files; 32 assumed)",
+}
+"""The YAML keys ``hetvae convert --set`` takes, and what each does there."""
+
+
+def _convert_settings(overrides: Sequence[str]) -> tuple[str | None, dict]:
+    """``(log_scale, AutoencoderConfig overrides)`` for ``load_autoencoder`` from ``convert --set``
+    items, typed and checked as ``hetvae train --set`` checks them; ``ConfigError`` for a key
+    convert does not use (listing those it does) and for head keys without a per-pixel head."""
+    from hetvae.config import Config
+    from hetvae.schema import ConfigError, apply_overrides
+
+    keys = []
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key not in _CONVERT_KEYS:
+            raise ConfigError(key, f"convert does not use this key (--set {item}); it uses "
+                                   + ", ".join(_CONVERT_KEYS) + " (docs/checkpoints.md)")
+        keys.append(key)
+    cfg = apply_overrides(Config(), overrides)
+    pixel = "log_scale.granularity" in keys
+    if pixel and cfg.log_scale.granularity != "pixel":
+        raise ConfigError("log_scale.granularity", f"convert grafts only a per-pixel head: expected pixel, got "
+                                                   f"{cfg.log_scale.granularity!r} (global and channel scales are "
+                                                   "not part of a model file's architecture)")
+    head = [k for k in keys if k in ("log_scale.init", "log_scale.shared")]
+    if head and not pixel:
+        raise ConfigError(head[0], "shapes a grafted log-scale head: add --set log_scale.granularity=pixel")
+    fields = {}
+    if "log_scale.init" in keys:
+        fields["log_scale_init"] = cfg.log_scale.init
+    if "log_scale.shared" in keys:
+        fields["log_scale_channels"] = 1 if cfg.log_scale.shared else None
+    for name in ("scaling_factor", "shift_factor", "norm_num_groups"):
+        if f"model.{name}" in keys:
+            fields[name] = getattr(cfg.model, name)
+    return ("pixel" if pixel else None), fields
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -148,24 +328,23 @@ def _run_convert(args: argparse.Namespace) -> int:
     from hetvae.files import CheckpointError
     from hetvae.outputs import check_output_folder
 
-    names = ("log_scale_init", "log_scale_channels", "scaling_factor", "shift_factor", "norm_num_groups")
-    overrides = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    head_flags = [f"--{n.replace('_', '-')}" for n in names[:2] if n in overrides]
-    if head_flags and args.log_scale != "pixel":
-        print(f"error: {' and '.join(head_flags)} shape a grafted log-scale head: add --log-scale pixel", file=sys.stderr)
-        return 1
-    not_a_model = _training_checkpoint(args.src)
+    try:
+        log_scale, overrides = _convert_settings(args.overrides)
+    except ValueError as e:  # ConfigError
+        return _fail(e)
+    source = _model(args.model)
+    not_a_model = _training_checkpoint(source)
     if not_a_model is not None:
         return _fail(not_a_model)
-    dst = Path(args.dst).expanduser()
+    dst = Path(args.out).expanduser()
     try:
-        # where the files go (DST, or the folder of a DST.safetensors file), and a model already there
+        # where the files go (--out, or the folder of a .safetensors file), and a model already there
         # without --overwrite, checked before the source is read (minutes, for a big model)
         folder = dst.parent if dst.suffix == ".safetensors" and args.to != "diffusers" else dst
-        check_output_folder(folder, "destination")
+        check_output_folder(folder, "--out")
         check_export_destination(dst, args.to, overwrite=args.overwrite)
-        model = load_autoencoder(args.src, log_scale=args.log_scale, **overrides)
-        with _writing("destination", dst):
+        model = load_autoencoder(source, log_scale=log_scale, **overrides)
+        with _writing("--out", dst):
             written = save_autoencoder(model, dst, format=args.to, overwrite=args.overwrite)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -182,25 +361,22 @@ _COMMANDS["convert"] = ("Convert an autoencoder checkpoint between hetvae, diffu
 
 
 def _add_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML config (see configs/; a `base:` key inherits another file), or a run "
-                                       "folder: its config.yaml, and the folder itself as the run folder (unless "
-                                       "--out-dir or --set out_dir=... names another)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
+    parser.add_argument("config", metavar="CONFIG", help=_CONFIG_HELP)
+    _add_set(parser, "override a config key, e.g. --set train.steps=100 (repeatable; value parsed as YAML)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in the run folder (error if there is none)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in a run folder that holds a previous run: its checkpoints, metrics, samples "
                              "and exported model are deleted once the first step has trained")
-    parser.add_argument("--out-dir", default=None, help="run folder (overrides out_dir in the config; with --set "
-                                                        "out_dir=... it must name the same folder)")
+    _add_out(parser, "run folder (overrides out_dir in the config; with --set out_dir=... it must name the same "
+                     "folder)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = (
         "resuming: with train.resume=auto (the default) a run folder that holds checkpoints is resumed; the config\n"
         "may then differ from the run's only in steps, logging / sample / checkpoint cadence, optimiser settings,\n"
         "train.device, data.num_workers and data.cache_mb (anything else is refused, naming the keys: use a new\n"
-        "--out-dir or --overwrite).\n"
+        "--out or --overwrite).\n"
         "\n"
         "exit codes:\n"
         "  0    training finished (or the run was already at train.steps + train.head_steps)\n"
@@ -211,6 +387,12 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_CONFIG_HELP = (
+    "YAML config (see configs/; a `base:` key inherits another file), or a run folder: its config.yaml, and the "
+    "folder itself as the run folder (unless --out or --set out_dir=... names another)"
+)
+
+
 def _sets_out_dir(overrides: Sequence[str]) -> bool:
     """Whether ``--set`` overrides name ``out_dir``."""
     return any(o.partition("=")[0].strip() == "out_dir" for o in overrides)
@@ -219,7 +401,7 @@ def _sets_out_dir(overrides: Sequence[str]) -> bool:
 def _train_config(config: str, out_dir: str | None, overrides: Sequence[str] = ()) -> tuple[str, str | None]:
     """``(config file, run folder)`` of ``hetvae train CONFIG``: a run folder stands for its own
     config.yaml and is the run folder (not the out_dir saved in it: the folder may have been moved
-    or copied) unless --out-dir or ``--set out_dir=...`` says otherwise (``None``: the config's
+    or copied) unless --out or ``--set out_dir=...`` says otherwise (``None``: the config's
     out_dir, overrides applied)."""
     from pathlib import Path
 
@@ -250,11 +432,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        config, out_dir = _train_config(args.config, args.out_dir, args.overrides)
+        config, out_dir = _train_config(args.config, args.out, args.overrides)
         cfg = load_config(config, args.overrides)
-        if (args.out_dir is not None and _sets_out_dir(args.overrides)
-                and Path(args.out_dir) != Path(cfg.out_dir)):  # one of the two would be ignored
-            raise ConfigError("out_dir", f"expected one run folder, got two: --out-dir {args.out_dir} and --set "
+        if (args.out is not None and _sets_out_dir(args.overrides)
+                and Path(args.out) != Path(cfg.out_dir)):  # one of the two would be ignored
+            raise ConfigError("out_dir", f"expected one run folder, got two: --out {args.out} and --set "
                                          f"out_dir={cfg.out_dir}; give one of them")
         result = train(cfg, out_dir=out_dir, resume=True if args.resume else None, progress=not args.no_progress,
                        overwrite=args.overwrite)
@@ -273,6 +455,31 @@ def _run_train(args: argparse.Namespace) -> int:
 _COMMANDS["train"] = ("Train or fine-tune an autoencoder from a YAML config.", _add_train, _run_train)
 
 
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help=_CONFIG_HELP)
+    _add_set(parser, "override a config key, as hetvae train takes it (repeatable; value parsed as YAML)")
+
+
+def _run_config(args: argparse.Namespace) -> int:
+    from hetvae.config import RESOLVED_HEADER, config_text, load_config
+    from hetvae.schema import ConfigError
+
+    try:
+        config, out_dir = _train_config(args.config, None, args.overrides)
+        cfg = load_config(config, args.overrides)
+    except (ConfigError, OSError) as e:
+        return _fail(e)
+    if out_dir is not None:  # a run folder: where `hetvae train RUN` would train, as it would
+        cfg = dataclasses.replace(cfg, out_dir=out_dir)
+    print(RESOLVED_HEADER)
+    print(config_text(cfg), end="")
+    return 0
+
+
+_COMMANDS["config"] = ("Print the resolved config of a YAML file or a run folder: every key, defaults included.",
+                       _add_config, _run_config)
+
+
 def _shard_size(text: str) -> int:
     """``--size``: a positive number of images per shard."""
     try:
@@ -285,13 +492,13 @@ def _shard_size(text: str) -> int:
 
 
 def _add_shards(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("folder", help="a folder of images (searched recursively, as data.path reads one)")
-    parser.add_argument("out", help="the folder to write OUT/shard-000000.tar, ... into")
+    parser.add_argument("folder", metavar="FOLDER", help="a folder of images (searched recursively, as data.path reads one)")
+    _add_out(parser, "the folder to write shard-000000.tar, ... into; required")
     parser.add_argument("--size", type=_shard_size, default=1000,
                         help="images per shard (default 1000); a run needs at least as many shards as its "
                              "readers (processes x data.num_workers)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the shards already in OUT (shard-NNNNNN.tar; those beyond the new count go)")
+                        help="replace the shards already in --out (shard-NNNNNN.tar; those beyond the new count go)")
 
 
 def _run_shards(args: argparse.Namespace) -> int:
@@ -301,13 +508,13 @@ def _run_shards(args: argparse.Namespace) -> int:
     from hetvae.shards import write_shards
 
     try:
-        out = check_output_folder(args.out, "OUT")
+        out = check_output_folder(args.out, "--out")
         existing = sorted(p for p in out.glob("shard-*.tar") if re.fullmatch(r"shard-\d{6}\.tar", p.name)) \
             if out.is_dir() else []
         if existing and not args.overwrite:
-            raise ValueError(f"OUT {out} already holds {len(existing)} shard(s) ({existing[0].name}, ...): choose "
+            raise ValueError(f"--out {out} already holds {len(existing)} shard(s) ({existing[0].name}, ...): choose "
                              "another folder, or --overwrite to replace them")
-        with _writing("OUT", out):
+        with _writing("--out", out):
             written = write_shards(args.folder, out, size=args.size)
             for stale in sorted(set(existing) - set(written.paths)):
                 stale.unlink()
@@ -323,12 +530,6 @@ _COMMANDS["shards"] = ("Write a folder of images into webdataset tar shards to t
 
 
 # --- uncertainty maps and evaluation: uncertainty, eval, compare ---------------------------
-
-_CHECKPOINT_HELP = (
-    "a run folder written by `hetvae train`, one of its training checkpoints (RUN/checkpoints/step_N), "
-    "or any model checkpoint `hetvae info` reads"
-)
-
 
 def _tile_size(text: str) -> int | None:
     """``--tile``: 'auto' (None), 0 or a size in pixels; the model's factor is checked once it is loaded."""
@@ -390,15 +591,16 @@ def _images_source(paths) -> str:
 
 
 def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
+    _add_model(parser)
     parser.add_argument(
-        "images", nargs="+",
+        "--images", action="extend", nargs="+", default=None, metavar="PATH",
         help="image files or folders (recursive); or latent files instead: .safetensors (one tensor, or one named "
-             "'latents') or .pt (torch.load(weights_only=True)) of shape (B, C, h, w), each decoded with its scale map",
+             "'latents') or .pt (torch.load(weights_only=True)) of shape (B, C, h, w), each decoded with its scale "
+             "map; several paths and a repeated --images add up; required",
     )
-    parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
-    parser.add_argument(
-        "--out", required=True,
-        help="output folder. Each image gets OUT/REL_panel.png, OUT/REL_scale.png and OUT/REL_maps.safetensors, "
+    _add_out(
+        parser, required=True,
+        help_text="output folder. Each image gets OUT/REL_panel.png, OUT/REL_scale.png and OUT/REL_maps.safetensors, "
              "REL being its path relative to the folder all inputs share, extension kept (a/x.png -> "
              "OUT/a/x.png_panel.png), so outputs are unique per input; OUT may be an input folder. Earlier "
              "hetvae outputs are replaced and never read as inputs; any other existing file where an output "
@@ -412,6 +614,8 @@ def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
     )
     _add_tile(parser)
     _add_uncalibrated(parser)
+    _add_device(parser)
+    _add_batch_size(parser)
 
 
 def _run_uncertainty_latents(args: argparse.Namespace, inputs: list[str], skipped: list[str]) -> int:
@@ -428,9 +632,10 @@ def _run_uncertainty_latents(args: argparse.Namespace, inputs: list[str], skippe
     try:
         out = check_output_folder(args.out, "--out")
         files = [Path(p).expanduser() for p in inputs]
-        predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
+        model = _model(args.model)
+        predictor = load_predictor(model, device=_device(args.device), calibrated=not args.uncalibrated)
         _note_skipped(skipped)
-        _set_tile(predictor, args.tile, args.checkpoint)
+        _set_tile(predictor, args.tile, model)
         batches = [load_latents(f, predictor.model.config, scaled=args.scaled) for f in files]
         names = [[name] if len(z) == 1 else [f"{name}_{i}" for i in range(len(z))]
                  for name, z in zip(relative_names(files), batches)]
@@ -489,13 +694,15 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
         for name in images.names:
             for path in uncertainty_outputs(out, name):
                 check_output_file(path, "--out")
-        predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
-        _set_tile(predictor, args.tile, args.checkpoint)
+        model = _model(args.model)
+        predictor = load_predictor(model, device=_device(args.device), calibrated=not args.uncalibrated)
+        _set_tile(predictor, args.tile, model)
         _note_skipped(ours + images.skipped)
         calibrated = ", calibrated" if predictor.calibration is not None else ""
         # read to its end, so the progress bar finishes (n/n); closed on an error too, so it is drawn before
         # the error line, not after it when the stream is collected
-        with closing(iter_predictions(predictor, images, progress=True, desc="uncertainty")) as stream:
+        with closing(iter_predictions(predictor, images, progress=True, desc="uncertainty",
+                                      batch_size=args.batch_size)) as stream:
             for k, (_, p) in enumerate(stream):
                 name = images.names[k]
                 panel, scale, maps = uncertainty_outputs(out, name)
@@ -513,17 +720,20 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
 
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    _add_model(parser)
     _add_images(parser, "image files or folders (default: scikit-image's held-out sample photographs); "
                         "files hetvae wrote (panels, scale maps) are skipped")
-    parser.add_argument("--json", default=None, metavar="FILE",
-                        help="also write the metrics as JSON (replaces an earlier hetvae JSON; any other existing "
-                             "file is an error)")
+    _add_out(parser, "also write the metrics to this JSON file (replaces an earlier hetvae JSON; any other existing "
+                     "file is an error)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the metrics as one JSON object (what --out writes) instead of text")
     parser.add_argument("--per-image", action="store_true",
-                        help="also print (and write to --json, as \"images\") each image's metrics, to find the "
+                        help="also print (and write to --out, as \"images\") each image's metrics, to find the "
                              "photographs a model reconstructs or covers worst")
     _add_tile(parser)
     _add_uncalibrated(parser)
+    _add_device(parser)
+    _add_batch_size(parser)
 
 
 def _per_image_table(rows: list[dict]) -> str:
@@ -551,21 +761,38 @@ def _per_image_table(rows: list[dict]) -> str:
 def _run_eval(args: argparse.Namespace) -> int:
     from hetvae.evaluate import evaluate
     from hetvae.images import load_images
-    from hetvae.outputs import check_output_file, write_json
+    from hetvae.outputs import check_output_file, json_text, write_json
     from hetvae.predictor import load_predictor
 
     try:
-        if args.json:
-            check_output_file(args.json, "--json")
+        if args.out:
+            check_output_file(args.out, "--out")
         images = load_images(args.images)
-        predictor = load_predictor(args.checkpoint, calibrated=not args.uncalibrated)
-        _set_tile(predictor, args.tile, args.checkpoint)
+        model = _model(args.model)
+        predictor = load_predictor(model, device=_device(args.device), calibrated=not args.uncalibrated)
+        _set_tile(predictor, args.tile, model)
         _note_skipped(images)
-        result = evaluate(predictor, images, progress=True, per_image=args.per_image)
-        if args.json:
-            check_output_file(args.json, "--json")  # again: the run may be long
+        result = evaluate(predictor, images, progress=True, per_image=args.per_image, batch_size=args.batch_size)
+        if args.out:
+            check_output_file(args.out, "--out")  # again: the run may be long
     except (FileNotFoundError, ValueError) as error:
         return _fail(error)
+    if args.json:  # stdout holds the JSON alone: the notes go to stderr
+        print(json_text(result))
+    else:
+        _print_metrics(result, args.per_image)
+    if args.out:  # after the metrics are printed: a write that fails loses none of them
+        try:
+            with _writing("--out", args.out):
+                written = write_json(result, args.out)
+        except ValueError as error:
+            return _fail(error)
+        print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _print_metrics(result: dict, per_image: bool) -> None:
+    """``hetvae eval``'s text: the metrics (calibrated beside uncalibrated), a colour note, the rows."""
     def shown(value, key=""):
         if value is None:
             return "n/a (no colour images)" if key.startswith("chroma") else "n/a (constant scale)"
@@ -585,16 +812,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     colour = _colour_note(result)
     if colour:
         print(colour)
-    if args.per_image:
+    if per_image:
         print(_per_image_table(result["images"]))
-    if args.json:  # after the metrics are printed: a write that fails loses none of them
-        try:
-            with _writing("--json", args.json):
-                written = write_json(result, args.json)
-        except ValueError as error:
-            return _fail(error)
-        print(f"wrote {written}")
-    return 0
 
 
 CHROMA_KEPT_RANGE = (2 / 3, 3 / 2)
@@ -617,14 +836,15 @@ def _colour_note(result: dict) -> str | None:
 
 
 def _add_compare(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", help="run folders or model checkpoints to compare")
+    _add_model(parser, several=True)
     _add_images(parser, "image files or folders (default: scikit-image's held-out sample photographs); "
                         "files hetvae wrote are skipped")
-    parser.add_argument("--out", required=True,
-                        help="folder for comparison.md, comparison.json, reliability.png, sparsification.png "
-                             "(earlier hetvae outputs there are replaced; any other file of those names is an error)")
+    _add_out(parser, "folder for comparison.md, comparison.json, reliability.png, sparsification.png (earlier hetvae "
+                     "outputs there are replaced; any other file of those names is an error)", required=True)
     _add_tile(parser)
     _add_uncalibrated(parser)
+    _add_device(parser)
+    _add_batch_size(parser)
 
 
 _COMPARE_FILES = ("comparison.md", "comparison.json", "reliability.png", "sparsification.png")
@@ -639,19 +859,22 @@ def _run_compare(args: argparse.Namespace) -> int:
     from hetvae.predictor import load_predictor
     from hetvae.viz import save_reliability_diagram, save_sparsification_plot
 
-    names = [Path(r).name or str(r) for r in args.runs]
+    models = [_model(m) for m in args.model]
+    names = [Path(m).name or str(m) for m in models]
     if len(set(names)) != len(names):
-        names = [str(r) for r in args.runs]
+        names = [str(m) for m in models]
     try:
         out = check_output_folder(args.out, "--out")
         for file in _COMPARE_FILES:
             check_output_file(out / file, "--out")
         images = load_images(args.images)
-        predictors = {name: load_predictor(run, calibrated=not args.uncalibrated) for name, run in zip(names, args.runs)}
-        for run, predictor in zip(args.runs, predictors.values()):
-            _set_tile(predictor, args.tile, run)
+        device = _device(args.device)
+        predictors = {name: load_predictor(m, device=device, calibrated=not args.uncalibrated)
+                      for name, m in zip(names, models)}
+        for m, predictor in zip(models, predictors.values()):
+            _set_tile(predictor, args.tile, m)
         _note_skipped(images)
-        comparison = compare(predictors, images, progress=True)
+        comparison = compare(predictors, images, progress=True, batch_size=args.batch_size)
         for file in _COMPARE_FILES:
             check_output_file(out / file, "--out")  # again: the run may be long
         table = comparison.markdown()
@@ -681,18 +904,18 @@ _COMMANDS["compare"] = ("Compare several runs or models on the same images.", _a
 
 
 def _add_calibrate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help=_CHECKPOINT_HELP)
+    _add_model(parser)
     _add_images(parser, "unseen images to fit on, files or folders (default: the 32 unseen colour photographs that "
                         "ship with hetvae; best: photos like the ones the model will see)")
     parser.add_argument("--method", choices=("affine", "isotonic"), default=None,
                         help="isotonic (default): a per-channel slope and offset of the log-scale, then a monotone "
                              "recalibration of the predicted CDF; affine: the slope and offset only (docs/math.md; "
                              "docs/results.md#calibration measures both)")
-    parser.add_argument("--out", default=None,
-                        help="write the calibrated model as a new hetvae export here instead of updating the checkpoint "
-                             "(needed for single files hetvae did not write)")
+    _add_out(parser, "write the calibrated model as a new hetvae export here instead of updating MODEL (needed for "
+                     "single files hetvae did not write)")
     parser.add_argument("--remove", action="store_true", help="remove a stored calibration instead of fitting one")
     _add_tile(parser)
+    _add_device(parser)
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
@@ -701,22 +924,23 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from hetvae.images import calibration_photos, load_images
     from hetvae.predictor import calibrate, check_calibration_destination, load_predictor, store_calibration
 
-    flag, destination = ("--out", args.out) if args.out is not None else ("--checkpoint", args.checkpoint)
+    model = _model(args.model)
+    flag, destination = ("--out", args.out) if args.out is not None else ("MODEL", model)
     try:
         # before loading and fitting: a destination that is refused or cannot be written to
-        check_calibration_destination(args.checkpoint, args.out)
-        predictor = load_predictor(args.checkpoint, calibrated=False)
+        check_calibration_destination(model, args.out)
+        predictor = load_predictor(model, device=_device(args.device), calibrated=False)
         if args.remove:
             with _writing(flag, destination):
-                written = store_calibration(predictor, None, args.checkpoint, args.out)
+                written = store_calibration(predictor, None, model, args.out)
             print(f"removed the calibration: wrote {written}")
             return 0
-        _set_tile(predictor, args.tile, args.checkpoint)
+        _set_tile(predictor, args.tile, model)
         images = load_images(args.images if args.images else calibration_photos())
         _note_skipped(images)
         calibration = calibrate(predictor, images, method=args.method or DEFAULT_METHOD)
         with _writing(flag, destination):
-            written = store_calibration(predictor, calibration, args.checkpoint, args.out)
+            written = store_calibration(predictor, calibration, model, args.out)
     except (CalibrationError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
         return _fail(error)
     source = _images_source(args.images) if args.images else "the calibration photographs hetvae ships"
@@ -754,6 +978,95 @@ class _Parser(argparse.ArgumentParser):
         return super().add_argument(*args, **kwargs)
 
 
+_USAGE = {
+    "train": "hetvae train CONFIG [--set KEY=VALUE ...] [--out RUN]",
+    "config": "hetvae config CONFIG [--set KEY=VALUE ...]",
+    "info": "hetvae info MODEL [--json]",
+    "convert": "hetvae convert MODEL --to FORMAT --out DST [--set KEY=VALUE ...]",
+    "shards": "hetvae shards FOLDER --out DIR [--size N]",
+    "uncertainty": "hetvae uncertainty MODEL --images PATH... --out DIR",
+    "eval": "hetvae eval MODEL [--images PATH...] [--out FILE.json] [--json]",
+    "compare": "hetvae compare MODEL... [--images PATH...] --out DIR",
+    "calibrate": "hetvae calibrate MODEL [--images PATH...] [--out DIR]",
+}
+"""Each command's grammar, as the errors for an old spelling give it."""
+
+_MODEL_NOW = "--checkpoint was replaced by a positional MODEL (first on the command line)"
+_REPLACED_OPTIONS = {
+    "train": {"--out-dir": "--out-dir was replaced by --out (or --set out_dir=RUN)"},
+    "eval": {"--checkpoint": _MODEL_NOW,
+             "--json=": "--json FILE was replaced by --out FILE (--json alone prints the metrics as JSON)"},
+    "uncertainty": {"--checkpoint": _MODEL_NOW + ", and the positional images by --images"},
+    "calibrate": {"--checkpoint": _MODEL_NOW},
+    "convert": {
+        "--log-scale": "--log-scale pixel was replaced by --set log_scale.granularity=pixel",
+        "--log-scale-init": "--log-scale-init VALUE was replaced by --set log_scale.init=VALUE",
+        "--log-scale-channels": "--log-scale-channels 1 was replaced by --set log_scale.shared=true",
+        "--scaling-factor": "--scaling-factor VALUE was replaced by --set model.scaling_factor=VALUE",
+        "--shift-factor": "--shift-factor VALUE was replaced by --set model.shift_factor=VALUE",
+        "--norm-num-groups": "--norm-num-groups VALUE was replaced by --set model.norm_num_groups=VALUE",
+    },
+}
+"""Options a command no longer has -> what replaced them (``"--json="``: the option given a value)."""
+
+_EXTRA_POSITIONAL = {
+    "train": "train takes one CONFIG",
+    "config": "config takes one CONFIG",
+    "info": "info takes one MODEL",
+    "convert": "the destination is given with --out (it is no longer a second positional)",
+    "shards": "the output folder is given with --out (it is no longer a second positional)",
+    "uncertainty": "images are given with --images (they are no longer positional)",
+    "eval": "eval takes one MODEL; images are given with --images",
+    "calibrate": "calibrate takes one MODEL; images are given with --images",
+}
+"""What a command says of positional arguments beyond its own (an old spelling, mostly)."""
+
+_REQUIRED_AFTER = {"convert": ("--out",), "shards": ("--out",), "uncertainty": ("--images",)}
+"""Options a command requires, checked after the old spellings (whose arguments would otherwise be
+reported as the missing option): the destination and the images were positional arguments."""
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first word that is not an option), or None."""
+    for token in argv:
+        if not token.startswith("-"):
+            return token if token in _COMMANDS else None
+    return None
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with an old spelling (an option or a positional argument that a
+    command no longer takes) refused by an error that names what replaced it, not argparse's
+    'unrecognized arguments'. Exits 2, as argparse does."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_of(argv)
+    sub = parser.commands.get(command) if command else None
+    if sub is not None:
+        tokens = argv[argv.index(command) + 1:]
+        tokens = tokens[:tokens.index("--")] if "--" in tokens else tokens
+        replaced = _REPLACED_OPTIONS.get(command, {})
+        for token in tokens:
+            if not token.startswith("--"):
+                continue
+            name, equals, _ = token.partition("=")
+            message = replaced.get(name) or (replaced.get(name + "=") if equals else None)
+            if message:
+                sub.error(f"{message}: {_USAGE[command]}")
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        positional = [e for e in extras if not e.startswith("-")]
+        if sub is not None and positional and command in _EXTRA_POSITIONAL:
+            message = _EXTRA_POSITIONAL[command]
+            if command == "eval" and "--json" in argv:
+                message = _REPLACED_OPTIONS["eval"]["--json="]
+            sub.error(f"unexpected argument {positional[0]!r}: {message}: {_USAGE[command]}")
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    missing = [o for o in _REQUIRED_AFTER.get(command, ()) if getattr(args, o[2:]) is None]
+    if missing:
+        sub.error(f"the following arguments are required: {', '.join(missing)}: {_USAGE[command]}")
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hetvae",
@@ -763,10 +1076,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"hetvae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = {}
     for name, (help_text, add_arguments, run) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, usage=f"{_USAGE[name]} [OPTIONS]")
         add_arguments(p)
         p.set_defaults(_run=run)
+        parser.commands[name] = p
     return parser
 
 
@@ -830,7 +1145,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args = _parse(parser, argv)
         except SystemExit:  # --help, or bad arguments: what was printed must reach its reader too
             sys.stdout.flush()
             raise

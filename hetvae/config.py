@@ -62,6 +62,7 @@ __all__ = [
     "final_batch_size",
     "load_config",
     "require_crop_sides",
+    "config_text",
     "save_config",
     "with_absolute_paths",
 ]
@@ -890,8 +891,10 @@ def save_config(cfg: Config, path: str | os.PathLike) -> Path:
     ``load_config(path) == cfg``. Parent folders are created; the file is written atomically
     (:func:`hetvae.files.atomic_write_text`), so a crash never leaves half a config in a run folder.
     """
-    text = RESOLVED_HEADER + "\n" + yaml.dump(
-        config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False
-    )
-    return atomic_write_text(path, text)
+    return atomic_write_text(path, RESOLVED_HEADER + "\n" + config_text(cfg))
+
+
+def config_text(cfg: Config) -> str:
+    """The resolved ``cfg`` as YAML, every key (what :func:`save_config` writes below its header)."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 

@@ -130,9 +130,11 @@ def _alone(p: Prediction, family: str, granularity: str, calibration: Calibratio
     return {k: summary[k] for k in PER_IMAGE_KEYS}
 
 
-def evaluate(predictor: Predictor, images: Iterable, progress: bool = False, per_image: bool = False) -> dict:
+def evaluate(predictor: Predictor, images: Iterable, progress: bool = False, per_image: bool = False,
+             batch_size: int = 1) -> dict:
     """Predict every image (``(C, H, W)`` in [-1, 1], ``(name, image)`` pairs or an
-    :class:`ImageList`), one at a time, and :func:`summarize` them.
+    :class:`ImageList`), one at a time (``batch_size``: up to that many of one size together,
+    :func:`hetvae.predictor.iter_predictions`), and :func:`summarize` them.
 
     With a calibrated predictor the metrics are the calibrated ones, plus ``"calibration"`` (its
     description) and ``"uncalibrated"``: the same metrics without the correction (one pass).
@@ -144,7 +146,7 @@ def evaluate(predictor: Predictor, images: Iterable, progress: bool = False, per
     pool = _Pool(predictor.family, cal)
     raw = _Pool(predictor.family) if cal is not None else None
     rows: list[dict] | None = [] if per_image else None
-    for source, p in iter_predictions(predictor, images, progress):
+    for source, p in iter_predictions(predictor, images, progress, batch_size=batch_size):
         pool.add(p)
         if raw is not None:
             raw.add(_uncalibrated(p))
@@ -189,15 +191,17 @@ class Comparison:
         return "\n".join(lines) + "\n"
 
 
-def compare(predictors: dict[str, Predictor], images: Iterable, progress: bool = False) -> Comparison:
+def compare(predictors: dict[str, Predictor], images: Iterable, progress: bool = False,
+            batch_size: int = 1) -> Comparison:
     """Evaluate each predictor on the same images; keep the reliability and sparsification curves.
-    An :class:`ImageList` is read again for each predictor (one image in memory at a time)."""
+    An :class:`ImageList` is read again for each predictor (one image in memory at a time, or one
+    batch of ``batch_size``)."""
     if not isinstance(images, Sequence):
         images = list(images)  # a one-shot iterator would be empty for the second predictor
     results, reliability, sparsification = {}, {}, {}
     for name, predictor in predictors.items():
         pool = _Pool(predictor.family, predictor.calibration)
-        for _, p in iter_predictions(predictor, images, progress, desc=str(name)):
+        for _, p in iter_predictions(predictor, images, progress, desc=str(name), batch_size=batch_size):
             pool.add(p)
         results[name] = pool.summary(predictor.granularity)
         reliability[name] = pool.coverage_curve()

@@ -364,7 +364,7 @@ def check_fresh_start(run_dir: str | os.PathLike) -> None:
     if found:
         raise FileExistsError(
             f"{run_dir} holds files that `hetvae train` did not write and a run there would replace or shadow: "
-            f"{'; '.join(found)}. Choose another out_dir (--out-dir), or move those files away"
+            f"{'; '.join(found)}. Choose another out_dir (--out), or move those files away"
         )
 
 

@@ -157,7 +157,7 @@ def names_shards(path: str | Sequence[str] | None) -> bool:
         raise ConfigError(
             "data.path",
             f"mixes tar shards ({', '.join(shards[:3])}) with other sources ({', '.join(others[:3])}); a run reads "
-            "one kind: write the images into shards too (hetvae shards FOLDER OUT), or train on the folders",
+            "one kind: write the images into shards too (hetvae shards FOLDER --out OUT), or train on the folders",
         )
     return False
 
@@ -331,7 +331,7 @@ def check_shards(shards: Sequence[Path], *, global_batch: int, slots: int, worke
     if len(shards) < slots:
         raise ValueError(
             f"{len(shards)} tar shard(s) for {slots} readers (world size {world_size} x {workers} data worker(s)): "
-            "every reader needs a shard of its own each epoch. Write more, smaller shards (hetvae shards FOLDER "
+            "every reader needs a shard of its own each epoch. Write more, smaller shards (hetvae shards FOLDER --out "
             "OUT --size N with a smaller N), or lower data.num_workers"
         )
     found = 0

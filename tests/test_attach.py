@@ -48,7 +48,7 @@ def export(model: AutoencoderKL, tmp_path, name: str = "export", via_cli: bool =
     folder = tmp_path / name
     if via_cli:  # the way a user exports a run: hetvae convert SRC DST --to diffusers
         model.save_pretrained(tmp_path / f"{name}-hetvae")
-        assert main(["convert", str(tmp_path / f"{name}-hetvae"), str(folder), "--to", "diffusers"]) == 0
+        assert main(["convert", str(tmp_path / f"{name}-hetvae"), "--to", "diffusers", "--out", str(folder)]) == 0
     else:
         model.save_pretrained(folder, format="diffusers")
     vae = diffusers.AutoencoderKL.from_pretrained(folder).eval()

@@ -67,7 +67,7 @@ def _copy_run(run: Path, dst: Path) -> Path:
 
 def test_calibrate_stores_the_correction_and_eval_reports_before_and_after(pixel_run, photos, tmp_path, capsys):
     run = _copy_run(pixel_run, tmp_path / "run")
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(photos)]) == 0
+    assert main(["calibrate", str(run), "--images", str(photos)]) == 0
     predictor = load_predictor(run)
     cal = predictor.calibration
     assert cal is not None and cal.method == "isotonic" and cal.bpd_after <= cal.bpd_before  # the default
@@ -75,7 +75,7 @@ def test_calibrate_stores_the_correction_and_eval_reports_before_and_after(pixel
     direct = calibrate(load_predictor(run, calibrated=False), load_images(photos))
     torch.testing.assert_close(direct.offset, cal.offset)
     capsys.readouterr()
-    assert main(["eval", "--checkpoint", str(run), "--images", str(photos), "--json", str(tmp_path / "m.json")]) == 0
+    assert main(["eval", str(run), "--images", str(photos), "--out", str(tmp_path / "m.json")]) == 0
     out = capsys.readouterr().out
     assert "uncalibrated" in out and "calibrated" in out
     result = json.loads((tmp_path / "m.json").read_text())
@@ -88,32 +88,32 @@ def test_calibrate_stores_the_correction_and_eval_reports_before_and_after(pixel
     assert result["calibration_error"] == pytest.approx(want["calibration_error"], abs=1e-6)
     assert result["nll_bpd"] <= result["uncalibrated"]["nll_bpd"] + 1e-9
     # --uncalibrated: the model as trained
-    assert main(["eval", "--checkpoint", str(run), "--images", str(photos), "--uncalibrated"]) == 0
+    assert main(["eval", str(run), "--images", str(photos), "--uncalibrated"]) == 0
     assert "uncalibrated  " not in capsys.readouterr().out
 
 
 def test_calibrating_twice_replaces_and_remove_restores(pixel_run, photos, tmp_path):
     run = _copy_run(pixel_run, tmp_path / "run")
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(photos)]) == 0
+    assert main(["calibrate", str(run), "--images", str(photos)]) == 0
     first = load_predictor(run).calibration
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(photos)]) == 0
+    assert main(["calibrate", str(run), "--images", str(photos)]) == 0
     second = load_predictor(run).calibration
     torch.testing.assert_close(second.slope, first.slope)
     torch.testing.assert_close(second.offset, first.offset)
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(photos), "--method", "isotonic"]) == 0
+    assert main(["calibrate", str(run), "--images", str(photos), "--method", "isotonic"]) == 0
     iso = load_predictor(run).calibration
     assert iso.method == "isotonic"
     torch.testing.assert_close(iso.offset, first.offset)  # the affine part, fitted on the raw scale again
-    assert main(["calibrate", "--checkpoint", str(run), "--remove"]) == 0
+    assert main(["calibrate", str(run), "--remove"]) == 0
     assert load_predictor(run).calibration is None
 
 
 @pytest.mark.parametrize("fmt", ["hetvae", "diffusers", "ldm"])
 def test_the_calibration_travels_through_every_export(pixel_run, photos, tmp_path, fmt):
     run = _copy_run(pixel_run, tmp_path / "run")
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(photos), "--method", "isotonic"]) == 0
+    assert main(["calibrate", str(run), "--images", str(photos), "--method", "isotonic"]) == 0
     want = load_predictor(run)
-    assert main(["convert", str(run), str(tmp_path / fmt), "--to", fmt]) == 0
+    assert main(["convert", str(run), "--to", fmt, "--out", str(tmp_path / fmt)]) == 0
     got = load_predictor(tmp_path / fmt)
     assert got.calibration is not None
     torch.testing.assert_close(got.calibration.knots, want.calibration.knots, rtol=0, atol=0)
@@ -123,13 +123,13 @@ def test_the_calibration_travels_through_every_export(pixel_run, photos, tmp_pat
     for key in ("nll_bpd", "coverage_90", "calibration_error"):
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9)
     # calibrating an export in place works too (hetvae folder, diffusers folder, ldm file hetvae wrote)
-    assert main(["calibrate", "--checkpoint", str(tmp_path / fmt), "--images", str(photos), "--method", "affine"]) == 0
+    assert main(["calibrate", str(tmp_path / fmt), "--images", str(photos), "--method", "affine"]) == 0
     assert load_predictor(tmp_path / fmt).calibration.method == "affine"
 
 
 def test_decode_returns_the_bounded_calibrated_map(pixel_run, photos, tmp_path):
     run = _copy_run(pixel_run, tmp_path / "run")
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(photos)]) == 0
+    assert main(["calibrate", str(run), "--images", str(photos)]) == 0
     model = load_autoencoder(run / "model.safetensors").eval()
     cal = model.calibration
     assert cal is not None
@@ -150,10 +150,9 @@ def test_uncertainty_maps_are_calibrated_unless_asked(pixel_run, photos, tmp_pat
     from safetensors.torch import load_file
 
     run = _copy_run(pixel_run, tmp_path / "run")
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(photos)]) == 0
-    assert main(["uncertainty", str(photos / "p0.png"), "--checkpoint", str(run), "--out", str(tmp_path / "a")]) == 0
-    assert main(["uncertainty", str(photos / "p0.png"), "--checkpoint", str(run), "--out", str(tmp_path / "b"),
-                 "--uncalibrated"]) == 0
+    assert main(["calibrate", str(run), "--images", str(photos)]) == 0
+    assert main(["uncertainty", str(run), "--images", str(photos / "p0.png"), "--out", str(tmp_path / "a")]) == 0
+    assert main(["uncertainty", str(run), "--images", str(photos / "p0.png"), "--out", str(tmp_path / "b"), "--uncalibrated"]) == 0
     a = load_file(str(tmp_path / "a" / "p0.png_maps.safetensors"))["log_scale"]
     b = load_file(str(tmp_path / "b" / "p0.png_maps.safetensors"))["log_scale"]
     cal = load_predictor(run).calibration
@@ -163,7 +162,7 @@ def test_uncertainty_maps_are_calibrated_unless_asked(pixel_run, photos, tmp_pat
 def test_too_few_pixels_is_refused_with_a_message(pixel_run, tmp_path, capsys):
     run = _copy_run(pixel_run, tmp_path / "run")
     small = _photos(tmp_path / "small", n=1, size=32)
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(small)]) == 1
+    assert main(["calibrate", str(run), "--images", str(small)]) == 1
     assert "at least 10,000 values" in capsys.readouterr().err
     assert load_predictor(run).calibration is None
 
@@ -175,15 +174,15 @@ def test_a_foreign_single_file_needs_out(pixel_run, photos, tmp_path, capsys):
     model.remove_log_scale_head()
     file = tmp_path / "sd.safetensors"  # an original-layout file with no hetvae metadata
     save_file({f"first_stage_model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(file))
-    assert main(["calibrate", "--checkpoint", str(file), "--images", str(photos)]) == 1
+    assert main(["calibrate", str(file), "--images", str(photos)]) == 1
     assert "--out" in capsys.readouterr().err
-    assert main(["calibrate", "--checkpoint", str(file), "--images", str(photos), "--out", str(tmp_path / "o")]) == 0
+    assert main(["calibrate", str(file), "--images", str(photos), "--out", str(tmp_path / "o")]) == 0
     assert load_predictor(tmp_path / "o").calibration is not None
 
 
 def test_fine_tuning_a_calibrated_model_drops_the_calibration(pixel_run, photos, tmp_path):
     run = _copy_run(pixel_run, tmp_path / "run")
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(photos)]) == 0
+    assert main(["calibrate", str(run), "--images", str(photos)]) == 0
     cfg = load_config(CONFIGS / "tiny.yaml", TRAIN + ["log_scale.granularity=pixel", f"model.init_from={run}"])
     with pytest.warns(UserWarning, match="calibration"):
         model = build_model(cfg)

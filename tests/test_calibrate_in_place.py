@@ -161,11 +161,11 @@ def test_the_command_calibrates_a_variant_only_diffusers_folder_in_place(tmp_pat
     for p in root.iterdir():
         p.chmod(MODE)
     before = _files(root)
-    assert main(["calibrate", "--checkpoint", str(root), "--images", str(_photos(tmp_path / "photos"))]) == 0
+    assert main(["calibrate", str(root), "--images", str(_photos(tmp_path / "photos"))]) == 0
     fitted = load_predictor(root).calibration
     assert fitted is not None
     _check_only_the_record_changed(root, root / "config.json", before, fitted.to_dict())
-    assert main(["calibrate", "--checkpoint", str(root), "--remove"]) == 0
+    assert main(["calibrate", str(root), "--remove"]) == 0
     _check_only_the_record_changed(root, root / "config.json", before, None)
 
 
@@ -234,7 +234,7 @@ def test_a_model_in_a_hub_cache_is_refused_in_place_and_out_writes_elsewhere(tmp
 def test_the_command_refuses_a_hub_cache_in_one_line_naming_out(tmp_path, capsys):
     snapshot, repo = _hub_cache(tmp_path)
     before = _files(repo)
-    assert main(["calibrate", "--checkpoint", str(snapshot), "--remove"]) == 1
+    assert main(["calibrate", str(snapshot), "--remove"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--out" in err and "Hugging Face Hub cache" in err
     assert _files(repo) == before

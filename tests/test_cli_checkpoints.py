@@ -35,13 +35,13 @@ def test_info_reports_format_config_parameters_and_head(sd_file, capsys):
     assert "family:      sd (scaling_factor 0.18215, shift_factor 0.0)" in out
     assert f"parameters:  {sum(p.numel() for p in model.parameters()):,}" in out
     assert "log-scale head: no" in out
-    assert "block_out_channels: (32, 64)" in out
+    assert "model.block_out_channels: [32, 64]" in out and "log_scale_granularity" not in out
 
 
 def test_convert_grafts_a_head_and_exports_diffusers(sd_file, tmp_path, capsys, assert_matches_reference):
     file, model = sd_file
     dst = tmp_path / "vae-diffusers"
-    assert main(["convert", str(file), str(dst), "--to", "diffusers", "--log-scale", "pixel", "--log-scale-init", "-1"]) == 0
+    assert main(["convert", str(file), "--to", "diffusers", "--set", "log_scale.granularity=pixel", "--set", "log_scale.init=-1", "--out", str(dst)]) == 0
     assert "with log-scale head" in capsys.readouterr().out
     stock = diffusers.AutoencoderKL.from_pretrained(dst).eval()
     x = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -55,8 +55,8 @@ def test_convert_grafts_a_head_and_exports_diffusers(sd_file, tmp_path, capsys, 
 
 def test_convert_round_trip_hetvae_then_ldm_is_identical(sd_file, tmp_path):
     file, model = sd_file
-    assert main(["convert", str(file), str(tmp_path / "h"), "--to", "hetvae", "--scaling-factor", "0.13025"]) == 0
-    assert main(["convert", str(tmp_path / "h"), str(tmp_path / "vae.safetensors"), "--to", "ldm"]) == 0
+    assert main(["convert", str(file), "--to", "hetvae", "--set", "model.scaling_factor=0.13025", "--out", str(tmp_path / "h")]) == 0
+    assert main(["convert", str(tmp_path / "h"), "--to", "ldm", "--out", str(tmp_path / "vae.safetensors")]) == 0
     back = load_autoencoder(tmp_path / "vae.safetensors")
     assert back.config.scaling_factor == 0.13025
     want, got = model.state_dict(), back.state_dict()
@@ -69,6 +69,6 @@ def test_cli_errors_go_to_stderr_with_exit_code_1(tmp_path, capsys):
     assert main(["info", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "error:" in err and "broken.safetensors" in err and "truncated or corrupt" in err
-    assert main(["convert", str(bad), str(tmp_path / "out"), "--to", "diffusers"]) == 1
+    assert main(["convert", str(bad), "--to", "diffusers", "--out", str(tmp_path / "out")]) == 1
     assert "broken.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -57,7 +57,7 @@ def image_dir(tmp_path_factory):
 
 
 def test_uncertainty_writes_panels_maps_and_raw_maps(runs, image_dir, tmp_path):
-    assert main(["uncertainty", str(image_dir), "--checkpoint", str(runs["pixel"]), "--out", str(tmp_path)]) == 0
+    assert main(["uncertainty", str(runs["pixel"]), "--images", str(image_dir), "--out", str(tmp_path)]) == 0
     for name in ("img0.png", "img1.png"):  # outputs keep the input's extension: x.png and x.jpg never collide
         panel = Image.open(tmp_path / f"{name}_panel.png")
         assert panel.size == (1300, 280)  # 5 columns x 2.6 in, 2.4 in + title, at 100 dpi
@@ -70,7 +70,7 @@ def test_uncertainty_writes_panels_maps_and_raw_maps(runs, image_dir, tmp_path):
 
 def test_eval_json_has_every_key(runs, image_dir, tmp_path, capsys):
     out = tmp_path / "metrics.json"
-    assert main(["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out)]) == 0
+    assert main(["eval", str(runs["pixel"]), "--images", str(image_dir), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert set(result) == set(METRIC_KEYS) | set(COLOUR_KEYS)
     assert result["n_images"] == 2 and result["granularity"] == "pixel"
@@ -85,7 +85,7 @@ def test_eval_reports_the_chroma_kept(runs, image_dir, tmp_path, capsys):
     from hetvae.predictor import iter_predictions
 
     out = tmp_path / "metrics.json"
-    assert main(["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out)]) == 0
+    assert main(["eval", str(runs["pixel"]), "--images", str(image_dir), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     kept = [M.chroma_kept((p.mean.clamp(-1, 1) + 1) / 2, (p.target + 1) / 2).item()
             for _, p in iter_predictions(load_predictor(runs["pixel"]), load_images(image_dir))]
@@ -99,7 +99,7 @@ def test_eval_reports_the_chroma_kept(runs, image_dir, tmp_path, capsys):
     grey = tmp_path / "grey"
     grey.mkdir()
     Image.fromarray(np.full((32, 40), 90, np.uint8)).save(grey / "flat.png")
-    assert main(["eval", "--checkpoint", str(runs["pixel"]), "--images", str(grey), "--json", str(out)]) == 0
+    assert main(["eval", str(runs["pixel"]), "--images", str(grey), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["chroma_kept"] is None and result["chroma_kept_min"] is None
     printed = capsys.readouterr().out
@@ -120,7 +120,7 @@ def test_colour_note(low, high, words):
 
 def test_eval_of_a_global_run_has_no_spearman(runs, image_dir, tmp_path):
     out = tmp_path / "metrics.json"
-    assert main(["eval", "--checkpoint", str(runs["global"]), "--images", str(image_dir), "--json", str(out)]) == 0
+    assert main(["eval", str(runs["global"]), "--images", str(image_dir), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["granularity"] == "global" and result["spearman"] is None
 
@@ -151,7 +151,7 @@ def test_a_bare_model_gets_its_head_or_the_closed_form_scale(runs, tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert main(["eval", "--checkpoint", str(tmp_path / "nope")]) == 1
+    assert main(["eval", str(tmp_path / "nope")]) == 1
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -181,8 +181,7 @@ def test_a_training_checkpoint_scores_as_the_model_the_run_exports_at_that_step(
     earlier = load_predictor(run / "checkpoints" / "step_00000002").model.state_dict()
     assert any(not torch.equal(earlier[k], v) for k, v in final.model.state_dict().items())  # another step, other weights
     out = tmp_path / "m.json"
-    assert main(["eval", "--checkpoint", str(run / "checkpoints" / "step_00000002"), "--images", str(image_dir),
-                 "--json", str(out)]) == 0
+    assert main(["eval", str(run / "checkpoints" / "step_00000002"), "--images", str(image_dir), "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())) == set(METRIC_KEYS) | set(COLOUR_KEYS)
 
 
@@ -224,10 +223,10 @@ def test_calibrating_a_training_checkpoint_writes_a_new_export_and_leaves_the_st
     for i in range(2):
         Image.fromarray(np.clip(rng.normal(128, 40, (72, 80, 3)), 0, 255).astype(np.uint8)).save(image_dir / f"{i}.png")
     before = {f.name: f.read_bytes() for f in step.iterdir()}
-    assert main(["calibrate", "--checkpoint", str(step), "--images", str(image_dir)]) == 1
+    assert main(["calibrate", str(step), "--images", str(image_dir)]) == 1
     err = capsys.readouterr().err
     assert "training checkpoint" in err and "--out DIR" in err and not fits  # refused before any fit
-    assert main(["calibrate", "--checkpoint", str(step), "--images", str(image_dir), "--out", str(tmp_path / "cal")]) == 0
+    assert main(["calibrate", str(step), "--images", str(image_dir), "--out", str(tmp_path / "cal")]) == 0
     assert {f.name: f.read_bytes() for f in step.iterdir()} == before
     calibrated = load_predictor(tmp_path / "cal")
     assert calibrated.calibration.to_dict() == fitted.to_dict() and calibrated.granularity == "pixel"
@@ -240,7 +239,7 @@ def test_eval_per_image_rows_pool_to_the_totals(runs, image_dir, tmp_path, capsy
     from hetvae.images import load_images
 
     out = tmp_path / "metrics.json"
-    args = ["eval", "--checkpoint", str(runs["pixel"]), "--images", str(image_dir), "--json", str(out), "--per-image"]
+    args = ["eval", str(runs["pixel"]), "--images", str(image_dir), "--out", str(out), "--per-image"]
     assert main(args) == 0
     result = json.loads(out.read_text())
     rows = result["images"]
@@ -277,14 +276,12 @@ def test_eval_per_image_of_a_calibrated_model_shows_raw_beside(runs, image_dir, 
     fit.mkdir()
     for name in ("astronaut", "coffee"):  # 2 x 100 x 100: enough values for a fit
         Image.fromarray(getattr(skimage.data, name)()[:100, :100].copy()).save(fit / f"{name}.png")
-    assert main(["calibrate", "--checkpoint", str(run), "--images", str(fit)]) == 0
+    assert main(["calibrate", str(run), "--images", str(fit)]) == 0
     capsys.readouterr()
     calibrated, raw = tmp_path / "cal.json", tmp_path / "raw.json"
-    assert main(["eval", "--checkpoint", str(run), "--images", str(image_dir), "--json", str(calibrated),
-                 "--per-image"]) == 0
+    assert main(["eval", str(run), "--images", str(image_dir), "--out", str(calibrated), "--per-image"]) == 0
     printed = capsys.readouterr().out
-    assert main(["eval", "--checkpoint", str(run), "--images", str(image_dir), "--json", str(raw),
-                 "--per-image", "--uncalibrated"]) == 0
+    assert main(["eval", str(run), "--images", str(image_dir), "--out", str(raw), "--per-image", "--uncalibrated"]) == 0
     rows, raw_rows = json.loads(calibrated.read_text())["images"], json.loads(raw.read_text())["images"]
     for row, alone in zip(rows, raw_rows, strict=True):
         assert set(row["uncalibrated"]) == set(PER_IMAGE_KEYS) and "uncalibrated" not in alone

@@ -89,9 +89,10 @@ def _no_loading(monkeypatch):
 
 
 def _one_error_line(err: str, *parts: str) -> str:
-    """The only line of ``err`` (progress bars aside), an `error:` line holding each of ``parts``."""
+    """The only line of ``err`` (progress bars and the device line aside), an `error:` line holding each
+    of ``parts``."""
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "img/s" not in line
-             and "s/img" not in line and "?img" not in line]
+             and "s/img" not in line and "?img" not in line and not line.startswith("device: ")]
     assert "Traceback" not in err and "Errno" not in err, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for part in parts:
@@ -103,12 +104,12 @@ def _commands(model_file, photos, out) -> dict[str, list[str]]:
     """Each command that writes, with ``out`` where it writes."""
     m, images = str(model_file), str(photos)
     return {
-        "calibrate --out": ["calibrate", "--checkpoint", m, "--images", images, "--out", str(out)],
-        "convert hetvae": ["convert", m, str(out), "--to", "hetvae"],
-        "convert diffusers": ["convert", m, str(out), "--to", "diffusers"],
-        "convert ldm file": ["convert", m, str(out) + ".safetensors", "--to", "ldm"],
-        "uncertainty": ["uncertainty", images, "--checkpoint", m, "--out", str(out)],
-        "eval --json": ["eval", "--checkpoint", m, "--images", images, "--json", str(out) + ".json"],
+        "calibrate --out": ["calibrate", m, "--images", images, "--out", str(out)],
+        "convert hetvae": ["convert", m, "--to", "hetvae", "--out", str(out)],
+        "convert diffusers": ["convert", m, "--to", "diffusers", "--out", str(out)],
+        "convert ldm file": ["convert", m, "--to", "ldm", "--out", str(out) + ".safetensors"],
+        "uncertainty": ["uncertainty", m, "--images", images, "--out", str(out)],
+        "eval --out": ["eval", m, "--images", images, "--out", str(out) + ".json"],
         "compare": ["compare", m, "--images", images, "--out", str(out)],
     }
 
@@ -185,7 +186,7 @@ def test_calibrate_in_place_where_it_cannot_write_is_refused_before_loading(run,
         named = run if target.is_dir() else model_copy.parent
     before = {p: p.read_bytes() for p in ([run / "model.safetensors"] if target.is_dir() else [model_copy])}
     _no_loading(monkeypatch)
-    argv = ["calibrate", "--checkpoint", str(target), "--images", str(photos), *(["--remove"] if remove else [])]
+    argv = ["calibrate", str(target), "--images", str(photos), *(["--remove"] if remove else [])]
     assert main(argv) == 1
     line = _one_error_line(capsys.readouterr().err, named)
     assert "--out" in line  # where a calibrated copy can go instead
@@ -195,11 +196,11 @@ def test_calibrate_in_place_where_it_cannot_write_is_refused_before_loading(run,
 def test_calibrate_out_that_holds_a_model_is_refused_before_the_fit_without_naming_a_missing_flag(
         model_file, photos, tmp_path, capsys, monkeypatch):
     taken = tmp_path / "taken"
-    assert main(["convert", str(model_file), str(taken), "--to", "hetvae"]) == 0
+    assert main(["convert", str(model_file), "--to", "hetvae", "--out", str(taken)]) == 0
     capsys.readouterr()
     _no_loading(monkeypatch)
     for out in (taken, taken / "model.safetensors"):
-        assert main(["calibrate", "--checkpoint", str(model_file), "--images", str(photos), "--out", str(out)]) == 1
+        assert main(["calibrate", str(model_file), "--images", str(photos), "--out", str(out)]) == 1
         line = _one_error_line(capsys.readouterr().err, out, "model.safetensors")
         assert "--overwrite" not in line  # calibrate has no such flag
 
@@ -216,7 +217,7 @@ def test_calibrate_in_place_in_a_hub_cache_is_refused_before_loading(model_file,
     blob.write_bytes(model_file.read_bytes())
     (snapshot / "model.safetensors").symlink_to(Path("..") / ".." / "blobs" / blob.name)
     _no_loading(monkeypatch)
-    argv = ["calibrate", "--checkpoint", str(snapshot), "--images", str(photos), *(["--remove"] if remove else [])]
+    argv = ["calibrate", str(snapshot), "--images", str(photos), *(["--remove"] if remove else [])]
     assert main(argv) == 1
     _one_error_line(capsys.readouterr().err, snapshot, "Hugging Face Hub cache", "--out")
     assert blob.read_bytes() == model_file.read_bytes()
@@ -246,13 +247,13 @@ def _denied(*args, **kwargs):
     raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/somewhere/.m.safetensors.tmp-1")
 
 
-@pytest.mark.parametrize("command", ["eval --json", "compare", "uncertainty", "convert hetvae", "calibrate --out",
+@pytest.mark.parametrize("command", ["eval --out", "compare", "uncertainty", "convert hetvae", "calibrate --out",
                                      "calibrate --remove in place"])
 def test_a_write_that_fails_is_one_error_line_naming_the_output(model_copy, photos, tmp_path, capsys, monkeypatch,
                                                                 command):
     out = tmp_path / "out"
     commands = _commands(model_copy, photos, out)
-    commands["calibrate --remove in place"] = ["calibrate", "--checkpoint", str(model_copy), "--remove"]
+    commands["calibrate --remove in place"] = ["calibrate", str(model_copy), "--remove"]
     before = model_copy.read_bytes()
     monkeypatch.setattr(hetvae.outputs, "atomic_write_text", _disk_full)  # eval, compare
     monkeypatch.setattr(hetvae.viz, "save_uncertainty_panel", _disk_full)
@@ -265,7 +266,7 @@ def test_a_write_that_fails_is_one_error_line_naming_the_output(model_copy, phot
     line = _one_error_line(captured.err, named)
     assert "No space left on device" in line or "Permission denied" in line
     assert ".tmp-" not in line  # the output, not the writer's temporary
-    if command == "eval --json":
+    if command == "eval --out":
         assert "psnr" in captured.out  # the metrics are printed before the file is written
     assert model_copy.read_bytes() == before
 
@@ -318,12 +319,12 @@ def test_ctrl_c_in_any_command_prints_one_line_and_exits_130(monkeypatch, capsys
     monkeypatch.setitem(cli._COMMANDS, command, (help_text, add, _interrupt))
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    # the least the command accepts: its positionals and its required options
+    # the least the command accepts: its positionals and its required options (some checked after parsing)
     argv = [command]
     for action in sub._actions:
         if not action.option_strings and action.dest != "help":
             argv.append("x")
-        elif action.required:
+        elif action.required or action.option_strings[0] in cli._REQUIRED_AFTER.get(command, ()):
             argv += [action.option_strings[0], (action.choices and next(iter(action.choices))) or "x"]
     assert _main_interrupted(argv) == 130
     captured = capsys.readouterr()
@@ -334,9 +335,9 @@ def test_ctrl_c_in_any_command_prints_one_line_and_exits_130(monkeypatch, capsys
 def test_ctrl_c_mid_write_leaves_no_partial_file(model_copy, photos, tmp_path, capsys, monkeypatch, command):
     out = tmp_path / "out"
     argv = {
-        "convert": ["convert", str(model_copy), str(out), "--to", "diffusers"],
-        "calibrate": ["calibrate", "--checkpoint", str(model_copy), "--remove"],
-        "uncertainty": ["uncertainty", str(photos), "--checkpoint", str(model_copy), "--out", str(out)],
+        "convert": ["convert", str(model_copy), "--to", "diffusers", "--out", str(out)],
+        "calibrate": ["calibrate", str(model_copy), "--remove"],
+        "uncertainty": ["uncertainty", str(model_copy), "--images", str(photos), "--out", str(out)],
     }[command]
     real = hetvae.files.write_atomically
     calls = []
@@ -385,18 +386,18 @@ def test_info_and_convert_name_a_training_checkpoint_and_say_what_to_do(run, tmp
     step = run / "checkpoints" / "step_00000002"
     path = {"step folder": step, WEIGHTS_FILE: step / WEIGHTS_FILE, STATE_FILE: step / STATE_FILE,
             "checkpoints folder": run / "checkpoints"}[part]
-    argv = ["info", str(path)] if command == "info" else ["convert", str(path), str(tmp_path / "o"), "--to", "hetvae"]
+    argv = ["info", str(path)] if command == "info" else ["convert", str(path), "--to", "hetvae", "--out", str(tmp_path / "o")]
     assert main(argv) == 1
     line = _one_error_line(capsys.readouterr().err, path)
     assert "training checkpoint" in line and "keys" not in line
-    assert "calibrate --checkpoint" in line and "--out" in line  # how to write its model as a model file
+    assert f"calibrate {path if part == 'step folder' else step} --out" in line  # how to write it as a model file
     assert str(run / "model.safetensors") in line  # the run's own export
     assert not (tmp_path / "o").exists()
 
 
 def test_the_export_a_training_checkpoint_message_gives_works(run, tmp_path, capsys):
     step = run / "checkpoints" / "step_00000002"
-    assert main(["calibrate", "--checkpoint", str(step), "--remove", "--out", str(tmp_path / "step2")]) == 0
+    assert main(["calibrate", str(step), "--remove", "--out", str(tmp_path / "step2")]) == 0
     assert main(["info", str(tmp_path / "step2")]) == 0
     assert "format:      hetvae" in capsys.readouterr().out
 
@@ -445,11 +446,11 @@ SINGLE = _single_value_options()
 
 def test_the_option_list_covers_the_known_single_value_options():
     options = {(c, o) for c, o, _ in SINGLE}
-    for expected in [("eval", "--checkpoint"), ("eval", "--json"), ("calibrate", "--out"), ("uncertainty", "--out"),
-                     ("compare", "--out"), ("train", "--out-dir"), ("convert", "--to"), ("eval", "--tile"),
-                     ("calibrate", "--method")]:
+    for expected in [("eval", "--out"), ("eval", "--device"), ("calibrate", "--out"), ("uncertainty", "--out"),
+                     ("compare", "--out"), ("train", "--out"), ("convert", "--to"), ("convert", "--out"),
+                     ("shards", "--out"), ("eval", "--tile"), ("calibrate", "--method")]:
         assert expected in options
-    assert len(SINGLE) >= 20
+    assert len(SINGLE) >= 18
 
 
 @pytest.mark.parametrize("command, option, value", SINGLE, ids=[f"{c} {o}" for c, o, _ in SINGLE])
@@ -464,8 +465,8 @@ def test_a_single_value_option_given_twice_is_refused(capsys, command, option, v
 def test_repeatable_options_and_single_options_once_still_parse():
     parser = build_parser()
     for _ in range(2):  # the same parser, twice: a value given once in each parse is not "twice"
-        args = parser.parse_args(["eval", "--checkpoint", "a", "--images", "x", "y", "--images", "z", "--json", "j"])
-        assert args.checkpoint == "a" and args.images == ["x", "y", "z"] and args.json == "j"
+        args = parser.parse_args(["eval", "a", "--images", "x", "y", "--images", "z", "--out", "j"])
+        assert args.model == "a" and args.images == ["x", "y", "z"] and args.out == "j"
     args = parser.parse_args(["train", "c.yaml", "--set", "a=1", "--set", "b=2", "--overwrite", "--overwrite"])
     assert args.overrides == ["a=1", "b=2"] and args.overwrite
 
@@ -475,7 +476,7 @@ def test_repeatable_options_and_single_options_once_still_parse():
 
 def test_uncertainty_closes_its_progress_bar_before_an_error(model_file, photos, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(hetvae.viz, "save_scale_map", _disk_full)
-    assert main(["uncertainty", str(photos), "--checkpoint", str(model_file), "--out", str(tmp_path / "o")]) == 1
+    assert main(["uncertainty", str(model_file), "--images", str(photos), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and "uncertainty" in err, err  # the bar came first, then the error

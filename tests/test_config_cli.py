@@ -1,5 +1,5 @@
 """Where ``hetvae train`` trains: ``--set out_dir=...`` is honoured when the config argument is a
-run folder (it was silently ignored: the folder won), and ``--out-dir`` with a different
+run folder (it was silently ignored: the folder won), and ``--out`` with a different
 ``--set out_dir=...`` is refused rather than one of them ignored (issue 35, item 23)."""
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ def captured(monkeypatch):
     "flags, expected",
     [
         ([], "default"),
-        (["--out-dir", "{a}"], "a"),
+        (["--out", "{a}"], "a"),
         (["--set", "out_dir={b}"], "b"),
         (["--set", " out_dir = {b}"], "b"),
         (["--set", "out_dir={a}", "--set", "out_dir={b}"], "b"),  # the later override wins, as for any key
-        (["--out-dir", "{a}", "--set", "out_dir={a}"], "a"),
-        (["--out-dir", "{a}", "--set", "out_dir={a}/"], "a"),  # the same folder, spelled otherwise
-        (["--out-dir", "{a}", "--set", "out_dir={b}"], None),  # two folders: refused
+        (["--out", "{a}", "--set", "out_dir={a}"], "a"),
+        (["--out", "{a}", "--set", "out_dir={a}/"], "a"),  # the same folder, spelled otherwise
+        (["--out", "{a}", "--set", "out_dir={b}"], None),  # two folders: refused
     ],
 )
 def test_the_run_folder_is_the_one_asked_for(tmp_path, captured, capsys, source, flags, expected):

@@ -228,10 +228,10 @@ def test_convert_interrupted_midway_leaves_no_destination(tmp_path, monkeypatch,
     src = tmp_path / "src"
     save_autoencoder(_model(0), src)
     monkeypatch.setattr(hetvae.convert, "write_atomically", _failing_at(3, FAILURES[failure]))
-    assert main(["convert", str(src), str(tmp_path / "dst"), "--to", "diffusers"]) == code
+    assert main(["convert", str(src), "--to", "diffusers", "--out", str(tmp_path / "dst")]) == code
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == ("interrupted" if code == 130 else
-                                           f"error: destination {tmp_path / 'dst'}: could not be written (No space left on device)")
+                                           f"error: --out {tmp_path / 'dst'}: could not be written (No space left on device)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
@@ -248,7 +248,7 @@ def test_convert_without_overwrite_refuses_an_existing_model_before_reading_the_
         raise AssertionError("the source was read before the destination was checked")
 
     monkeypatch.setattr(hetvae.convert, "load_autoencoder", never)
-    assert main(["convert", str(src), str(tmp_path / dst), "--to", fmt]) == 1
+    assert main(["convert", str(src), "--to", fmt, "--out", str(tmp_path / dst)]) == 1
     err = capsys.readouterr().err
     assert "already holds a model" in err and "--overwrite" in err, err
     assert _tree(tmp_path) == before
@@ -258,7 +258,7 @@ def test_convert_checks_a_shadowing_model_before_reading_the_source(tmp_path, mo
     src = tmp_path / "src"
     save_autoencoder(_model(0), src)
     monkeypatch.setattr(hetvae.convert, "load_autoencoder", lambda *a, **k: pytest.fail("the source was read"))
-    assert main(["convert", str(src), str(src), "--to", "diffusers", "--overwrite"]) == 1
+    assert main(["convert", str(src), "--to", "diffusers", "--overwrite", "--out", str(src)]) == 1
     assert "which load_autoencoder" in capsys.readouterr().err
 
 

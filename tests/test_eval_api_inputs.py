@@ -50,8 +50,8 @@ def setup(tmp_path_factory):
     cli = {}
     for seed in SEEDS:
         png = _png(root / f"p{seed}.png", seed)
-        assert main(["eval", "--checkpoint", str(model), "--images", str(png), "--json", str(root / f"e{seed}.json")]) == 0
-        assert main(["calibrate", "--checkpoint", str(model), "--images", str(png), "--out", str(root / f"c{seed}")]) == 0
+        assert main(["eval", str(model), "--images", str(png), "--out", str(root / f"e{seed}.json")]) == 0
+        assert main(["calibrate", str(model), "--images", str(png), "--out", str(root / f"c{seed}")]) == 0
         u8 = torch.from_numpy(read_image(png).copy()).permute(2, 0, 1).contiguous()  # as torchvision.io.read_image
         cli[seed] = (u8, json.loads((root / f"e{seed}.json").read_text()), load_predictor(root / f"c{seed}").calibration)
     return load_predictor(model, calibrated=False), cli

@@ -67,7 +67,7 @@ def test_eval_uses_every_images_path(model_file, photos, tmp_path, form):
               "several": ["--images", a, b, c],
               "mixed": ["--images", a, b, "--images", c]}[form]
     out = tmp_path / "m.json"
-    assert main(["eval", "--checkpoint", str(model_file), *images, "--json", str(out), "--per-image"]) == 0
+    assert main(["eval", str(model_file), *images, "--out", str(out), "--per-image"]) == 0
     result = json.loads(out.read_text())
     assert result["n_images"] == 3
     assert [Path(r["image"]) for r in result["images"]] == photos
@@ -87,8 +87,7 @@ def test_calibrate_fits_on_every_images_path(model_file, photos, tmp_path, capsy
 
     a, b, c = map(str, photos)
     out = tmp_path / "calibrated"
-    assert main(["calibrate", "--checkpoint", str(model_file), "--images", a, "--images", b, "--images", c,
-                 "--out", str(out)]) == 0
+    assert main(["calibrate", str(model_file), "--images", a, "--images", b, "--images", c, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert all(p in printed for p in (a, b, c)), printed  # the message names what it fitted on
     stored = load_predictor(out).calibration
@@ -99,8 +98,7 @@ def test_calibrate_fits_on_every_images_path(model_file, photos, tmp_path, capsy
 
 def test_a_repeated_path_is_read_once(model_file, photos, tmp_path):
     out = tmp_path / "m.json"
-    assert main(["eval", "--checkpoint", str(model_file), "--images", str(photos[0]), "--images", str(photos[0]),
-                 "--json", str(out)]) == 0
+    assert main(["eval", str(model_file), "--images", str(photos[0]), "--images", str(photos[0]), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["n_images"] == 1
 
 
@@ -128,10 +126,10 @@ def _refused(capsys, code: int, photo: Path) -> str:
 def test_a_non_finite_output_is_refused_naming_the_image(poisoned, photos, tmp_path, capsys, command, poison):
     model, photo = str(poisoned[poison]), str(photos[1])
     argv = {
-        "eval": ["eval", "--checkpoint", model, "--images", photo, "--json", str(tmp_path / "m.json")],
+        "eval": ["eval", model, "--images", photo, "--out", str(tmp_path / "m.json")],
         "compare": ["compare", model, "--images", photo, "--out", str(tmp_path / "cmp")],
-        "uncertainty": ["uncertainty", photo, "--checkpoint", model, "--out", str(tmp_path / "unc")],
-        "calibrate": ["calibrate", "--checkpoint", model, "--images", photo, "--out", str(tmp_path / "cal")],
+        "uncertainty": ["uncertainty", model, "--images", photo, "--out", str(tmp_path / "unc")],
+        "calibrate": ["calibrate", model, "--images", photo, "--out", str(tmp_path / "cal")],
     }[command]
     line = _refused(capsys, main(argv), photos[1])
     assert ("log-scale" in line) == (poison == "scale"), line
@@ -142,8 +140,7 @@ def test_a_non_finite_output_is_refused_naming_the_image(poisoned, photos, tmp_p
 
 def test_non_finite_decoded_latents_are_refused_naming_the_file(poisoned, tmp_path, capsys):
     save_file({"latents": torch.zeros(1, 4, 4, 4)}, str(tmp_path / "z.safetensors"))
-    code = main(["uncertainty", str(tmp_path / "z.safetensors"), "--checkpoint", str(poisoned["mean"]),
-                 "--out", str(tmp_path / "out")])
+    code = main(["uncertainty", str(poisoned["mean"]), "--images", str(tmp_path / "z.safetensors"), "--out", str(tmp_path / "out")])
     _refused(capsys, code, tmp_path / "z.safetensors")
     assert not list((tmp_path / "out").rglob("*.png")) if (tmp_path / "out").exists() else True
 
@@ -182,30 +179,30 @@ def test_a_rerun_over_a_glob_skips_hetvaes_own_maps(tmp_path, capsys):
     folder = tmp_path / "latents"
     folder.mkdir()
     save_file({"latents": torch.randn(1, 4, 4, 4)}, str(folder / "z.safetensors"))
-    argv = ["--checkpoint", str(tmp_path / "model"), "--out", str(folder)]
-    assert main(["uncertainty", str(folder / "z.safetensors"), *argv]) == 0
+    model, argv = str(tmp_path / "model"), ["--out", str(folder)]
+    assert main(["uncertainty", model, "--images", str(folder / "z.safetensors"), *argv]) == 0
     maps = folder / "z.safetensors_maps.safetensors"
     assert maps.is_file()
     capsys.readouterr()
-    assert main(["uncertainty", *map(str, sorted(folder.glob("*.safetensors"))), *argv]) == 0  # the shell's glob
+    assert main(["uncertainty", model, "--images", *map(str, sorted(folder.glob("*.safetensors"))), *argv]) == 0  # a glob
     captured = capsys.readouterr()
     assert "wrote 1 decoded panel(s)" in captured.out
     assert f"note: skipped 1 file(s) hetvae wrote (e.g. {maps})" in captured.err
     assert not (folder / "z.safetensors_maps.safetensors_maps.safetensors").exists()
     # only hetvae's own files: nothing to do is an error, not a silent success
-    code = main(["uncertainty", str(maps), *argv])
+    code = main(["uncertainty", model, "--images", str(maps), *argv])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("error:") and str(maps) in err and "written by hetvae" in err
 
 
 def test_a_rerun_over_images_and_their_outputs_is_not_called_mixed(model_file, tmp_path, capsys):
-    """`hetvae uncertainty photos/* --out photos` twice: the maps of the first run are skipped."""
+    """`hetvae uncertainty MODEL --images photos/* --out photos` twice: the maps of the first run are skipped."""
     folder = tmp_path / "photos"
     _photo(folder / "x.png", 0, (24, 24))
-    argv = ["--checkpoint", str(model_file), "--out", str(folder)]
-    assert main(["uncertainty", str(folder / "x.png"), *argv]) == 0
+    argv = ["--out", str(folder)]
+    assert main(["uncertainty", str(model_file), "--images", str(folder / "x.png"), *argv]) == 0
     capsys.readouterr()
-    assert main(["uncertainty", *map(str, sorted(folder.iterdir())), *argv]) == 0
+    assert main(["uncertainty", str(model_file), "--images", *map(str, sorted(folder.iterdir())), *argv]) == 0
     captured = capsys.readouterr()
     assert "wrote 1 panel(s)" in captured.out and "note: skipped 3 file(s) hetvae wrote" in captured.err
 
@@ -214,7 +211,7 @@ def test_a_rerun_over_images_and_their_outputs_is_not_called_mixed(model_file, t
 
 
 def test_uncertainty_progress_bar_is_finished(model_file, photos, tmp_path, capsys):
-    assert main(["uncertainty", str(photos[0]), "--checkpoint", str(model_file), "--out", str(tmp_path / "o")]) == 0
+    assert main(["uncertainty", str(model_file), "--images", str(photos[0]), "--out", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     states = [s for s in err.replace("\r", "\n").splitlines() if "uncertainty" in s and "/1" in s]
     assert states and "1/1" in states[-1], err

@@ -79,7 +79,7 @@ def test_a_variant_only_folder_loads_with_and_without_the_variant(tmp_path):
     for kwargs in ({}, {"variant": "fp16"}):
         assert _same(AutoencoderKL.from_pretrained(folder, **kwargs), _as_fp16(2))
     assert main(["info", str(folder)]) == 0
-    assert main(["convert", str(folder), str(tmp_path / "out"), "--to", "diffusers"]) == 0
+    assert main(["convert", str(folder), "--to", "diffusers", "--out", str(tmp_path / "out")]) == 0
     assert _same(load_autoencoder(tmp_path / "out"), _as_fp16(2))
 
 

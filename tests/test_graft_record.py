@@ -1,6 +1,6 @@
 """Grafting a per-pixel log-scale head changes the likelihood: the model's record becomes the
 per-pixel one (family, bounds and margin kept) and a post-hoc calibration fitted for the old scale
-is dropped with a note, on every path that grafts a head (``hetvae convert --log-scale pixel``,
+is dropped with a note, on every path that grafts a head (``hetvae convert --set log_scale.granularity=pixel``,
 ``load_autoencoder(..., log_scale="pixel")``, ``AutoencoderKL.from_pretrained`` with head
 overrides, ``AutoencoderKL.add_log_scale_head``)."""
 
@@ -58,7 +58,7 @@ def assert_pixel_record(model: AutoencoderKL, init: float) -> None:
 def test_convert_log_scale_pixel_on_a_calibrated_global_model(tmp_path, capsys):
     src = saved(tmp_path, global_record())
     with pytest.warns(CalibrationDropped, match="calibration"):
-        assert main(["convert", str(src), str(tmp_path / "out"), "--to", "hetvae", "--log-scale", "pixel"]) == 0
+        assert main(["convert", str(src), "--to", "hetvae", "--set", "log_scale.granularity=pixel", "--out", str(tmp_path / "out")]) == 0
     out = load_autoencoder(tmp_path / "out")
     assert out.has_log_scale_head
     assert_pixel_record(out, 0.0)
@@ -70,8 +70,7 @@ def test_convert_log_scale_pixel_on_a_calibrated_global_model(tmp_path, capsys):
 def test_convert_to_other_formats_records_the_pixel_likelihood(tmp_path, to):
     src = saved(tmp_path, global_record())
     with pytest.warns(CalibrationDropped):
-        assert main(["convert", str(src), str(tmp_path / "out"), "--to", to, "--log-scale", "pixel",
-                     "--log-scale-init", "-2.5"]) == 0
+        assert main(["convert", str(src), "--to", to, "--set", "log_scale.granularity=pixel", "--set", "log_scale.init=-2.5", "--out", str(tmp_path / "out")]) == 0
     assert_pixel_record(load_autoencoder(tmp_path / "out"), -2.5)
 
 
@@ -124,7 +123,7 @@ def test_attach_reads_the_grafted_record(tmp_path):
 
     src = saved(tmp_path, global_record())
     with pytest.warns(CalibrationDropped):
-        assert main(["convert", str(src), str(tmp_path / "out"), "--to", "diffusers", "--log-scale", "pixel"]) == 0
+        assert main(["convert", str(src), "--to", "diffusers", "--set", "log_scale.granularity=pixel", "--out", str(tmp_path / "out")]) == 0
     vae = diffusers.AutoencoderKL.from_pretrained(tmp_path / "out").eval()
     dec = hetvae.attach_log_scale_head(vae, tmp_path / "out")
     assert dec.calibration is None and dec.likelihood.granularity == "pixel"

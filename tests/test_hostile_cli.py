@@ -41,7 +41,7 @@ def _photo(path: Path, seed: int, size=(40, 56)) -> Path:
 
 
 def _uncertainty(images, out, model_file, *extra) -> int:
-    return main(["uncertainty", *map(str, images), "--checkpoint", str(model_file), "--out", str(out), *extra])
+    return main(["uncertainty", str(model_file), "--images", *map(str, images), "--out", str(out), *extra])
 
 
 # --- item 2: outputs unique per input, never over an input or a user's file --------------------
@@ -91,7 +91,7 @@ def test_eval_skips_hetvae_outputs_in_its_image_folder(model_file, tmp_path):
     _photo(folder / "b.png", 1)
     assert _uncertainty([folder], folder, model_file) == 0
     out = tmp_path / "m.json"
-    assert main(["eval", "--checkpoint", str(model_file), "--images", str(folder), "--json", str(out)]) == 0
+    assert main(["eval", str(model_file), "--images", str(folder), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["n_images"] == 2
 
 
@@ -105,7 +105,7 @@ def test_out_naming_an_existing_file_is_a_clear_error(model_file, tmp_path, caps
     file = tmp_path / "notes.txt"
     file.write_text("mine")
     if command == "uncertainty":
-        args = ["uncertainty", str(images), "--checkpoint", str(model_file), "--out", str(file)]
+        args = ["uncertainty", str(model_file), "--images", str(images), "--out", str(file)]
     else:
         args = ["compare", str(model_file), "--images", str(images), "--out", str(file)]
     assert main(args) == 1
@@ -114,18 +114,18 @@ def test_out_naming_an_existing_file_is_a_clear_error(model_file, tmp_path, caps
     assert file.read_text() == "mine"
 
 
-def test_json_naming_a_folder_or_a_foreign_file_is_a_clear_error(model_file, tmp_path, capsys):
+def test_out_naming_a_folder_or_a_foreign_file_is_a_clear_error(model_file, tmp_path, capsys):
     images = tmp_path / "in"
     _photo(images / "x.png", 0)
-    base = ["eval", "--checkpoint", str(model_file), "--images", str(images), "--json"]
+    base = ["eval", str(model_file), "--images", str(images), "--out"]
     assert main(base + [str(images)]) == 1
     err = capsys.readouterr().err
-    assert "--json" in err and str(images) in err and "folder" in err
+    assert "--out" in err and str(images) in err and "folder" in err
     foreign = tmp_path / "settings.json"
     foreign.write_text('{"theme": "dark"}')
     assert main(base + [str(foreign)]) == 1
     err = capsys.readouterr().err
-    assert "--json" in err and str(foreign) in err and "not written by hetvae" in err
+    assert "--out" in err and str(foreign) in err and "not written by hetvae" in err
     assert foreign.read_text() == '{"theme": "dark"}'
     ours = tmp_path / "metrics.json"
     assert main(base + [str(ours)]) == 0 and main(base + [str(ours)]) == 0  # its own output is replaced
@@ -153,12 +153,11 @@ def test_compare_refuses_to_overwrite_a_foreign_table(model_file, tmp_path, caps
 @pytest.mark.parametrize("value", ["-8", "abc"])
 def test_tile_rejects_values_that_are_not_sizes(model_file, tmp_path, capsys, value):
     _photo(tmp_path / "x.png", 0)
-    for args in (["uncertainty", str(tmp_path / "x.png"), "--out", str(tmp_path / "o")],
-                 ["eval", "--images", str(tmp_path)], ["compare", str(model_file), "--images", str(tmp_path),
-                                                        "--out", str(tmp_path / "c")]):
+    for args in (["uncertainty", str(model_file), "--images", str(tmp_path / "x.png"), "--out", str(tmp_path / "o")],
+                 ["eval", str(model_file), "--images", str(tmp_path)],
+                 ["compare", str(model_file), "--images", str(tmp_path), "--out", str(tmp_path / "c")]):
         with pytest.raises(SystemExit) as exit_info:
-            main([*args, "--checkpoint", str(model_file), "--tile", value] if args[0] != "compare"
-                 else [*args, "--tile", value])
+            main([*args, "--tile", value])
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert "--tile" in err and "auto" in err and "multiple" in err and "Traceback" not in err
@@ -168,8 +167,8 @@ def test_tile_rejects_values_that_are_not_sizes(model_file, tmp_path, capsys, va
 def test_tile_not_a_multiple_of_the_factor_names_the_flag_and_the_factor(model_file, tmp_path, capsys, command):
     _photo(tmp_path / "in" / "x.png", 0)
     args = {
-        "uncertainty": ["uncertainty", str(tmp_path / "in"), "--checkpoint", str(model_file), "--out", str(tmp_path / "o")],
-        "eval": ["eval", "--checkpoint", str(model_file), "--images", str(tmp_path / "in")],
+        "uncertainty": ["uncertainty", str(model_file), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "o")],
+        "eval": ["eval", str(model_file), "--images", str(tmp_path / "in")],
         "compare": ["compare", str(model_file), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "o")],
     }[command]
     assert main([*args, "--tile", "100"]) == 1
@@ -193,7 +192,7 @@ def _count_tiles(monkeypatch) -> list[tuple[int, int]]:
 def test_eval_and_compare_take_tile(model_file, tmp_path, monkeypatch, command):
     _photo(tmp_path / "in" / "x.png", 0, size=(40, 56))
     seen = _count_tiles(monkeypatch)
-    args = (["eval", "--checkpoint", str(model_file), "--images", str(tmp_path / "in")] if command == "eval" else
+    args = (["eval", str(model_file), "--images", str(tmp_path / "in")] if command == "eval" else
             ["compare", str(model_file), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "o")])
     assert main([*args, "--tile", "16"]) == 0
     assert len(seen) > 1 and all(s == (2, 2) for s in seen)  # 16 px tiles = 2 latent pixels
@@ -205,7 +204,7 @@ def test_large_images_are_tiled_automatically_unless_tile_is_0(model_file, tmp_p
     monkeypatch.setattr(P, "AUTO_TILE_PIXELS", 20 * 20)
     monkeypatch.setattr(P, "AUTO_TILE_SIZE", 16)
     seen = _count_tiles(monkeypatch)
-    args = ["eval", "--checkpoint", str(model_file), "--images", str(tmp_path / "in")]  # no panels: faster
+    args = ["eval", str(model_file), "--images", str(tmp_path / "in")]  # no panels: faster
     assert main(args) == 0
     assert sorted(set(seen)) == [(1, 1), (2, 2)]  # big: 16 px tiles; small: whole
     assert len(seen) > 2
@@ -224,7 +223,7 @@ def test_images_are_decoded_one_at_a_time(model_file, tmp_path, monkeypatch):
     assert len(images) == 3 and events == []  # listed, not decoded
     predict = P.Predictor.predict
     monkeypatch.setattr(P.Predictor, "predict", lambda self, image: events.append("predict") or predict(self, image))
-    assert main(["eval", "--checkpoint", str(model_file), "--images", str(tmp_path / "in")]) == 0
+    assert main(["eval", str(model_file), "--images", str(tmp_path / "in")]) == 0
     assert events == ["read", "predict"] * 3
 
 
@@ -239,7 +238,7 @@ def test_out_of_memory_is_a_clear_error_that_names_the_image_and_tile(model_file
     assert _uncertainty([photo], tmp_path / "o", model_file) == 1
     err = capsys.readouterr().err
     assert str(photo) in err and "--tile" in err and "40x56" in err and "Traceback" not in err
-    assert main(["eval", "--checkpoint", str(model_file), "--images", str(photo.parent)]) == 1
+    assert main(["eval", str(model_file), "--images", str(photo.parent)]) == 1
     err = capsys.readouterr().err
     assert str(photo) in err and "--tile" in err
 
@@ -248,7 +247,7 @@ def test_an_unreadable_image_met_while_streaming_is_still_named(model_file, tmp_
     _photo(tmp_path / "in" / "a.png", 0)
     broken = tmp_path / "in" / "b.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    assert main(["eval", "--checkpoint", str(model_file), "--images", str(tmp_path / "in")]) == 1
+    assert main(["eval", str(model_file), "--images", str(tmp_path / "in")]) == 1
     err = capsys.readouterr().err
     assert str(broken) in err and "Traceback" not in err
 

@@ -73,13 +73,13 @@ def test_item7_convert_refuses_an_existing_model_folder_and_keeps_its_head(tmp_p
     before = {p.name: p.read_bytes() for p in dst.iterdir()}
     assert "log_scale_head.safetensors" in before
 
-    assert main(["convert", str(src), str(dst), "--to", "diffusers"]) == 1
+    assert main(["convert", str(src), "--to", "diffusers", "--out", str(dst)]) == 1
     err = capsys.readouterr().err
     assert "already holds" in err and "--overwrite" in err and "log_scale_head.safetensors" in err
     assert {p.name: p.read_bytes() for p in dst.iterdir()} == before  # nothing written, nothing deleted
 
     # asked explicitly: the model is replaced, its stale head with it
-    assert main(["convert", str(src), str(dst), "--to", "diffusers", "--overwrite"]) == 0
+    assert main(["convert", str(src), "--to", "diffusers", "--overwrite", "--out", str(dst)]) == 0
     assert not (dst / "log_scale_head.safetensors").exists()
     assert tensors_equal(load_autoencoder(dst).state_dict(), load_autoencoder(src).state_dict())
 
@@ -88,7 +88,7 @@ def test_item7_an_export_that_another_model_in_the_folder_would_shadow_is_refuse
     run = tmp_path / "run"
     tiny_model().save_pretrained(run)  # run/model.safetensors: what load_autoencoder(run) reads first
     for flags in ([], ["--overwrite"]):
-        assert main(["convert", str(run), str(run), "--to", "ldm", *flags]) == 1
+        assert main(["convert", str(run), "--to", "ldm", "--out", str(run), *flags]) == 1
         err = capsys.readouterr().err
         assert "model.safetensors" in err and "instead" in err
     assert not (run / "vae.safetensors").exists()
@@ -135,7 +135,7 @@ def test_item11_eval_of_an_export_equals_eval_of_the_run(gaussian_run, tmp_path,
     want = evaluate(load_predictor(gaussian_run), images())
     learned = load_file(gaussian_run / "loss.safetensors")["head.free"]
     assert learned.abs().min() > 0  # the scales moved: a default-built likelihood would differ
-    assert main(["convert", str(gaussian_run), str(tmp_path / fmt), "--to", fmt]) == 0
+    assert main(["convert", str(gaussian_run), "--to", fmt, "--out", str(tmp_path / fmt)]) == 0
     predictor = load_predictor(tmp_path / fmt)
     assert (predictor.family, predictor.granularity) == ("gaussian", "channel")
     assert predictor.nll.head.bounds == (-6.0, 2.5) and predictor.nll.head.fit == "learned"
@@ -249,7 +249,7 @@ def test_item12_property_config_to_diffusers_and_back_is_the_identity(
 def test_item13_an_ldm_export_folder_reads_back_everywhere(tmp_path, capsys):
     src = tmp_path / "m"
     with_head().save_pretrained(src)
-    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "ldm"]) == 0
+    assert main(["convert", str(src), "--to", "ldm", "--out", str(tmp_path / "out")]) == 0
     capsys.readouterr()
     assert main(["info", str(tmp_path / "out")]) == 0
     assert "format:      ldm" in capsys.readouterr().out
@@ -377,11 +377,12 @@ def test_a_pickle_with_code_is_still_refused_as_code(tmp_path):
         load_autoencoder(tmp_path / "evil.ckpt")
 
 
-def test_log_scale_flags_without_log_scale_pixel_name_the_flags(tmp_path, capsys):
+def test_head_keys_without_a_pixel_granularity_name_the_keys(tmp_path, capsys):
     tiny_model().save_pretrained(tmp_path / "m")
-    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "out"), "--to", "hetvae", "--log-scale-init", "-1"]) == 1
+    out = str(tmp_path / "out")
+    assert main(["convert", str(tmp_path / "m"), "--to", "hetvae", "--set", "log_scale.init=-1", "--out", out]) == 1
     err = capsys.readouterr().err
-    assert "--log-scale-init" in err and "--log-scale pixel" in err and "log_scale_init" not in err
+    assert "log_scale.init" in err and "--set log_scale.granularity=pixel" in err and "log_scale_init" not in err
     assert not (tmp_path / "out").exists()
 
 

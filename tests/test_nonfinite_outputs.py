@@ -43,7 +43,7 @@ def saved(model: AutoencoderKL, folder) -> str:
 
 
 def run_uncertainty(capsys, source, checkpoint: str, out) -> tuple[int, list[str]]:
-    code = main(["uncertainty", str(source), "--checkpoint", checkpoint, "--out", str(out)])
+    code = main(["uncertainty", checkpoint, "--images", str(source), "--out", str(out)])
     err = capsys.readouterr().err.replace("\r", "\n")  # the progress bar redraws with carriage returns
     return code, [line for line in err.splitlines() if line.startswith("error:")]
 

@@ -89,8 +89,7 @@ def test_a_latent_pickle_with_code_is_refused_without_torchs_advice(tmp_path, ca
                                             mid_block_attention=False, log_scale="pixel"))
     save_autoencoder(model, tmp_path / "m", format="hetvae")
     torch.save({"latents": torch.zeros(1, 4, 2, 2), "cb": System()}, tmp_path / "evil.pt")
-    assert main(["uncertainty", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "o"),
-                 str(tmp_path / "evil.pt")]) == 1
+    assert main(["uncertainty", str(tmp_path / "m"), "--images", str(tmp_path / "evil.pt"), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "evil.pt" in err and "could run code" in err and "system" in err
     assert "weights_only=False" not in err and "will likely succeed" not in err and "Re-running" not in err

@@ -208,8 +208,8 @@ def scored(tmp_path_factory):
         smooth = np.stack([np.sin(6 * xx + i), np.cos(5 * yy - i), np.sin(4 * (xx + yy) + i)], -1) * 0.45 + 0.5
         noisy = smooth + rng.normal(0, 0.1 * (i % 3), smooth.shape)
         Image.fromarray((noisy.clip(0, 1) * 255).round().astype(np.uint8)).save(photos / f"p{i}.png")
-    assert main(["eval", "--checkpoint", str(checkpoint), "--images", str(photos), "--json", str(root / "e.json")]) == 0
-    assert main(["calibrate", "--checkpoint", str(checkpoint), "--images", str(photos), "--out", str(root / "c")]) == 0
+    assert main(["eval", str(checkpoint), "--images", str(photos), "--out", str(root / "e.json")]) == 0
+    assert main(["calibrate", str(checkpoint), "--images", str(photos), "--out", str(root / "c")]) == 0
     listed = load_images(photos)
     predictor = load_predictor(checkpoint, calibrated=False)
     return {

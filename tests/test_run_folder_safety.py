@@ -89,7 +89,7 @@ def test_a_fresh_run_never_replaces_or_shadows_a_users_files(images, tmp_path, c
     code = train(make_cfg(images, run), tmp_path, *(["--overwrite"] if overwrite else []))
     err = capsys.readouterr().err
     assert code == 1
-    assert err.startswith("error: ") and user_file.name in err and "did not write" in err and "--out-dir" in err
+    assert err.startswith("error: ") and user_file.name in err and "did not write" in err and "--out)" in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing added or changed
     assert not (run / "checkpoints").exists()
 
@@ -179,10 +179,10 @@ def _damage_calibration(run: pathlib.Path, record) -> None:
 def test_a_damaged_stored_calibration_can_be_removed(calibrated_run, capsys, record):
     _damage_calibration(calibrated_run, record)
     capsys.readouterr()
-    assert cli_main(["eval", "--checkpoint", str(calibrated_run)]) == 1  # using it: a clear error
+    assert cli_main(["eval", str(calibrated_run)]) == 1  # using it: a clear error
     err = capsys.readouterr().err
     assert "stored calibration cannot be used" in err and "--remove" in err and "--uncalibrated" in err
-    assert cli_main(["eval", "--checkpoint", str(calibrated_run), "--uncalibrated"]) == 0
-    assert cli_main(["calibrate", "--checkpoint", str(calibrated_run), "--remove"]) == 0
+    assert cli_main(["eval", str(calibrated_run), "--uncalibrated"]) == 0
+    assert cli_main(["calibrate", str(calibrated_run), "--remove"]) == 0
     assert stored_calibration(calibrated_run) is None
-    assert cli_main(["eval", "--checkpoint", str(calibrated_run)]) == 0
+    assert cli_main(["eval", str(calibrated_run)]) == 0

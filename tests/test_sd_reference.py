@@ -260,7 +260,7 @@ def test_hetvae_train_sd_reference_keeps_logvar_exactly_zero(images, tmp_path):
     """`hetvae train configs/sd-reference.yaml` with tiny overrides: the discriminator switches on at
     step 1, both optimisers step, and the frozen logvar is exactly 0 in every record and file."""
     out = tmp_path / "run"
-    args = ["train", str(PRESET), "--out-dir", str(out), "--no-progress"]
+    args = ["train", str(PRESET), "--out", str(out), "--no-progress"]
     for item in TINY + [f"data.path={images}", "train.steps=2", "train.batch_size=2", "train.log_every=1",
                         "objective.disc_start=1", "data.samples_per_epoch=4", "train.checkpoint_every=0",
                         "train.sample_every=0"]:

@@ -141,7 +141,7 @@ def test_hetvae_shards_writes_what_the_reader_and_webdataset_read(tmp_path, caps
         Image.fromarray(np.full((40, 40, 3), 10 * i, np.uint8)).save(path, format="png" if i < 3 else "jpeg")
         files[path.relative_to(folder).as_posix()] = path.read_bytes()
     out = tmp_path / "out"
-    assert cli_main(["shards", str(folder), str(out), "--size", "2"]) == 0
+    assert cli_main(["shards", str(folder), "--out", str(out), "--size", "2"]) == 0
     printed = capsys.readouterr().out
     pattern = str(out / "shard-{000000..000002}.tar")
     assert f"data.path: {pattern}" in printed and "5 image(s) into 3 shard(s)" in printed
@@ -163,16 +163,16 @@ def test_hetvae_shards_writes_what_the_reader_and_webdataset_read(tmp_path, caps
     assert sources == files
     # the same files give the same bytes; existing shards are refused, --overwrite replaces them
     before = [p.read_bytes() for p in shards]
-    assert cli_main(["shards", str(folder), str(out)]) == 1
+    assert cli_main(["shards", str(folder), "--out", str(out)]) == 1
     assert "already holds 3 shard(s)" in capsys.readouterr().err
-    assert cli_main(["shards", str(folder), str(out), "--size", "2", "--overwrite"]) == 0
+    assert cli_main(["shards", str(folder), "--out", str(out), "--size", "2", "--overwrite"]) == 0
     assert [p.read_bytes() for p in shards] == before
-    assert cli_main(["shards", str(folder), str(out), "--size", "10", "--overwrite"]) == 0
+    assert cli_main(["shards", str(folder), "--out", str(out), "--size", "10", "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["shard-000000.tar"]
     with pytest.raises(SystemExit) as exited:
-        cli_main(["shards", str(folder), str(out), "--size", "0"])
+        cli_main(["shards", str(folder), "--out", str(out), "--size", "0"])
     assert exited.value.code == 2
-    assert cli_main(["shards", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 1
+    assert cli_main(["shards", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 1
     assert not (tmp_path / "o2").exists()
 
 

@@ -124,10 +124,10 @@ def test_sigterm_during_convert_or_an_in_place_calibrate_leaves_no_temporary(tmp
     before = source.read_bytes()
     if command == "convert":
         dst = tmp_path / "diffusers"
-        args = ["convert", str(source), str(dst), "--to", "diffusers"]
+        args = ["convert", str(source), "--to", "diffusers", "--out", str(dst)]
     else:
         dst = source.parent
-        args = ["calibrate", "--checkpoint", str(source), "--remove"]
+        args = ["calibrate", str(source), "--remove"]
     proc = _start(_SLOW_FSYNC, *args)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == -signal.SIGTERM

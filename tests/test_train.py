@@ -525,11 +525,10 @@ def test_ddp_head_phase_matches_one_process(images, tmp_path):
 def test_cli_train(images, tmp_path):
     cfg_path = save_config(make_cfg(images, tmp_path / "ignored", "train.steps=2"), tmp_path / "cfg.yaml")
     out = tmp_path / "cli_run"
-    assert cli_main(["train", str(cfg_path), "--set", "train.steps=1", "--out-dir", str(out), "--no-progress"]) == 0
+    assert cli_main(["train", str(cfg_path), "--set", "train.steps=1", "--out", str(out), "--no-progress"]) == 0
     assert load_config(out / "config.yaml").train.steps == 1
     assert (out / "model.safetensors").is_file()
-    assert cli_main(["train", str(cfg_path), "--set", "train.steps=3", "--out-dir", str(out), "--resume",
-                     "--no-progress"]) == 0
+    assert cli_main(["train", str(cfg_path), "--set", "train.steps=3", "--out", str(out), "--resume", "--no-progress"]) == 0
     assert load_checkpoint(latest_checkpoint(out / "checkpoints")).step == 3
     assert cli_main(["train", str(cfg_path), "--set", "train.stepz=3"]) == 1  # a config error is exit 1
 

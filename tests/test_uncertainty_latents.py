@@ -54,7 +54,7 @@ def test_latent_file_gives_decoded_image_and_bounded_map(checkpoint, tmp_path):
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * 2
     save_file({"latents": z, "other": torch.zeros(1)}, str(tmp_path / "z.safetensors"))
     out = tmp_path / "out"
-    assert main(["uncertainty", str(tmp_path / "z.safetensors"), "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert main(["uncertainty", str(ckpt), "--images", str(tmp_path / "z.safetensors"), "--out", str(out)]) == 0
     with torch.no_grad():
         rec = model.decode(z)
     assert rec.log_scale.min() < -6 or rec.log_scale.max() > 2, "the test must reach outside the identity band"
@@ -76,8 +76,8 @@ def test_scaled_latents_are_unscaled_with_the_model_config(checkpoint, tmp_path)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     torch.save((z - 0.1) * 0.5, tmp_path / "scaled.pt")  # what a pipeline with scaling 0.5, shift 0.1 gives
     torch.save({"anything": z}, tmp_path / "plain.pt")
-    assert main(["uncertainty", str(tmp_path / "scaled.pt"), "--scaled", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a")]) == 0
-    assert main(["uncertainty", str(tmp_path / "plain.pt"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "b")]) == 0
+    assert main(["uncertainty", str(ckpt), "--images", str(tmp_path / "scaled.pt"), "--scaled", "--out", str(tmp_path / "a")]) == 0
+    assert main(["uncertainty", str(ckpt), "--images", str(tmp_path / "plain.pt"), "--out", str(tmp_path / "b")]) == 0
     a, b = read_maps(tmp_path / "a" / "scaled.pt_maps.safetensors"), read_maps(tmp_path / "b" / "plain.pt_maps.safetensors")
     torch.testing.assert_close(a["latents"], z[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(a["mean"], b["mean"], rtol=0, atol=1e-4)
@@ -101,9 +101,8 @@ def test_calibrated_and_learned_global_scales(tmp_path):
     model.eval().save_pretrained(tmp_path / "cal")
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     save_file({"latents": z}, str(tmp_path / "z.safetensors"))
-    assert main(["uncertainty", str(tmp_path / "z.safetensors"), "--checkpoint", str(tmp_path / "cal"), "--out", str(tmp_path / "c")]) == 0
-    assert main(["uncertainty", str(tmp_path / "z.safetensors"), "--checkpoint", str(tmp_path / "cal"), "--out", str(tmp_path / "u"),
-                 "--uncalibrated"]) == 0
+    assert main(["uncertainty", str(tmp_path / "cal"), "--images", str(tmp_path / "z.safetensors"), "--out", str(tmp_path / "c")]) == 0
+    assert main(["uncertainty", str(tmp_path / "cal"), "--images", str(tmp_path / "z.safetensors"), "--out", str(tmp_path / "u"), "--uncalibrated"]) == 0
     with torch.no_grad():
         calibrated = model.decode(z).log_scale[0]  # hetvae's decode: bounded, then calibrated
         model.use_calibration = False
@@ -129,8 +128,7 @@ def test_tiled_decoding_of_latents(checkpoint, tmp_path):
     model, ckpt = checkpoint
     z = torch.randn(1, 4, 12, 12, generator=torch.Generator().manual_seed(4))
     save_file({"latents": z}, str(tmp_path / "big.safetensors"))
-    assert main(["uncertainty", str(tmp_path / "big.safetensors"), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
-                 "--tile", "16"]) == 0
+    assert main(["uncertainty", str(ckpt), "--images", str(tmp_path / "big.safetensors"), "--out", str(tmp_path / "o"), "--tile", "16"]) == 0
     got = read_maps(tmp_path / "o" / "big.safetensors_maps.safetensors")
     with torch.no_grad():
         model.enable_tiling(tile_sample_size=16)
@@ -143,7 +141,7 @@ def test_bad_latent_files_name_the_file(checkpoint, tmp_path, capsys):
     _, ckpt = checkpoint
 
     def error(*paths, extra=()):
-        code = main(["uncertainty", *map(str, paths), "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"), *extra])
+        code = main(["uncertainty", str(ckpt), "--images", *map(str, paths), "--out", str(tmp_path / "o"), *extra])
         assert code == 1
         return capsys.readouterr().err
 
@@ -172,13 +170,13 @@ def test_bad_latent_files_name_the_file(checkpoint, tmp_path, capsys):
     # no head and no recorded scale: the scale would be fitted to an error there is none of
     AutoencoderKL(AutoencoderConfig(**TINY)).save_pretrained(tmp_path / "nohead")
     save_file({"z": torch.zeros(1, 4, 2, 2)}, str(tmp_path / "ok.safetensors"))
-    code = main(["uncertainty", str(tmp_path / "ok.safetensors"), "--checkpoint", str(tmp_path / "nohead"), "--out", str(tmp_path / "o")])
+    code = main(["uncertainty", str(tmp_path / "nohead"), "--images", str(tmp_path / "ok.safetensors"), "--out", str(tmp_path / "o")])
     assert code == 1 and "ok.safetensors" in (msg := capsys.readouterr().err) and "no per-pixel log-scale head" in msg
 
 
 def test_a_diffusers_pipelines_latents(tmp_path):
     """docs/diffusers.md (c): a pipeline's output_type="latent", saved with safetensors, then
-    `hetvae uncertainty latents.safetensors --scaled`: the decoded image is the one the pipeline
+    `hetvae uncertainty MODEL --images latents.safetensors --scaled`: the decoded image is the one the pipeline
     itself decodes, and the map is the one attach_log_scale_head gives on the pipeline's VAE."""
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("transformers")  # diffusers' pipelines import it
@@ -207,8 +205,7 @@ def test_a_diffusers_pipelines_latents(tmp_path):
     latents = run("latent")
     image = run("pt")  # the pipeline's own decoding, in [0, 1]
     save_file({"latents": latents}, str(tmp_path / "latents.safetensors"))
-    assert main(["uncertainty", str(tmp_path / "latents.safetensors"), "--scaled", "--checkpoint", str(tmp_path / "export"),
-                 "--out", str(tmp_path / "out")]) == 0
+    assert main(["uncertainty", str(tmp_path / "export"), "--images", str(tmp_path / "latents.safetensors"), "--scaled", "--out", str(tmp_path / "out")]) == 0
     maps = read_maps(tmp_path / "out" / "latents.safetensors_maps.safetensors")
     torch.testing.assert_close((maps["mean"] / 2 + 0.5).clamp(0, 1), image[0], rtol=0, atol=1e-4)
     with torch.no_grad():
