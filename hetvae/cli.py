@@ -41,7 +41,8 @@ def _writing(flag: str, path) -> Iterator[None]:
 
 _MODEL_HELP = (
     "a run folder written by `hetvae train`, one of its training checkpoints (RUN/checkpoints/step_N), a hetvae "
-    "or diffusers export, or an SD/ldm single file"
+    "or diffusers export, an SD/ldm single file, a head file (with --base where it records none), or a Hugging "
+    "Face Hub id (org/name, org/name/vae, org/name/file.safetensors, @revision)"
 )
 
 
@@ -60,6 +61,20 @@ def _add_model(parser: argparse.ArgumentParser, several: bool = False) -> None:
 def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
     """``--set KEY=VALUE``, repeatable: a YAML key (docs/config.md) and its value, parsed as YAML."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
+def _add_base(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", default=None, metavar="MODEL",
+                        help="for a head file (log_scale_head.safetensors of a train.head_only run): the VAE it was "
+                             "trained for, when not the one the head file records")
+
+
+def _load(args: argparse.Namespace, model: str, **kwargs):
+    """``load_predictor`` for a command's ``MODEL`` (and ``--base`` where the command has it)."""
+    from hetvae.predictor import load_predictor
+
+    base = getattr(args, "base", None)
+    return load_predictor(model, base=None if base is None else _model(base), **kwargs)
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -592,6 +607,7 @@ def _images_source(paths) -> str:
 
 def _add_uncertainty(parser: argparse.ArgumentParser) -> None:
     _add_model(parser)
+    _add_base(parser)
     parser.add_argument(
         "--images", action="extend", nargs="+", default=None, metavar="PATH",
         help="image files or folders (recursive); or latent files instead: .safetensors (one tensor, or one named "
@@ -626,14 +642,13 @@ def _run_uncertainty_latents(args: argparse.Namespace, inputs: list[str], skippe
 
     from hetvae.images import load_latents, relative_names
     from hetvae.outputs import check_output_file, check_output_folder, save_marked_maps, uncertainty_outputs
-    from hetvae.predictor import load_predictor
     from hetvae.viz import save_decoded_panel, save_scale_map
 
     try:
         out = check_output_folder(args.out, "--out")
         files = [Path(p).expanduser() for p in inputs]
         model = _model(args.model)
-        predictor = load_predictor(model, device=_device(args.device), calibrated=not args.uncalibrated)
+        predictor = _load(args, model, device=_device(args.device), calibrated=not args.uncalibrated)
         _note_skipped(skipped)
         _set_tile(predictor, args.tile, model)
         batches = [load_latents(f, predictor.model.config, scaled=args.scaled) for f in files]
@@ -670,7 +685,7 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
 
     from hetvae.images import is_latent_file, load_images, split_hetvae_outputs
     from hetvae.outputs import check_output_file, check_output_folder, save_marked_maps, uncertainty_outputs
-    from hetvae.predictor import iter_predictions, load_predictor
+    from hetvae.predictor import iter_predictions
     from hetvae.viz import save_scale_map, save_uncertainty_panel
 
     # hetvae's own *_maps.safetensors (an earlier run's, met again by a glob) are outputs, not latents
@@ -695,7 +710,7 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
             for path in uncertainty_outputs(out, name):
                 check_output_file(path, "--out")
         model = _model(args.model)
-        predictor = load_predictor(model, device=_device(args.device), calibrated=not args.uncalibrated)
+        predictor = _load(args, model, device=_device(args.device), calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, model)
         _note_skipped(ours + images.skipped)
         calibrated = ", calibrated" if predictor.calibration is not None else ""
@@ -721,6 +736,7 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
 
 def _add_eval(parser: argparse.ArgumentParser) -> None:
     _add_model(parser)
+    _add_base(parser)
     _add_images(parser, "image files or folders (default: scikit-image's held-out sample photographs); "
                         "files hetvae wrote (panels, scale maps) are skipped")
     _add_out(parser, "also write the metrics to this JSON file (replaces an earlier hetvae JSON; any other existing "
@@ -762,14 +778,13 @@ def _run_eval(args: argparse.Namespace) -> int:
     from hetvae.evaluate import evaluate
     from hetvae.images import load_images
     from hetvae.outputs import check_output_file, json_text, write_json
-    from hetvae.predictor import load_predictor
 
     try:
         if args.out:
             check_output_file(args.out, "--out")
         images = load_images(args.images)
         model = _model(args.model)
-        predictor = load_predictor(model, device=_device(args.device), calibrated=not args.uncalibrated)
+        predictor = _load(args, model, device=_device(args.device), calibrated=not args.uncalibrated)
         _set_tile(predictor, args.tile, model)
         _note_skipped(images)
         result = evaluate(predictor, images, progress=True, per_image=args.per_image, batch_size=args.batch_size)
@@ -905,6 +920,7 @@ _COMMANDS["compare"] = ("Compare several runs or models on the same images.", _a
 
 def _add_calibrate(parser: argparse.ArgumentParser) -> None:
     _add_model(parser)
+    _add_base(parser)
     _add_images(parser, "unseen images to fit on, files or folders (default: the 32 unseen colour photographs that "
                         "ship with hetvae; best: photos like the ones the model will see)")
     parser.add_argument("--method", choices=("affine", "isotonic"), default=None,
@@ -922,14 +938,14 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from hetvae.calibration import DEFAULT_METHOD, CalibrationError
     from hetvae.files import CheckpointError
     from hetvae.images import calibration_photos, load_images
-    from hetvae.predictor import calibrate, check_calibration_destination, load_predictor, store_calibration
+    from hetvae.predictor import calibrate, check_calibration_destination, store_calibration
 
     model = _model(args.model)
     flag, destination = ("--out", args.out) if args.out is not None else ("MODEL", model)
     try:
         # before loading and fitting: a destination that is refused or cannot be written to
         check_calibration_destination(model, args.out)
-        predictor = load_predictor(model, device=_device(args.device), calibrated=False)
+        predictor = _load(args, model, device=_device(args.device), calibrated=False)
         if args.remove:
             with _writing(flag, destination):
                 written = store_calibration(predictor, None, model, args.out)

@@ -380,3 +380,38 @@ def test_malformed_arguments_are_refused_before_any_lookup(cache, kwargs, error,
 def test_a_name_that_is_no_string_or_path(cache):
     with pytest.raises(TypeError, match="a model is named by a str or a path, got int"):
         resolve_model(3)
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_the_commands_take_a_hub_id_as_model(hub, tmp_path, capsys):
+    """info, eval, convert and calibrate read a cached Hub id as their MODEL, offline."""
+    import json
+
+    from hetvae.cli import main
+    from hetvae.predictor import load_predictor
+
+    models, _ = hub
+    assert main(["info", "org/pipe/vae", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["settings"]["log_scale.granularity"] == "pixel"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        pixels = torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(i))
+        Image.fromarray((pixels * 255).round().byte().numpy()).save(photos / f"p{i}.png")
+    assert main(["eval", "org/pipe/vae", "--images", str(photos), "--json", "--device", "cpu"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    from hetvae.evaluate import evaluate
+    from hetvae.images import load_images
+
+    want = evaluate(load_predictor("org/pipe/vae"), load_images([photos]))
+    assert scored["nll_bpd"] == pytest.approx(want["nll_bpd"], rel=1e-6)
+    out = tmp_path / "converted"
+    assert main(["convert", "org/vae@v2", "--to", "hetvae", "--out", str(out)]) == 0
+    assert_same_model(load_autoencoder(out), models["v2"])
+    assert main(["info", "org/absent"]) == 1
+    assert "org/absent" in capsys.readouterr().err

@@ -198,3 +198,29 @@ def test_sd1_head_size_closed_form():
     trunk, out = log_scale_layers(inputs, 3, cfg.log_scale.head_layers, cfg.log_scale.head_channels)
     n = sum(p.numel() for m in (trunk, out) for p in m.parameters())
     assert n == (inputs * 32 * 9 + 32) + (32 * 32 * 9 + 32) + (32 * 3 * 9 + 3) == 49891
+
+
+def test_the_commands_take_a_head_file_and_base(trained, tmp_path, capsys):
+    """`hetvae eval HEAD_FILE [--base BASE]` scores the head joined to its base; --base on anything but
+    a head file is refused naming it."""
+    import json
+
+    from PIL import Image
+
+    from hetvae.cli import main
+
+    _, base, _, _, result = trained
+    file = result.run_dir / "log_scale_head.safetensors"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, x in enumerate(images(2, 32)):
+        Image.fromarray(((x.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(photos / f"p{i}.png")
+    scores = []
+    for extra in ([], ["--base", str(base)]):
+        assert main(["eval", str(file), *extra, "--images", str(photos), "--json", "--device", "cpu"]) == 0
+        scores.append(json.loads(capsys.readouterr().out))
+    assert main(["eval", str(result.run_dir), "--images", str(photos), "--json", "--device", "cpu"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert scores[0]["nll_bpd"] == scores[1]["nll_bpd"] == pytest.approx(run["nll_bpd"], abs=1e-5)
+    assert main(["eval", str(result.run_dir), "--base", str(base), "--images", str(photos)]) == 1
+    assert "not a head file" in capsys.readouterr().err
