@@ -85,7 +85,8 @@ class _Generator(nn.Module):
 
     Taking ``eps`` from outside lets every DDP rank draw the noise of the whole global batch from
     one seeded generator and keep its slice, so the noise does not depend on the world size.
-    Returns plain tensors ``(mean, log_scale | None, moments)`` for DDP.
+    Returns plain tensors ``(mean, log_scale | None, coupling | None, moments)`` for DDP (``coupling``:
+    the head's colour-coupling maps, ``log_scale.channel_coupling: pixel``).
     """
 
     def __init__(self, autoencoder: AutoencoderKL, *, freeze_encoder: bool) -> None:
@@ -93,12 +94,12 @@ class _Generator(nn.Module):
         self.autoencoder = autoencoder
         self.freeze_encoder = freeze_encoder
 
-    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
             posterior = self.autoencoder.encode(x)
         z = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
         rec = self.autoencoder.decode(z)
-        return rec.mean, rec.log_scale, posterior.parameters
+        return rec.mean, rec.log_scale, rec.coupling, posterior.parameters
 
 
 @contextlib.contextmanager
@@ -628,8 +629,8 @@ class Trainer:
             self.discriminator.requires_grad_(False)  # the generator loss must not train D
         with sync:
             with self._autocast():
-                mean, log_scale, moments = self.forward_module(x, eps)
-                rec = Reconstruction(mean=mean, log_scale=log_scale)
+                mean, log_scale, coupling, moments = self.forward_module(x, eps)
+                rec = Reconstruction(mean=mean, log_scale=log_scale, coupling=coupling)
                 loss, g_logs = self.objective.generator_loss(
                     x, rec, DiagonalGaussian(moments), step, last_layer=self.model.last_layer, details=details
                 )
