@@ -47,6 +47,7 @@ from hetvae.data import ImageDataset, build_dataset, resolve_num_workers
 from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed, stream_batches
 from hetvae.distributions import DiagonalGaussian
 from hetvae.files import CheckpointError
+from hetvae.functional import coupled_mean
 from hetvae.shards import (ShardStream, augment_of, check_shards, expand_shards, first_crops, names_shards,
                            shard_workers)
 from hetvae.viz import save_uncertainty_panel
@@ -708,7 +709,12 @@ class Trainer:
         )
         path = runs.sample_file(self.run_dir, self.step)
         title = f"step {self.step}  ({self.cfg.log_scale.granularity} log-scale{', EMA' if self.ema else ''})"
-        save_uncertainty_panel(path, x, rec.mean, log_scale, title=title)
+        nll, centre, maps = self.objective.nll, None, None
+        if nll.channel_coupling != "none":  # the conditional error beside the conditional scale
+            a = nll.coefficients(rec.coupling if nll.channel_coupling == "pixel" else None).detach()
+            centre = coupled_mean(x, rec.mean.float(), a.float(), nll.coupling_order)
+            maps = a if a.ndim == 4 else None
+        save_uncertainty_panel(path, x, rec.mean, log_scale, title=title, centre=centre, coupling=maps)
         shutil.copyfile(path, runs.latest_sample_file(self.run_dir))
         return path
 

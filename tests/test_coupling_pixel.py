@@ -4,7 +4,7 @@ training loss with ``none`` changing nothing."""
 
 import pytest
 import torch
-from torch.distributions import Laplace, MultivariateNormal, Normal
+from torch.distributions import Laplace, MultivariateNormal
 
 from hetvae import functional as F
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -13,7 +13,7 @@ from hetvae.loss import HeteroscedasticNLL
 
 SHAPE = (2, 3, 4, 5)
 MAPS = (2, 3, 4, 5)  # three coefficient maps per pixel
-TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
+TINY = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8}
 
 
 @pytest.fixture(params=["eager", "0"], ids=["fused", "reference"])
@@ -214,7 +214,7 @@ def test_the_training_loss_follows_the_config_and_none_is_todays(granularity, fa
     from hetvae.build import build_model, build_nll
     from hetvae.likelihood import nll_from_config
 
-    base = dict(granularity=granularity, family=family, faithful=granularity != "global", head_sees_mean=True)
+    base = {"granularity": granularity, "family": family, "faithful": granularity != "global", "head_sees_mean": True}
     cfg = Config(log_scale=LogScaleConfig(**base))
     torch.manual_seed(0)
     model = build_model(cfg)
