@@ -14,11 +14,11 @@ import torch
 from hetvae import functional as F
 from hetvae import metrics as M
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.calibration import pooled
+from hetvae.calibration import fit_calibration, pooled
 from hetvae.evaluate import evaluate
 from hetvae.likelihood import Likelihood, likelihood_from_nll, nll_from_likelihood
 from hetvae.loss import HeteroscedasticNLL
-from hetvae.predictor import Prediction, Predictor, load_predictor
+from hetvae.predictor import Prediction, Predictor, calibrate, load_predictor
 
 TINY = {"block_out_channels": (32, 64), "norm_num_groups": 16, "layers_per_block": 1, "latent_channels": 4}
 COEFFICIENTS = (0.6, -0.2, 0.35)
@@ -145,8 +145,17 @@ def test_the_pooled_metrics_are_those_of_the_conditional_residuals(coupling):
 def test_calibration_is_fitted_on_the_conditional_residuals():
     model, nll = _model("pixel")
     preds = [Predictor(model=model, nll=nll, source="test").predict(x) for x in _images(2)]
-    target, centre, s = pooled(preds)
+    _, centre, _ = pooled(preds)
     assert torch.equal(centre, torch.cat([p.centre.flatten(2) for p in preds], 2).unsqueeze(-1))
+    # hetvae calibrate's affine map: fitted on the conditional residuals, not on x - mu
+    by_hand = [(p.target.flatten(2), F.coupled_mean(p.target, p.mean, p.coupling, (1, 0, 2)).float().flatten(2),
+                p.log_scale.flatten(2)) for p in preds]
+    target, centre, s = (torch.cat(parts, 2).unsqueeze(-1) for parts in zip(*by_hand))
+    cal = calibrate(Predictor(model=model, nll=nll, source="test"), _images(2), method="affine", min_pixels=1000, slope=False)
+    want = fit_calibration(target, centre, s, "laplace", "affine", min_pixels=1000, slope=False)
+    torch.testing.assert_close(cal.offset, want.offset)
+    torch.testing.assert_close(cal.slope, want.slope)
+    assert not torch.equal(centre, target.new_tensor(pooled([Prediction(p.target, p.mean, p.log_scale) for p in preds])[1]))
     plain = [Prediction(p.target, p.mean, p.log_scale) for p in preds]
     assert torch.equal(pooled(plain)[1], torch.cat([p.mean.flatten(2) for p in preds], 2).unsqueeze(-1))
 
