@@ -11,6 +11,7 @@ reads that head (or the head of any hetvae export or model file) and returns a
     out = dec.decode(z)          # z unscaled, as for vae.decode
     out.sample                   # == vae.decode(z).sample
     out.log_scale                # (B, 3 or 1, H, W): log b (Laplace) or log sigma (Gaussian)
+    out.coupling                 # colour coupling, if the export has it: (3,) or (B, 3, H, W); else None
 
 The head reads what hetvae's ``Decoder`` feeds it: the activated features that go into
 ``decoder.conv_out`` (after ``conv_norm_out`` and ``conv_act``), and with
@@ -35,6 +36,12 @@ margin 1), then corrected by a stored post-hoc calibration (:mod:`hetvae.calibra
   decode then returns the head's raw output, which its loss bounds),
 
 up to float rounding (hetvae computes in its own memory layout).
+
+An export trained with colour coupling (docs/math.md, "Coupled colour channels") carries its
+coefficients: ``channel_coupling: global`` in the likelihood record (``out.coupling`` is then that
+``(3,)`` vector), ``pixel`` as the head's last three maps (``out.coupling`` the bounded maps,
+``hetvae.functional.bound_coupling`` of what hetvae's ``decode(z).coupling`` returns raw). The
+log-scales are then each channel's given the earlier channels' values.
 """
 
 from __future__ import annotations
@@ -72,6 +79,7 @@ from hetvae.convert import (
     trunk_indices,
 )
 from hetvae.files import CheckpointError, write_atomically
+from hetvae.functional import bound_coupling
 from hetvae.hub import resolve_model
 from hetvae.likelihood import Likelihood, grafted_record, likelihood_from_nll
 
@@ -102,6 +110,9 @@ class ScaledDecoderOutput:
 
     sample: Tensor
     log_scale: Tensor
+    coupling: Tensor | None = None
+    """The colour-coupling coefficients (``(C (C - 1) / 2,)`` or bounded maps ``(B, C (C - 1) / 2, H, W)``)
+    of an export trained with coupling; None otherwise."""
 
     @property
     def mean(self) -> Tensor:
@@ -135,8 +146,9 @@ class LogScaleDecoder(nn.Module):
 
     def __init__(self, vae: nn.Module, head: _Head, *, likelihood: Likelihood, sees_mean: bool,
                  use_calibration: bool = True, source: str = "", sees_latent: bool = False,
-                 sees_edges: bool = False) -> None:
+                 sees_edges: bool = False, coupling_maps: int = 0) -> None:
         super().__init__()
+        self.coupling_maps = coupling_maps
         self.vae = vae
         self.head = head
         self.likelihood = likelihood
@@ -160,7 +172,7 @@ class LogScaleDecoder(nn.Module):
 
     @property
     def log_scale_channels(self) -> int:
-        return self.head.log_scale_head.out_channels
+        return self.head.log_scale_head.out_channels - self.coupling_maps
 
     def _follow_vae(self) -> None:
         ref = self.vae.decoder.conv_out.weight
@@ -204,8 +216,14 @@ class LogScaleDecoder(nn.Module):
                 handle.remove()
             self._latent = None
         channels = conv_out.out_channels
-        sample, raw = decoded[:, :channels], decoded[:, channels:]
-        out = ScaledDecoderOutput(sample=sample.contiguous(), log_scale=self.bound(raw).contiguous())
+        maps = channels + self.log_scale_channels
+        sample, raw = decoded[:, :channels], decoded[:, channels:maps]
+        coupling = None
+        if self.coupling_maps:
+            coupling = bound_coupling(decoded[:, maps:]).to(decoded.dtype).contiguous()
+        elif self.likelihood.coupling is not None:
+            coupling = torch.tensor(self.likelihood.coupling, dtype=decoded.dtype, device=decoded.device)
+        out = ScaledDecoderOutput(sample=sample.contiguous(), log_scale=self.bound(raw).contiguous(), coupling=coupling)
         return out if return_dict else (out.sample, out.log_scale)
 
     def forward(self, z: Tensor) -> ScaledDecoderOutput:
@@ -303,7 +321,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], Likelihood | None, str, Tensor
 
 
 def _build_head(tensors: dict[str, Tensor], decoder: nn.Module, path: Path,
-                settings: dict[str, Any]) -> tuple[_Head, bool, bool, bool]:
+                settings: dict[str, Any]) -> tuple[_Head, bool, bool, bool, int]:
     """The head modules with ``tensors`` loaded, checked against the stock decoder's ``conv_out`` (and
     ``conv_in``: the latent's channels), and whether the head reads the mean, the latent and the edges."""
     conv_out, conv_in = decoder.conv_out, getattr(decoder, "conv_in", None)
@@ -332,9 +350,11 @@ def _build_head(tensors: dict[str, Tensor], decoder: nn.Module, path: Path,
             f"{image_channels} channels (so {features}, {image_channels} more for a head that sees the mean"
             f"{latent_text}, {image_channels} more for one that sees the edges)",
         )
-    if maps not in (1, image_channels):
+    coupling_maps = image_channels * (image_channels - 1) // 2 if fields.get("log_scale_coupling") else 0
+    if maps - coupling_maps not in (1, image_channels):
         raise _error(path, f"the head does not fit this VAE: it predicts {maps} maps, expected 1 or "
-                           f"{image_channels} (the VAE's out_channels)")
+                           f"{image_channels} (the VAE's out_channels), or {image_channels + coupling_maps} with "
+                           "colour coupling")
     hidden = int(weight.shape[1])
     head = _Head(in_channels=first_in, out_channels=maps, layers=len(trunk), hidden=hidden)
     state = {k[len("decoder."):]: v for k, v in tensors.items()}
@@ -344,7 +364,7 @@ def _build_head(tensors: dict[str, Tensor], decoder: nn.Module, path: Path,
         lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
         raise _error(path, f"the head's tensors do not fit together: {'; '.join(lines[:3])}") from None
     return (head, fields["log_scale_head_sees_mean"], fields["log_scale_head_sees_latent"],
-            fields["log_scale_head_sees_edges"])
+            fields["log_scale_head_sees_edges"], coupling_maps)
 
 
 def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool = True) -> LogScaleDecoder:
@@ -387,7 +407,7 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
     path = resolve_model(path)  # a local path or a Hugging Face Hub id (org/name/vae, org/name/file, @revision)
     tensors, likelihood, source, export_conv_out, settings = _read(path)
     try:
-        head, sees_mean, sees_latent, sees_edges = _build_head(tensors, vae.decoder, path, settings)
+        head, sees_mean, sees_latent, sees_edges, coupling_maps = _build_head(tensors, vae.decoder, path, settings)
     except CheckpointError as e:
         trained_for = ((read_head_file(path).base or {}) if is_head_file(path) else {}).get("architecture")
         if not trained_for:
@@ -411,7 +431,8 @@ def attach_log_scale_head(vae: nn.Module, path: str | Path, *, calibrated: bool 
     ref = conv_out.weight
     head.to(device=ref.device, dtype=ref.dtype).eval()
     return LogScaleDecoder(vae, head, likelihood=likelihood, sees_mean=sees_mean, sees_latent=sees_latent,
-                           sees_edges=sees_edges, use_calibration=calibrated, source=source or str(path))
+                           sees_edges=sees_edges, use_calibration=calibrated, source=source or str(path),
+                           coupling_maps=coupling_maps)
 
 
 # --- a head file of its own: the map for a VAE that stays as it is ---------------------------------
@@ -471,7 +492,7 @@ def save_log_scale_head(model: AutoencoderKL, path: str | Path, *, likelihood: A
     record = config.likelihood if likelihood is None else (
         likelihood if isinstance(likelihood, Likelihood) else likelihood_from_nll(likelihood))
     settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach,
-                **head_inputs(config)}
+                **head_inputs(config), **({"coupling": True} if config.log_scale_coupling else {})}
     metadata = {
         HEAD_KEY: json.dumps(settings),
         HEAD_BASE_KEY: json.dumps({"model": base, "architecture": _architecture(model),
@@ -546,7 +567,8 @@ def load_with_head(head_file: str | Path, base: str | Path | None = None) -> Aut
     if model.has_log_scale_head:
         model.remove_log_scale_head()
     try:
-        module, sees_mean, sees_latent, sees_edges = _build_head(head.tensors, model.decoder, head.path, head.settings)
+        module, sees_mean, sees_latent, sees_edges, coupling_maps = _build_head(
+            head.tensors, model.decoder, head.path, head.settings)
     except CheckpointError as e:
         trained_for = (head.base or {}).get("architecture")
         mine = _architecture(model)
@@ -556,11 +578,11 @@ def load_with_head(head_file: str | Path, base: str | Path | None = None) -> Aut
         ) from None
     trunk = module.log_scale_trunk
     model.add_log_scale_head(
-        channels=None if module.log_scale_head.out_channels == model.config.out_channels else 1,
+        channels=None if module.log_scale_head.out_channels - coupling_maps == model.config.out_channels else 1,
         init=float(head.settings.get("init", 0.0)), detach=bool(head.settings.get("detach", False)),
         layers=0 if trunk is None else len(trunk) // 2,
         hidden=None if trunk is None else module.log_scale_head.in_channels,
-        sees_mean=sees_mean, sees_latent=sees_latent, sees_edges=sees_edges,
+        sees_mean=sees_mean, sees_latent=sees_latent, sees_edges=sees_edges, coupling=coupling_maps > 0,
     )
     state = {k[len("decoder."):]: v for k, v in head.tensors.items()}
     missing, unexpected = model.decoder.load_state_dict(state, strict=False)

@@ -76,6 +76,10 @@ class AutoencoderConfig:
     ``log_scale_head_sees_edges``: the head also reads :func:`log_edge_magnitude` of the (detached)
     mean, the log of its local gradient magnitude: the level of detail drawn around each pixel, on a
     log scale that carries over to images with more or less detail than the training crops.
+    ``log_scale_coupling``: the head also predicts the ``C (C - 1) / 2`` colour-coupling coefficient
+    maps (``channel_coupling: pixel``, docs/math.md "Coupled colour channels"): its output conv has
+    that many more maps after the log-scales, zero-initialised, so a fresh head couples nothing.
+    Needs one log-scale map per channel.
 
     Not architecture, kept so that nothing read is lost on the way out: ``sample_size``,
     ``force_upcast``, ``latents_mean``, ``latents_std`` are diffusers ``config.json`` keys (diffusers'
@@ -103,6 +107,7 @@ class AutoencoderConfig:
     log_scale_head_sees_mean: bool = False
     log_scale_head_sees_latent: bool = False
     log_scale_head_sees_edges: bool = False
+    log_scale_coupling: bool = False
     sample_size: int | tuple[int, ...] = 512
     force_upcast: bool = True
     latents_mean: tuple[float, ...] | None = None
@@ -130,7 +135,8 @@ class AutoencoderConfig:
                 f"{self.block_out_channels} (GroupNorm splits the channels into equal groups)"
             )
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_attention", "force_upcast", "log_scale_detach",
-                     "log_scale_head_sees_mean", "log_scale_head_sees_latent", "log_scale_head_sees_edges"):
+                     "log_scale_head_sees_mean", "log_scale_head_sees_latent", "log_scale_head_sees_edges",
+                     "log_scale_coupling"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("scaling_factor", "shift_factor", "log_scale_init"):
@@ -174,6 +180,13 @@ class AutoencoderConfig:
             is_int(self.log_scale_head_channels) and self.log_scale_head_channels >= 1
         ):
             raise ValueError(f"log_scale_head_channels must be None or >= 1, got {self.log_scale_head_channels!r}")
+        if self.log_scale_coupling and (self.log_scale != "pixel" or self.head_channels != self.out_channels
+                                        or self.out_channels < 2):
+            raise ValueError(
+                f"log_scale_coupling needs a per-pixel head (log_scale='pixel') with one map per channel of at least "
+                f"2 channels; got log_scale={self.log_scale!r}, log_scale_channels={self.log_scale_channels!r}, "
+                f"out_channels={self.out_channels}"
+            )
 
     @property
     def downsample_factor(self) -> int:
@@ -182,6 +195,11 @@ class AutoencoderConfig:
     @property
     def head_channels(self) -> int:
         return self.log_scale_channels or self.out_channels
+
+    @property
+    def coupling_maps(self) -> int:
+        """The head's coefficient maps after its log-scales: ``C (C - 1) / 2`` with ``log_scale_coupling``, else 0."""
+        return self.out_channels * (self.out_channels - 1) // 2 if self.log_scale_coupling else 0
 
     def without_head(self) -> "AutoencoderConfig":
         """This config with every ``log_scale*`` field at its no-head default; a per-pixel
@@ -247,7 +265,7 @@ def _head_arguments(config: AutoencoderConfig) -> dict[str, Any]:
         channels=config.head_channels, init=config.log_scale_init, detach=config.log_scale_detach,
         layers=config.log_scale_head_layers, hidden=config.log_scale_head_channels,
         sees_mean=config.log_scale_head_sees_mean, sees_latent=config.log_scale_head_sees_latent,
-        sees_edges=config.log_scale_head_sees_edges,
+        sees_edges=config.log_scale_head_sees_edges, coupling_maps=config.coupling_maps,
     )
 
 
@@ -266,10 +284,13 @@ class Reconstruction:
     """Decoder output. ``mean``: ``(B, out_channels, H, W)``. ``log_scale``: the raw head output
     ``(B, out_channels or 1, H, W)`` (no bounding applied; bounded then corrected when the model
     carries a calibration, see :meth:`AutoencoderKL.decode`), or None when the model has no head.
+    ``coupling``: the head's raw colour-coupling coefficient maps ``(B, C (C - 1) / 2, H, W)``
+    (``log_scale_coupling``; the loss bounds them), None otherwise.
     ``sample``: the mean again, under the name of diffusers' ``DecoderOutput.sample``."""
 
     mean: Tensor
     log_scale: Tensor | None = None
+    coupling: Tensor | None = None
 
     @property
     def sample(self) -> Tensor:
@@ -353,7 +374,8 @@ def log_scale_layers(in_channels: int, maps: int, layers: int, hidden: int) -> t
 
 
 class Decoder(nn.Module):
-    """``(B, latent_channels, h, w) -> (mean (B, out_channels, fh, fw), log_scale or None)``.
+    """``(B, latent_channels, h, w) -> (mean (B, out_channels, fh, fw), head output or None)``; the
+    head's output is its log-scale maps, then its coupling maps if it has any (``coupling_maps``).
 
     ``up[i]`` is resolution level ``i`` (0 = full resolution), run from the last to the first, as
     in the ldm layout.
@@ -405,8 +427,10 @@ class Decoder(nn.Module):
         sees_mean: bool = False,
         sees_latent: bool = False,
         sees_edges: bool = False,
+        coupling_maps: int = 0,
     ) -> None:
-        """Create ``log_scale_head`` (zero weights, bias ``init``) and, with ``layers`` > 0, the
+        """Create ``log_scale_head`` (zero weights, bias ``init``; ``coupling_maps`` more output
+        maps after the ``channels`` log-scales, weights and bias zero) and, with ``layers`` > 0, the
         ``log_scale_trunk`` before it (``layers`` x [3x3 conv to ``hidden`` channels, SiLU], default
         init), on ``conv_out``'s device and dtype. The zero output conv makes the map ``init``
         everywhere at creation, whatever the trunk computes. The head reads the last features, then
@@ -418,12 +442,13 @@ class Decoder(nn.Module):
         width = (self.conv_out.in_channels + (self.conv_out.out_channels if sees_mean else 0)
                  + (self.conv_in.in_channels if sees_latent else 0)
                  + (self.conv_out.out_channels if sees_edges else 0))
-        trunk, head = log_scale_layers(width, channels, layers, hidden or self.conv_out.in_channels)
+        trunk, head = log_scale_layers(width, channels + coupling_maps, layers, hidden or self.conv_out.in_channels)
         self.log_scale_trunk = None if trunk is None else trunk.to(device=ref.device, dtype=ref.dtype)
         head.to(device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             head.weight.zero_()
             head.bias.fill_(init)
+            head.bias[channels:] = 0.0  # coefficient maps: zero, no coupling until trained
         self.log_scale_head = head
         self.log_scale_detach = detach
         self.log_scale_sees_mean = sees_mean
@@ -588,13 +613,15 @@ class AutoencoderKL(nn.Module):
         sees_mean: bool = False,
         sees_latent: bool = False,
         sees_edges: bool = False,
+        coupling: bool = False,
     ) -> None:
         """Graft a per-pixel log-scale head (zero output weights, bias ``init``): the mean output is
         unchanged bit for bit and ``log_scale == init`` everywhere until the head is trained.
         ``channels``: None for ``out_channels`` maps, 1 for one shared map. ``layers``, ``hidden``,
         ``sees_mean``, ``sees_latent``, ``sees_edges``: the head's hidden layers, their width and
         whether it reads the mean output, the latent and the mean's edge magnitude
-        (``AutoencoderConfig.log_scale_head_*``).
+        (``AutoencoderConfig.log_scale_head_*``); ``coupling``: it also predicts the colour-coupling
+        coefficient maps (``AutoencoderConfig.log_scale_coupling``), zero until trained.
 
         The head changes the likelihood: a recorded ``global`` / ``channel`` likelihood becomes the
         per-pixel one (:meth:`hetvae.likelihood.Likelihood.with_grafted_head`: family, bounds and
@@ -608,7 +635,7 @@ class AutoencoderKL(nn.Module):
             self.config, likelihood=record, log_scale="pixel", log_scale_channels=channels, log_scale_init=float(init),
             log_scale_detach=bool(detach), log_scale_head_layers=int(layers), log_scale_head_channels=hidden,
             log_scale_head_sees_mean=bool(sees_mean), log_scale_head_sees_latent=bool(sees_latent),
-            log_scale_head_sees_edges=bool(sees_edges),
+            log_scale_head_sees_edges=bool(sees_edges), log_scale_coupling=bool(coupling),
         )
         self.decoder.add_log_scale_head(**_head_arguments(config))
         self.config = config
@@ -800,11 +827,15 @@ class AutoencoderKL(nn.Module):
             log_scale = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         else:
             mean, log_scale = self._decode_one(z)
+        coupling = None
+        if log_scale is not None and self.config.coupling_maps:  # the head's coefficient maps follow its log-scales
+            maps = self.config.head_channels
+            log_scale, coupling = log_scale[:, :maps].contiguous(), log_scale[:, maps:].contiguous()
         if log_scale is not None and self.use_calibration:
             cal = self.calibration
             if cal is not None:
                 log_scale = self.config.likelihood.bound(log_scale, cal)
-        rec = Reconstruction(mean=mean, log_scale=log_scale)
+        rec = Reconstruction(mean=mean, log_scale=log_scale, coupling=coupling)
         return rec if return_dict else (rec.mean,)
 
     @property
@@ -842,6 +873,7 @@ class AutoencoderKL(nn.Module):
             rec = Reconstruction(
                 mean=rec.mean[..., :height, :width],
                 log_scale=None if rec.log_scale is None else rec.log_scale[..., :height, :width],
+                coupling=None if rec.coupling is None else rec.coupling[..., :height, :width],
             )
         return rec, posterior
 

@@ -125,6 +125,13 @@ def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
                 "log_scale.granularity is 'pixel' but the model has no log-scale head; build it with build_model(cfg)"
             )
         init = model.config.log_scale_init
+    if (cfg.log_scale.channel_coupling == "pixel") != model.config.log_scale_coupling:
+        has = "predicts" if model.config.log_scale_coupling else "does not predict"
+        raise ValueError(
+            f"log_scale.channel_coupling is {cfg.log_scale.channel_coupling!r} but the model's head {has} colour-coupling "
+            "maps (AutoencoderConfig.log_scale_coupling); build the model with build_model(cfg) from a config with the "
+            "same channel_coupling"
+        )
     return nll_from_config(cfg.log_scale, model.config.out_channels, init=init)
 
 

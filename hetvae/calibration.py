@@ -516,9 +516,14 @@ def calibrated_metrics(target: Tensor, mean: Tensor, log_scale: Tensor, calibrat
 
 
 def pooled(predictions) -> tuple[Tensor, Tensor, Tensor]:
-    """Predictions of images of any sizes as ``(1, C, N, 1)`` target, mean and log-scale."""
+    """Predictions of images of any sizes as ``(1, C, N, 1)`` target, mean and log-scale. With
+    colour coupling the "mean" is each channel's conditional centre (``Prediction.centre``), the
+    centre the log-scale is the scale around, so a calibration fitted on it corrects the conditional
+    scales; without coupling the centre is the mean itself."""
+    predictions = list(predictions)
 
     def cat(name: str) -> Tensor:
         return torch.cat([getattr(p, name).flatten(2) for p in predictions], dim=2).unsqueeze(-1)
 
-    return cat("target"), cat("mean"), cat("log_scale")
+    centre = "centre" if all(hasattr(p, "centre") for p in predictions) else "mean"
+    return cat("target"), cat(centre), cat("log_scale")

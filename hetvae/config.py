@@ -182,6 +182,14 @@ class LogScaleConfig:
         trainable: global / channel: ``false`` freezes the learned log-scale at ``init`` (not in the
             optimiser, no gradient), as SD, whose optimiser never held its ``logvar``
             (configs/sd-reference.yaml). Pixel granularity refuses it (the head is the model's).
+        channel_coupling: ``"none"`` the colour channels are independent given the mean;
+            ``"global"`` channel ``k`` is centred at ``mu_k + sum_{j before k} a_kj (x_j - mu_j)``
+            with ``C (C - 1) / 2`` learned coefficients of the loss (any granularity);
+            ``"pixel"`` the per-pixel head predicts the coefficients too (granularity ``pixel``
+            only), bounded to ``(-COUPLING_LIMIT, COUPLING_LIMIT)``. The log-scale is then each
+            channel's scale given the earlier ones (docs/math.md, "Coupled colour channels").
+        coupling_order: with coupling, the channel order, earliest first (null: ``0, 1, ..., C-1``,
+            i.e. R -> G -> B).
     """
 
     granularity: Granularity = "global"
@@ -201,6 +209,8 @@ class LogScaleConfig:
     mean_scale: Literal["map", "global"] = "map"
     include_constant: bool = False
     trainable: bool = True
+    channel_coupling: Literal["none", "global", "pixel"] = "none"
+    coupling_order: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         require_finite(self)
@@ -250,6 +260,28 @@ class LogScaleConfig:
             "false freezes a global or channel log-scale; the per-pixel map comes from the decoder's head, "
             "which is trained with the model (set log_scale.trainable=true for granularity 'pixel')",
         )
+        require(
+            self.channel_coupling != "pixel" or self.granularity == "pixel",
+            "channel_coupling",
+            f"'pixel' has the decoder's per-pixel head predict the coefficients, which needs granularity 'pixel'; "
+            f"got granularity {self.granularity!r} (use channel_coupling: global for one set of coefficients)",
+        )
+        require(
+            self.channel_coupling != "pixel" or not self.shared,
+            "channel_coupling",
+            "'pixel' needs one log-scale map per channel (the conditional scale of each); set log_scale.shared=false",
+        )
+        if self.coupling_order is not None:
+            order = tuple(self.coupling_order)
+            require(
+                self.channel_coupling != "none", "coupling_order",
+                f"orders the coupled channels; got {list(order)} with channel_coupling 'none' (set channel_coupling)",
+            )
+            require(
+                sorted(order) == list(range(len(order))) and len(order) >= 2, "coupling_order",
+                f"must name each channel once, earliest first, e.g. [0, 1, 2] (R -> G -> B) or [1, 0, 2]; "
+                f"got {list(order)}",
+            )
 
 
 @dataclass(kw_only=True)
@@ -616,6 +648,15 @@ class Config:
             "train.head_steps",
             f"trains only the log-scale, which log_scale.trainable=false freezes; got {self.train.head_steps} "
             "(set log_scale.trainable=true, or train.head_steps=0)",
+        )
+        ls, channels = self.log_scale, self.model.out_channels
+        require(
+            ls.channel_coupling == "none" or channels >= 2, "log_scale.channel_coupling",
+            f"couples colour channels; model.out_channels={channels} has none to couple (set channel_coupling: none)",
+        )
+        require(
+            ls.coupling_order is None or len(ls.coupling_order) == channels, "log_scale.coupling_order",
+            f"must name each of the model.out_channels={channels} channels once; got {list(ls.coupling_order or ())}",
         )
         self._require_whole_final_batch()
         if self.train.head_only:

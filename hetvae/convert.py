@@ -372,9 +372,16 @@ def head_fields(state_dict: dict[str, Tensor], settings: dict[str, Any] | None =
         raise ValueError(f"{first} takes {first_in} input channels; expected {expected}"
                          + (f" (recorded: {settings})" if settings else ""))
     sees_mean, sees_latent, sees_edges = recorded[0]
+    # a head that also predicts the colour coupling has C (C - 1) / 2 maps after its C log-scales
+    maps = int(head.shape[0])
+    coupling = out_channels >= 2 and maps == out_channels + out_channels * (out_channels - 1) // 2
+    if settings.get("coupling", coupling) != coupling:
+        raise ValueError(f"{HEAD_PREFIX}weight has {maps} maps, which does not fit the recorded coupling "
+                         f"{settings.get('coupling')!r} of {out_channels} channels")
     return dict(
         log_scale="pixel",
-        log_scale_channels=None if head.shape[0] == out_channels else int(head.shape[0]),
+        log_scale_channels=None if maps == out_channels or coupling else maps,
+        **({"log_scale_coupling": True} if coupling else {}),
         log_scale_head_layers=len(trunk),
         log_scale_head_channels=int(head.shape[1]) if trunk else None,
         log_scale_head_sees_mean=sees_mean,
@@ -776,7 +783,7 @@ def inspect_checkpoint(
 _HEAD_FIELDS = (
     "log_scale_channels", "log_scale_init", "log_scale_detach", "log_scale_head_layers",
     "log_scale_head_channels", "log_scale_head_sees_mean", "log_scale_head_sees_latent",
-    "log_scale_head_sees_edges",
+    "log_scale_head_sees_edges", "log_scale_coupling",
 )
 _HEAD_SHAPE_FIELDS = tuple(f for f in _HEAD_FIELDS if f != "log_scale_detach")
 
@@ -867,6 +874,7 @@ def load_autoencoder(
             sees_mean=head_overrides.get("log_scale_head_sees_mean", False),
             sees_latent=head_overrides.get("log_scale_head_sees_latent", False),
             sees_edges=head_overrides.get("log_scale_head_sees_edges", False),
+            coupling=head_overrides.get("log_scale_coupling", False),
         )
     return model.eval()
 
@@ -1095,7 +1103,7 @@ def save_autoencoder(
         result = weights
     if format != "hetvae" and head:
         settings = {"channels": config.head_channels, "init": config.log_scale_init, "detach": config.log_scale_detach,
-                    **head_inputs(config)}
+                    **head_inputs(config), **({"coupling": True} if config.log_scale_coupling else {})}
         writes[sidecar] = lambda tmp: save_file(head, str(tmp), metadata={HEAD_KEY: json.dumps(settings)})
     # a head left by an earlier export would be loaded with these weights, and a diffusers folder's
     # weights of another variant or serialisation (read before these by hetvae and diffusers alike)

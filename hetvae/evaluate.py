@@ -18,6 +18,7 @@ from torch import Tensor
 
 from hetvae import metrics as M
 from hetvae.calibration import Calibration
+from hetvae.functional import coupled_mean, quantize_8bit
 from hetvae.outputs import COMPARISON_HEADER
 from hetvae.predictor import Prediction, Predictor, iter_predictions
 
@@ -42,6 +43,7 @@ class _Pool:
         self.hits = [0] * len(M.CALIBRATION_LEVELS)
         self.errors: list[Tensor] = []
         self.log_scales: list[Tensor] = []
+        self.marginal_error = self.conditional_error = 0.0
 
     def add(self, p: Prediction) -> None:
         target, mean, log_scale = p.target, p.mean, p.log_scale
@@ -50,18 +52,27 @@ class _Pool:
         self.psnr.extend(M.psnr(shown, truth).tolist())
         if target.ndim == 4 and target.shape[1] == 3:
             self.chroma_kept.extend(k for k in M.chroma_kept(shown, truth).tolist() if math.isfinite(k))
+        # with colour coupling the scale is each channel's given the earlier ones: the intervals, the
+        # ranks and the bits are of the conditional residual x - centre (the mean without coupling)
+        centre, bits_centre = mean, mean
+        if p.coupling is not None:
+            centre = p.centre
+            self.marginal_error += (target.double() - mean.double()).abs().sum().item()
+            self.conditional_error += (target.double() - centre.double()).abs().sum().item()
+            # the bits: each channel's 8-bit bin given the earlier channels' 8-bit values
+            bits_centre = coupled_mean(quantize_8bit(target.double()), mean.double(), p.coupling.double(), p.coupling_order)
         cal = self.calibration
         if cal is None:
-            self.bits += M.nll_bpd(target, mean, log_scale, self.family) * n
-            curve = M.coverage_curve(target, mean, log_scale, self.family)
+            self.bits += M.nll_bpd(target, bits_centre, log_scale, self.family) * n
+            curve = M.coverage_curve(target, centre, log_scale, self.family)
         else:  # the calibrated distribution, from the uncalibrated scale (isotonic: not one scale)
             if p.raw_log_scale is None:
                 raise ValueError("a calibrated pool needs predictions of a calibrated predictor (raw_log_scale)")
-            self.bits += cal.bits_per_dim(target, mean, p.raw_log_scale) * n
-            curve = cal.coverage_curve(target, mean, p.raw_log_scale, M.CALIBRATION_LEVELS)
+            self.bits += cal.bits_per_dim(target, bits_centre, p.raw_log_scale) * n
+            curve = cal.coverage_curve(target, centre, p.raw_log_scale, M.CALIBRATION_LEVELS)
         self.hits = [h + round(c * n) for h, c in zip(self.hits, curve)]
         self.count += n
-        self.errors.append((target.double() - mean.double()).abs().float().flatten().cpu())
+        self.errors.append((target.double() - centre.double()).abs().float().flatten().cpu())
         self.log_scales.append(torch.broadcast_to(log_scale, target.shape).float().flatten().cpu())
 
     def coverage_curve(self) -> list[float]:
@@ -96,7 +107,13 @@ class _Pool:
             "chroma_kept": sum(kept) / len(kept) if kept else None,
             "chroma_kept_min": min(kept) if kept else None,
             "chroma_kept_max": max(kept) if kept else None,
+            **(self._coupling_summary() if self.marginal_error or self.conditional_error else {}),
         }
+
+    def _coupling_summary(self) -> dict:
+        """With colour coupling: the mean marginal error ``|x - mu|`` (what PSNR sees) beside the
+        mean conditional one ``|x - centre|`` (what the scales and the rank metrics are of)."""
+        return {"marginal_mae": self.marginal_error / self.count, "conditional_mae": self.conditional_error / self.count}
 
 
 def summarize(
@@ -111,7 +128,9 @@ def summarize(
 
 
 def _uncalibrated(p: Prediction) -> Prediction:
-    return p if p.raw_log_scale is None else Prediction(p.target, p.mean, p.raw_log_scale)
+    if p.raw_log_scale is None:
+        return p
+    return Prediction(p.target, p.mean, p.raw_log_scale, coupling=p.coupling, coupling_order=p.coupling_order)
 
 
 PER_IMAGE_KEYS = (

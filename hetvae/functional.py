@@ -432,6 +432,24 @@ def _check_coefficients(coefficients: object, target: Tensor) -> Tensor:
     return coefficients
 
 
+COUPLING_LIMIT = 2.0
+"""Per-pixel coupling coefficients are bounded to ``(-COUPLING_LIMIT, COUPLING_LIMIT)``
+(:func:`bound_coupling`): twice a channel's residual, beyond any regression of one colour's error on
+another's seen in photographs (0.3-0.9), yet no runaway centre where a head's raw output is large."""
+
+
+def bound_coupling(raw: Tensor, limit: float = COUPLING_LIMIT) -> Tensor:
+    """A head's raw coefficient maps -> ``limit * tanh(raw / limit)``, in ``(-limit, limit)``.
+
+    Zero stays exactly zero (a zero-initialised head couples nothing) and the slope at zero is 1,
+    so small coefficients are learned as if unbounded. Computed in at least float32."""
+    check_float_tensor("coupling", raw)
+    if not limit > 0:
+        raise ValueError(f"limit must be > 0, got {limit}")
+    raw = raw.to(torch.promote_types(raw.dtype, torch.float32))
+    return limit * torch.tanh(raw / limit)
+
+
 def coupled_mean(target: Tensor, mean: Tensor, coefficients: Tensor, order: object = None) -> Tensor:
     """The conditional centre of each channel given the earlier channels' true values::
 

@@ -79,6 +79,12 @@ class Likelihood:
     ``fit="learned"``, so the bounded log-scale is ``soft_clamp(init + free, *bounds, margin)``;
     None otherwise. Training-only settings (beta, faithful, the constant) do not change a score and
     are not kept.
+
+    ``channel_coupling``: ``"none"``, ``"global"`` (``coupling`` holds the learned coefficients,
+    ``C (C - 1) / 2`` numbers in the storage order of :func:`hetvae.functional.coupling_pairs`) or
+    ``"pixel"`` (the head predicts them: its last ``C (C - 1) / 2`` output maps); ``coupling_order``
+    the channel order, earliest first (None: ``0, 1, ..., C - 1``). The scales are then each
+    channel's given the earlier ones (docs/math.md, "Coupled colour channels").
     """
 
     granularity: str = "global"
@@ -91,6 +97,9 @@ class Likelihood:
     calibration: dict[str, Any] | None = None
     """A post-hoc correction of the scale (:meth:`hetvae.calibration.Calibration.to_dict`), fitted
     by ``hetvae calibrate``; None: uncalibrated."""
+    channel_coupling: str = "none"
+    coupling: tuple[float, ...] | None = None
+    coupling_order: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.granularity not in LIKELIHOOD_GRANULARITIES:
@@ -114,6 +123,7 @@ class Likelihood:
             )
         if self.granularity == "global" and self.free is not None and len(self.free) != 1:
             raise ValueError(f"likelihood.free of a global scale must hold 1 value, got {len(self.free)}")
+        self._check_coupling()
         if self.calibration is not None:
             try:
                 self.calibration = self.calibrator().to_dict()  # normalised: lists of floats
@@ -122,6 +132,30 @@ class Likelihood:
                 # removed or refitted; using it (calibrator(), a calibrated score or decode) raises
                 if not isinstance(self.calibration, dict):
                     raise
+
+    def _check_coupling(self) -> None:
+        if self.channel_coupling not in ("none", "global", "pixel"):
+            raise ValueError(
+                f"likelihood.channel_coupling must be one of ('none', 'global', 'pixel'), got {self.channel_coupling!r}"
+            )
+        if self.coupling is not None:
+            self.coupling = finite_numbers("likelihood.coupling", self.coupling)
+        if (self.channel_coupling == "global") != (self.coupling is not None):
+            raise ValueError(
+                f"likelihood.coupling must hold the coefficients of channel_coupling 'global' and be null otherwise; "
+                f"got {self.coupling!r} for channel_coupling {self.channel_coupling!r}"
+            )
+        if self.channel_coupling == "pixel" and self.granularity != "pixel":
+            raise ValueError(f"likelihood.channel_coupling 'pixel' needs granularity 'pixel', got {self.granularity!r}")
+        if self.coupling_order is not None:
+            order = self.coupling_order
+            if isinstance(order, (str, bytes)) or not isinstance(order, (list, tuple)) or not all(map(is_int, order)) \
+                    or sorted(order) != list(range(len(order))) or self.channel_coupling == "none":
+                raise ValueError(
+                    f"likelihood.coupling_order must be null or, with coupling, a permutation of the channel indices "
+                    f"such as [0, 1, 2]; got {order!r} with channel_coupling {self.channel_coupling!r}"
+                )
+            self.coupling_order = tuple(order)
 
     def bound(self, raw: Tensor, calibration: Any = None) -> Tensor:
         """A head's raw output -> this likelihood's bounded log-scale
@@ -150,7 +184,10 @@ class Likelihood:
         """The record of a model once a fresh per-pixel head (zero weights, bias ``init``) is grafted
         on: granularity ``"pixel"``, fit ``"learned"``, no learned global/channel value and no
         calibration (it was fitted for the scale the head replaces); family, bounds and margin kept."""
-        return dataclasses.replace(self, granularity="pixel", fit="learned", init=float(init), free=None, calibration=None)
+        coupling = {} if self.channel_coupling != "pixel" else {"channel_coupling": "none", "coupling_order": None}
+        return dataclasses.replace(
+            self, granularity="pixel", fit="learned", init=float(init), free=None, calibration=None, **coupling
+        )
 
 
 def grafted_record(record: Likelihood | None, init: float, stacklevel: int = 2) -> Likelihood | None:
@@ -172,19 +209,18 @@ def grafted_record(record: Likelihood | None, init: float, stacklevel: int = 2) 
 
 def likelihood_from_nll(nll: HeteroscedasticNLL) -> Likelihood:
     """The :class:`Likelihood` record of a :class:`hetvae.loss.HeteroscedasticNLL`: granularity,
-    family, bounds, margin, fit, init and the learned value(s) of a global/channel scale. A loss with
-    channel coupling is refused: the record cannot carry its coefficients, and dropping them would
-    store a different likelihood than the one trained."""
-    if getattr(nll, "coupling", None) is not None:
-        raise ValueError(
-            "a loss with channel_coupling='global' cannot be recorded in a model file yet: the Likelihood "
-            "record has no field for its coupling coefficients (loss.coupling)"
-        )
+    family, bounds, margin, fit, init, the learned value(s) of a global/channel scale and the channel
+    coupling (the learned coefficients of ``"global"``; ``"pixel"``'s are the head's)."""
     head = nll.head
     free = getattr(head, "free", None)
+    coupling = getattr(nll, "coupling", None)
+    order = getattr(nll, "coupling_order", None)
     return Likelihood(
         granularity=nll.granularity, family=nll.family, bounds=head.bounds, margin=head.margin, fit=head.fit,
         init=head.init, free=None if free is None else tuple(free.detach().cpu().flatten().tolist()),
+        channel_coupling=getattr(nll, "channel_coupling", "none"),
+        coupling=None if coupling is None else tuple(coupling.detach().cpu().double().tolist()),
+        coupling_order=None if order is None or order == tuple(range(len(order))) else tuple(order),
     )
 
 
@@ -194,8 +230,14 @@ def nll_from_likelihood(likelihood: Likelihood, channels: int) -> Heteroscedasti
     lik = likelihood
     nll = HeteroscedasticNLL(
         lik.granularity, channels=channels, family=lik.family, init=lik.init, bounds=lik.bounds,
-        margin=lik.margin, fit=lik.fit,
+        margin=lik.margin, fit=lik.fit, channel_coupling=lik.channel_coupling, coupling_order=lik.coupling_order,
     )
+    if lik.coupling is not None:
+        if len(lik.coupling) != nll.coupling.numel():
+            raise ValueError(f"likelihood.coupling holds {len(lik.coupling)} value(s), {channels} channels have "
+                             f"{nll.coupling.numel()} coupling coefficients")
+        with torch.no_grad():
+            nll.coupling.copy_(torch.tensor(lik.coupling, dtype=torch.float64).to(nll.coupling.dtype))
     if lik.free is not None:
         free = nll.head.free
         if len(lik.free) != free.numel():
@@ -217,6 +259,7 @@ def head_config_fields(log_scale: LogScaleConfig) -> dict[str, Any]:
         "log_scale_head_sees_mean": log_scale.head_sees_mean,
         "log_scale_head_sees_latent": log_scale.head_sees_latent,
         "log_scale_head_sees_edges": log_scale.head_sees_edges,
+        "log_scale_coupling": log_scale.channel_coupling == "pixel",
     }
 
 
@@ -239,4 +282,6 @@ def nll_from_config(log_scale: LogScaleConfig, channels: int, init: float | None
         trainable=ls.trainable,
         mean_scale=ls.mean_scale if faithful else "map",
         mean_scale_init=ls.init,
+        channel_coupling=ls.channel_coupling,
+        coupling_order=ls.coupling_order,
     )

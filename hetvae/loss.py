@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from hetvae import fused
 from hetvae.functional import (
     Family,
+    bound_coupling,
     broadcast_log_scale,
     check_channel_order,
     check_family,
@@ -26,9 +27,9 @@ from hetvae.functional import (
 from hetvae.heads import DEFAULT_BOUNDS, DEFAULT_MARGIN, Fit, PixelLogScale, check_real, create_head
 
 Reduction = Literal["batch", "mean"]
-CHANNEL_COUPLINGS: tuple[str, ...] = ("none", "global")
-"""Accepted ``channel_coupling`` values. ``"pixel"`` (coefficients predicted by the decoder's head)
-does not exist yet."""
+CHANNEL_COUPLINGS: tuple[str, ...] = ("none", "global", "pixel")
+"""Accepted ``channel_coupling`` values: independent channels, one learned set of coefficients, or
+coefficient maps predicted by the decoder's per-pixel head."""
 
 
 @dataclass
@@ -42,7 +43,8 @@ class NLLOutput:
     shared scale); None otherwise (the mean follows ``nll``). ``coupling``: with
     ``channel_coupling="global"``, the coefficients used, ``(C (C - 1) / 2,)`` in the storage order of
     :func:`hetvae.functional.coupling_pairs` (``nll`` and ``log_scale`` are then those of each channel
-    given the earlier ones); None without coupling.
+    given the earlier ones); with ``"pixel"``, the bounded coefficient maps ``(B, C (C - 1) / 2, *spatial)``;
+    None without coupling.
     """
 
     loss: Tensor
@@ -96,6 +98,13 @@ class HeteroscedasticNLL(nn.Module):
     around the stopped mean, and the mean's branch stays the uncoupled NLL under one scale.
     ``"none"`` (default) registers no parameter and computes exactly what it did before.
 
+    ``channel_coupling="pixel"`` (granularity ``"pixel"`` only): the same likelihood with a set of
+    coefficients per pixel, predicted by the decoder's head and passed as ``coupling=`` (its raw
+    output ``(B, C (C - 1) / 2, *spatial)``), bounded by :func:`hetvae.functional.bound_coupling` to
+    ``(-2, 2)``; a zero map (a fresh head) gives ``"none"``'s values bit for bit. The loss then has no
+    coupling parameter; with ``faithful`` the maps, like the global coefficients, are fitted around
+    the stopped mean.
+
     Reductions: ``"batch"`` (default) sums over all elements and divides by the batch size, exactly
     as SD's ``LPIPSWithDiscriminator``; ``"mean"`` averages over all elements.
 
@@ -145,10 +154,11 @@ class HeteroscedasticNLL(nn.Module):
                 "which only a faithful loss keeps apart from the map"
             )
         if not isinstance(channel_coupling, str) or channel_coupling not in CHANNEL_COUPLINGS:
+            raise ValueError(f"channel_coupling must be one of {CHANNEL_COUPLINGS}, got {channel_coupling!r}")
+        if channel_coupling == "pixel" and granularity != "pixel":
             raise ValueError(
-                f"channel_coupling must be one of {CHANNEL_COUPLINGS}, got {channel_coupling!r}"
-                + (" (coefficients predicted per pixel by the decoder's head are not implemented)"
-                   if channel_coupling == "pixel" else "")
+                f"channel_coupling='pixel' takes its coefficients from the decoder's per-pixel head, which needs "
+                f"granularity='pixel'; got granularity={granularity!r} (use channel_coupling='global')"
             )
         self.family = check_family(family)
         self.head = create_head(
@@ -174,13 +184,16 @@ class HeteroscedasticNLL(nn.Module):
         self.coupling_order: tuple[int, ...] | None = None
         # a parameter only when coupled, so a "none" loss keeps the state_dict keys it always had
         self.coupling: nn.Parameter | None = None
-        if channel_coupling == "global":
+        if channel_coupling != "none":
             if channels < 2:
-                raise ValueError(f"channel_coupling='global' needs at least 2 channels, got channels={channels}")
+                raise ValueError(f"channel_coupling={channel_coupling!r} needs at least 2 channels, got channels={channels}")
             self.coupling_order = check_channel_order(coupling_order, channels)
-            self.coupling = nn.Parameter(torch.zeros(coupling_size(channels)))
+            if channel_coupling == "global":
+                self.coupling = nn.Parameter(torch.zeros(coupling_size(channels)))
         elif coupling_order is not None:
-            raise ValueError("coupling_order needs channel_coupling='global'; without coupling there is no order")
+            raise ValueError(
+                "coupling_order needs channel_coupling='global' or 'pixel'; without coupling there is no order"
+            )
         self._checked_shapes: set[tuple] = set()
 
     def log_scale(self, target: Tensor, mean: Tensor, log_scale: Tensor | None = None) -> Tensor:
@@ -191,20 +204,43 @@ class HeteroscedasticNLL(nn.Module):
             mean = self._centre(target, mean, compute_dtype(target, mean))
         return self.head(target, mean, log_scale)
 
-    def discretized_nll(self, target: Tensor, mean: Tensor, log_scale: Tensor | None = None) -> Tensor:
+    def discretized_nll(
+        self, target: Tensor, mean: Tensor, log_scale: Tensor | None = None, coupling: Tensor | None = None
+    ) -> Tensor:
         """Per-element NLL in nats of ``target`` rounded to 8-bit levels under this loss's likelihood
         (the channel coupling included; :func:`hetvae.functional.coupled_discretized_nll`). Its
-        :func:`hetvae.functional.bits_per_dim` is the model's exact bits/dim."""
+        :func:`hetvae.functional.bits_per_dim` is the model's exact bits/dim. ``coupling``: the
+        head's raw coefficient maps, for ``channel_coupling="pixel"``."""
         s = self.log_scale(target, mean, log_scale)
         x = quantize_8bit(target.to(compute_dtype(target, mean)))
-        if self.coupling is None:
+        a = self.coefficients(coupling)
+        if a is None:
             return discretized_nll(x, mean, s, self.family)
-        a = self.coupling.to(x.dtype)
-        return coupled_discretized_nll(x, mean, s, a, self.family, order=self.coupling_order)
+        return coupled_discretized_nll(x, mean, s, a.to(x.dtype), self.family, order=self.coupling_order)
 
-    def _centre(self, target: Tensor, mean: Tensor, dtype: torch.dtype) -> Tensor:
+    def coefficients(self, coupling: Tensor | None = None) -> Tensor | None:
+        """The coupling coefficients this loss uses: the parameter ``(C (C - 1) / 2,)`` for
+        ``"global"``, the bounded maps of the head's raw ``coupling`` output for ``"pixel"``
+        (``ValueError`` without it), None for ``"none"`` (a ``coupling`` given then is refused)."""
+        if self.channel_coupling == "global":
+            if coupling is not None:
+                raise ValueError("coupling maps are for channel_coupling='pixel'; this loss learns one set ('global')")
+            return self.coupling
+        if self.channel_coupling == "pixel":
+            if coupling is None:
+                raise ValueError(
+                    "channel_coupling='pixel' needs the head's coefficient maps, coupling=(B, C (C - 1) / 2, H, W): "
+                    "the decoder's Reconstruction.coupling"
+                )
+            return bound_coupling(coupling)
+        if coupling is not None:
+            raise ValueError("coupling maps were given but channel_coupling is 'none': the loss would ignore them")
+        return None
+
+    def _centre(self, target: Tensor, mean: Tensor, dtype: torch.dtype, a: Tensor | None = None) -> Tensor:
         """The coupled centre, differentiable in ``mean`` and the coefficients."""
-        return coupled_mean(target, mean, self.coupling.to(dtype), self.coupling_order)
+        a = self.coupling if a is None else a
+        return coupled_mean(target, mean, a.to(dtype), self.coupling_order)
 
     def forward(
         self,
@@ -213,6 +249,7 @@ class HeteroscedasticNLL(nn.Module):
         log_scale: Tensor | None = None,
         weights: Tensor | None = None,
         extra_distance: Tensor | None = None,
+        coupling: Tensor | None = None,
     ) -> NLLOutput:
         """Compute the NLL of ``target`` (B, C, *spatial) given the reconstruction ``mean``.
 
@@ -223,7 +260,8 @@ class HeteroscedasticNLL(nn.Module):
         ``weights`` and ``extra_distance`` are ``()`` (or all ones) or have the target's number of
         dimensions, each the target's size or 1 (``(B, 1, 1, 1)`` per image, ``(1, C, 1, 1)`` per
         channel, ...): a shorter shape would broadcast along the last dimensions, not the channels,
-        so it is refused.
+        so it is refused. ``coupling``: the head's raw coefficient maps ``(B, C (C - 1) / 2, *spatial)``,
+        required for ``channel_coupling="pixel"`` and refused otherwise.
 
         Every tensor must be floating-point (integer, bool and complex ones are refused, not
         converted) and the target non-empty; anything else is a ``ValueError`` naming the argument.
@@ -235,10 +273,13 @@ class HeteroscedasticNLL(nn.Module):
         # plain one around it, so the fused path takes the centre as its mean and autograd carries the
         # centre's gradient on to the mean and the coefficients.
         # (faithful: the coupling is the map's, fitted around the stopped mean)
-        centre = mean if self.coupling is None else self._centre(target, mean.detach() if self.faithful else mean, dtype)
+        if coupling is not None:
+            _check_device("coupling", check_float_tensor("coupling", coupling), target)
+        a = self.coefficients(coupling)
+        a = None if a is None else a.to(dtype)
+        centre = mean if a is None else self._centre(target, mean.detach() if self.faithful else mean, dtype, a)
         s = self._bounded_log_scale(target, centre, None if log_scale is None else log_scale.to(dtype), weights)
         s = broadcast_log_scale(s.to(dtype), target)
-        a = None if self.coupling is None else self.coupling.to(dtype)
         spec = fused.NLLSpec(self.family, self.beta, self.include_constant, self.reduction)
         weights = None if weights is None else weights.to(dtype)
         extra_distance = None if extra_distance is None else extra_distance.to(dtype)
@@ -293,7 +334,8 @@ class HeteroscedasticNLL(nn.Module):
             f"beta={self.beta}, reduction={self.reduction!r}" + (", faithful=True" if self.faithful else "")
             + (", mean_scale='global'" if self.mean_head is not None else "")
             + ("" if self.head.trainable else ", trainable=False")
-            + ("" if self.coupling is None else f", channel_coupling='global', coupling_order={self.coupling_order}")
+            + ("" if self.channel_coupling == "none"
+               else f", channel_coupling={self.channel_coupling!r}, coupling_order={self.coupling_order}")
         )
 
 

@@ -13,6 +13,11 @@ The same metrics apply to global, channel and pixel models; where a metric needs
 * :func:`spearman` - rank correlation between predicted scale and absolute error.
 * :func:`ause` - area under the sparsification-error curve (Ilg et al., ECCV 2018).
 * :func:`chroma_kept` - how much of a colour image's chroma its reconstruction keeps (1 = all).
+
+With colour coupling (docs/math.md, "Coupled colour channels") the scale is each channel's given the
+earlier channels: coverage, calibration error, Spearman and AUSE then take the *conditional*
+residual ``x_k - m_k`` (``m = `` :func:`hetvae.functional.coupled_mean`, passed as ``mean``), and
+:func:`nll_bpd` takes the coefficients to give the exact bits/dim.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from hetvae.functional import (
     bits_per_dim,
     broadcast_log_scale,
     check_family,
+    coupled_discretized_nll,
     discretized_nll,
     quantize_8bit,
 )
@@ -84,11 +90,20 @@ def chroma_kept(prediction: Tensor, target: Tensor) -> Tensor:
     return torch.where(reference < MIN_CHROMA, torch.full_like(ratio, float("nan")), ratio)
 
 
-def nll_bpd(target: Tensor, mean: Tensor, log_scale: Tensor, family: Family = "laplace") -> float:
+def nll_bpd(
+    target: Tensor, mean: Tensor, log_scale: Tensor, family: Family = "laplace",
+    coupling: Tensor | None = None, order: tuple[int, ...] | None = None,
+) -> float:
     """Bits per dimension of ``target`` (quantized to 8 bits) under the discretized predicted
-    distribution (:func:`hetvae.functional.discretized_nll`); 8.0 is the cost of raw bytes."""
+    distribution (:func:`hetvae.functional.discretized_nll`); 8.0 is the cost of raw bytes.
+    ``coupling`` (and ``order``): colour-coupling coefficients, ``(P,)`` or ``(B, P, H, W)``; each
+    channel is then scored given the earlier channels' 8-bit values
+    (:func:`hetvae.functional.coupled_discretized_nll`), still the exact bits/dim."""
     x = quantize_8bit(target.double())
-    return bits_per_dim(discretized_nll(x, mean.double(), torch.as_tensor(log_scale).double(), family)).item()
+    s = torch.as_tensor(log_scale).double()
+    if coupling is None:
+        return bits_per_dim(discretized_nll(x, mean.double(), s, family)).item()
+    return bits_per_dim(coupled_discretized_nll(x, mean.double(), s, coupling.double(), family, order=order)).item()
 
 
 def half_width(u: Tensor, family: Family) -> Tensor:

@@ -252,7 +252,9 @@ class AutoencoderObjective(nn.Module):
         p = self._perceptual(inputs, mean)
         extra = p if self.perceptual_mode in ("sd", "spatial") else None
         log_scale = log_scale if self.nll.granularity == "pixel" else None
-        out = self.nll(inputs, mean, log_scale=log_scale, weights=weights, extra_distance=extra)
+        # channel_coupling="pixel": the head's coefficient maps travel beside its log-scale
+        coupling = getattr(reconstruction, "coupling", None) if self.nll.channel_coupling == "pixel" else None
+        out = self.nll(inputs, mean, log_scale=log_scale, weights=weights, extra_distance=extra, coupling=coupling)
         nll_loss = out.loss
         loss = nll_loss
 
@@ -340,8 +342,9 @@ class AutoencoderObjective(nn.Module):
             for c, value in enumerate(out.log_scale.flatten()):
                 logs[f"log_scale_c{c}"] = value
         if out.coupling is not None:  # coupling_c1_c0: channel 1's centre per unit of channel 0's residual
-            for (k, j), value in zip(coupling_pairs(inputs.shape[1], self.nll.coupling_order), out.coupling):
-                logs[f"coupling_c{k}_c{j}"] = value
+            a = out.coupling if out.coupling.ndim == 1 else out.coupling.transpose(0, 1).flatten(1).mean(1)
+            for (k, j), value in zip(coupling_pairs(inputs.shape[1], self.nll.coupling_order), a):
+                logs[f"coupling_c{k}_c{j}"] = value  # per pixel: the mean of the map
         return logs
 
     # -- discriminator -----------------------------------------------------------------------

@@ -58,6 +58,7 @@ from hetvae.convert import (
     store_likelihood,
 )
 from hetvae.files import hub_cache_entry
+from hetvae.functional import coupled_mean
 from hetvae.hub import is_hub_id, resolve_model
 from hetvae.images import ImageList, calibration_photos, load_images
 from hetvae.likelihood import likelihood_from_nll
@@ -83,14 +84,41 @@ class Prediction:
     raw_log_scale: Tensor | None = None
     """The model's uncalibrated log-scale when :attr:`Predictor.calibration` is set (``log_scale``
     is then the calibrated one); ``None`` otherwise."""
+    coupling: Tensor | None = None
+    """With channel coupling (docs/math.md, "Coupled colour channels"), the coefficients the
+    likelihood uses: ``(C (C - 1) / 2,)`` (``global``) or maps ``(1, C (C - 1) / 2, H, W)`` (``pixel``),
+    in the storage order of :func:`hetvae.functional.coupling_pairs` for ``coupling_order``; the
+    log-scales are then each channel's given the earlier ones. ``None``: independent channels."""
+    coupling_order: tuple[int, ...] | None = None
 
     @property
     def error(self) -> Tensor:
+        """``|x - mu|``: the marginal error of each channel (what PSNR sees)."""
         return (self.target - self.mean).abs()
 
+    @property
+    def centre(self) -> Tensor:
+        """Each channel's conditional centre given the earlier channels' true values
+        (:func:`hetvae.functional.coupled_mean`, float32); the mean itself without coupling."""
+        if self.coupling is None:
+            return self.mean
+        return coupled_mean(self.target, self.mean, self.coupling, self.coupling_order).to(self.mean.dtype)
+
+    @property
+    def conditional_error(self) -> Tensor:
+        """``|x - centre|``: the error the log-scale is the scale of (the marginal error without coupling)."""
+        return (self.target - self.centre).abs()
+
     def maps(self) -> dict[str, Tensor]:
-        """The raw ``(C, H, W)`` maps ``hetvae uncertainty`` writes: input, mean, log_scale, error."""
-        return {"input": self.target[0], "mean": self.mean[0], "log_scale": self.log_scale[0], "error": self.error[0]}
+        """The raw ``(C, H, W)`` maps ``hetvae uncertainty`` writes: input, mean, log_scale, error;
+        with colour coupling also ``centre`` and ``conditional_error`` (``log_scale`` is then the
+        conditional scale) and ``coupling``, the coefficients ``(P, H, W)`` (a global set repeated)."""
+        maps = {"input": self.target[0], "mean": self.mean[0], "log_scale": self.log_scale[0], "error": self.error[0]}
+        if self.coupling is not None:
+            a = self.coupling if self.coupling.ndim == 4 else self.coupling.view(1, -1, 1, 1)
+            maps.update(centre=self.centre[0], conditional_error=self.conditional_error[0],
+                        coupling=a.expand(1, -1, *self.target.shape[-2:])[0].contiguous())
+        return maps
 
     @property
     def scale(self) -> Tensor:
@@ -152,8 +180,17 @@ class Predictor:
         x = _one_image(image, self.model.config.in_channels)
         x = x.to(next(self.model.parameters()).device, torch.float32)
         rec, _ = self._run(lambda: self.model(x, sample_posterior=False), *x.shape[-2:], "reconstructing")
+        return self._prediction(x, rec)
+
+    def _prediction(self, x: Tensor, rec) -> Prediction:
+        """The :class:`Prediction` of one image ``x`` (1, C, H, W) from its reconstruction ``rec``."""
         mean, s, uncalibrated = self._scales(x, rec)
-        return Prediction(x, mean, s, raw_log_scale=uncalibrated)
+        coupling = self.nll.coefficients(rec.coupling if self.nll.channel_coupling == "pixel" else None)
+        if coupling is not None:
+            coupling = coupling.detach().float()
+            _check_finite(coupling, "colour-coupling coefficients")
+        return Prediction(x, mean, s, raw_log_scale=uncalibrated, coupling=coupling,
+                          coupling_order=self.nll.coupling_order)
 
     @torch.no_grad()
     def predict_batch(self, images: Sequence[Tensor]) -> list[Prediction]:
@@ -172,10 +209,10 @@ class Predictor:
                            f"reconstructing (in a batch of {len(xs)})")
         out = []
         for i in range(len(xs)):
-            one = dataclasses.replace(rec, mean=rec.mean[i:i + 1],
-                                      log_scale=None if rec.log_scale is None else rec.log_scale[i:i + 1])
-            mean, s, uncalibrated = self._scales(x[i:i + 1], one)
-            out.append(Prediction(x[i:i + 1], mean, s, raw_log_scale=uncalibrated))
+            one = dataclasses.replace(
+                rec, mean=rec.mean[i:i + 1], log_scale=None if rec.log_scale is None else rec.log_scale[i:i + 1],
+                coupling=None if rec.coupling is None else rec.coupling[i:i + 1])
+            out.append(self._prediction(x[i:i + 1], one))
         return out
 
     def _scales(self, like: Tensor, rec) -> tuple[Tensor, Tensor, Tensor | None]:

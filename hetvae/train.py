@@ -48,6 +48,7 @@ from hetvae.data import ImageDataset, build_dataset, resolve_num_workers
 from hetvae.distributed import all_reduce_mean, local_batches, setup_distributed, stream_batches
 from hetvae.distributions import DiagonalGaussian
 from hetvae.files import CheckpointError
+from hetvae.functional import coupled_mean
 from hetvae.loggers import Loggers
 from hetvae.schema import config_to_dict
 from hetvae.shards import (ShardStream, augment_of, check_shards, expand_shards, first_crops, names_shards,
@@ -89,7 +90,8 @@ class _Generator(nn.Module):
 
     Taking ``eps`` from outside lets every DDP rank draw the noise of the whole global batch from
     one seeded generator and keep its slice, so the noise does not depend on the world size.
-    Returns plain tensors ``(mean, log_scale | None, moments)`` for DDP.
+    Returns plain tensors ``(mean, log_scale | None, coupling | None, moments)`` for DDP (``coupling``:
+    the head's colour-coupling maps, ``log_scale.channel_coupling: pixel``).
     """
 
     def __init__(self, autoencoder: AutoencoderKL, *, freeze_encoder: bool) -> None:
@@ -97,12 +99,12 @@ class _Generator(nn.Module):
         self.autoencoder = autoencoder
         self.freeze_encoder = freeze_encoder
 
-    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
             posterior = self.autoencoder.encode(x)
         z = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
         rec = self.autoencoder.decode(z)
-        return rec.mean, rec.log_scale, posterior.parameters
+        return rec.mean, rec.log_scale, rec.coupling, posterior.parameters
 
 
 @contextlib.contextmanager
@@ -687,8 +689,8 @@ class Trainer:
             self.discriminator.requires_grad_(False)  # the generator loss must not train D
         with sync:
             with self._autocast():
-                mean, log_scale, moments = self.forward_module(x, eps)
-                rec = Reconstruction(mean=mean, log_scale=log_scale)
+                mean, log_scale, coupling, moments = self.forward_module(x, eps)
+                rec = Reconstruction(mean=mean, log_scale=log_scale, coupling=coupling)
                 loss, g_logs = self.objective.generator_loss(
                     x, rec, DiagonalGaussian(moments), step, last_layer=self.model.last_layer, details=details
                 )
@@ -784,7 +786,12 @@ class Trainer:
         )
         path = runs.sample_file(self.run_dir, self.step)
         title = f"step {self.step}  ({self.cfg.log_scale.granularity} log-scale{', EMA' if self.ema else ''})"
-        save_uncertainty_panel(path, x, rec.mean, log_scale, title=title)
+        nll, centre, maps = self.objective.nll, None, None
+        if nll.channel_coupling != "none":  # the conditional error beside the conditional scale
+            a = nll.coefficients(rec.coupling if nll.channel_coupling == "pixel" else None).detach()
+            centre = coupled_mean(x, rec.mean.float(), a.float(), nll.coupling_order)
+            maps = a if a.ndim == 4 else None
+        save_uncertainty_panel(path, x, rec.mean, log_scale, title=title, centre=centre, coupling=maps)
         shutil.copyfile(path, runs.latest_sample_file(self.run_dir))
         return path
 

@@ -4,6 +4,11 @@ One row per image, four columns (five with ``standardized=True``)::
 
     input | reconstruction | |error| | predicted scale exp(log_scale) [| |error| / scale]
 
+With colour coupling (docs/math.md, "Coupled colour channels") the scale is each channel's given the
+earlier channels: pass ``centre`` (``Prediction.centre``) and the error column becomes the conditional
+error ``|x - centre|`` the scale describes; pass per-pixel ``coupling`` maps and a last column shows
+:func:`coupling_strength`, how strongly the channels' errors move together at each pixel.
+
 Decoded latents have no input to compare with: :func:`decoded_panel` draws the decoded image and its
 predicted scale only.
 
@@ -48,6 +53,7 @@ from hetvae.metrics import CALIBRATION_LEVELS
 from hetvae.outputs import OUTPUT_MARKER
 
 __all__ = [
+    "coupling_strength",
     "decoded_panel",
     "save_decoded_panel",
     "save_reliability_diagram",
@@ -104,6 +110,16 @@ def _scale_map(log_scale: Tensor, shape: tuple[int, ...], drawing: str) -> Tenso
     return scale.mean(dim=1)
 
 
+def coupling_strength(coupling: Tensor) -> Tensor:
+    """How strongly the colour channels' errors move together at each pixel: the root mean square
+    of the coupling coefficients ``(B, P, H, W)`` over the pairs, ``(B, H, W)`` float64. 0: the
+    channels are independent given the mean; 1: each later channel's centre moves, on average,
+    by the earlier channels' whole residual (an error shared by all channels, as in brightness)."""
+    if coupling.ndim != 4:
+        raise ValueError(f"coupling must be per-pixel maps (B, P, H, W), got shape {tuple(coupling.shape)}")
+    return coupling.detach().double().cpu().square().mean(dim=1).sqrt()
+
+
 def _to_image(x: Tensor) -> np.ndarray:
     """``(C, H, W)`` in [-1, 1] -> ``(H, W, 3)`` float in [0, 1]."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2).numpy()
@@ -120,6 +136,8 @@ def uncertainty_panel(
     title: str | None = None,
     cmap: str = "magma",
     standardized: bool = False,
+    centre: Tensor | None = None,
+    coupling: Tensor | None = None,
 ) -> Figure:
     """A figure of ``B`` rows: input, reconstruction, |error| and ``exp(log_scale)`` on one shared
     logarithmic colour range labelled in 8-bit levels (and, with ``standardized``,
@@ -132,6 +150,10 @@ def uncertainty_panel(
             ``(1, C, 1, 1)`` or ``(B, C|1, H, W)`` (``HeteroscedasticNLL.log_scale`` returns it).
         title: figure title (e.g. the step).
         cmap: matplotlib colormap of the error and scale panels.
+        centre: with colour coupling, each channel's conditional centre ``(B, C, H, W)``; the error
+            column is then ``|inputs - centre|``, the error the conditional scale describes.
+        coupling: per-pixel coupling coefficients ``(B, P, H, W)``: one more column, their
+            :func:`coupling_strength` on a linear 0..1+ range.
 
     Returns a ``matplotlib.figure.Figure`` on an Agg canvas; ``fig.savefig(path)`` writes it.
     """
@@ -140,9 +162,25 @@ def uncertainty_panel(
     inputs, mean = inputs.detach().double().cpu(), mean.detach().double().cpu()
     _check_drawable(_panel(title), ("input", inputs), ("reconstruction", mean))
     scale = _scale_map(log_scale, inputs.shape, _panel(title))  # (B, H, W)
-    error = (inputs - mean).abs().mean(dim=1)  # (B, H, W), same units as the Laplace scale; float64: finite
+    if centre is not None and centre.shape != inputs.shape:
+        raise ValueError(f"centre {tuple(centre.shape)} must have the inputs' shape {tuple(inputs.shape)}")
+    around = mean if centre is None else centre.detach().double().cpu()
+    error = (inputs - around).abs().mean(dim=1)  # (B, H, W), same units as the Laplace scale; float64: finite
+    strength = None
+    if coupling is not None:
+        if coupling.ndim != 4 or coupling.shape[0] != inputs.shape[0] or coupling.shape[-2:] != inputs.shape[-2:]:
+            raise ValueError(f"coupling {tuple(coupling.shape)} must be maps (B, P, H, W) of the inputs' "
+                             f"{tuple(inputs.shape)} batch and size")
+        strength = coupling_strength(coupling)
+        _check_drawable(_panel(title), ("coupling", strength))
+    titles = list(_COLUMNS[:4 + standardized])
+    if centre is not None:
+        titles[2] = "|x - centre| (given earlier channels)"
+        titles[3] = "conditional scale"
+    if strength is not None:
+        titles.append("channels move together")
 
-    columns = 5 if standardized else 4
+    columns = len(titles)
     rows = inputs.shape[0]
     fig = Figure(figsize=(columns * 2.6, rows * 2.4 + (0.4 if title else 0.0)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -161,11 +199,14 @@ def uncertainty_panel(
         if standardized:
             im = axes[r, 4].imshow(err / np.maximum(sc, 1e-12), cmap="viridis", vmin=0.0, vmax=4.0)
             fig.colorbar(im, ax=axes[r, 4], fraction=0.046, pad=0.02).set_label("|error| / scale", fontsize=8)
+        if strength is not None:
+            im = axes[r, -1].imshow(strength[r].numpy(), cmap="cividis", vmin=0.0, vmax=max(1.0, float(strength.max())))
+            fig.colorbar(im, ax=axes[r, -1], fraction=0.046, pad=0.02).set_label("rms coupling coefficient", fontsize=8)
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(_COLUMNS[c], fontsize=10)
+                ax.set_title(titles[c], fontsize=10)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.text(
@@ -185,9 +226,12 @@ def save_uncertainty_panel(
     title: str | None = None,
     dpi: int = 100,
     standardized: bool = False,
+    centre: Tensor | None = None,
+    coupling: Tensor | None = None,
 ) -> Path:
     """Draw :func:`uncertainty_panel` and write it to ``path`` (PNG); returns the path."""
-    fig = uncertainty_panel(inputs, mean, log_scale, title=title, standardized=standardized)
+    fig = uncertainty_panel(inputs, mean, log_scale, title=title, standardized=standardized, centre=centre,
+                            coupling=coupling)
     return _save(fig, path, dpi, "uncertainty panel")
 
 
