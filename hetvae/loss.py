@@ -94,8 +94,9 @@ class HeteroscedasticNLL(nn.Module):
     with its own scale, the ``x_j`` the true values of the earlier channels; the ``C (C - 1) / 2``
     coefficients are a parameter of the loss, ``coupling`` (zero-initialised, so training starts
     exactly where ``"none"`` is; not bounded). The log-scale is then each channel's *conditional*
-    scale. With ``faithful`` the coupling belongs to the map's branch: the coefficients are fitted
-    around the stopped mean, and the mean's branch stays the uncoupled NLL under one scale.
+    scale. The coupling only shapes the likelihood: the coefficients (and the scales) are fitted
+    around the stopped mean, and the mean follows the uncoupled NLL, under the same scale (with
+    ``faithful``: its branch's one scale), so it trains as it does without coupling.
     ``"none"`` (default) registers no parameter and computes exactly what it did before.
 
     ``channel_coupling="pixel"`` (granularity ``"pixel"`` only): the same likelihood with a set of
@@ -271,13 +272,13 @@ class HeteroscedasticNLL(nn.Module):
         target, mean = target.to(dtype), mean.to(dtype)
         # With coupling each channel's distribution is centred at the coupled centre; the NLL is the
         # plain one around it, so the fused path takes the centre as its mean and autograd carries the
-        # centre's gradient on to the mean and the coefficients.
-        # (faithful: the coupling is the map's, fitted around the stopped mean)
+        # centre's gradient on to the coefficients; the centre is built on the stopped mean, whose
+        # gradient is the uncoupled NLL's (below).
         if coupling is not None:
             _check_device("coupling", check_float_tensor("coupling", coupling), target)
         a = self.coefficients(coupling)
         a = None if a is None else a.to(dtype)
-        centre = mean if a is None else self._centre(target, mean.detach() if self.faithful else mean, dtype, a)
+        centre = mean if a is None else self._centre(target, mean.detach(), dtype, a)
         s = self._bounded_log_scale(target, centre, None if log_scale is None else log_scale.to(dtype), weights)
         s = broadcast_log_scale(s.to(dtype), target)
         spec = fused.NLLSpec(self.family, self.beta, self.include_constant, self.reduction)
@@ -286,9 +287,18 @@ class HeteroscedasticNLL(nn.Module):
         # Same values either way: the fused path computes the loss, the map and both gradients in
         # a few passes (hetvae.fused); HETVAE_FUSED=0 runs the eager reference, e.g. for double backward.
         compute = fused.fused_nll if fused.enabled() else fused.reference
-        if not self.faithful:
+        if not self.faithful and a is None:
             loss, nll = compute(target, centre, s, weights, extra_distance, spec)
             return NLLOutput(loss=loss, nll=nll, log_scale=s, coupling=a)
+        if not self.faithful:
+            # the coupling only shapes the likelihood: the scale and the coefficients follow the coupled
+            # NLL around the stopped mean, and the mean the uncoupled NLL under the same (stopped)
+            # scale, the gradient it gets without coupling; the loss's value is the coupled NLL
+            # (the per-element nll too, whose gradient SD's adaptive weight takes)
+            loss, nll = compute(target, centre, s, weights, extra_distance, spec)
+            mean_loss, mean_nll = compute(target, mean, s.detach(), weights, extra_distance, spec)
+            return NLLOutput(loss=loss + (mean_loss - mean_loss.detach()), nll=nll + (mean_nll - mean_nll.detach()),
+                             log_scale=s, coupling=a)
         # the map's NLL around the stopped mean, and the mean's NLL under one scale: the map's
         # stopped level, or (mean_scale='global') the mean's own learned global scale. The coupling
         # is the map's: its coefficients are fitted around the stopped mean, and the mean's branch

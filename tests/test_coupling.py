@@ -363,7 +363,9 @@ def test_global_coupling_is_the_coupled_nll_on_both_paths(family, beta, order, m
 
 @pytest.mark.parametrize("family", F.FAMILIES)
 def test_global_coupling_gradients_against_autograd_of_the_functions(family, fused_mode):
-    """Without weights: d/dmu, d/ds and d/da of the loss equal autograd through coupled_nll."""
+    """Without weights: the loss and d/ds, d/da equal autograd through coupled_nll; d/dmu is the
+    uncoupled NLL's (coupled_nll with zero coefficients) under the same scales: the coupling only
+    shapes the likelihood, the mean trains as without it."""
     x, mu, g = _data()
     s = torch.randn(SHAPE, generator=g, dtype=torch.float64) * 0.5 - 1
     crit = _crit("pixel", family=family, channel_coupling="global")
@@ -375,9 +377,11 @@ def test_global_coupling_gradients_against_autograd_of_the_functions(family, fus
     a = crit.coupling.detach().clone().requires_grad_(True)
     m2, ls2 = mu.clone().requires_grad_(True), s.clone().requires_grad_(True)
     ref = F.coupled_nll(x, m2, ls2, a, family, include_constant=False).sum() / 2
-    want = torch.autograd.grad(ref, [m2, ls2, a])
+    _, want_s, want_a = torch.autograd.grad(ref, [m2, ls2, a])
+    uncoupled = F.coupled_nll(x, m2, s, torch.zeros_like(a), family, include_constant=False).sum() / 2
+    (want_mu,) = torch.autograd.grad(uncoupled, [m2])
     torch.testing.assert_close(out.loss, ref, rtol=1e-13, atol=0)
-    for p, q in zip(got, want):
+    for p, q in zip(got, [want_mu, want_s, want_a]):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
 
 
@@ -517,7 +521,8 @@ def test_a_toy_fit_recovers_the_coupling():
 
 @pytest.mark.parametrize("coupling", ["none", "global"])
 def test_both_settings_run_on_the_fused_path(coupling, monkeypatch):
-    """'none' calls the fused NLL with the mean itself; 'global' with the coupled centre."""
+    """'none' calls the fused NLL once, with the mean itself; 'global' with the coupled centre for
+    the value and the scales, then with the mean for the mean's (uncoupled) gradient."""
     from hetvae import fused
 
     monkeypatch.setenv("HETVAE_FUSED", "eager")
@@ -528,5 +533,6 @@ def test_both_settings_run_on_the_fused_path(coupling, monkeypatch):
     s = torch.randn(SHAPE, generator=g, dtype=torch.float64)
     crit = _crit("pixel", channel_coupling=coupling)
     crit(x, mu, log_scale=s)
-    assert len(calls) == 1
+    assert len(calls) == (1 if coupling == "none" else 2)
     assert (calls[0] is mu) == (coupling == "none")
+    assert calls[-1] is mu
