@@ -177,6 +177,12 @@ def _settings(cfg) -> tuple[dict, dict]:
         settings.update({"log_scale.family": lik.family, "log_scale.fit": lik.fit, "log_scale.init": lik.init,
                          "log_scale.bounds": list(lik.bounds)})
         stored.update({"likelihood.margin": lik.margin, "likelihood.free": None if lik.free is None else list(lik.free)})
+    coupling = lik.channel_coupling if lik is not None else ("pixel" if getattr(cfg, "log_scale_coupling", False) else "none")
+    settings["log_scale.channel_coupling"] = coupling
+    if coupling != "none":
+        settings["log_scale.coupling_order"] = None if lik is None or lik.coupling_order is None else list(lik.coupling_order)
+        if lik is not None and lik.coupling is not None:
+            stored["likelihood.coupling (the learned coefficients a_kj)"] = list(lik.coupling)
     if head:
         settings["log_scale.shared"] = cfg.log_scale_channels == 1
         for name, key in _HEAD_KEYS.items():
@@ -184,7 +190,7 @@ def _settings(cfg) -> tuple[dict, dict]:
                 stored["log_scale_init (the head's bias)"] = cfg.log_scale_init
             else:
                 settings.setdefault(key, getattr(cfg, name))
-    handled = model_keys | set(_HEAD_KEYS) | {"log_scale", "log_scale_channels", "likelihood"}
+    handled = model_keys | set(_HEAD_KEYS) | {"log_scale", "log_scale_channels", "likelihood", "log_scale_coupling"}
     for f in dataclasses.fields(cfg):
         if f.name not in handled:
             stored[f.name] = getattr(cfg, f.name)
@@ -264,6 +270,12 @@ def _run_info(args: argparse.Namespace) -> int:
     print(f"family:      {info.family} (scaling_factor {cfg.scaling_factor}, shift_factor {cfg.shift_factor})")
     print(f"latent scaling: {scaling}")
     print(f"likelihood:  {likelihood}")
+    coupling = settings["log_scale.channel_coupling"]
+    if coupling != "none":
+        order = settings.get("log_scale.coupling_order") or list(range(cfg.out_channels))
+        what = ("per pixel, predicted by the head" if coupling == "pixel"
+                else f"global, a_kj = {[round(v, 4) for v in (lik.coupling or [])]}")
+        print(f"colour coupling: {what} (channel order {order})")
     calibration = lik.calibrator() if lik is not None else None
     print(f"calibration: {'none' if calibration is None else calibration.describe()}")
     print(f"parameters:  {info.num_parameters:,}")
@@ -723,7 +735,9 @@ def _run_uncertainty(args: argparse.Namespace) -> int:
                 panel, scale, maps = uncertainty_outputs(out, name)
                 title = f"{name} ({predictor.granularity} scale, {predictor.family}{calibrated})"
                 with _writing("--out", panel):
-                    save_uncertainty_panel(panel, p.target, p.mean, p.log_scale, title=title, standardized=True)
+                    save_uncertainty_panel(panel, p.target, p.mean, p.log_scale, title=title, standardized=True,
+                                           centre=None if p.coupling is None else p.centre,
+                                           coupling=p.coupling if p.coupling is not None and p.coupling.ndim == 4 else None)
                 with _writing("--out", scale):
                     save_scale_map(scale, p.log_scale[0])
                 with _writing("--out", maps):

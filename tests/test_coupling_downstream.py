@@ -194,3 +194,31 @@ def test_the_panel_draws_the_conditional_error_and_the_coupling_strength():
     assert plain == ["input", "reconstruction", "|error|", "predicted scale"]
     with pytest.raises(ValueError, match="coupling"):
         uncertainty_panel(p.target, p.mean, p.log_scale, coupling=p.coupling[..., :5])
+
+
+@pytest.mark.parametrize("coupling", ["global", "pixel"])
+def test_info_shows_the_coupling_and_uncertainty_draws_the_conditional_panel(coupling, tmp_path, capsys):
+    """`hetvae info` names the coupling under its YAML key (and the learned coefficients), and
+    `hetvae uncertainty` writes the maps and a panel of a coupled model."""
+    import json
+
+    from PIL import Image
+
+    from hetvae.cli import main
+
+    model, nll = _model(coupling)
+    path = tmp_path / "m"
+    model.save_pretrained(path, format="hetvae", likelihood=nll)
+    assert main(["info", str(path), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["settings"]["log_scale.channel_coupling"] == coupling
+    coefficients = [v for k, v in record["stored"].items() if k.startswith("likelihood.coupling")]
+    assert coefficients == ([pytest.approx(list(COEFFICIENTS))] if coupling == "global" else [])
+    assert main(["info", str(path)]) == 0
+    assert f"colour coupling: {'global' if coupling == 'global' else 'per pixel'}" in capsys.readouterr().out
+    photo = tmp_path / "photo.png"
+    Image.fromarray(((_images(1)[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(photo)
+    out = tmp_path / "maps"
+    assert main(["uncertainty", str(path), "--images", str(photo), "--out", str(out), "--device", "cpu"]) == 0
+    written = sorted(p.name for p in out.iterdir())
+    assert any(n.endswith(".png") for n in written) and any(n.endswith(".safetensors") for n in written), written
