@@ -114,19 +114,21 @@ def _device(text: str | None) -> str:
     return str(device)
 
 
-def _batch_size(text: str) -> int:
-    """``--batch-size``: a positive number of images."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of images, got {text!r}")
-    return value
+def _positive(what: str):
+    """An argparse ``type``: a positive whole number of ``what`` (named in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive number of {what}, got {text!r}")
+        return value
+    return parse
 
 
 def _add_batch_size(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=_batch_size, default=1, metavar="N",
+    parser.add_argument("--batch-size", type=_positive("images"), default=1, metavar="N",
                         help="reconstruct up to N consecutive images of one size together (faster on a GPU; N images "
                              "in memory at once); default 1: one at a time")
 
@@ -507,21 +509,10 @@ _COMMANDS["config"] = ("Print the resolved config of a YAML file or a run folder
                        _add_config, _run_config)
 
 
-def _shard_size(text: str) -> int:
-    """``--size``: a positive number of images per shard."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of images per shard, got {text!r}")
-    return value
-
-
 def _add_shards(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="FOLDER", help="a folder of images (searched recursively, as data.path reads one)")
     _add_out(parser, "the folder to write shard-000000.tar, ... into; required")
-    parser.add_argument("--size", type=_shard_size, default=1000,
+    parser.add_argument("--size", type=_positive("images per shard"), default=1000,
                         help="images per shard (default 1000); a run needs at least as many shards as its "
                              "readers (processes x data.num_workers)")
     parser.add_argument("--overwrite", action="store_true",
