@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from hetvae.distributions import DiagonalGaussian
 from hetvae.hub import resolve_model
 from hetvae.layers import Level, MidBlock, ResnetBlock, activation_layout, group_norm, run_maybe_checkpointed
-from hetvae.likelihood import Likelihood, finite_numbers, grafted_record, is_int, is_number
+from hetvae.likelihood import CalibrationDropped, Likelihood, finite_numbers, grafted_record, is_int, is_number
 
 LOG_SCALE_KINDS = (None, "pixel")
 
@@ -649,6 +650,94 @@ class AutoencoderKL(nn.Module):
         self.decoder.log_scale_sees_latent = False
         self.decoder.log_scale_sees_edges = False
         self.config = self.config.without_head()
+
+    def _coupling_head(self, want: bool) -> nn.Conv2d:
+        """The head's output conv, once checked that it can gain (``want``) or lose its coupling maps."""
+        head, c = self.decoder.log_scale_head, self.config
+        verb = "add colour-coupling maps to" if want else "remove colour-coupling maps from"
+        if head is None:
+            raise ValueError(f"cannot {verb} the log-scale head: the model has none (add_log_scale_head first)")
+        if want and c.head_channels != c.out_channels:
+            raise ValueError(
+                f"cannot {verb} a shared log-scale head (log_scale_channels={c.log_scale_channels}, one map for "
+                f"all {c.out_channels} channels): coupling needs one conditional log-scale map per channel"
+            )
+        if want and c.out_channels < 2:
+            raise ValueError(f"cannot {verb} the log-scale head: out_channels={c.out_channels} has no pair of channels "
+                             "to couple (needs at least 2)")
+        if want == c.log_scale_coupling:
+            has = "already predicts" if want else "does not predict"
+            raise ValueError(f"cannot {verb} the log-scale head: it {has} them (log_scale_coupling={c.log_scale_coupling})")
+        return head
+
+    def _replace_head_conv(self, head: nn.Conv2d, rows: int) -> None:
+        """Swap the output conv for one with ``rows`` output maps: the first ``min(rows, old)``
+        rows copied bit for bit, any new ones zero (weight and bias); same device, dtype and
+        ``requires_grad``. A new module, so an optimizer built afterwards holds its parameters."""
+        new = nn.Conv2d(head.in_channels, rows, kernel_size=head.kernel_size, padding=head.padding)
+        new.to(device=head.weight.device, dtype=head.weight.dtype)
+        keep = min(rows, head.out_channels)
+        with torch.no_grad():
+            new.weight.zero_()
+            new.bias.zero_()
+            new.weight[:keep] = head.weight[:keep]
+            new.bias[:keep] = head.bias[:keep]
+        new.weight.requires_grad_(head.weight.requires_grad)
+        new.bias.requires_grad_(head.bias.requires_grad)
+        new.train(head.training)
+        self.decoder.log_scale_head = new
+
+    def add_coupling_maps(self) -> None:
+        """Widen the per-pixel head into one that also predicts the ``C (C - 1) / 2`` colour-coupling
+        coefficient maps (``AutoencoderConfig.log_scale_coupling``; docs/math.md "Coupled colour
+        channels"): its output conv gains that many rows after its ``C`` log-scale rows, weight and
+        bias zero, the old rows copied bit for bit. The coefficients are then zero everywhere, where
+        the coupled NLL is the uncoupled one: the mean, the log-scales and the loss are unchanged
+        until the new rows are trained. The conv is a new module: build the optimizer after.
+
+        A per-pixel ``likelihood`` record becomes ``channel_coupling: "pixel"`` (a ``"global"``
+        record's coefficients are dropped, as the head's maps replace them; its channel order and any
+        calibration are kept: at zero coefficients the scales are the calibrated ones).
+
+        Raises:
+            ValueError: no head, a shared (one-map) head, fewer than 2 output channels, or a head that
+                already predicts the maps.
+        """
+        head = self._coupling_head(True)
+        config = dataclasses.replace(self.config, log_scale_coupling=True)
+        record = config.likelihood
+        if record is not None and record.granularity == "pixel":
+            config.likelihood = dataclasses.replace(record, channel_coupling="pixel", coupling=None)
+        self._replace_head_conv(head, config.head_channels + config.coupling_maps)
+        self.config = config
+
+    def remove_coupling_maps(self) -> None:
+        """The inverse of :meth:`add_coupling_maps`: drop the head's colour-coupling rows, keeping its
+        log-scale rows bit for bit. The log-scales it predicts were trained as each channel's scale
+        *given the earlier channels*, not as the unconditional scale (wider where the channels'
+        errors are correlated): score or fine-tune the model knowing that.
+
+        A per-pixel ``likelihood`` record becomes ``channel_coupling: "none"``; a calibration in it
+        was fitted on the conditional residuals and is dropped with a
+        :class:`hetvae.likelihood.CalibrationDropped` warning.
+
+        Raises:
+            ValueError: no head, or a head without coupling maps.
+        """
+        head = self._coupling_head(False)
+        config = dataclasses.replace(self.config, log_scale_coupling=False)
+        record = config.likelihood
+        if record is not None and record.channel_coupling == "pixel":
+            if record.calibration is not None:
+                warnings.warn(
+                    "the model's post-hoc calibration was fitted on the residuals given the coupled colour channels; "
+                    "without the coupling maps it no longer applies, so it is dropped (fit one for the new model "
+                    "with hetvae calibrate)", CalibrationDropped, stacklevel=2,
+                )
+            config.likelihood = dataclasses.replace(
+                record, channel_coupling="none", coupling=None, coupling_order=None, calibration=None)
+        self._replace_head_conv(head, config.head_channels)
+        self.config = config
 
     @torch.no_grad()
     def zero_init_residual(self) -> None:

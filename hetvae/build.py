@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
-from hetvae.config import Config, ModelConfig, require_crop_sides
+from hetvae.config import Config, ConfigError, ModelConfig, require_crop_sides
 from hetvae.convert import expected_head_file, inspect_checkpoint, load_autoencoder
 from hetvae.discriminator import NLayerDiscriminator
 from hetvae.hub import resolve_model
@@ -57,13 +57,20 @@ def build_model(cfg: Config) -> AutoencoderKL:
     (not ``None``), replace the checkpoint's stored or inferred values. For
     ``"pixel"`` a head stored with the checkpoint is kept (``detach_features`` still applies) and
     a fresh one (zero weights, bias ``init``) is grafted when there is none, so step 0 reproduces
-    the pretrained output exactly. For ``"global"`` / ``"channel"`` a stored head is dropped: it
-    would receive no gradient. A post-hoc calibration stored with the checkpoint is dropped (with
+    the pretrained output exactly. A stored head is given the colour-coupling maps
+    ``log_scale.channel_coupling`` asks for: ``"pixel"`` on a head without them widens it
+    (:meth:`AutoencoderKL.add_coupling_maps`: zero rows, so step 0 is the uncoupled model's mean,
+    log-scales and loss), ``"none"`` / ``"global"`` on a head with them drops them with a warning
+    (its log-scales were trained as conditional scales). A loss's own learned values recorded with
+    the model (a global / channel scale, ``"global"`` coupling coefficients) are not carried over:
+    they start from the config (``log_scale.init``, zero). For ``"global"`` / ``"channel"`` a stored
+    head is dropped: it would receive no gradient. A post-hoc calibration stored with the checkpoint is dropped (with
     a warning): it describes the scale before training.
 
     Raises:
         FileNotFoundError: ``init_from`` does not exist (nor, for a Hub id, on the Hub or in its cache).
-        ConfigError: ``data.resolution`` is not a multiple of a loaded model's down-sampling factor.
+        ConfigError: ``data.resolution`` is not a multiple of a loaded model's down-sampling factor;
+            ``channel_coupling: pixel`` on a stored shared (one-map) head.
     """
     pixel = cfg.log_scale.granularity == "pixel"
     if cfg.model.init_from == "scratch":
@@ -89,8 +96,9 @@ def build_model(cfg: Config) -> AutoencoderKL:
     # explicit values win over the checkpoint's (an SDXL VAE is inferred as SD 1.x's 0.18215)
     factors = {name: getattr(cfg.model, name) for name in _LATENT_FACTORS if getattr(cfg.model, name) is not None}
     if pixel and info.has_log_scale_head:
-        # its trained head is kept: only the detach switch can change
+        # its trained head is kept: only the detach switch and the coupling maps can change
         model = load_autoencoder(path, log_scale_detach=cfg.log_scale.detach_features, **factors)
+        _match_coupling(model, cfg.log_scale.channel_coupling, path)
     elif pixel:
         model = load_autoencoder(path, log_scale="pixel", **head_config_fields(cfg.log_scale), **factors)
     else:
@@ -109,6 +117,29 @@ def build_model(cfg: Config) -> AutoencoderKL:
     factor = model.config.downsample_factor
     require_crop_sides(cfg, factor, f"the down-sampling factor {factor} of {path}")
     return model.train()
+
+
+def _match_coupling(model: AutoencoderKL, coupling: str, path: Path) -> None:
+    """Give a loaded per-pixel head the colour-coupling maps ``log_scale.channel_coupling`` asks for:
+    widened (zero rows: step 0 is the uncoupled model) for ``"pixel"``, dropped with a warning otherwise."""
+    want = coupling == "pixel"
+    if want == model.config.log_scale_coupling:
+        return
+    if want:
+        try:
+            model.add_coupling_maps()
+        except ValueError as e:
+            raise ConfigError(
+                "log_scale.channel_coupling",
+                f"'pixel' widens the per-pixel head of model.init_from={str(path)!r} with coupling maps, but {e}",
+            ) from None
+        return
+    warnings.warn(
+        f"{path}: its per-pixel head predicts colour-coupling maps, which log_scale.channel_coupling={coupling!r} "
+        "drops; its log-scales were trained as conditional scales (each channel's given the earlier ones), so "
+        "fine-tuning starts from scales fitted to the coupled residuals", stacklevel=3,
+    )
+    model.remove_coupling_maps()  # a calibration goes too, with its own warning
 
 
 def build_nll(cfg: Config, model: AutoencoderKL) -> HeteroscedasticNLL:
