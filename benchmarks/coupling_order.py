@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hetvae.functional import LOG2, coupled_discretized_nll, coupling_pairs, discretized_nll
+from hetvae.functional import coupled_discretized_nll, coupling_pairs, discretized_nll
 from hetvae.images import calibration_photos, list_images, load_images
 from hetvae.metrics import nll_bpd
 from hetvae.predictor import iter_predictions, load_predictor
@@ -104,7 +105,7 @@ def fit_likelihood(data: Triple, order: tuple[int, ...] | None, family: str, tol
             break
     iterations = optimizer.state[theta]["n_iter"]  # cumulative over the runs
     theta = theta.detach()
-    return Fit(order, theta[:n_coef], theta[n_coef:], loss.item() / LOG2, grad_norm, iterations)
+    return Fit(order, theta[:n_coef], theta[n_coef:], loss.item() / math.log(2), grad_norm, iterations)
 
 
 def score(images: list[Triple], fit: Fit, family: str) -> float:
@@ -173,8 +174,9 @@ def measure(model: str, fit_files: list[Path], eval_files: list[Path], fit_pixel
 
 
 def table(result: dict) -> str:
-    lines = [f"{result['model']} ({result['granularity']} scale, own coupling {result['own_coupling']} ignored; "
-             f"fitted on {result['fit_images']} photographs, scored on {result['eval_images']})",
+    title = (f"{result['model']} ({result['granularity']} scale, own coupling {result['own_coupling']} ignored; "
+             f"fitted on {result['fit_images']} photographs, scored on {result['eval_images']})")
+    lines = [title,
              "| order | bits/dim | vs none | vs RGB | coefficients | offsets R, G, B | fit bits/dim | fit grad |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
