@@ -150,8 +150,11 @@ def measure(model: str, fit_files: list[Path], eval_files: list[Path], fit_pixel
     fit_data = pooled(reconstruct(predictor, fit_files, fit_pixels, generator, desc=f"{Path(model).name} fit"))
     eval_data = reconstruct(predictor, eval_files, desc=f"{Path(model).name} eval")
     family = predictor.family
-    fits = [fit_likelihood(fit_data, None, family, tolerance)] + [
-        fit_likelihood(fit_data, order, family, tolerance) for order in ORDERS]
+    fits = []
+    for order in (None, *ORDERS):
+        fits.append(fit_likelihood(fit_data, order, family, tolerance))
+        print(f"{Path(model).name}: fitted {'none' if order is None else letters(order)} "
+              f"({fits[-1].iterations} iterations, gradient {fits[-1].grad_norm:.1e})", file=sys.stderr, flush=True)
     scores = [score(eval_data, f, family) for f in fits]
     none, rgb = scores[0], scores[1]
     rows = []
