@@ -17,8 +17,8 @@ bits/dim (:func:`hetvae.metrics.nll_bpd`, pooled over every element of every pho
 
 A model trained with coupling (a learned global set, or a head with coefficient maps) has its own
 coefficients ignored: every order is fitted from zero on its conditional log-scale. The fit uses
-``--fit-pixels`` pixels of each FIT photograph drawn at random (``--seed``; 0: all of them); six
-numbers from a million pixels move the scored bits/dim by far less than the differences measured.
+``--fit-pixels`` pixels of each FIT photograph drawn at random (``--seed``; 0: all of them): six numbers
+from millions of elements, and near the optimum the bits/dim move only with the square of their error.
 ``--exclude-shipped`` leaves the shipped calibration photographs out of the scored set.
 """
 
