@@ -182,7 +182,9 @@ def _settings(cfg) -> tuple[dict, dict]:
     coupling = lik.channel_coupling if lik is not None else ("pixel" if getattr(cfg, "log_scale_coupling", False) else "none")
     settings["log_scale.channel_coupling"] = coupling
     if coupling != "none":
-        settings["log_scale.coupling_order"] = None if lik is None or lik.coupling_order is None else list(lik.coupling_order)
+        # explicit: a config's null is the measured default order, not the record's 0, 1, ..., C-1
+        stored_order = None if lik is None else lik.coupling_order
+        settings["log_scale.coupling_order"] = list(stored_order or range(cfg.out_channels))
         if lik is not None and lik.coupling is not None:
             stored["likelihood.coupling (the learned coefficients a_kj)"] = list(lik.coupling)
     if head:

@@ -215,3 +215,23 @@ def test_model_architecture_kwargs():
 def test_data_defaults_match_the_dataset():
     data = DataConfig()
     assert data.path is None and data.resolution == 64 and data.split == "train"
+
+
+@pytest.mark.parametrize(
+    ("coupling", "channels", "order", "expected"),
+    [
+        ("global", 3, None, (0, 2, 1)),  # RGB: the measured default, G last
+        ("pixel", 3, None, (0, 2, 1)),
+        ("global", 3, (0, 1, 2), (0, 1, 2)),  # an explicit order is kept
+        ("global", 4, None, (0, 1, 2, 3)),  # no measured default: channel order
+        ("none", 3, None, None),  # nothing to order
+    ],
+)
+def test_a_null_coupling_order_resolves_to_the_measured_default(coupling, channels, order, expected):
+    granularity = "pixel" if coupling == "pixel" else "global"
+    cfg = Config(model=ModelConfig(out_channels=channels, in_channels=channels),
+                 log_scale=LogScaleConfig(granularity=granularity, channel_coupling=coupling, coupling_order=order))
+    assert cfg.log_scale.coupling_order == expected
+    # the resolved order is what a saved config names, so a run reads back the order it trained with
+    again = from_dict(Config, config_to_dict(cfg))
+    assert again.log_scale.coupling_order == expected

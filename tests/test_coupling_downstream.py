@@ -212,6 +212,8 @@ def test_info_shows_the_coupling_and_uncertainty_draws_the_conditional_panel(cou
     assert main(["info", str(path), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["settings"]["log_scale.channel_coupling"] == coupling
+    # the order the model was trained in, explicitly: a config's null would mean the default R -> B -> G
+    assert record["settings"]["log_scale.coupling_order"] == list(nll.coupling_order or (0, 1, 2))
     coefficients = [v for k, v in record["stored"].items() if k.startswith("likelihood.coupling")]
     assert coefficients == ([pytest.approx(list(COEFFICIENTS))] if coupling == "global" else [])
     assert main(["info", str(path)]) == 0
