@@ -587,7 +587,7 @@ def fit_calibration(
         rec = None if rec is None else rec[:, pick]
     one_value = (s.std(dim=1) == 0) if s.shape[1] > 1 else torch.ones(s.shape[0], dtype=torch.bool)
     u = None if rec is None else log_chroma_magnitude(rec.unsqueeze(0).unsqueeze(-1))[0, ..., 0]  # (1, N)
-    if u is not None and not u.std() > 0:
+    if u is not None and not u.std() > 1e-6:  # grey up to rounding: nothing to fit a term on
         raise CalibrationError(
             "the chroma of the reconstruction is the same at every fitting pixel (grey images?): the chroma term "
             "cannot be fitted; calibrate on colour photographs, or without the chroma term"
