@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from test_calibrate_cli import photos, pixel_run  # noqa: F401  (module fixtures: a tiny run, photos)
 
 import hetvae.calibration as C
 from hetvae.calibration import (
@@ -22,8 +23,6 @@ from hetvae.calibration import (
     pooled_reconstruction,
 )
 from hetvae.functional import discretized_nll, soft_clamp
-
-from test_calibrate_cli import _photos, pixel_run, photos  # noqa: F401  (module fixtures: a tiny run, photos)
 
 
 def test_the_chroma_feature_is_the_log_of_the_mean_distance_from_the_luma():
@@ -68,7 +67,7 @@ def test_without_a_chroma_term_nothing_changes_and_the_mean_is_not_read():
 
 def _synthetic(g1: float, g2: float, c0: float, seed: int = 0):
     """Laplace targets whose log-scale is ``base + c0 + g1 u + g2 u^2`` around colour means."""
-    g, mean, base = _images(seed)
+    _, mean, base = _images(seed)
     u = log_chroma_magnitude(mean)
     true = base + c0 + g1 * u + g2 * u * u
     noise = torch.distributions.Laplace(0.0, 1.0).sample(mean.shape).double()
@@ -200,3 +199,24 @@ def test_calibrate_chroma_stores_the_pair_and_eval_uses_it(pixel_run, photos, tm
     assert result["coverage_90"] == pytest.approx(want["coverage_90"], abs=1e-6)
     without = Calibration(cal.method, cal.family, cal.slope, cal.offset, knots=cal.knots)
     assert calibrated_metrics(target, centre, s, without)["nll_bpd"] != pytest.approx(result["nll_bpd"], rel=1e-5)
+
+
+def test_with_colour_coupling_the_term_reads_the_reconstruction_not_the_centre():
+    from test_coupling_downstream import _images as coupled_images
+    from test_coupling_downstream import _model as coupled_model
+
+    from hetvae.predictor import Predictor, calibrate
+
+    model, nll = coupled_model("pixel")
+    predictor = Predictor(model=model, nll=nll, source="test")
+    images = coupled_images(2)
+    preds = [predictor.predict(x) for x in images]
+    target, centre, s = pooled(preds)  # centre: the conditional centre, which knows the true values
+    recon = torch.cat([p.mean.flatten(2) for p in preds], 2).unsqueeze(-1)
+    assert not torch.equal(centre, recon)
+    kwargs = {"method": "affine", "min_pixels": 1000, "slope": False, "chroma": True}
+    cal = calibrate(predictor, images, **kwargs)
+    want = fit_calibration(target, centre, s, "laplace", chroma_of=recon, **kwargs)
+    torch.testing.assert_close(cal.chroma, want.chroma)
+    wrong = fit_calibration(target, centre, s, "laplace", chroma_of=centre, **kwargs)
+    assert not torch.allclose(cal.chroma, wrong.chroma, rtol=1e-3, atol=1e-4)
