@@ -195,10 +195,11 @@ class LogScaleDecoder(nn.Module):
     def _keep_latent(self, module: nn.Module, args: tuple) -> None:
         self._latent = args[0]
 
-    def bound(self, raw: Tensor) -> Tensor:
+    def bound(self, raw: Tensor, mean: Tensor | None = None) -> Tensor:
         """The head's raw output -> the likelihood's bounded log-scale (in float32 at least) ->
-        calibrated when :attr:`use_calibration` and a calibration is stored; in ``raw``'s dtype."""
-        return self.likelihood.bound(raw, self._calibration if self.use_calibration else None)
+        calibrated when :attr:`use_calibration` and a calibration is stored (its chroma term, if
+        any, reads ``mean``, the decoded image); in ``raw``'s dtype."""
+        return self.likelihood.bound(raw, self._calibration if self.use_calibration else None, mean)
 
     def decode(self, z: Tensor, return_dict: bool = True, generator: torch.Generator | None = None):
         """Decode unscaled latents ``(B, latent_channels, h, w)`` with the stock ``vae.decode`` and
@@ -223,7 +224,7 @@ class LogScaleDecoder(nn.Module):
             coupling = bound_coupling(decoded[:, maps:]).to(decoded.dtype).contiguous()
         elif self.likelihood.coupling is not None:
             coupling = torch.tensor(self.likelihood.coupling, dtype=decoded.dtype, device=decoded.device)
-        out = ScaledDecoderOutput(sample=sample.contiguous(), log_scale=self.bound(raw).contiguous(), coupling=coupling)
+        out = ScaledDecoderOutput(sample=sample.contiguous(), log_scale=self.bound(raw, sample).contiguous(), coupling=coupling)
         return out if return_dict else (out.sample, out.log_scale)
 
     def forward(self, z: Tensor) -> ScaledDecoderOutput:

@@ -923,7 +923,7 @@ class AutoencoderKL(nn.Module):
         if log_scale is not None and self.use_calibration:
             cal = self.calibration
             if cal is not None:
-                log_scale = self.config.likelihood.bound(log_scale, cal)
+                log_scale = self.config.likelihood.bound(log_scale, cal, mean)
         rec = Reconstruction(mean=mean, log_scale=log_scale, coupling=coupling)
         return rec if return_dict else (rec.mean,)
 

@@ -23,6 +23,14 @@ Two methods, the second on top of the first:
   their shape. The metrics then use that CDF. A returned ``log_scale`` is the log of the scale
   whose central **90%** interval (of the model's family) equals the recalibrated 90% interval.
 
+Either method may add a **chroma term** (``chroma=True``): ``g1 * u + g2 * u^2`` on the log-scale,
+shared by the channels, with ``u = log(CHROMA_FLOOR + chroma)`` of the model's *reconstruction* at
+each pixel (:func:`log_chroma_magnitude`; RGB only). A map trained on data poor in saturated colour is
+over-confident where a photograph's colour is strong (its reconstruction washes the colour out);
+the term, fitted on photographs, widens the scale there (docs/math.md, "Post-hoc calibration"). The
+feature always comes from the model's mean output, never from a colour-coupled conditional centre
+(which depends on the true values): every method that applies such a calibration takes it.
+
 A correction never stacks: it is always fitted to and applied on the model's *uncalibrated*
 log-scale. A fit on fewer than ``min_pixels`` values per channel, or one that makes the bits/dim
 on the fitting images worse, raises :class:`CalibrationError`.
@@ -50,7 +58,7 @@ from hetvae.functional import (
     discretized_nll,
     quantize_8bit,
 )
-from hetvae.metrics import CALIBRATION_LEVELS, half_width
+from hetvae.metrics import CALIBRATION_LEVELS, LUMA_WEIGHTS, half_width
 
 METHODS = ("affine", "isotonic")
 DEFAULT_METHOD = "isotonic"
@@ -61,6 +69,9 @@ PER_IMAGE_RUN = 256
 average (in each image's pixel order) is constant over each image: its slope is not fitted."""
 _BIN = 2.0 / 255.0
 _META_KEY = "hetvae_calibration"
+CHROMA_FLOOR = 0.01
+"""Added to the chroma before its log in :func:`log_chroma_magnitude` ([-1, 1] units; the value of
+:data:`hetvae.autoencoder.EDGE_FLOOR`): below it a pixel's colour is grey up to quantisation."""
 
 
 def check_image_values(x: Tensor, what: str = "", error: type[ValueError] = ValueError) -> None:
@@ -94,6 +105,19 @@ def check_image_values(x: Tensor, what: str = "", error: type[ValueError] = Valu
 
 class CalibrationError(ValueError):
     """A calibration that cannot be fitted, stored or read."""
+
+
+def log_chroma_magnitude(image: Tensor) -> Tensor:
+    """``log(CHROMA_FLOOR + chroma)`` ``(B, 1, H, W)`` of an RGB ``image`` ``(B, 3, H, W)`` in
+    [-1, 1]: the chroma of a pixel is the mean absolute difference of its R, G, B from its BT.601
+    luma (:data:`hetvae.metrics.LUMA_WEIGHTS`), how far its colour is from grey. The feature of the
+    chroma term of a :class:`Calibration`; ``CalibrationError`` for an image that is not RGB."""
+    if not isinstance(image, Tensor) or image.ndim != 4 or image.shape[1] != 3:
+        shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        raise CalibrationError(f"the chroma feature needs the model's RGB reconstruction (B, 3, H, W), got {shape}")
+    weights = image.new_tensor(LUMA_WEIGHTS).view(1, 3, 1, 1)
+    luma = (image * weights).sum(dim=1, keepdim=True)
+    return torch.log((image - luma).abs().mean(dim=1, keepdim=True) + CHROMA_FLOOR)
 
 
 def check_method(method: str) -> str:
@@ -144,6 +168,9 @@ class Calibration:
             ``R(p_k) = k / K`` (isotonic only; ``None`` for affine).
         n_pixels: values per channel the fit used.
         bpd_before, bpd_after: bits/dim on the fitting images without / with the correction.
+        chroma: ``(2,)`` float64 ``(g1, g2)`` of the chroma term ``g1 * u + g2 * u^2`` added to every
+            channel's log-scale, ``u`` = :func:`log_chroma_magnitude` of the model's mean (3
+            channels only); ``None``: no chroma term.
     """
 
     method: str
@@ -154,6 +181,7 @@ class Calibration:
     n_pixels: int = 0
     bpd_before: float = float("nan")
     bpd_after: float = float("nan")
+    chroma: Tensor | None = None
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -180,6 +208,12 @@ class Calibration:
                 raise CalibrationError("calibration knots must increase strictly from 0 to 1 in every channel")
         elif self.knots is not None:
             raise CalibrationError("an affine calibration has no knots")
+        if self.chroma is not None:
+            self.chroma = torch.as_tensor(self.chroma, dtype=torch.float64).flatten()
+            if self.chroma.shape != (2,) or not torch.isfinite(self.chroma).all():
+                raise CalibrationError(f"calibration chroma must be 2 finite numbers (g1, g2), got {self.chroma.tolist()}")
+            if self.channels != 3:
+                raise CalibrationError(f"a chroma term needs 3 (RGB) channels, this calibration has {self.channels}")
 
     @property
     def channels(self) -> int:
@@ -191,9 +225,27 @@ class Calibration:
         shape = (self.channels, 1, 1)
         return (self.slope.to(like.device, like.dtype).view(shape), self.offset.to(like.device, like.dtype).view(shape))
 
-    def affine(self, log_scale: Tensor) -> Tensor:
+    def chroma_term(self, mean: Tensor | None, like: Tensor) -> Tensor | None:
+        """``g1 * u + g2 * u^2`` ``(B, 1, H, W)`` in ``like``'s dtype, ``u`` the log chroma of
+        ``mean`` (the model's reconstruction); None without a chroma term (``mean`` is then not
+        used). ``CalibrationError`` when the term needs a ``mean`` that is missing or not RGB."""
+        if self.chroma is None:
+            return None
+        if mean is None:
+            raise CalibrationError(
+                "this calibration has a chroma term: pass the model's reconstruction as mean= (chroma_of= where "
+                "mean is a colour-coupled centre), the (B, 3, H, W) image the scale belongs to"
+            )
+        u = log_chroma_magnitude(torch.as_tensor(mean).double())
+        g = self.chroma.to(u.device)
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        return (g[0] * u + g[1] * u * u).to(dtype)
+
+    def affine(self, log_scale: Tensor, mean: Tensor | None = None) -> Tensor:
         """``slope * s + offset`` per channel, ``s`` broadcastable to ``(B, C, H, W)`` (a scalar
-        or ``(B, 1, H, W)`` map becomes ``C`` channels)."""
+        or ``(B, 1, H, W)`` map becomes ``C`` channels), plus the chroma term of ``mean``
+        ``(B, 3, H, W)``, the model's reconstruction, when the calibration has one (required then,
+        ignored otherwise)."""
         s = torch.as_tensor(log_scale)
         if not s.is_floating_point():
             raise CalibrationError(f"log_scale must be a floating-point tensor, got {s.dtype}")
@@ -204,7 +256,8 @@ class Calibration:
                 f"log_scale of shape {tuple(s.shape)} has {s.shape[-3]} channels; this calibration has {self.channels}"
             )
         a, c = self._coefficients(s)
-        return a * s + c
+        term = self.chroma_term(mean, s)
+        return a * s + c if term is None else a * s + c + term.to(s.device)
 
     def _levels(self) -> Tensor:
         """``(C, K+1)``: ``R(p_k) = k / K``, the values of the recalibration map at the knots."""
@@ -224,30 +277,38 @@ class Calibration:
         ref = half_width(torch.tensor(p, dtype=torch.float64), self.family)
         return (half_width(u.clamp(max=1 - 1e-12), self.family) / ref).flatten()
 
-    def apply(self, log_scale: Tensor) -> Tensor:
-        """The calibrated log-scale a user sees: the affine correction, plus for isotonic the log of
-        the factor that makes the family's 90% interval the recalibrated one (module docstring)."""
-        s = self.affine(log_scale)
+    def apply(self, log_scale: Tensor, mean: Tensor | None = None) -> Tensor:
+        """The calibrated log-scale a user sees: the affine correction (with the chroma term of
+        ``mean``, the model's reconstruction, if any), plus for isotonic the log of the factor that
+        makes the family's 90% interval the recalibrated one (module docstring)."""
+        s = self.affine(log_scale, mean)
         if self.knots is not None:
             s = s + self.interval_factor(0.9).log().to(s.device, s.dtype).view(self.channels, 1, 1)
         return s
 
     # --- the recalibrated distribution -------------------------------------------------------
 
-    def central_levels(self, target: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-        """``(C, N)`` central level of each value under the *affine-corrected* distribution."""
-        s = _per_channel(self.affine(log_scale).double(), target)
+    def central_levels(self, target: Tensor, mean: Tensor, log_scale: Tensor, *, chroma_of: Tensor | None = None) -> Tensor:
+        """``(C, N)`` central level of each value under the *affine-corrected* distribution.
+        ``mean``: the centre of the distribution; ``chroma_of``: the model's reconstruction the
+        chroma term reads (required with a chroma term; with colour coupling ``mean`` is the
+        conditional centre, which depends on the true values, so it is never used in its place)."""
+        s = _per_channel(self.affine(log_scale, chroma_of).double(), target)
         r = (target.double() - mean.double()).abs() * torch.exp(-s)
         return _channels_last_flat(_folded_level(r, self.family)[0])
 
-    def coverage_curve(self, target: Tensor, mean: Tensor, log_scale: Tensor, levels) -> list[float]:
-        """Fraction of values inside the calibrated central ``p``-interval, for each ``p``."""
-        u = self.central_levels(target, mean, log_scale)
+    def coverage_curve(self, target: Tensor, mean: Tensor, log_scale: Tensor, levels, *,
+                       chroma_of: Tensor | None = None) -> list[float]:
+        """Fraction of values inside the calibrated central ``p``-interval, for each ``p``
+        (``chroma_of`` as in :meth:`central_levels`)."""
+        u = self.central_levels(target, mean, log_scale, chroma_of=chroma_of)
         return [(u <= self._affine_level(p)).double().mean().item() for p in levels]
 
-    def discretized_nll(self, target: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-        """Per-element NLL in nats of 8-bit ``target`` under the calibrated distribution, ``(B, C, H, W)``."""
-        s = self.affine(log_scale)
+    def discretized_nll(self, target: Tensor, mean: Tensor, log_scale: Tensor, *,
+                        chroma_of: Tensor | None = None) -> Tensor:
+        """Per-element NLL in nats of 8-bit ``target`` under the calibrated distribution, ``(B, C, H, W)``
+        (``chroma_of`` as in :meth:`central_levels`)."""
+        s = self.affine(log_scale, chroma_of)
         if self.knots is None:
             return discretized_nll(target, mean, _per_channel(s, target), self.family)
         x = quantize_8bit(target.double())
@@ -276,8 +337,8 @@ class Calibration:
         b, c, h, w = shape
         return nll.view(c, b, h, w).transpose(0, 1)
 
-    def bits_per_dim(self, target: Tensor, mean: Tensor, log_scale: Tensor) -> float:
-        return bits_per_dim(self.discretized_nll(target, mean, log_scale)).item()
+    def bits_per_dim(self, target: Tensor, mean: Tensor, log_scale: Tensor, *, chroma_of: Tensor | None = None) -> float:
+        return bits_per_dim(self.discretized_nll(target, mean, log_scale, chroma_of=chroma_of)).item()
 
     # --- storage -----------------------------------------------------------------------------
 
@@ -310,19 +371,22 @@ class Calibration:
         def num(x: float):
             return x if math.isfinite(x) else None
 
-        return {
+        data = {
             "method": self.method, "family": self.family,
             "slope": self.slope.tolist(), "offset": self.offset.tolist(),
             "knots": None if self.knots is None else self.knots.tolist(),
             "n_pixels": int(self.n_pixels), "bpd_before": num(self.bpd_before), "bpd_after": num(self.bpd_after),
         }
+        if self.chroma is not None:  # absent, not null, without one: earlier records stay as they were
+            data["chroma"] = self.chroma.tolist()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "") -> Calibration:
         where = f" in {source}" if source else ""
         if not isinstance(data, dict):
             raise CalibrationError(f"calibration{where} must be a mapping, got {type(data).__name__}")
-        known = {"method", "family", "slope", "offset", "knots", "n_pixels", "bpd_before", "bpd_after"}
+        known = {"method", "family", "slope", "offset", "knots", "n_pixels", "bpd_before", "bpd_after", "chroma"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise CalibrationError(f"unknown calibration key(s){where} {unknown}; valid keys: {sorted(known)}")
@@ -337,6 +401,7 @@ class Calibration:
                 knots=None if data.get("knots") is None else torch.tensor(data["knots"], dtype=torch.float64),
                 n_pixels=int(data.get("n_pixels", 0)),
                 bpd_before=num(data.get("bpd_before")), bpd_after=num(data.get("bpd_after")),
+                chroma=None if data.get("chroma") is None else torch.tensor(data["chroma"], dtype=torch.float64),
             )
         except KeyError as e:
             raise CalibrationError(f"incomplete calibration{where}: {e.args[0]!r} is missing") from None
@@ -351,6 +416,9 @@ class Calibration:
         if self.knots is not None:
             text += f"; {self.knots.shape[1] - 1} knots, 90% interval x" + ", ".join(
                 f"{v:.3g}" for v in self.interval_factor(0.9).tolist())
+        if self.chroma is not None:
+            g1, g2 = self.chroma.tolist()
+            text += f"; chroma {g1:+.3g} u {g2:+.3g} u^2"
         return text + f"; fitted on {self.n_pixels:,} values/channel, bits/dim {self.bpd_before:.4f} -> {self.bpd_after:.4f})"
 
 
@@ -374,9 +442,12 @@ def constant_per_image(s: Tensor) -> Tensor:
     return (changes + 1) * PER_IMAGE_RUN <= n
 
 
-def _fit_affine(x: Tensor, mu: Tensor, s: Tensor, family: str, constant: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel ``(a, c)`` minimising the discretized NLL; ``x, mu, s``: ``(C, N)`` float64;
-    ``constant``: ``(C,)``, channels whose slope stays 1 (only the offset is fitted)."""
+def _fit_affine(x: Tensor, mu: Tensor, s: Tensor, family: str, constant: Tensor,
+                u: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-channel ``(a, c)`` minimising the discretized NLL, and with the chroma feature ``u``
+    ``(1, N)`` the shared ``(g1, g2)`` of ``g1 * u + g2 * u^2`` fitted jointly (else None);
+    ``x, mu, s``: ``(C, N)`` float64; ``constant``: ``(C,)``, channels whose slope stays 1 (only the
+    offset is fitted)."""
     channels = x.shape[0]
     keep_a = (~constant).double().view(channels, 1)
     # standardise s per channel: slope and offset are then not coupled, and the fit is equally well
@@ -391,7 +462,14 @@ def _fit_affine(x: Tensor, mu: Tensor, s: Tensor, family: str, constant: Tensor)
     # constant level) ends on a tiny positive slope, not on exp(-inf)
     log_a = torch.log(spread).clamp(-2.0, 1.0).requires_grad_(True)
     c = torch.zeros(channels, 1, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_a, c], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12,
+    # the chroma term on the standardised feature, whose square is then of order 1 as well
+    g = torch.zeros(2, dtype=torch.float64, requires_grad=u is not None)
+    if u is not None:
+        u_centre, u_spread = u.mean(), u.std()
+        v = (u - u_centre) / u_spread
+        chroma_basis = torch.stack([v, v * v])  # (2, 1, N)
+    params = [log_a, c] if u is None else [log_a, c, g]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
 
     def slope_on_z():
@@ -400,6 +478,8 @@ def _fit_affine(x: Tensor, mu: Tensor, s: Tensor, family: str, constant: Tensor)
     def closure():
         opt.zero_grad()
         s_new = slope_on_z() * z + centre + c
+        if u is not None:
+            s_new = s_new + (g.view(2, 1, 1) * chroma_basis).sum(dim=0)
         loss = discretized_nll(x.unsqueeze(0), mu.unsqueeze(0), s_new.unsqueeze(0), family).mean()
         loss.backward()
         return loss
@@ -408,7 +488,15 @@ def _fit_affine(x: Tensor, mu: Tensor, s: Tensor, family: str, constant: Tensor)
     with torch.no_grad():
         a = (slope_on_z() / spread).flatten()
         offset = c.flatten() + (1 - a) * centre.flatten()
-    return a.detach(), offset.detach()
+        if u is None:
+            return a.detach(), offset.detach(), None
+        # h1 v + h2 v^2 with v = (u - m) / d  ==  g1 u + g2 u^2 + const, the constant into the offset
+        h1, h2 = g.detach().tolist()
+        m, d = u_centre.item(), u_spread.item()
+        g2 = h2 / d**2
+        g1 = h1 / d - 2 * h2 * m / d**2
+        offset = offset + (h2 * m * m / d**2 - h1 * m / d)
+    return a.detach(), offset.detach(), torch.tensor([g1, g2], dtype=torch.float64)
 
 
 def fit_calibration(
@@ -423,6 +511,8 @@ def fit_calibration(
     max_pixels: int = MAX_FIT_PIXELS,
     seed: int = 0,
     slope: bool | None = None,
+    chroma: bool = False,
+    chroma_of: Tensor | None = None,
 ) -> Calibration:
     """Fit a :class:`Calibration` on pooled predictions.
 
@@ -436,9 +526,16 @@ def fit_calibration(
         slope: fit the affine slope: None (default) in the channels where the log-scale varies
             within images (:func:`constant_per_image`; a scale constant over each image gets the
             offset only), True in every channel whose log-scale is not one constant, False in none.
+        chroma: also fit the chroma term ``g1 * u + g2 * u^2`` (:class:`Calibration`), jointly with
+            the affine coefficients; refused when it makes bits/dim on the fitting images worse than
+            the same calibration without it.
+        chroma_of: with ``chroma``, the model's reconstruction (its mean output, the shape of
+            ``target``, 3 channels) the feature is read from. Required then: with colour coupling
+            ``mean`` is the conditional centre, which depends on the true values.
 
     Raises:
-        CalibrationError: too few values, a target that is not an image in [-1, 1] (an integer
+        CalibrationError: too few values, a chroma term without ``chroma_of``, or over a
+            reconstruction whose chroma does not vary, a target that is not an image in [-1, 1] (an integer
             dtype, 0..255 values: :func:`check_image_values`), non-finite inputs, or a fit that
             makes bits/dim worse.
     """
@@ -452,6 +549,23 @@ def fit_calibration(
         raise CalibrationError(f"knots must be >= 2, got {knots}")
     if slope is not None and not isinstance(slope, bool):
         raise CalibrationError(f"slope must be None, True or False, got {slope!r}")
+    if not isinstance(chroma, bool):
+        raise CalibrationError(f"chroma must be True or False, got {chroma!r}")
+    rec = None
+    if chroma:
+        if chroma_of is None:
+            raise CalibrationError(
+                "chroma=True needs chroma_of=, the model's reconstruction (its mean output; with colour coupling not "
+                "the conditional centre)"
+            )
+        if tuple(chroma_of.shape) != tuple(target.shape):
+            raise CalibrationError(
+                f"chroma_of must have the target's shape {tuple(target.shape)}, got {tuple(chroma_of.shape)}")
+        if not torch.isfinite(chroma_of).all():
+            raise CalibrationError("chroma_of has non-finite values")
+        if chroma_of.ndim != 4 or chroma_of.shape[1] != 3:
+            raise CalibrationError(f"the chroma term needs 3 (RGB) channels, chroma_of has shape {tuple(chroma_of.shape)}")
+        rec = _channels_last_flat(chroma_of.double())  # (3, N)
     check_image_values(target, "target", CalibrationError)
     s_full = _per_channel(torch.as_tensor(log_scale).double(), target)
     n = target.numel() // target.shape[1]
@@ -470,14 +584,45 @@ def fit_calibration(
     pick = _subsample(n, max_pixels, seed)
     if pick is not None:
         x, mu, s = x[:, pick], mu[:, pick], s[:, pick]
+        rec = None if rec is None else rec[:, pick]
     one_value = (s.std(dim=1) == 0) if s.shape[1] > 1 else torch.ones(s.shape[0], dtype=torch.bool)
-    a, offset = _fit_affine(x, mu, s, family, fixed | one_value)  # one value: no slope to fit
-    cal = Calibration("affine", family, a, offset, n_pixels=x.shape[1])
+    u = None if rec is None else log_chroma_magnitude(rec.unsqueeze(0).unsqueeze(-1))[0, ..., 0]  # (1, N)
+    if u is not None and not u.std() > 1e-6:  # grey up to rounding: nothing to fit a term on
+        raise CalibrationError(
+            "the chroma of the reconstruction is the same at every fitting pixel (grey images?): the chroma term "
+            "cannot be fitted; calibrate on colour photographs, or without the chroma term"
+        )
     xs, mus, ss = x.unsqueeze(0), mu.unsqueeze(0), s.unsqueeze(0)  # (1, C, N) -> treat as (B=1, C, N, 1)
     xs, mus, ss = xs.unsqueeze(-1), mus.unsqueeze(-1), ss.unsqueeze(-1)
     before = bits_per_dim(discretized_nll(xs, mus, ss, family)).item()
+    cal = _fitted(xs, mus, ss, family, method, knots, fixed | one_value)  # one value: no slope to fit
+    if u is not None:
+        plain = cal
+        cal = _fitted(xs, mus, ss, family, method, knots, fixed | one_value, u, rec.unsqueeze(0).unsqueeze(-1))
+        if not cal.bpd_after <= plain.bpd_after + 1e-9:
+            raise CalibrationError(
+                f"the chroma term makes bits/dim on the fitting images worse ({plain.bpd_after:.4f} without it, "
+                f"{cal.bpd_after:.4f} with it); refused (calibrate without --chroma)"
+            )
+    after = cal.bpd_after
+    cal.bpd_before = before
+    if not math.isfinite(after) or after > before + 1e-9:
+        raise CalibrationError(
+            f"the {method} calibration makes bits/dim on the fitting images worse ({before:.4f} -> {after:.4f}); "
+            "refused (try --method affine, or more held-out images)"
+        )
+    return cal
+
+
+def _fitted(xs: Tensor, mus: Tensor, ss: Tensor, family: str, method: str, knots: int, fixed: Tensor,
+            u: Tensor | None = None, recon: Tensor | None = None) -> Calibration:
+    """The calibration of ``method`` fitted on pooled ``(1, C, N, 1)`` values, its ``bpd_after``
+    set; with a chroma term read from ``recon`` ``(1, 3, N, 1)``, whose feature is ``u`` ``(1, N)``."""
+    x, mu, s = xs[0, ..., 0], mus[0, ..., 0], ss[0, ..., 0]
+    a, offset, g = _fit_affine(x, mu, s, family, fixed, u)
+    cal = Calibration("affine", family, a, offset, n_pixels=x.shape[1], chroma=g)
     if method == "isotonic":
-        u = cal.central_levels(xs, mus, ss)  # (C, N)
+        u = cal.central_levels(xs, mus, ss, chroma_of=recon)  # (C, N)
         q = torch.linspace(0, 1, knots + 1, dtype=torch.float64)
         inner = torch.quantile(u, q[1:-1], dim=1).T
         k = torch.cat([torch.zeros(u.shape[0], 1, dtype=torch.float64), inner,
@@ -488,26 +633,23 @@ def fit_calibration(
             k[:, j] = torch.maximum(k[:, j], k[:, j - 1] + eps)
         k = k / k[:, -1:]  # back to exactly 1 at the end, order kept
         k[:, -1] = 1.0
-        cal = Calibration("isotonic", family, a, offset, knots=k, n_pixels=x.shape[1])
-    after = cal.bits_per_dim(xs, mus, ss)
-    cal.bpd_before, cal.bpd_after = before, after
-    if not math.isfinite(after) or after > before + 1e-9:
-        raise CalibrationError(
-            f"the {method} calibration makes bits/dim on the fitting images worse ({before:.4f} -> {after:.4f}); "
-            "refused (try --method affine, or more held-out images)"
-        )
+        cal = Calibration("isotonic", family, a, offset, knots=k, n_pixels=x.shape[1], chroma=g)
+    cal.bpd_after = cal.bits_per_dim(xs, mus, ss, chroma_of=recon)
     return cal
 
 
-def calibrated_metrics(target: Tensor, mean: Tensor, log_scale: Tensor, calibration: Calibration, levels=None) -> dict:
+def calibrated_metrics(target: Tensor, mean: Tensor, log_scale: Tensor, calibration: Calibration, levels=None, *,
+                       chroma_of: Tensor | None = None) -> dict:
     """The likelihood and coverage metrics of :mod:`hetvae.metrics` under ``calibration``
     (``log_scale`` uncalibrated): ``nll_bpd``, ``coverage_50``, ``coverage_90``,
-    ``calibration_error`` and the reliability curve ``coverage_curve`` at ``levels``."""
+    ``calibration_error`` and the reliability curve ``coverage_curve`` at ``levels``.
+    ``chroma_of``: the model's reconstruction, for a calibration with a chroma term
+    (:meth:`Calibration.central_levels`)."""
     levels = CALIBRATION_LEVELS if levels is None else levels
-    curve = calibration.coverage_curve(target, mean, log_scale, levels)
-    c50, c90 = calibration.coverage_curve(target, mean, log_scale, (0.5, 0.9))
+    curve = calibration.coverage_curve(target, mean, log_scale, levels, chroma_of=chroma_of)
+    c50, c90 = calibration.coverage_curve(target, mean, log_scale, (0.5, 0.9), chroma_of=chroma_of)
     return {
-        "nll_bpd": calibration.bits_per_dim(target, mean, log_scale),
+        "nll_bpd": calibration.bits_per_dim(target, mean, log_scale, chroma_of=chroma_of),
         "coverage_50": c50,
         "coverage_90": c90,
         "calibration_error": sum(abs(o - p) for o, p in zip(curve, levels)) / len(levels),
@@ -527,3 +669,9 @@ def pooled(predictions) -> tuple[Tensor, Tensor, Tensor]:
 
     centre = "centre" if all(hasattr(p, "centre") for p in predictions) else "mean"
     return cat("target"), cat(centre), cat("log_scale")
+
+
+def pooled_reconstruction(predictions) -> Tensor:
+    """The model's reconstructions (``Prediction.mean``, never a coupled centre) of ``predictions``
+    as one ``(1, C, N, 1)`` tensor in :func:`pooled`'s order: the ``chroma_of`` of a chroma term."""
+    return torch.cat([p.mean.flatten(2) for p in predictions], dim=2).unsqueeze(-1)

@@ -936,6 +936,9 @@ def _add_calibrate(parser: argparse.ArgumentParser) -> None:
                              "docs/results.md#calibration measures both)")
     _add_out(parser, "write the calibrated model as a new hetvae export here instead of updating MODEL (needed for "
                      "single files hetvae did not write)")
+    parser.add_argument("--chroma", action="store_true",
+                        help="also fit a chroma term: the log-scale widened by g1*u + g2*u^2, u the log chroma of the "
+                             "reconstruction, for maps over-confident on saturated colour (RGB models; docs/math.md)")
     parser.add_argument("--remove", action="store_true", help="remove a stored calibration instead of fitting one")
     _add_tile(parser)
     _add_device(parser)
@@ -950,6 +953,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     model = _model(args.model)
     flag, destination = ("--out", args.out) if args.out is not None else ("MODEL", model)
     try:
+        if args.remove and args.chroma:
+            raise ValueError("--chroma fits a chroma term; --remove removes the calibration: give one of them")
         # before loading and fitting: a destination that is refused or cannot be written to
         check_calibration_destination(model, args.out)
         predictor = _load(args, model, device=_device(args.device), calibrated=False)
@@ -961,7 +966,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         _set_tile(predictor, args.tile, model)
         images = load_images(args.images if args.images else calibration_photos())
         _note_skipped(images)
-        calibration = calibrate(predictor, images, method=args.method or DEFAULT_METHOD)
+        calibration = calibrate(predictor, images, method=args.method or DEFAULT_METHOD, chroma=args.chroma)
         with _writing(flag, destination):
             written = store_calibration(predictor, calibration, model, args.out)
     except (CalibrationError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
@@ -1010,7 +1015,7 @@ _USAGE = {
     "uncertainty": "hetvae uncertainty MODEL --images PATH... --out DIR",
     "eval": "hetvae eval MODEL [--images PATH...] [--out FILE.json] [--json]",
     "compare": "hetvae compare MODEL... [--images PATH...] --out DIR",
-    "calibrate": "hetvae calibrate MODEL [--images PATH...] [--out DIR]",
+    "calibrate": "hetvae calibrate MODEL [--images PATH...] [--out DIR] [--chroma]",
 }
 """Each command's grammar, as the errors for an old spelling give it."""
 

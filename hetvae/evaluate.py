@@ -68,8 +68,9 @@ class _Pool:
         else:  # the calibrated distribution, from the uncalibrated scale (isotonic: not one scale)
             if p.raw_log_scale is None:
                 raise ValueError("a calibrated pool needs predictions of a calibrated predictor (raw_log_scale)")
-            self.bits += cal.bits_per_dim(target, bits_centre, p.raw_log_scale) * n
-            curve = cal.coverage_curve(target, centre, p.raw_log_scale, M.CALIBRATION_LEVELS)
+            # a chroma term reads the reconstruction (mean), never the coupled centre
+            self.bits += cal.bits_per_dim(target, bits_centre, p.raw_log_scale, chroma_of=mean) * n
+            curve = cal.coverage_curve(target, centre, p.raw_log_scale, M.CALIBRATION_LEVELS, chroma_of=mean)
         self.hits = [h + round(c * n) for h, c in zip(self.hits, curve)]
         self.count += n
         self.errors.append((target.double() - centre.double()).abs().float().flatten().cpu())

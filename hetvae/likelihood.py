@@ -157,14 +157,15 @@ class Likelihood:
                 )
             self.coupling_order = tuple(order)
 
-    def bound(self, raw: Tensor, calibration: Any = None) -> Tensor:
+    def bound(self, raw: Tensor, calibration: Any = None, mean: Tensor | None = None) -> Tensor:
         """A head's raw output -> this likelihood's bounded log-scale
         ``soft_clamp(raw, *bounds, margin)`` (computed in at least float32) -> corrected by
         ``calibration`` (a :class:`hetvae.calibration.Calibration`) when given; in ``raw``'s dtype.
+        ``mean``: the decoded image, which a calibration's chroma term reads (required then).
         What a calibrated model's decode and an attached head return."""
         s = soft_clamp(raw.to(torch.promote_types(raw.dtype, torch.float32)), *self.bounds, self.margin)
         if calibration is not None:
-            s = calibration.apply(s)
+            s = calibration.apply(s, None if mean is None else mean.to(s.dtype))
         return s.to(raw.dtype)
 
     def calibrator(self):

@@ -43,6 +43,7 @@ from hetvae.calibration import (
     check_image_values,
     fit_calibration,
     pooled,
+    pooled_reconstruction,
 )
 from hetvae.checkpoint import is_checkpoint
 from hetvae.convert import (
@@ -226,7 +227,7 @@ class Predictor:
         _check_finite(s, "predicted log-scale")
         if self.calibration is None:
             return mean, s, None
-        calibrated = torch.broadcast_to(self.calibration.apply(s), mean.shape).contiguous()
+        calibrated = torch.broadcast_to(self.calibration.apply(s, mean), mean.shape).contiguous()
         _check_finite(calibrated, "calibrated log-scale")
         return mean, calibrated, s
 
@@ -487,8 +488,10 @@ def calibrate(model: Any, images=None, method: str = DEFAULT_METHOD, **kwargs: A
         predictor.calibration = previous
     if not predictions:
         raise CalibrationError("no images to calibrate on")
-    target, mean, log_scale = pooled(predictions)
-    return fit_calibration(target, mean, log_scale, predictor.family, method, **kwargs)
+    target, centre, log_scale = pooled(predictions)
+    # a chroma term reads the reconstruction itself, never the coupled centre pooled() gives
+    kwargs.setdefault("chroma_of", pooled_reconstruction(predictions))
+    return fit_calibration(target, centre, log_scale, predictor.family, method, **kwargs)
 
 
 def check_calibration_destination(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Any:
