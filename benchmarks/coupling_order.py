@@ -1,4 +1,4 @@
-"""The six channel orders of the colour coupling, each fitted and scored alike; backs docs/results.md#coupled-colour-channels.
+"""The six channel orders of the colour coupling, each fitted and scored alike; backs docs/results.md#channel-order.
 
     python benchmarks/coupling_order.py RUN [RUN ...] --photos ../shared/data/photos/kodak \
         ../shared/data/photos/wikipedia --exclude-shipped --json order.json

@@ -1,4 +1,4 @@
-"""Coverage over the most saturated pixels beside the whole image; backs docs/results.md#coupled-colour-channels.
+"""Coverage over the most saturated pixels beside the whole image; backs docs/results.md#saturated-colour.
 
     python benchmarks/saturated.py RUN [RUN ...] --photos ../shared/data/photos/kodak \
         ../shared/data/photos/wikipedia --exclude-shipped

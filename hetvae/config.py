@@ -189,8 +189,8 @@ class LogScaleConfig:
             only), bounded to ``(-COUPLING_LIMIT, COUPLING_LIMIT)``. The log-scale is then each
             channel's scale given the earlier ones (docs/math.md, "Coupled colour channels").
         coupling_order: with coupling, the channel order, earliest first (null: the measured
-            default, ``DEFAULT_COUPLING_ORDER`` = R -> B -> G for 3 channels, ``0, 1, ..., C-1``
-            otherwise; the resolved config names it).
+            default, ``DEFAULT_COUPLING_ORDER``: R -> B -> G for ``global`` coupling of 3 channels,
+            ``0, 1, ..., C-1`` otherwise; the resolved config names it).
     """
 
     granularity: Granularity = "global"
@@ -285,11 +285,13 @@ class LogScaleConfig:
             )
 
 
-DEFAULT_COUPLING_ORDER: dict[int, tuple[int, ...]] = {3: (0, 2, 1)}
-"""``log_scale.coupling_order`` when the config leaves it null, by channel count: for RGB, R -> B -> G,
-G last. Fitting global coefficients to trained uncoupled models on unseen photographs, the orders with
-G last beat R -> G -> B by 0.006-0.033 bits/dim on every model and G first lost 0.02-0.05
-(docs/results.md#coupled-colour-channels, ``benchmarks/coupling_order.py``)."""
+DEFAULT_COUPLING_ORDER: dict[tuple[str, int], tuple[int, ...]] = {("global", 3): (0, 2, 1)}
+"""``log_scale.coupling_order`` when the config leaves it null, by ``(channel_coupling, channels)``;
+otherwise ``0, 1, ..., C-1``. Measured (docs/results.md#channel-order, ``benchmarks/coupling_order.py``):
+global coefficients fitted to trained uncoupled models on unseen photographs do best with G last
+(R -> B -> G beat R -> G -> B on 6 of 6 models, by 0.006-0.033 bits/dim, and so did a model trained
+so); a per-pixel head trained in R -> B -> G scored 0.014-0.048 bits/dim worse than in R -> G -> B
+on 3 of 3 seeds, so ``pixel`` keeps R -> G -> B."""
 
 
 @dataclass(kw_only=True)
@@ -667,7 +669,7 @@ class Config:
             f"must name each of the model.out_channels={channels} channels once; got {list(ls.coupling_order or ())}",
         )
         if ls.channel_coupling != "none" and ls.coupling_order is None:
-            ls.coupling_order = DEFAULT_COUPLING_ORDER.get(channels, tuple(range(channels)))
+            ls.coupling_order = DEFAULT_COUPLING_ORDER.get((ls.channel_coupling, channels), tuple(range(channels)))
         self._require_whole_final_batch()
         if self.train.head_only:
             self._require_head_only()

@@ -220,8 +220,8 @@ def test_data_defaults_match_the_dataset():
 @pytest.mark.parametrize(
     ("coupling", "channels", "order", "expected"),
     [
-        ("global", 3, None, (0, 2, 1)),  # RGB: the measured default, G last
-        ("pixel", 3, None, (0, 2, 1)),
+        ("global", 3, None, (0, 2, 1)),  # RGB, global coefficients: the measured default, G last
+        ("pixel", 3, None, (0, 1, 2)),  # a per-pixel head: R -> G -> B measured best
         ("global", 3, (0, 1, 2), (0, 1, 2)),  # an explicit order is kept
         ("global", 4, None, (0, 1, 2, 3)),  # no measured default: channel order
         ("none", 3, None, None),  # nothing to order

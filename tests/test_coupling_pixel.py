@@ -254,6 +254,6 @@ def test_a_pixel_coupled_model_trains_through_the_objective():
     loss.backward()
     head = model.decoder.log_scale_head
     assert head.bias.grad[3:].abs().min() > 0 and head.weight.grad[3:].abs().sum() > 0
-    assert cfg.log_scale.coupling_order == (0, 2, 1)  # the measured default: R -> B -> G
-    assert {"coupling_c2_c0", "coupling_c1_c0", "coupling_c1_c2"} <= set(logs)  # a later channel on an earlier one
-    assert logs["coupling_c2_c0"] == 0.0  # a fresh head: zero maps
+    assert cfg.log_scale.coupling_order == (0, 1, 2)  # a per-pixel head's measured default: R -> G -> B
+    assert {"coupling_c1_c0", "coupling_c2_c0", "coupling_c2_c1"} <= set(logs)  # a later channel on an earlier one
+    assert logs["coupling_c1_c0"] == 0.0  # a fresh head: zero maps
