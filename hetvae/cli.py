@@ -267,7 +267,8 @@ def _run_info(args: argparse.Namespace) -> int:
         likelihood = f"{lik.family}, {lik.granularity} (fit {lik.fit}, init {lik.init}, bounds {lik.bounds}{learned})"
     head = "no"
     if info.has_log_scale_head:
-        head = f"yes, {cfg.head_channels} map(s), " + (f"from {info.head_file}" if info.head_file else "inside the file")
+        maps = f"{cfg.head_channels} map(s)" + (f" + {cfg.coupling_maps} coupling map(s)" if cfg.coupling_maps else "")
+        head = f"yes, {maps}, " + (f"from {info.head_file}" if info.head_file else "inside the file")
     print(f"path:        {info.path}")
     print(f"format:      {info.format} (config {info.config_source})")
     print(f"weights:     {info.weights_file}")

@@ -217,7 +217,10 @@ def test_info_shows_the_coupling_and_uncertainty_draws_the_conditional_panel(cou
     coefficients = [v for k, v in record["stored"].items() if k.startswith("likelihood.coupling")]
     assert coefficients == ([pytest.approx(list(COEFFICIENTS))] if coupling == "global" else [])
     assert main(["info", str(path)]) == 0
-    assert f"colour coupling: {'global' if coupling == 'global' else 'per pixel'}" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"colour coupling: {'global' if coupling == 'global' else 'per pixel'}" in text
+    if coupling == "pixel":  # the head's 3 log-scales, then its 3 coefficient maps
+        assert "log-scale head: yes, 3 map(s) + 3 coupling map(s), inside the file" in text
     photo = tmp_path / "photo.png"
     Image.fromarray(((_images(1)[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(photo)
     out = tmp_path / "maps"
