@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -46,3 +47,16 @@ def _assert_matches_reference(ours: Callable, model, theirs: Callable, ref, *inp
 @pytest.fixture
 def assert_matches_reference():
     return _assert_matches_reference
+
+
+def write_noise_photos(folder: Path, count: int, size: int, seed: int, prefix: str = "im") -> Path:
+    """``count`` uniform-noise RGB PNGs ``{prefix}{i}.png`` of ``size`` x ``size`` pixels in ``folder``
+    (which must exist), from ``numpy.random.default_rng(seed)``; returns ``folder``. Training data for
+    tiny test runs."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)).save(folder / f"{prefix}{i}.png")
+    return folder

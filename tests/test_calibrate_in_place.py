@@ -12,12 +12,11 @@ import shutil
 import stat
 from pathlib import Path
 
-import numpy as np
 import pytest
 import test_hostile_train
 import torch
-from PIL import Image
 
+from conftest import write_noise_photos
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 from hetvae.calibration import Calibration
 from hetvae.cli import main
@@ -47,9 +46,7 @@ def run_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("run")
     images = root / "images"
     images.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    write_noise_photos(images, 4, 24, seed=1)
     train(test_hostile_train.make_cfg(images, root / "run", "train.steps=2", "log_scale.granularity=pixel"),
           progress=False)
     return root / "run"
@@ -149,10 +146,7 @@ def test_calibrating_in_place_changes_only_the_likelihood_record(tmp_path, run_f
 
 def _photos(folder: Path) -> Path:
     folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
-    return folder
+    return write_noise_photos(folder, 3, 64, seed=0, prefix="p")
 
 
 def test_the_command_calibrates_a_variant_only_diffusers_folder_in_place(tmp_path, capsys):

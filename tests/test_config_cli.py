@@ -7,10 +7,9 @@ from __future__ import annotations
 import pathlib
 import types
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import write_noise_photos
 from hetvae.cli import main as cli_main
 from hetvae.config import Config, load_config, save_config
 from hetvae.schema import apply_overrides
@@ -72,9 +71,7 @@ def test_a_run_folder_trains_into_set_out_dir(tmp_path):
     and leaves RUN as it was."""
     images = tmp_path / "images"
     images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    write_noise_photos(images, 2, 24, seed=0)
     run = tmp_path / "run"
     cfg = apply_overrides(Config(), [
         "model.block_out_channels=[8, 8]", "model.norm_num_groups=4", "model.mid_block_attention=false",

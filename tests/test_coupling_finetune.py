@@ -9,15 +9,14 @@ import dataclasses
 import json
 import pathlib
 
-import numpy as np
 import pytest
 import test_coupling_pixel
 import test_hostile_train
 import test_sd_head
 import torch
-from PIL import Image
 
 import hetvae
+from conftest import write_noise_photos
 from hetvae import functional as F
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 from hetvae.build import build_model, build_nll
@@ -36,11 +35,7 @@ COEFFICIENT_MAPS = 3  # C (C - 1) / 2 for RGB
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> pathlib.Path:
     """Four 40 px random photographs: room for test_hostile_train's tiny run at 32 px crops."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-    return folder
+    return write_noise_photos(tmp_path_factory.mktemp("images"), 4, 40, seed=1)
 
 
 def _trained_like(seed: int = 0, coupling: bool = False, **head) -> AutoencoderKL:

@@ -13,12 +13,11 @@ import os
 import pathlib
 import signal
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import hetvae.checkpoint as checkpoint_module
+from conftest import write_noise_photos
 from hetvae.checkpoint import WEIGHTS_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
 from hetvae.cli import build_parser
 from hetvae.cli import main as cli_main
@@ -30,11 +29,7 @@ from hetvae.train import NonFiniteLossError, Trainer, train
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> pathlib.Path:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-    return folder
+    return write_noise_photos(tmp_path_factory.mktemp("images"), 4, 24, seed=1)
 
 
 def make_cfg(images: pathlib.Path, out_dir: pathlib.Path, *overrides: str) -> Config:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import pathlib
 
-import numpy as np
 import pytest
 import test_hostile_train
 import torch
-from PIL import Image
 
+from conftest import write_noise_photos
 from hetvae.autoencoder import AutoencoderConfig, AutoencoderKL
 from hetvae.calibration import Calibration
 from hetvae.cli import main as cli_main
@@ -128,10 +127,7 @@ def test_metrics_lines_are_strict_json(tmp_path):
 
 def _photos(folder: pathlib.Path, seed: int) -> pathlib.Path:
     folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-    return folder
+    return write_noise_photos(folder, 4, 24, seed=seed)
 
 
 def test_a_relative_data_path_means_the_same_photos_wherever_the_run_resumes(tmp_path, monkeypatch, capsys):
